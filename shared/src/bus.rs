@@ -1,0 +1,433 @@
+//! The JetStream bus: connection, the topology every service ensures at start-up, publishing
+//! with `Nats-Msg-Id`, compare-and-set updates of KV records, and the worker loop that turns
+//! a handler's [`Outcome`] into ack, delayed NAK or terminate.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsSettings;
+use crate::events::Event;
+use crate::messages::subjects;
+use crate::records::BUCKET;
+
+pub const WORK_STREAM: &str = "ROWSMITH_WORK";
+pub const EVENTS_STREAM: &str = "ROWSMITH_EVENTS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect { url: String, #[source] source: async_nats::ConnectError },
+    #[error("JetStream set-up failed ({what}): {message}")]
+    Topology { what: String, message: String },
+    #[error("publish to {subject} failed: {message}")]
+    Publish { subject: String, message: String },
+    #[error("KV {op} of {key} failed: {message}")]
+    Kv { op: &'static str, key: String, message: String },
+    #[error("KV record {key} is not valid JSON for its type: {source}")]
+    Decode { key: String, #[source] source: serde_json::Error },
+    #[error("KV record {key} not found")]
+    NotFound { key: String },
+}
+
+impl BusError {
+    fn topology(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
+        BusError::Topology { what: what.into(), message: error.to_string() }
+    }
+}
+
+/// A connection to NATS with the JetStream context and the jobs KV bucket.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub kv: kv::Store,
+}
+
+/// A work consumer's settings; each service has one durable on the work stream.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub durable: &'static str,
+    pub filter_subject: &'static str,
+    pub ack_wait: Duration,
+    /// `-1` for unlimited.
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+}
+
+/// Whether a KV write happened or the record was already as wanted.
+#[derive(Debug)]
+pub enum Cas<R> {
+    /// Write the changed record, then return the value.
+    Write(R),
+    /// Leave the record as it is and return the value.
+    Keep(R),
+}
+
+impl Bus {
+    /// Connects and ensures the streams and the KV bucket exist.
+    pub async fn connect(settings: &NatsSettings, name: &str) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(settings.request_timeout))
+            .event_callback(|event| async move {
+                tracing::info!(%event, "nats connection event");
+            })
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|source| BusError::Connect { url: settings.url.clone(), source })?;
+        let js = jetstream::new(client.clone());
+        let kv = ensure_topology(&js).await?;
+        Ok(Self { client, js, kv })
+    }
+
+    /// Creates or updates a service's durable pull consumer on the work stream.
+    pub async fn work_consumer(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+        let stream = self
+            .js
+            .get_stream(WORK_STREAM)
+            .await
+            .map_err(|e| BusError::topology(WORK_STREAM, e))?;
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some(spec.durable.to_owned()),
+                filter_subject: spec.filter_subject.to_owned(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: spec.ack_wait,
+                max_deliver: spec.max_deliver,
+                max_ack_pending: spec.max_ack_pending,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::topology(format!("consumer {}", spec.durable), e))
+    }
+
+    /// Publishes `payload` as JSON with `Nats-Msg-Id = msg_id` and waits for the stream's
+    /// ack; a timed-out publish is retried with the same id, so the stream keeps one copy.
+    pub async fn publish<T: Serialize>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: &T,
+    ) -> Result<(), BusError> {
+        let body = Bytes::from(serde_json::to_vec(payload).map_err(|e| BusError::Publish {
+            subject: subject.into(),
+            message: e.to_string(),
+        })?);
+        let mut last_error = String::new();
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            let message = jetstream::message::PublishMessage::build()
+                .payload(body.clone())
+                .message_id(msg_id);
+            match self.js.send_publish(subject.to_owned(), message).await {
+                Ok(ack) => match ack.await {
+                    Ok(_) => return Ok(()),
+                    Err(error) => last_error = error.to_string(),
+                },
+                Err(error) => last_error = error.to_string(),
+            }
+            tracing::warn!(subject, msg_id, attempt, error = %last_error, "publish not acknowledged, retrying");
+        }
+        Err(BusError::Publish { subject: subject.into(), message: last_error })
+    }
+
+    /// Publishes an event; an event that cannot be published is logged, never fatal.
+    pub async fn emit(&self, event: &Event) {
+        let id = format!("{}.{}.{}", event.job_id, event.kind.as_str(), nuid::next());
+        if let Err(error) = self.publish(&event.subject(), &id, event).await {
+            tracing::warn!(job_id = %event.job_id, kind = event.kind.as_str(), %error, "event not published");
+        }
+    }
+
+    /// Reads a record and its revision.
+    pub async fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>, BusError> {
+        let entry = self.kv.entry(key).await.map_err(|e| BusError::Kv {
+            op: "read",
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let value = serde_json::from_slice(&entry.value)
+                    .map_err(|source| BusError::Decode { key: key.into(), source })?;
+                Ok(Some((value, entry.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a record; `Ok(false)` when the key already exists.
+    pub async fn create<T: Serialize>(&self, key: &str, value: &T) -> Result<bool, BusError> {
+        let body = serde_json::to_vec(value).map_err(|e| BusError::Kv {
+            op: "create",
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        match self.kv.create(key, body.into()).await {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(error) => Err(BusError::Kv { op: "create", key: key.into(), message: error.to_string() }),
+        }
+    }
+
+    /// Read-decide-write with compare-and-set on the revision: `decide` sees the current
+    /// record, changes it in place and says whether to write; a lost race re-reads and
+    /// decides again, so `decide` must be re-runnable.
+    pub async fn modify<T, R, E>(
+        &self,
+        key: &str,
+        mut decide: impl FnMut(&mut T) -> Result<Cas<R>, E>,
+    ) -> Result<R, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<BusError>,
+    {
+        loop {
+            let (mut record, revision) =
+                self.read::<T>(key).await?.ok_or_else(|| BusError::NotFound { key: key.into() })?;
+            let result = match decide(&mut record)? {
+                Cas::Keep(result) => return Ok(result),
+                Cas::Write(result) => result,
+            };
+            let body = serde_json::to_vec(&record).map_err(|e| BusError::Kv {
+                op: "update",
+                key: key.into(),
+                message: e.to_string(),
+            })?;
+            match self.kv.update(key, body.into(), revision).await {
+                Ok(_) => return Ok(result),
+                Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    let jitter = rand::random_range(1..20);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(error) => {
+                    return Err(BusError::Kv { op: "update", key: key.into(), message: error.to_string() }
+                        .into());
+                }
+            }
+        }
+    }
+
+    /// Overwrites a record without a revision check (for records one writer owns).
+    pub async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), BusError> {
+        let body = serde_json::to_vec(value).map_err(|e| BusError::Kv {
+            op: "put",
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        self.kv
+            .put(key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| BusError::Kv { op: "put", key: key.into(), message: e.to_string() })
+    }
+
+    /// Every key under `prefix` (e.g. `job.`).
+    pub async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, BusError> {
+        let kv_error = |e: &dyn std::fmt::Display| BusError::Kv {
+            op: "keys",
+            key: prefix.into(),
+            message: e.to_string(),
+        };
+        let mut keys = self.kv.keys().await.map_err(|e| kv_error(&e))?;
+        let mut found = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| kv_error(&e))?;
+            if key.starts_with(prefix) {
+                found.push(key);
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+}
+
+async fn ensure_topology(js: &jetstream::Context) -> Result<kv::Store, BusError> {
+    js.create_or_update_stream(stream::Config {
+        name: WORK_STREAM.into(),
+        description: Some("rowsmith work: jobs, shards, batches".into()),
+        subjects: vec![
+            subjects::JOBS_SUBMIT.into(),
+            subjects::SHARDS_READY.into(),
+            subjects::BATCHES_SUBMITTED.into(),
+            subjects::BATCHES_ENDED.into(),
+        ],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::topology(WORK_STREAM, e))?;
+    js.create_or_update_stream(stream::Config {
+        name: EVENTS_STREAM.into(),
+        description: Some("rowsmith job events".into()),
+        subjects: vec![format!("{}.>", subjects::EVENTS_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| BusError::topology(EVENTS_STREAM, e))?;
+    if let Ok(store) = js.get_key_value(BUCKET).await {
+        return Ok(store);
+    }
+    let config = kv::Config {
+        bucket: BUCKET.into(),
+        description: "rowsmith job and shard records".into(),
+        history: 5,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another service created it at the same moment.
+        Err(create_error) => js
+            .get_key_value(BUCKET)
+            .await
+            .map_err(|_| BusError::topology(format!("KV bucket {BUCKET}"), create_error)),
+    }
+}
+
+/// What a handler decided about one message; only the worker loop acks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Done (or nothing left to do): ack.
+    Done,
+    /// Not now: NAK with this delay.
+    Retry { after: Duration },
+    /// Never: terminate the message (poison, or dead letter already recorded).
+    Terminate { reason: String },
+}
+
+/// One delivered message, decoded of its transport.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    pub payload: Bytes,
+    /// 1-based delivery count.
+    pub delivered: i64,
+    /// Whether the consumer will not deliver this message again.
+    pub last: bool,
+}
+
+/// Decodes a JSON payload; `Err` carries the reason a message is poison.
+pub fn decode<T: DeserializeOwned>(delivery: &Delivery) -> Result<T, String> {
+    serde_json::from_slice(&delivery.payload)
+        .map_err(|error| format!("undecodable message on {}: {error}", delivery.subject))
+}
+
+/// Backoff for transient handler errors: 1 s, 2 s, 4 s … capped at 30 s.
+pub fn retry_delay(delivered: i64) -> Duration {
+    let exponent = u32::try_from(delivered.clamp(1, 6) - 1).unwrap_or(0);
+    Duration::from_secs(2u64.pow(exponent)).min(Duration::from_secs(30))
+}
+
+/// Pulls from `consumer` until `shutdown`, handling at most `concurrency` messages at once.
+/// On shutdown it stops pulling and waits for the messages in flight.
+pub async fn run_worker<H, Fut>(
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    spec: ConsumerSpec,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    handler: H,
+) -> Result<(), BusError>
+where
+    H: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut in_flight = JoinSet::new();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .map_err(|e| BusError::topology(format!("pull from {}", spec.durable), e))?;
+    tracing::info!(consumer = spec.durable, concurrency, "worker started");
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = messages.next() => next,
+        };
+        let message = match next {
+            Some(Ok(message)) => message,
+            Some(Err(error)) => {
+                // Missing heartbeats and pull errors are transient; the stream goes on.
+                tracing::warn!(consumer = spec.durable, %error, "pull stream error");
+                continue;
+            }
+            None => {
+                return Err(BusError::topology(spec.durable, "pull stream ended"));
+            }
+        };
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let delivery = Delivery {
+            subject: message.subject.to_string(),
+            payload: message.payload.clone(),
+            delivered,
+            last: spec.max_deliver > 0 && delivered >= spec.max_deliver,
+        };
+        let handler = handler.clone();
+        let durable = spec.durable;
+        in_flight.spawn(async move {
+            let outcome = handler(delivery).await;
+            let ack = match &outcome {
+                Outcome::Done => AckKind::Ack,
+                Outcome::Retry { after } => AckKind::Nak(Some(*after)),
+                Outcome::Terminate { reason } => {
+                    tracing::warn!(consumer = durable, reason, "message terminated");
+                    AckKind::Term
+                }
+            };
+            if let Err(error) = message.ack_with(ack).await {
+                tracing::warn!(consumer = durable, %error, "ack failed; the message will be redelivered");
+            }
+            drop(permit);
+        });
+    }
+    tracing::info!(consumer = spec.durable, in_flight = in_flight.len(), "worker stopping");
+    while in_flight.join_next().await.is_some() {}
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(3), Duration::from_secs(4));
+        assert_eq!(retry_delay(50), Duration::from_secs(30));
+    }
+}

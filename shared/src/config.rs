@@ -1,0 +1,331 @@
+//! Configuration of every service and the CLI: defaults < `rowsmith.toml` (or the file named
+//! by `ROWSMITH_CONFIG`) < environment `ROWSMITH_<SECTION>__<KEY>`.
+//!
+//! The loader takes the environment as a map so tests never touch the process environment.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use humantime_serde::re::humantime;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    pub store: StoreSettings,
+    pub provider: ProviderSettings,
+    pub ingest: WorkerSettings,
+    pub submitter: WorkerSettings,
+    pub poller: PollerSettings,
+    pub merger: WorkerSettings,
+    pub sim: SimSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// `nats://host:port`.
+    pub url: String,
+    /// How long a JetStream request (publish ack, KV op) may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self { url: "nats://127.0.0.1:4222".into(), request_timeout: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `file:///abs/dir`, a plain directory path, or `memory://`.
+    pub url: String,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self { url: "rowsmith-data".into() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderSettings {
+    pub openai: OpenAiSettings,
+    pub sim: SimProviderSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiSettings {
+    /// Base URL including `/v1`; any OpenAI-compatible batch endpoint.
+    pub base_url: String,
+    /// Never serialized; `OPENAI_API_KEY` or `api_key_file` are the usual sources.
+    #[serde(skip_serializing)]
+    pub api_key: Option<SecretString>,
+    /// A file holding the API key (e.g. a mounted Kubernetes secret).
+    pub api_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for OpenAiSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: None,
+            api_key_file: None,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Where the provider simulator answers when a job says `provider: sim`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimProviderSettings {
+    pub base_url: String,
+}
+
+impl Default for SimProviderSettings {
+    fn default() -> Self {
+        Self { base_url: "http://127.0.0.1:8089/v1".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Messages handled at once by one replica.
+    pub concurrency: usize,
+    /// Deliveries before a message is dead-lettered (the job marked failed).
+    pub max_deliver: i64,
+    /// How long a message may be worked on before it is redelivered.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self { concurrency: 2, max_deliver: 5, ack_wait: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollerSettings {
+    pub concurrency: usize,
+    /// Delay before the n-th status check, indexed by the delivery count; the last repeats.
+    pub schedule: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Batches a poller consumer may hold parked between checks.
+    pub max_ack_pending: i64,
+}
+
+impl Default for PollerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            schedule: ["30s", "1m", "2m", "5m"].map(String::from).to_vec(),
+            ack_wait: Duration::from_secs(120),
+            max_ack_pending: 20_000,
+        }
+    }
+}
+
+impl PollerSettings {
+    pub fn schedule(&self) -> Result<Vec<Duration>, ConfigError> {
+        if self.schedule.is_empty() {
+            return Err(ConfigError::Invalid("poller.schedule is empty".into()));
+        }
+        self.schedule
+            .iter()
+            .map(|text| {
+                humantime::parse_duration(text.trim()).map_err(|error| {
+                    ConfigError::Invalid(format!(
+                        "poller.schedule entry {text:?} is not a duration ({error}); write e.g. 30s, 5m"
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// The provider simulator's own settings (`rowsmith-provider-sim`, `rowsmith up --sim`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimSettings {
+    pub listen: String,
+    /// Requests a batch finishes per second once in progress.
+    pub rows_per_second: f64,
+    #[serde(with = "humantime_serde")]
+    pub validating: Duration,
+    #[serde(with = "humantime_serde")]
+    pub finalizing: Duration,
+}
+
+impl Default for SimSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8089".into(),
+            rows_per_second: 2000.0,
+            validating: Duration::from_millis(300),
+            finalizing: Duration::from_millis(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter (`info`, `rowsmith=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { level: "info".into(), format: "text".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration is invalid: {0}")]
+    Invalid(String),
+    #[error("could not read {path}: {source}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+}
+
+impl Settings {
+    /// Loads defaults < `file` (when it exists) < `env` (`ROWSMITH_<SECTION>__<KEY>`).
+    pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let rowsmith_env: HashMap<String, String> = env
+            .iter()
+            .filter(|(key, _)| key.starts_with("ROWSMITH_") && key.as_str() != "ROWSMITH_CONFIG")
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("ROWSMITH")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("poller.schedule")
+                .try_parsing(true)
+                .source(Some(rowsmith_env)),
+        );
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        if settings.provider.openai.api_key.is_none() {
+            settings.provider.openai.api_key = match &settings.provider.openai.api_key_file {
+                Some(path) => Some(read_secret_file(path)?),
+                None => env.get("OPENAI_API_KEY").map(|key| SecretString::from(key.clone())),
+            };
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Loads from the process environment and `ROWSMITH_CONFIG` or `./rowsmith.toml`.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let file = match env.get("ROWSMITH_CONFIG") {
+            Some(path) => Some(PathBuf::from(path)),
+            None => Some(PathBuf::from("rowsmith.toml")).filter(|p| p.exists()),
+        };
+        Self::load(file.as_deref(), &env)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.poller.schedule()?;
+        for (name, worker) in [
+            ("ingest", &self.ingest),
+            ("submitter", &self.submitter),
+            ("merger", &self.merger),
+        ] {
+            if worker.concurrency == 0 {
+                return Err(ConfigError::Invalid(format!("{name}.concurrency must be at least 1")));
+            }
+            if worker.max_deliver < 1 {
+                return Err(ConfigError::Invalid(format!("{name}.max_deliver must be at least 1")));
+            }
+        }
+        if self.poller.concurrency == 0 {
+            return Err(ConfigError::Invalid("poller.concurrency must be at least 1".into()));
+        }
+        if !(self.sim.rows_per_second > 0.0) {
+            return Err(ConfigError::Invalid("sim.rows_per_second must be positive".into()));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid("log.format must be text or json".into()));
+        }
+        Ok(())
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+    Ok(SecretString::from(text.trim().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_overrides_file_overrides_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("rowsmith.toml");
+        std::fs::write(&file, "[nats]\nurl = \"nats://file:1\"\n[store]\nurl = \"/data\"\n")
+            .expect("write");
+        let settings = Settings::load(
+            Some(&file),
+            &env(&[
+                ("ROWSMITH_NATS__URL", "nats://env:2"),
+                ("ROWSMITH_PROVIDER__OPENAI__BASE_URL", "http://x/v1"),
+                ("ROWSMITH_POLLER__SCHEDULE", "10ms,20ms"),
+                ("OPENAI_API_KEY", "k-123"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(settings.nats.url, "nats://env:2");
+        assert_eq!(settings.store.url, "/data");
+        assert_eq!(settings.provider.openai.base_url, "http://x/v1");
+        assert_eq!(
+            settings.poller.schedule().expect("schedule"),
+            vec![Duration::from_millis(10), Duration::from_millis(20)]
+        );
+        let key = settings.provider.openai.api_key.as_ref().expect("key");
+        assert_eq!(key.expose_secret(), "k-123");
+        assert!(!format!("{settings:?}").contains("k-123"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused() {
+        let error = Settings::load(None, &env(&[("ROWSMITH_NATS__URLL", "x")])).unwrap_err();
+        assert!(error.to_string().contains("urll"), "{error}");
+        let error = Settings::load(None, &env(&[("ROWSMITH_POLLER__SCHEDULE", "soon")])).unwrap_err();
+        assert!(error.to_string().contains("not a duration"), "{error}");
+    }
+}

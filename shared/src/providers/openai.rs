@@ -1,0 +1,425 @@
+//! OpenAI Files + Batches client (`/v1/chat/completions` batches); any OpenAI-compatible
+//! endpoint, including the simulator, by base URL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{RequestBuilder, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{BatchProvider, BatchRef, BatchState, BatchStatus, Limits, ProviderError, ResultFiles};
+use crate::messages::ShardKey;
+use crate::storage::{layout, Store};
+
+/// Metadata key that names the shard a batch was created for (reconciliation looks it up).
+pub const SHARD_METADATA_KEY: &str = "rowsmith_shard";
+const JOB_METADATA_KEY: &str = "rowsmith_job";
+const MAX_TRIES: u32 = 5;
+
+#[derive(Clone)]
+pub struct OpenAiClient {
+    name: String,
+    base_url: String,
+    api_key: Option<SecretString>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// The Batch object; only the fields the spec requires are not optional.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Batch {
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub output_file_id: Option<String>,
+    #[serde(default)]
+    pub error_file_id: Option<String>,
+    #[serde(default)]
+    pub request_counts: Option<RequestCounts>,
+    #[serde(default)]
+    pub errors: Option<BatchErrors>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct RequestCounts {
+    #[serde(default)]
+    pub total: u64,
+    #[serde(default)]
+    pub completed: u64,
+    #[serde(default)]
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BatchErrors {
+    #[serde(default)]
+    pub data: Vec<BatchErrorItem>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BatchErrorItem {
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub line: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileObject {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchList {
+    data: Vec<Batch>,
+    #[serde(default)]
+    has_more: bool,
+}
+
+impl OpenAiClient {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        api_key: Option<SecretString>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ProviderError::Transport {
+                provider: name.into(),
+                operation: "client set-up",
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            name: name.into(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key.expose_secret()),
+            None => request,
+        }
+    }
+
+    /// Sends with retries on 408/409/429/5xx and transport errors, honouring `retry-after`.
+    async fn send(
+        &self,
+        operation: &'static str,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.authorize(build()).send().await;
+            let (error, wait) = match result {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => {
+                    let status = response.status();
+                    let wait = retry_after(&response);
+                    let message = error_message(response.text().await.unwrap_or_default());
+                    let error = ProviderError::Http {
+                        provider: self.name.clone(),
+                        operation,
+                        status: status.as_u16(),
+                        message,
+                    };
+                    (error, wait)
+                }
+                Err(error) => {
+                    let error = ProviderError::Transport {
+                        provider: self.name.clone(),
+                        operation,
+                        message: error.without_url().to_string(),
+                    };
+                    (error, None)
+                }
+            };
+            if !error.is_retryable() || attempt >= MAX_TRIES {
+                return Err(error);
+            }
+            let backoff = Duration::from_millis(250 * 2u64.pow(attempt - 1));
+            let jitter = Duration::from_millis(rand::random_range(0..100));
+            let wait = wait.unwrap_or(backoff + jitter).min(Duration::from_secs(60));
+            tracing::warn!(provider = %self.name, operation, attempt, %error, ?wait, "provider call failed, retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        operation: &'static str,
+        response: reqwest::Response,
+    ) -> Result<T, ProviderError> {
+        let bytes = response.bytes().await.map_err(|e| ProviderError::Transport {
+            provider: self.name.clone(),
+            operation,
+            message: e.without_url().to_string(),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Decode {
+            provider: self.name.clone(),
+            operation,
+            message: e.to_string(),
+        })
+    }
+
+    pub async fn retrieve(&self, batch_id: &str) -> Result<Batch, ProviderError> {
+        let url = self.url(&format!("/batches/{batch_id}"));
+        let response = self.send("retrieve batch", || self.http.get(&url)).await?;
+        self.json("retrieve batch", response).await
+    }
+
+    pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
+        let url = self.url(&format!("/files/{file_id}/content"));
+        let response = self.send("download file", || self.http.get(&url)).await?;
+        response.bytes().await.map_err(|e| ProviderError::Transport {
+            provider: self.name.clone(),
+            operation: "download file",
+            message: e.without_url().to_string(),
+        })
+    }
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    }
+    header("retry-after")
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// The `error.message` of an error body, or the body itself, shortened.
+fn error_message(body: String) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+        .unwrap_or(body);
+    let code = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/code"))
+        .and_then(|m| m.as_str())
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    let mut text = format!("{message}{code}");
+    if text.len() > 500 {
+        let cut = (0..=500).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text.truncate(cut);
+    }
+    text
+}
+
+impl Batch {
+    pub fn to_status(&self) -> BatchStatus {
+        let state = match self.status.as_str() {
+            "validating" => BatchState::Validating,
+            "in_progress" => BatchState::InProgress,
+            "finalizing" => BatchState::Finalizing,
+            "cancelling" => BatchState::Cancelling,
+            "completed" => BatchState::Completed,
+            "expired" => BatchState::Expired,
+            "failed" => BatchState::Failed,
+            "cancelled" => BatchState::Cancelled,
+            other => BatchState::Other(other.to_owned()),
+        };
+        let counts = self.request_counts.unwrap_or_default();
+        let errors = self
+            .errors
+            .as_ref()
+            .map(|e| {
+                e.data
+                    .iter()
+                    .map(|item| {
+                        let line = item.line.map(|l| format!(" (line {l})")).unwrap_or_default();
+                        format!(
+                            "{}: {}{line}",
+                            item.code.as_deref().unwrap_or("error"),
+                            item.message.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        BatchStatus {
+            state,
+            total: counts.total,
+            completed: counts.completed,
+            failed: counts.failed,
+            output_file_id: self.output_file_id.clone(),
+            error_file_id: self.error_file_id.clone(),
+            errors,
+        }
+    }
+}
+
+impl BatchProvider for OpenAiClient {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { max_requests: 50_000, max_bytes: 200 * 1024 * 1024 }
+    }
+
+    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+        let url = self.url("/files");
+        let file_name = format!("{}.jsonl", key.dotted());
+        let build = || {
+            let part = reqwest::multipart::Part::stream(lines.clone())
+                .file_name(file_name.clone())
+                .mime_str("application/jsonl")
+                .unwrap_or_else(|_| reqwest::multipart::Part::stream(lines.clone()));
+            let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+            self.http.post(&url).multipart(form)
+        };
+        let response = self.send("upload file", build).await?;
+        let file: FileObject = self.json("upload file", response).await?;
+        Ok(file.id)
+    }
+
+    async fn create(&self, key: &ShardKey, file_id: &str) -> Result<BatchRef, ProviderError> {
+        let url = self.url("/batches");
+        let body = serde_json::json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {
+                SHARD_METADATA_KEY: key.dotted(),
+                JOB_METADATA_KEY: key.job_id,
+            },
+        });
+        let response = self.send("create batch", || self.http.post(&url).json(&body)).await?;
+        let batch: Batch = self.json("create batch", response).await?;
+        Ok(BatchRef { id: batch.id })
+    }
+
+    async fn find(&self, key: &ShardKey) -> Result<Option<BatchRef>, ProviderError> {
+        let wanted = key.dotted();
+        let mut after: Option<String> = None;
+        // Newest first; a shard's batch is recent, so a few pages are enough.
+        for _page in 0..20 {
+            let mut url = self.url("/batches?limit=100");
+            if let Some(after) = &after {
+                url.push_str(&format!("&after={after}"));
+            }
+            let response = self.send("list batches", || self.http.get(&url)).await?;
+            let list: BatchList = self.json("list batches", response).await?;
+            if let Some(found) = list.data.iter().find(|batch| {
+                batch.metadata.as_ref().and_then(|m| m.get(SHARD_METADATA_KEY)) == Some(&wanted)
+            }) {
+                return Ok(Some(BatchRef { id: found.id.clone() }));
+            }
+            match list.data.last() {
+                Some(last) if list.has_more => after = Some(last.id.clone()),
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
+        Ok(self.retrieve(&batch.id).await?.to_status())
+    }
+
+    async fn download(
+        &self,
+        key: &ShardKey,
+        status: &BatchStatus,
+        store: &Store,
+    ) -> Result<ResultFiles, ProviderError> {
+        let mut files = ResultFiles::default();
+        if let Some(file_id) = &status.output_file_id {
+            let path = layout::results_output(key);
+            store.put_bytes(&path, self.file_content(file_id).await?).await?;
+            files.output_path = Some(path);
+        }
+        if let Some(file_id) = &status.error_file_id {
+            let path = layout::results_errors(key);
+            store.put_bytes(&path, self.file_content(file_id).await?).await?;
+            files.errors_path = Some(path);
+        }
+        Ok(files)
+    }
+
+    async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
+        let url = self.url(&format!("/batches/{}/cancel", batch.id));
+        match self.send("cancel batch", || self.http.post(&url)).await {
+            Ok(_) => Ok(()),
+            // Already ended: nothing to cancel.
+            Err(ProviderError::Http { status, .. }) if status == StatusCode::CONFLICT.as_u16() => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_with_only_required_fields_decodes() {
+        let batch: Batch = serde_json::from_str(
+            r#"{"id":"batch_1","object":"batch","endpoint":"/v1/chat/completions",
+                "input_file_id":"file-1","completion_window":"24h","status":"validating",
+                "created_at":1711471533}"#,
+        )
+        .expect("decode");
+        let status = batch.to_status();
+        assert_eq!(status.state, BatchState::Validating);
+        assert_eq!((status.total, status.output_file_id), (0, None));
+    }
+
+    #[test]
+    fn completed_batch_without_output_file_is_terminal() {
+        let batch: Batch = serde_json::from_str(
+            r#"{"id":"b","status":"completed","output_file_id":null,"error_file_id":"file-e",
+                "request_counts":{"total":2,"completed":0,"failed":2},
+                "errors":null}"#,
+        )
+        .expect("decode");
+        let status = batch.to_status();
+        assert!(status.state.is_terminal());
+        assert_eq!(status.error_file_id.as_deref(), Some("file-e"));
+        assert_eq!(status.failed, 2);
+    }
+
+    #[test]
+    fn the_api_key_never_shows_in_debug() {
+        let client = OpenAiClient::new(
+            "openai",
+            "http://x/v1",
+            Some(SecretString::from("k-secret-1234")),
+            Duration::from_secs(1),
+        )
+        .expect("client");
+        assert!(!format!("{client:?}").contains("k-secret-1234"));
+    }
+}

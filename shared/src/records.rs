@@ -1,0 +1,192 @@
+//! Job and shard records in the KV bucket `rowsmith-jobs`, and their legal transitions.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::events::Counts;
+use crate::messages::ShardKey;
+use crate::spec::JobSpec;
+
+pub const BUCKET: &str = "rowsmith-jobs";
+
+pub fn job_key(job_id: &str) -> String {
+    format!("job.{job_id}")
+}
+
+pub fn shard_key(key: &ShardKey) -> String {
+    format!("shard.{}", key.dotted())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Accepted,
+    Ingesting,
+    Running,
+    Merging,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// Whether a job may move from `self` to `next` (staying put is always allowed).
+    pub fn can_become(self, next: JobState) -> bool {
+        use JobState::*;
+        self == next
+            || match self {
+                Accepted => matches!(next, Ingesting | Failed | Cancelled),
+                Ingesting => matches!(next, Running | Completed | Failed | Cancelled),
+                Running => matches!(next, Merging | Failed | Cancelled),
+                Merging => matches!(next, Running | Completed | Failed | Cancelled),
+                Completed | Failed | Cancelled => false,
+            }
+    }
+}
+
+/// Where a finished job's outputs are, as store keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Outputs {
+    pub enriched_csv: Option<String>,
+    pub enriched_parquet: Option<String>,
+    pub failures_csv: Option<String>,
+    pub manifest: Option<String>,
+}
+
+/// `job.<job_id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobRecord {
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub counts: Counts,
+    /// The current attempt (1-based).
+    pub attempt: u32,
+    /// Shards of each attempt; index 0 is attempt 1.
+    pub shards_per_attempt: Vec<u32>,
+    /// Shards of the current attempt whose rows are merged.
+    pub merged_shards: Vec<u32>,
+    /// Store key of the indexed table, once ingested.
+    pub indexed_path: Option<String>,
+    pub outputs: Outputs,
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+impl JobRecord {
+    pub fn new(spec: JobSpec) -> Self {
+        let now = crate::now_unix_ms();
+        Self {
+            spec,
+            state: JobState::Accepted,
+            counts: Counts::default(),
+            attempt: 1,
+            shards_per_attempt: Vec::new(),
+            merged_shards: Vec::new(),
+            indexed_path: None,
+            outputs: Outputs::default(),
+            error: None,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+        }
+    }
+
+    /// Moves to `next`, refusing illegal transitions.
+    pub fn transition(&mut self, next: JobState) -> Result<(), IllegalTransition> {
+        if !self.state.can_become(next) {
+            return Err(IllegalTransition { from: format!("{:?}", self.state), to: format!("{next:?}") });
+        }
+        self.state = next;
+        self.updated_at_ms = crate::now_unix_ms();
+        if next.is_terminal() {
+            self.finished_at_ms = Some(self.updated_at_ms);
+        }
+        Ok(())
+    }
+
+    pub fn shards_in_attempt(&self) -> u32 {
+        let index = self.attempt.saturating_sub(1) as usize;
+        self.shards_per_attempt.get(index).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("illegal transition from {from} to {to}")]
+pub struct IllegalTransition {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardState {
+    Ready,
+    Uploading,
+    Submitted,
+    Ended,
+}
+
+impl ShardState {
+    pub fn can_become(self, next: ShardState) -> bool {
+        use ShardState::*;
+        self == next
+            || matches!(
+                (self, next),
+                (Ready, Uploading | Ended) | (Uploading, Submitted | Ended) | (Submitted, Ended)
+            )
+    }
+}
+
+/// `shard.<job_id>.<attempt>.<n>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShardRecord {
+    pub key: ShardKey,
+    pub state: ShardState,
+    pub provider: String,
+    pub requests_path: String,
+    pub request_count: u64,
+    pub bytes: u64,
+    pub provider_file_id: Option<String>,
+    pub provider_batch_id: Option<String>,
+    pub batch_status: Option<String>,
+    pub output_path: Option<String>,
+    pub errors_path: Option<String>,
+    pub rows_path: Option<String>,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub updated_at_ms: i64,
+}
+
+impl ShardRecord {
+    pub fn transition(&mut self, next: ShardState) -> Result<(), IllegalTransition> {
+        if !self.state.can_become(next) {
+            return Err(IllegalTransition { from: format!("{:?}", self.state), to: format!("{next:?}") });
+        }
+        self.state = next;
+        self.updated_at_ms = crate::now_unix_ms();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_jobs_never_move() {
+        for terminal in [JobState::Completed, JobState::Failed, JobState::Cancelled] {
+            assert!(!terminal.can_become(JobState::Running));
+            assert!(!terminal.can_become(JobState::Accepted));
+        }
+        assert!(JobState::Accepted.can_become(JobState::Ingesting));
+        assert!(!JobState::Accepted.can_become(JobState::Merging));
+        assert!(!ShardState::Ended.can_become(ShardState::Submitted));
+        assert!(ShardState::Uploading.can_become(ShardState::Submitted));
+    }
+}

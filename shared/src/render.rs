@@ -1,0 +1,243 @@
+//! Rendering one structured-output request line per row, and cutting the lines into shards
+//! within the batch limits.
+//!
+//! The static parts of a request (model, system message, instructions, field descriptions,
+//! the JSON schema) are serialized once per job; per row only the row's own text is escaped
+//! and spliced in. Static text comes first in the user message so that the provider's prompt
+//! cache can serve it.
+
+use serde_json::{json, Map, Value};
+
+use crate::spec::{FieldSpec, FieldType, JobSpec};
+
+pub const SYSTEM_MESSAGE: &str = "You are an AI assistant enhancing CSV data. Follow the user's \
+instructions carefully to enhance multiple columns from a single row.";
+
+/// Name of the structured output (the `json_schema.name` of a request).
+pub const SCHEMA_NAME: &str = "row_enrichment";
+
+/// The JSON schema the model's answer must follow: an object with every field required and no
+/// other property (OpenAI strict mode).
+pub fn field_schema(fields: &[FieldSpec]) -> Value {
+    let mut properties = Map::new();
+    for field in fields {
+        let mut property = match field.field_type {
+            FieldType::String => json!({"type": "string"}),
+            FieldType::Number => json!({"type": "number"}),
+            FieldType::Boolean => json!({"type": "boolean"}),
+            FieldType::Array => json!({"type": "array", "items": {"type": "string"}}),
+            FieldType::Enum => json!({"type": "string", "enum": field.values.clone().unwrap_or_default()}),
+        };
+        if let (Some(description), Some(object)) = (&field.description, property.as_object_mut()) {
+            object.insert("description".into(), Value::String(description.clone()));
+        }
+        properties.insert(field.name.clone(), property);
+    }
+    let required: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+    json!({
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": false,
+    })
+}
+
+fn field_descriptions(fields: &[FieldSpec]) -> String {
+    let mut text = String::from("You need to generate the following fields:\n");
+    for field in fields {
+        let description = field.description.as_deref().unwrap_or("");
+        match (&field.field_type, &field.values) {
+            (FieldType::Enum, Some(values)) => text.push_str(&format!(
+                "- {} (one of: {}): {description}\n",
+                field.name,
+                values.join(", ")
+            )),
+            (field_type, _) => {
+                text.push_str(&format!("- {} ({}): {description}\n", field.name, field_type.as_str()))
+            }
+        }
+    }
+    text
+}
+
+/// A job's request line with the row's parts left open; built once per job.
+#[derive(Debug, Clone)]
+pub struct RequestTemplate {
+    /// `{"custom_id":"r` — the row index follows.
+    head: Vec<u8>,
+    /// From the end of the custom id to the opening quote and static text of the user message.
+    middle: Vec<u8>,
+    /// After the user message's closing quote to the end of the line (with `\n`).
+    tail: Vec<u8>,
+    /// Positions (in the table's columns) of the target columns, with their names.
+    targets: Vec<(usize, String)>,
+    /// Positions of the context columns, with their names.
+    context: Vec<(usize, String)>,
+}
+
+impl RequestTemplate {
+    /// `columns` are the table's columns in order (without `_row_index`).
+    pub fn new(spec: &JobSpec, columns: &[String]) -> Self {
+        let position = |name: &String| columns.iter().position(|c| c == name);
+        let targets = spec
+            .target_columns
+            .iter()
+            .filter_map(|name| position(name).map(|i| (i, name.clone())))
+            .collect();
+        let context = match &spec.context_columns {
+            Some(names) => names.iter().filter_map(|n| position(n).map(|i| (i, n.clone()))).collect(),
+            None => columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !spec.target_columns.contains(c))
+                .map(|(i, c)| (i, c.clone()))
+                .collect(),
+        };
+        let static_text = format!(
+            "Instructions: {}\n\n{}\nRow data to enhance:\n",
+            spec.instructions,
+            field_descriptions(&spec.fields)
+        );
+        let mut body = Map::new();
+        body.insert("model".into(), Value::String(spec.model.clone()));
+        if let Some(temperature) = spec.options.temperature {
+            body.insert("temperature".into(), json!(temperature));
+        }
+        body.insert(
+            "response_format".into(),
+            json!({
+                "type": "json_schema",
+                "json_schema": {"name": SCHEMA_NAME, "strict": true, "schema": field_schema(&spec.fields)},
+            }),
+        );
+        // `messages` goes last so that the row's text can be spliced at the end of the line.
+        let body_fields = serde_json::to_string(&Value::Object(body)).unwrap_or_default();
+        let body_open = &body_fields[..body_fields.len() - 1];
+        let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
+        let static_json = serde_json::to_string(&static_text).unwrap_or_default();
+        let static_open = &static_json[..static_json.len() - 1];
+        let middle = format!(
+            "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
+             \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
+             {{\"role\":\"user\",\"content\":{static_open}"
+        );
+        Self {
+            head: b"{\"custom_id\":\"r".to_vec(),
+            middle: middle.into_bytes(),
+            tail: b"}]}}\n".to_vec(),
+            targets,
+            context,
+        }
+    }
+
+    /// Appends the request line of one row to `out`; `false` (nothing appended) when every
+    /// target cell is empty. `cell(i)` gives the row's value in column `i`.
+    pub fn render<'a>(
+        &self,
+        row_index: i64,
+        cell: impl Fn(usize) -> Option<&'a str>,
+        scratch: &mut String,
+        escaped: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        if self.targets.iter().all(|(i, _)| cell(*i).is_none_or(str::is_empty)) {
+            return false;
+        }
+        scratch.clear();
+        for (i, name) in &self.targets {
+            scratch.push_str(name);
+            scratch.push_str(": ");
+            scratch.push_str(cell(*i).unwrap_or(""));
+            scratch.push('\n');
+        }
+        scratch.push_str("\nRow context: ");
+        let mut first = true;
+        for (i, name) in &self.context {
+            let Some(value) = cell(*i) else { continue };
+            if !first {
+                scratch.push_str(", ");
+            }
+            first = false;
+            scratch.push_str(name);
+            scratch.push_str(": ");
+            scratch.push_str(value);
+        }
+        scratch.push_str("\nRow index: ");
+        scratch.push_str(&row_index.to_string());
+        escaped.clear();
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *escaped, scratch.as_str());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(row_index.to_string().as_bytes());
+        out.extend_from_slice(&self.middle);
+        out.extend_from_slice(&escaped[1..]);
+        out.extend_from_slice(&self.tail);
+        true
+    }
+}
+
+/// The row index of a custom id (`r<row_index>`).
+pub fn row_index_of(custom_id: &str) -> Option<i64> {
+    custom_id.strip_prefix('r')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{parse_field, JobOptions};
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            job_id: Some("j".into()),
+            input: "in.csv".into(),
+            instructions: "Write a \"title\".".into(),
+            target_columns: vec!["description".into()],
+            context_columns: None,
+            fields: vec![
+                parse_field("title:string:short").expect("f"),
+                parse_field("category:enum(toys|tools)").expect("f"),
+                parse_field("tags:array").expect("f"),
+            ],
+            provider: "sim".into(),
+            model: "gpt-4o-mini".into(),
+            options: JobOptions::default(),
+        }
+    }
+
+    #[test]
+    fn a_rendered_line_is_a_valid_openai_batch_request() {
+        let columns = vec!["sku".to_owned(), "description".to_owned(), "brand".to_owned()];
+        let template = RequestTemplate::new(&spec(), &columns);
+        let cells = [Some("00501"), Some("A \"red\" ball,\nround ✓"), None];
+        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+        assert!(template.render(7, |i| cells[i], &mut scratch, &mut escaped, &mut out));
+        assert_eq!(out.last(), Some(&b'\n'));
+        let line: Value = serde_json::from_slice(&out).expect("valid json");
+        assert_eq!(line["custom_id"], "r7");
+        assert_eq!(line["url"], "/v1/chat/completions");
+        assert_eq!(line["body"]["model"], "gpt-4o-mini");
+        let schema = &line["body"]["response_format"]["json_schema"];
+        assert_eq!(schema["strict"], true);
+        assert_eq!(schema["schema"]["additionalProperties"], false);
+        assert_eq!(schema["schema"]["required"], json!(["title", "category", "tags"]));
+        assert_eq!(schema["schema"]["properties"]["category"]["enum"], json!(["toys", "tools"]));
+        let user = line["body"]["messages"][1]["content"].as_str().expect("user message");
+        assert!(user.starts_with("Instructions: Write a \"title\"."), "{user}");
+        assert!(user.contains("- category (one of: toys, tools)"));
+        assert!(user.contains("description: A \"red\" ball,\nround ✓\n"));
+        assert!(user.contains("Row context: sku: 00501\nRow index: 7"), "{user}");
+        assert_eq!(line["body"]["messages"][0]["content"], SYSTEM_MESSAGE);
+    }
+
+    #[test]
+    fn rows_with_empty_targets_are_skipped() {
+        let columns = vec!["description".to_owned()];
+        let template = RequestTemplate::new(&spec(), &columns);
+        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+        assert!(!template.render(0, |_| None, &mut scratch, &mut escaped, &mut out));
+        assert!(!template.render(1, |_| Some(""), &mut scratch, &mut escaped, &mut out));
+        assert!(out.is_empty());
+        assert_eq!(row_index_of("r42"), Some(42));
+        assert_eq!(row_index_of("x42"), None);
+    }
+}

@@ -1,0 +1,429 @@
+//! Table work in DuckDB: index the input (cells kept as text, so `00501` stays `00501`),
+//! stream its rows as Arrow batches into request shards, write per-shard result rows, and
+//! join the results back onto the table for the outputs.
+
+use std::path::{Path, PathBuf};
+
+use duckdb::arrow::array::{Array, AsArray, Int64Array};
+use duckdb::arrow::datatypes::DataType;
+use duckdb::arrow::record_batch::RecordBatch;
+use duckdb::Connection;
+
+use crate::render::RequestTemplate;
+use crate::spec::{FieldSpec, FieldType};
+
+/// The column ingest adds: the row's 0-based position in the input.
+pub const ROW_INDEX: &str = "_row_index";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("the input could not be read as a table: {0}")]
+    Read(String),
+    #[error("input format of {0:?} is not supported: use .csv, .csv.gz, .tsv or .parquet")]
+    Format(String),
+    #[error("the table has a column named {ROW_INDEX:?}, which rowsmith adds itself; rename it")]
+    ReservedColumn,
+    #[error("row {row_index}'s request is {bytes} bytes, more than the batch limit of {limit} bytes")]
+    RowTooLarge { row_index: i64, bytes: usize, limit: u64 },
+    #[error("table operation failed ({what}): {message}")]
+    Duckdb { what: &'static str, message: String },
+}
+
+fn duck(what: &'static str) -> impl Fn(duckdb::Error) -> TableError {
+    move |error| TableError::Duckdb { what, message: error.to_string() }
+}
+
+/// A SQL string literal.
+pub fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn path_literal(path: &Path) -> String {
+    literal(&path.to_string_lossy())
+}
+
+pub fn connect() -> Result<Connection, TableError> {
+    Connection::open_in_memory().map_err(duck("open"))
+}
+
+/// What ingest learned of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// The input's columns in order (without `_row_index`).
+    pub columns: Vec<String>,
+    pub rows: u64,
+}
+
+fn reader_sql(input: &Path) -> Result<String, TableError> {
+    let name = input.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let path = path_literal(input);
+    if name.ends_with(".parquet") {
+        return Ok(format!("(SELECT COLUMNS(*)::VARCHAR FROM read_parquet({path}))"));
+    }
+    if name.ends_with(".csv") || name.ends_with(".csv.gz") || name.ends_with(".tsv") || name.ends_with(".txt") {
+        // Every cell as text: the user's values come out exactly as they went in.
+        return Ok(format!("read_csv({path}, all_varchar = true, header = true)"));
+    }
+    Err(TableError::Format(name))
+}
+
+/// Reads `input` (dialect sniffed, header required) and writes it to `indexed` as Parquet with
+/// `_row_index` first, in input order.
+pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError> {
+    let connection = connect()?;
+    let reader = reader_sql(input)?;
+    let columns = describe(&connection, &format!("SELECT * FROM {reader}"))
+        .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
+    if columns.iter().any(|c| c == ROW_INDEX) {
+        return Err(TableError::ReservedColumn);
+    }
+    let sql = format!(
+        "COPY (SELECT row_number() OVER () - 1 AS {ROW_INDEX}, * FROM {reader}) TO {} \
+         (FORMAT parquet, COMPRESSION zstd)",
+        path_literal(indexed)
+    );
+    connection
+        .execute_batch(&sql)
+        .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
+    let rows: i64 = connection
+        .query_row(&format!("SELECT count(*) FROM read_parquet({})", path_literal(indexed)), [], |r| r.get(0))
+        .map_err(duck("count rows"))?;
+    Ok(TableInfo { columns, rows: u64::try_from(rows).unwrap_or(0) })
+}
+
+fn strip_duckdb_noise(message: &str) -> String {
+    message.lines().take(6).collect::<Vec<_>>().join(" ").trim().to_owned()
+}
+
+fn describe(connection: &Connection, query: &str) -> Result<Vec<String>, duckdb::Error> {
+    let mut statement = connection.prepare(&format!("DESCRIBE {query}"))?;
+    let names = statement.query_map([], |row| row.get::<_, String>(0))?;
+    names.collect()
+}
+
+/// The input columns of an indexed table.
+pub fn indexed_columns(indexed: &Path) -> Result<Vec<String>, TableError> {
+    let connection = connect()?;
+    let columns = describe(&connection, &format!("SELECT * FROM read_parquet({})", path_literal(indexed)))
+        .map_err(duck("describe"))?;
+    Ok(columns.into_iter().filter(|c| c != ROW_INDEX).collect())
+}
+
+/// Caps of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLimits {
+    pub max_requests: u64,
+    pub max_bytes: u64,
+}
+
+/// One shard's request lines.
+#[derive(Debug)]
+pub struct Shard {
+    pub number: u32,
+    pub lines: Vec<u8>,
+    pub requests: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenderStats {
+    pub rows: u64,
+    pub skipped: u64,
+    pub requests: u64,
+    pub shards: u32,
+    pub bytes: u64,
+}
+
+/// Renders every row of `indexed` (only `rows`, when given: the retry attempt's rows) into
+/// shards within `limits`, handing each finished shard to `emit` in order.
+pub fn render_shards(
+    indexed: &Path,
+    template: &RequestTemplate,
+    limits: ShardLimits,
+    mut emit: impl FnMut(Shard) -> Result<(), TableError>,
+) -> Result<RenderStats, TableError> {
+    let connection = connect()?;
+    let sql = format!("SELECT * FROM read_parquet({}) ORDER BY {ROW_INDEX}", path_literal(indexed));
+    let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
+    let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
+    let mut stats = RenderStats::default();
+    let (mut scratch, mut escaped, mut line) = (String::new(), Vec::new(), Vec::new());
+    let mut shard = Shard { number: 0, lines: Vec::new(), requests: 0 };
+    for batch in batches {
+        let (row_indexes, cells) = batch_columns(&batch)?;
+        for row in 0..batch.num_rows() {
+            stats.rows += 1;
+            let row_index = row_indexes.value(row);
+            let cell = |column: usize| -> Option<&str> { cells[column].get(row) };
+            line.clear();
+            if !template.render(row_index, cell, &mut scratch, &mut escaped, &mut line) {
+                stats.skipped += 1;
+                continue;
+            }
+            if line.len() as u64 > limits.max_bytes {
+                return Err(TableError::RowTooLarge { row_index, bytes: line.len(), limit: limits.max_bytes });
+            }
+            let full = shard.requests >= limits.max_requests
+                || (shard.lines.len() + line.len()) as u64 > limits.max_bytes;
+            if full {
+                let next = Shard { number: shard.number + 1, lines: Vec::new(), requests: 0 };
+                emit(std::mem::replace(&mut shard, next))?;
+            }
+            shard.lines.extend_from_slice(&line);
+            shard.requests += 1;
+            stats.requests += 1;
+            stats.bytes += line.len() as u64;
+        }
+    }
+    if shard.requests > 0 {
+        stats.shards = shard.number + 1;
+        emit(shard)?;
+    }
+    Ok(stats)
+}
+
+/// A text column of an Arrow batch, whichever string layout DuckDB chose.
+enum TextColumn<'a> {
+    Utf8(&'a duckdb::arrow::array::StringArray),
+    Large(&'a duckdb::arrow::array::LargeStringArray),
+    View(&'a duckdb::arrow::array::StringViewArray),
+}
+
+impl<'a> TextColumn<'a> {
+    fn get(&self, row: usize) -> Option<&'a str> {
+        match self {
+            TextColumn::Utf8(a) => a.is_valid(row).then(|| a.value(row)),
+            TextColumn::Large(a) => a.is_valid(row).then(|| a.value(row)),
+            TextColumn::View(a) => a.is_valid(row).then(|| a.value(row)),
+        }
+    }
+}
+
+fn batch_columns(batch: &RecordBatch) -> Result<(&Int64Array, Vec<TextColumn<'_>>), TableError> {
+    let unexpected = |what: String| TableError::Duckdb { what: "read batch", message: what };
+    let row_indexes = batch
+        .column(0)
+        .as_primitive_opt::<duckdb::arrow::datatypes::Int64Type>()
+        .ok_or_else(|| unexpected(format!("{ROW_INDEX} is not BIGINT")))?;
+    let mut cells = Vec::with_capacity(batch.num_columns() - 1);
+    for column in batch.columns().iter().skip(1) {
+        let text = match column.data_type() {
+            DataType::Utf8 => TextColumn::Utf8(column.as_string::<i32>()),
+            DataType::LargeUtf8 => TextColumn::Large(column.as_string::<i64>()),
+            DataType::Utf8View => TextColumn::View(column.as_string_view()),
+            other => return Err(unexpected(format!("a column is {other}, not text"))),
+        };
+        cells.push(text);
+    }
+    Ok((row_indexes, cells))
+}
+
+/// One row's merged result: the field values as text, or why it failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowResult {
+    pub row_index: i64,
+    /// `None` when the row succeeded.
+    pub failure: Option<RowFailure>,
+    /// One value per field, in the spec's order (`None` for a failed row).
+    pub values: Vec<Option<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowFailure {
+    /// A short code: `http_error`, `invalid_json`, `missing_field`, `wrong_type`,
+    /// `not_in_enum`, `no_result`, …
+    pub reason: String,
+    pub message: String,
+}
+
+fn rows_table_sql(fields: &[FieldSpec]) -> String {
+    let mut sql = format!(
+        "CREATE OR REPLACE TABLE results ({ROW_INDEX} BIGINT, _ok BOOLEAN, _reason VARCHAR, _message VARCHAR"
+    );
+    for field in fields {
+        sql.push_str(&format!(", {} VARCHAR", ident(&field.name)));
+    }
+    sql.push(')');
+    sql
+}
+
+/// Writes one shard's merged rows as Parquet.
+pub fn write_rows(path: &Path, fields: &[FieldSpec], rows: &[RowResult]) -> Result<(), TableError> {
+    let connection = connect()?;
+    connection.execute_batch(&rows_table_sql(fields)).map_err(duck("rows table"))?;
+    {
+        let mut appender = connection.appender("results").map_err(duck("append rows"))?;
+        for row in rows {
+            let mut params: Vec<duckdb::types::Value> = vec![
+                duckdb::types::Value::BigInt(row.row_index),
+                duckdb::types::Value::Boolean(row.failure.is_none()),
+                text_value(row.failure.as_ref().map(|f| f.reason.as_str())),
+                text_value(row.failure.as_ref().map(|f| f.message.as_str())),
+            ];
+            for index in 0..fields.len() {
+                params.push(text_value(row.values.get(index).and_then(|v| v.as_deref())));
+            }
+            appender
+                .append_row(duckdb::appender_params_from_iter(params))
+                .map_err(duck("append rows"))?;
+        }
+        appender.flush().map_err(duck("append rows"))?;
+    }
+    connection
+        .execute_batch(&format!("COPY results TO {} (FORMAT parquet)", path_literal(path)))
+        .map_err(duck("write rows"))?;
+    Ok(())
+}
+
+fn text_value(text: Option<&str>) -> duckdb::types::Value {
+    match text {
+        Some(text) => duckdb::types::Value::Text(text.to_owned()),
+        None => duckdb::types::Value::Null,
+    }
+}
+
+/// Where the final outputs go (local files).
+#[derive(Debug, Clone)]
+pub struct FinalOutputs {
+    pub enriched_csv: Option<PathBuf>,
+    pub enriched_parquet: Option<PathBuf>,
+    pub failures_csv: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FinalCounts {
+    pub enriched_rows: u64,
+    pub failed_rows: u64,
+}
+
+/// Joins the merged rows onto the indexed table: `enriched` holds every row that did not
+/// fail (skipped rows with empty new columns), in input order; `failures` the failed rows
+/// with their reason and original cells.
+pub fn finalize(
+    indexed: &Path,
+    rows_files: &[PathBuf],
+    fields: &[FieldSpec],
+    outputs: &FinalOutputs,
+) -> Result<FinalCounts, TableError> {
+    let connection = connect()?;
+    connection.execute_batch(&rows_table_sql(fields)).map_err(duck("results table"))?;
+    if !rows_files.is_empty() {
+        let files: Vec<String> = rows_files.iter().map(|p| path_literal(p)).collect();
+        connection
+            .execute_batch(&format!(
+                "INSERT INTO results BY NAME SELECT * FROM read_parquet([{}])",
+                files.join(", ")
+            ))
+            .map_err(duck("read results"))?;
+    }
+    connection
+        .execute_batch(&format!(
+            "CREATE VIEW input AS SELECT * FROM read_parquet({})",
+            path_literal(indexed)
+        ))
+        .map_err(duck("read input"))?;
+    let text_fields: Vec<String> =
+        fields.iter().map(|f| format!("r.{}", ident(&f.name))).collect();
+    let typed_fields: Vec<String> = fields
+        .iter()
+        .map(|f| {
+            let column = format!("r.{}", ident(&f.name));
+            match f.field_type {
+                FieldType::Number => format!("TRY_CAST({column} AS DOUBLE) AS {}", ident(&f.name)),
+                FieldType::Boolean => format!("TRY_CAST({column} AS BOOLEAN) AS {}", ident(&f.name)),
+                _ => column,
+            }
+        })
+        .collect();
+    let enriched = |select_fields: &[String]| {
+        format!(
+            "SELECT i.* EXCLUDE ({ROW_INDEX}), {} FROM input i LEFT JOIN results r USING ({ROW_INDEX}) \
+             WHERE r._ok IS NULL OR r._ok ORDER BY i.{ROW_INDEX}",
+            select_fields.join(", ")
+        )
+    };
+    if let Some(csv) = &outputs.enriched_csv {
+        connection
+            .execute_batch(&format!(
+                "COPY ({}) TO {} (FORMAT csv, HEADER true)",
+                enriched(&text_fields),
+                path_literal(csv)
+            ))
+            .map_err(duck("write enriched csv"))?;
+    }
+    if let Some(parquet) = &outputs.enriched_parquet {
+        connection
+            .execute_batch(&format!(
+                "COPY ({}) TO {} (FORMAT parquet, COMPRESSION zstd)",
+                enriched(&typed_fields),
+                path_literal(parquet)
+            ))
+            .map_err(duck("write enriched parquet"))?;
+    }
+    connection
+        .execute_batch(&format!(
+            "COPY (SELECT r.{ROW_INDEX}, r._reason, r._message, i.* EXCLUDE ({ROW_INDEX}) \
+             FROM results r JOIN input i USING ({ROW_INDEX}) WHERE NOT r._ok ORDER BY r.{ROW_INDEX}) \
+             TO {} (FORMAT csv, HEADER true)",
+            path_literal(&outputs.failures_csv)
+        ))
+        .map_err(duck("write failures csv"))?;
+    let count = |sql: &str| -> Result<u64, TableError> {
+        let n: i64 = connection.query_row(sql, [], |r| r.get(0)).map_err(duck("count"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    Ok(FinalCounts {
+        enriched_rows: count(&format!(
+            "SELECT count(*) FROM input i LEFT JOIN results r USING ({ROW_INDEX}) WHERE r._ok IS NULL OR r._ok"
+        ))?,
+        failed_rows: count("SELECT count(*) FROM results WHERE NOT _ok")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn indexing_keeps_text_and_order_of_a_large_csv() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let input = dir.path().join("in.csv");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&input).expect("create"));
+        writeln!(file, "id,zip,price,description").expect("write");
+        let rows = 300_000;
+        for i in 0..rows {
+            writeln!(file, "{i},00{},1.50,\"row {i}, with \"\"quotes\"\"\nand a newline\"", i % 900)
+                .expect("write");
+        }
+        drop(file);
+        let indexed = dir.path().join("indexed.parquet");
+        let info = index_input(&input, &indexed).expect("index");
+        assert_eq!(info.rows, rows);
+        assert_eq!(info.columns, ["id", "zip", "price", "description"]);
+        let connection = connect().expect("connect");
+        let mismatches: i64 = connection
+            .query_row(
+                &format!(
+                    "SELECT count(*) FROM read_parquet({}) WHERE CAST(id AS BIGINT) <> {ROW_INDEX} \
+                     OR price <> '1.50' OR NOT starts_with(zip, '00')",
+                    path_literal(&indexed)
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .expect("query");
+        assert_eq!(mismatches, 0);
+    }
+
+    #[test]
+    fn unsupported_input_says_which_formats_work() {
+        let error = index_input(Path::new("/x/table.xlsx"), Path::new("/x/o.parquet")).unwrap_err();
+        assert!(error.to_string().contains(".csv"), "{error}");
+    }
+}
