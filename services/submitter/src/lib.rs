@@ -1,1 +1,8 @@
-//! placeholder
+//! The submitter service: uploads each request shard and creates its provider batch exactly
+//! once per (job, shard, attempt), then publishes `rowsmith.batches.submitted`.
+
+pub mod handler;
+pub mod service;
+
+pub use handler::{handle, Submitter};
+pub use service::run;

@@ -1,0 +1,40 @@
+//! The ingest loop: one durable consumer on `rowsmith.jobs.submit`.
+
+use std::sync::Arc;
+
+use rowsmith_shared::bus::{run_worker, Bus, ConsumerSpec};
+use rowsmith_shared::config::Settings;
+use rowsmith_shared::messages::subjects;
+use rowsmith_shared::providers::Providers;
+use rowsmith_shared::storage::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{handle, Ingest};
+
+pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+    ConsumerSpec {
+        durable: "ingest",
+        filter_subject: subjects::JOBS_SUBMIT,
+        ack_wait: settings.ingest.ack_wait,
+        max_deliver: settings.ingest.max_deliver,
+        max_ack_pending: 1_000,
+    }
+}
+
+/// Runs the ingest service until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = Bus::connect(&settings.nats, "rowsmith-ingest").await?;
+    let ingest = Arc::new(Ingest {
+        bus: bus.clone(),
+        store: Store::from_url(&settings.store.url)?,
+        providers: Providers::from_settings(&settings)?,
+    });
+    let spec = consumer_spec(&settings);
+    let consumer = bus.work_consumer(&spec).await?;
+    run_worker(consumer, spec, settings.ingest.concurrency, shutdown, move |delivery| {
+        let ingest = ingest.clone();
+        async move { handle(&ingest, delivery).await }
+    })
+    .await?;
+    Ok(())
+}

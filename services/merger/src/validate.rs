@@ -1,0 +1,164 @@
+//! Result lines of the OpenAI batch format, checked against the job's fields.
+//!
+//! A line is either a response (`response.status_code` 200 and a chat completion whose
+//! message content is the JSON answer), an HTTP error (`error: null`, the error in
+//! `response.body.error`), or a line-level error (`response: null`, top-level `error`).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use rowsmith_shared::render::row_index_of;
+use rowsmith_shared::spec::{FieldSpec, FieldType};
+use rowsmith_shared::table::RowFailure;
+
+#[derive(Debug, Deserialize)]
+struct ResultLine {
+    custom_id: Option<String>,
+    #[serde(default)]
+    response: Option<ResponsePart>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponsePart {
+    #[serde(default)]
+    status_code: u16,
+    #[serde(default)]
+    body: Value,
+}
+
+/// What one result line says about its row.
+pub type LineResult = Result<Vec<String>, RowFailure>;
+
+fn failure(reason: &str, message: impl Into<String>) -> RowFailure {
+    RowFailure { reason: reason.to_owned(), message: message.into() }
+}
+
+/// Parses one line; `None` when the line names no row (it is then logged and ignored).
+pub fn parse_line(line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)> {
+    let parsed: ResultLine = serde_json::from_slice(line).ok()?;
+    let row_index = row_index_of(parsed.custom_id.as_deref()?)?;
+    Some((row_index, line_result(parsed, fields)))
+}
+
+fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
+    if let Some(error) = line.error.filter(|e| !e.is_null()) {
+        let code = error.get("code").and_then(Value::as_str).unwrap_or("error");
+        let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+        return Err(failure(code, message));
+    }
+    let Some(response) = line.response else {
+        return Err(failure("no_result", "the line has neither a response nor an error"));
+    };
+    if response.status_code != 200 {
+        let message = response
+            .body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no message");
+        return Err(failure("http_error", format!("HTTP {}: {message}", response.status_code)));
+    }
+    let choice = response.body.pointer("/choices/0").cloned().unwrap_or(Value::Null);
+    if let Some(refusal) = choice.pointer("/message/refusal").and_then(Value::as_str) {
+        return Err(failure("refusal", refusal));
+    }
+    if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
+        return Err(failure("truncated", "the answer was cut off at the token limit (finish_reason: length)"));
+    }
+    let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) else {
+        return Err(failure("invalid_json", "the response has no message content"));
+    };
+    validate_answer(content, fields)
+}
+
+/// Checks the model's answer against the fields; the values come back as text in field order.
+pub fn validate_answer(content: &str, fields: &[FieldSpec]) -> LineResult {
+    let answer: BTreeMap<String, Value> = serde_json::from_str(content)
+        .map_err(|e| failure("invalid_json", format!("the answer is not a JSON object: {e}")))?;
+    let mut values = Vec::with_capacity(fields.len());
+    for field in fields {
+        let Some(value) = answer.get(&field.name) else {
+            return Err(failure("missing_field", format!("field {:?} is missing", field.name)));
+        };
+        let wrong_type = || {
+            failure("wrong_type", format!("field {:?} should be {} but is {value}", field.name, field.field_type.as_str()))
+        };
+        let text = match field.field_type {
+            FieldType::String => value.as_str().ok_or_else(wrong_type)?.to_owned(),
+            FieldType::Number => match value {
+                Value::Number(number) => number.to_string(),
+                _ => return Err(wrong_type()),
+            },
+            FieldType::Boolean => value.as_bool().ok_or_else(wrong_type)?.to_string(),
+            FieldType::Array => match value {
+                Value::Array(_) => value.to_string(),
+                _ => return Err(wrong_type()),
+            },
+            FieldType::Enum => {
+                let text = value.as_str().ok_or_else(wrong_type)?;
+                let allowed = field.values.as_deref().unwrap_or_default();
+                if !allowed.iter().any(|v| v == text) {
+                    return Err(failure(
+                        "not_in_enum",
+                        format!("field {:?} is {text:?}, not one of: {}", field.name, allowed.join(", ")),
+                    ));
+                }
+                text.to_owned()
+            }
+        };
+        values.push(text);
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use rowsmith_shared::spec::parse_field;
+    use serde_json::json;
+
+    use super::*;
+
+    fn fields() -> Vec<FieldSpec> {
+        ["title:string", "category:enum(toys|tools)", "in_stock:boolean", "tags:array", "price:number"]
+            .iter()
+            .map(|f| parse_field(f).expect("field"))
+            .collect()
+    }
+
+    fn response_line(custom_id: &str, content: &str, finish_reason: &str) -> Vec<u8> {
+        json!({"id": "batch_req_1", "custom_id": custom_id, "response": {"status_code": 200, "request_id": "x",
+            "body": {"choices": [{"index": 0, "finish_reason": finish_reason,
+                "message": {"role": "assistant", "content": content, "refusal": null}}]}}, "error": null})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_valid_answer_yields_text_values_in_field_order() {
+        let content = r#"{"price": 12.5, "tags": ["a","b"], "in_stock": true, "category": "toys", "title": "Ball"}"#;
+        let (row, result) = parse_line(&response_line("r41", content, "stop"), &fields()).expect("line");
+        assert_eq!(row, 41);
+        assert_eq!(result.expect("valid"), ["Ball", "toys", "true", "[\"a\",\"b\"]", "12.5"]);
+    }
+
+    #[test]
+    fn each_kind_of_bad_answer_gets_its_reason() {
+        let reason = |line: Vec<u8>| parse_line(&line, &fields()).expect("line").1.unwrap_err().reason;
+        let good = r#"{"title":"t","category":"toys","in_stock":true,"tags":[],"price":1}"#;
+        assert_eq!(reason(response_line("r1", "{not json", "stop")), "invalid_json");
+        assert_eq!(reason(response_line("r1", r#"{"title":"t"}"#, "stop")), "missing_field");
+        assert_eq!(reason(response_line("r1", &good.replace("true", "\"yes\""), "stop")), "wrong_type");
+        assert_eq!(reason(response_line("r1", &good.replace("\"toys\"", "\"food\""), "stop")), "not_in_enum");
+        assert_eq!(reason(response_line("r1", good, "length")), "truncated");
+        let http_error = json!({"custom_id": "r2", "response": {"status_code": 500,
+            "body": {"error": {"message": "server error", "type": "server_error"}}}, "error": null});
+        assert_eq!(reason(http_error.to_string().into_bytes()), "http_error");
+        let expired = json!({"custom_id": "r3", "response": null,
+            "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}});
+        assert_eq!(reason(expired.to_string().into_bytes()), "batch_expired");
+        assert!(parse_line(b"garbage", &fields()).is_none());
+    }
+}

@@ -1,0 +1,43 @@
+//! The poller loop: one durable consumer on `rowsmith.batches.submitted`, shared by every
+//! poller replica; unlimited deliveries, since each check is a delivery.
+
+use std::sync::Arc;
+
+use rowsmith_shared::bus::{run_worker, Bus, ConsumerSpec};
+use rowsmith_shared::config::Settings;
+use rowsmith_shared::messages::subjects;
+use rowsmith_shared::providers::Providers;
+use rowsmith_shared::storage::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{handle, Poller};
+
+pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+    ConsumerSpec {
+        durable: "poller",
+        filter_subject: subjects::BATCHES_SUBMITTED,
+        ack_wait: settings.poller.ack_wait,
+        max_deliver: -1,
+        // Parked batches (NAKed with a delay) count against this; size it for all of them.
+        max_ack_pending: settings.poller.max_ack_pending,
+    }
+}
+
+/// Runs the poller service until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = Bus::connect(&settings.nats, "rowsmith-poller").await?;
+    let poller = Arc::new(Poller {
+        bus: bus.clone(),
+        store: Store::from_url(&settings.store.url)?,
+        providers: Providers::from_settings(&settings)?,
+        schedule: settings.poller.schedule()?,
+    });
+    let spec = consumer_spec(&settings);
+    let consumer = bus.work_consumer(&spec).await?;
+    run_worker(consumer, spec, settings.poller.concurrency, shutdown, move |delivery| {
+        let poller = poller.clone();
+        async move { handle(&poller, delivery).await }
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Handling one `rowsmith.shards.ready`.
+//!
+//! Exactly once: the uploaded file id is recorded (state `uploading`) before the batch is
+//! created, and the batch id after. A redelivery that finds a file id but no batch id first
+//! asks the provider for a batch carrying the shard key in its metadata.
+
+use rowsmith_shared::bus::{decode, Cas, Delivery, Outcome};
+use rowsmith_shared::events::{Event, EventKind};
+use rowsmith_shared::jobs::{settle, StepError};
+use rowsmith_shared::messages::{subjects, BatchSubmitted, ShardReady};
+use rowsmith_shared::providers::{BatchProvider, BatchRef, Providers};
+use rowsmith_shared::records::{job_key, shard_key, JobRecord, ShardRecord, ShardState};
+use rowsmith_shared::bus::Bus;
+use rowsmith_shared::storage::Store;
+
+#[derive(Debug, Clone)]
+pub struct Submitter {
+    pub bus: Bus,
+    pub store: Store,
+    pub providers: Providers,
+}
+
+pub async fn handle(submitter: &Submitter, delivery: Delivery) -> Outcome {
+    let ready: ShardReady = match decode(&delivery) {
+        Ok(ready) => ready,
+        Err(reason) => return Outcome::Terminate { reason },
+    };
+    let job_id = ready.key.job_id.clone();
+    match submit(submitter, &ready).await {
+        Ok(()) => Outcome::Done,
+        Err(error) => settle(&submitter.bus, &job_id, &delivery, error).await,
+    }
+}
+
+async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepError> {
+    let bus = &submitter.bus;
+    let key = &ready.key;
+    let record_key = shard_key(key);
+    match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
+        Some((job, _)) if job.state.is_terminal() => {
+            tracing::info!(job_id = %key.job_id, shard = key.shard, "job already ended, shard not submitted");
+            return Ok(());
+        }
+        Some(_) => {}
+        None => return Err(StepError::Job(format!("shard {} has no job record", key.dotted()))),
+    }
+    let (mut record, _) = bus
+        .read::<ShardRecord>(&record_key)
+        .await?
+        .ok_or_else(|| StepError::Job(format!("shard {} has no record", key.dotted())))?;
+    let provider = submitter.providers.get(&ready.provider)?;
+
+    if record.provider_file_id.is_none() && record.provider_batch_id.is_none() {
+        let lines = submitter.store.get_bytes(&ready.requests_path).await?;
+        let file_id = provider.upload(key, lines).await?;
+        record = bus
+            .modify(&record_key, |shard: &mut ShardRecord| -> Result<Cas<ShardRecord>, StepError> {
+                if shard.provider_file_id.is_some() {
+                    // Another delivery uploaded first; use its file.
+                    return Ok(Cas::Keep(shard.clone()));
+                }
+                shard.transition(ShardState::Uploading).map_err(|e| StepError::Job(e.to_string()))?;
+                shard.provider_file_id = Some(file_id.clone());
+                Ok(Cas::Write(shard.clone()))
+            })
+            .await?;
+    }
+
+    let batch_id = match &record.provider_batch_id {
+        Some(batch_id) => batch_id.clone(),
+        None => {
+            let file_id = record.provider_file_id.clone().unwrap_or_default();
+            let batch = match provider.find(key).await? {
+                Some(existing) => {
+                    tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %existing.id, "found the shard's batch, not creating another");
+                    existing
+                }
+                None => provider.create(key, &file_id).await?,
+            };
+            let BatchRef { id } = batch;
+            bus.modify(&record_key, |shard: &mut ShardRecord| -> Result<Cas<String>, StepError> {
+                if let Some(existing) = &shard.provider_batch_id {
+                    return Ok(Cas::Keep(existing.clone()));
+                }
+                shard.transition(ShardState::Submitted).map_err(|e| StepError::Job(e.to_string()))?;
+                shard.provider_batch_id = Some(id.clone());
+                Ok(Cas::Write(id.clone()))
+            })
+            .await?
+        }
+    };
+    let submitted = BatchSubmitted {
+        key: key.clone(),
+        provider: ready.provider.clone(),
+        batch_id: batch_id.clone(),
+        submitted_at_ms: rowsmith_shared::now_unix_ms(),
+    };
+    bus.publish(subjects::BATCHES_SUBMITTED, &format!("submitted.{}", key.dotted()), &submitted).await?;
+    tracing::info!(job_id = %key.job_id, attempt = key.attempt, shard = key.shard, %batch_id, "batch submitted");
+    let counts = bus.read::<JobRecord>(&job_key(&key.job_id)).await?.map(|(j, _)| j.counts).unwrap_or_default();
+    let message = format!(
+        "shard {} of attempt {} submitted as batch {batch_id} ({} requests)",
+        key.shard, key.attempt, record.request_count
+    );
+    bus.emit(&Event::new(&key.job_id, EventKind::ShardSubmitted, message, counts).with_shard(key.clone())).await;
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! The submitter loop: one durable consumer on `rowsmith.shards.ready`.
+
+use std::sync::Arc;
+
+use rowsmith_shared::bus::{run_worker, Bus, ConsumerSpec};
+use rowsmith_shared::config::Settings;
+use rowsmith_shared::messages::subjects;
+use rowsmith_shared::providers::Providers;
+use rowsmith_shared::storage::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::handler::{handle, Submitter};
+
+pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+    ConsumerSpec {
+        durable: "submitter",
+        filter_subject: subjects::SHARDS_READY,
+        ack_wait: settings.submitter.ack_wait,
+        max_deliver: settings.submitter.max_deliver,
+        max_ack_pending: 1_000,
+    }
+}
+
+/// Runs the submitter service until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = Bus::connect(&settings.nats, "rowsmith-submitter").await?;
+    let submitter = Arc::new(Submitter {
+        bus: bus.clone(),
+        store: Store::from_url(&settings.store.url)?,
+        providers: Providers::from_settings(&settings)?,
+    });
+    let spec = consumer_spec(&settings);
+    let consumer = bus.work_consumer(&spec).await?;
+    run_worker(consumer, spec, settings.submitter.concurrency, shutdown, move |delivery| {
+        let submitter = submitter.clone();
+        async move { handle(&submitter, delivery).await }
+    })
+    .await?;
+    Ok(())
+}

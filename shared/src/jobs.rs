@@ -1,0 +1,239 @@
+//! Steps on a job that several services take: the error type of a handler step, marking a
+//! job failed (the readable dead letter), and writing the final outputs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::bus::{retry_delay, Bus, BusError, Cas, Delivery, Outcome};
+use crate::events::{Event, EventKind};
+use crate::providers::ProviderError;
+use crate::records::{job_key, shard_key, JobRecord, JobState, ShardRecord};
+use crate::messages::ShardKey;
+use crate::storage::{layout, Store, StorageError};
+use crate::table::{self, FinalOutputs, TableError};
+
+/// Why a handler step did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// The job cannot go on; the message says what to fix.
+    #[error("{0}")]
+    Job(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl StepError {
+    /// Whether running the step again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StepError::Bus(BusError::Decode { .. }) => false,
+            StepError::Bus(_) | StepError::Storage(_) | StepError::Internal(_) => true,
+            StepError::Provider(error) => error.is_retryable(),
+            StepError::Table(TableError::Duckdb { .. }) => true,
+            StepError::Table(_) | StepError::Job(_) => false,
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for StepError {
+    fn from(error: tokio::task::JoinError) -> Self {
+        StepError::Internal(format!("blocking task failed: {error}"))
+    }
+}
+
+impl From<std::io::Error> for StepError {
+    fn from(error: std::io::Error) -> Self {
+        StepError::Internal(format!("local file: {error}"))
+    }
+}
+
+/// Turns a step's error into the message's fate: retry later when it may pass and
+/// deliveries remain, else mark the job failed with the reason and terminate the message.
+pub async fn settle(bus: &Bus, job_id: &str, delivery: &Delivery, error: StepError) -> Outcome {
+    if error.is_retryable() && !delivery.last {
+        let after = retry_delay(delivery.delivered);
+        tracing::warn!(job_id, delivered = delivery.delivered, %error, ?after, "step failed, will retry");
+        return Outcome::Retry { after };
+    }
+    let reason = if error.is_retryable() {
+        format!("{error} (gave up after {} deliveries)", delivery.delivered)
+    } else {
+        error.to_string()
+    };
+    match fail_job(bus, job_id, &reason).await {
+        Ok(()) => Outcome::Terminate { reason },
+        // The failure could not be recorded: keep the message so that it is not lost.
+        Err(record_error) => {
+            tracing::error!(job_id, %record_error, %reason, "could not mark the job failed");
+            Outcome::Retry { after: Duration::from_secs(5) }
+        }
+    }
+}
+
+/// Marks a job failed with `reason` and emits the `failed` event.
+pub async fn fail_job(bus: &Bus, job_id: &str, reason: &str) -> Result<(), BusError> {
+    let changed = bus
+        .modify(&job_key(job_id), |job: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, BusError> {
+            if job.state.is_terminal() {
+                return Ok(Cas::Keep(None));
+            }
+            job.state = JobState::Failed;
+            job.error = Some(reason.to_owned());
+            job.updated_at_ms = crate::now_unix_ms();
+            job.finished_at_ms = Some(job.updated_at_ms);
+            Ok(Cas::Write(Some(job.clone())))
+        })
+        .await;
+    let counts = match changed {
+        Ok(Some(job)) => job.counts,
+        Ok(None) => return Ok(()),
+        // No record (the spec never got that far): the event still tells the user.
+        Err(BusError::NotFound { .. }) => Default::default(),
+        Err(error) => return Err(error),
+    };
+    tracing::warn!(job_id, reason, "job failed");
+    bus.emit(&Event::new(job_id, EventKind::Failed, format!("job failed: {reason}"), counts)).await;
+    Ok(())
+}
+
+/// Joins every merged shard's rows onto the indexed table, writes the outputs and the
+/// manifest, and marks the job completed. Re-running it rewrites the same files.
+pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), StepError> {
+    let (job, _) = bus
+        .read::<JobRecord>(&job_key(job_id))
+        .await?
+        .ok_or_else(|| StepError::Job(format!("job {job_id} has no record")))?;
+    if job.state == JobState::Completed {
+        return Ok(());
+    }
+    let scratch = tempfile::tempdir()?;
+    let indexed_key = job.indexed_path.clone().unwrap_or_else(|| layout::indexed(job_id));
+    let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
+    let mut rows_files = Vec::new();
+    for (attempt_index, shards) in job.shards_per_attempt.iter().enumerate() {
+        for shard in 0..*shards {
+            let key = ShardKey { job_id: job_id.to_owned(), attempt: attempt_index as u32 + 1, shard };
+            let record = bus.read::<ShardRecord>(&shard_key(&key)).await?;
+            let rows_path = record
+                .and_then(|(shard_record, _)| shard_record.rows_path)
+                .unwrap_or_else(|| layout::rows(&key));
+            rows_files.push(store.fetch_local(&rows_path, scratch.path()).await?);
+        }
+    }
+    let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
+    let csv_key = layout::output(job_id, "enriched.csv");
+    let parquet_key = layout::output(job_id, "enriched.parquet");
+    let failures_key = layout::output(job_id, "failures.csv");
+    let manifest_key = layout::output(job_id, "manifest.json");
+    let targets = FinalOutputs {
+        enriched_csv: wants("csv").then(|| store.local_target(&csv_key, scratch.path())).transpose()?,
+        enriched_parquet: wants("parquet")
+            .then(|| store.local_target(&parquet_key, scratch.path()))
+            .transpose()?,
+        failures_csv: store.local_target(&failures_key, scratch.path())?,
+    };
+    let fields = job.spec.fields.clone();
+    let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());
+    let counts = tokio::task::spawn_blocking(move || {
+        table::finalize(&indexed_for_task, &rows_files, &fields, &targets_for_task)
+    })
+    .await??;
+    let mut outputs = crate::records::Outputs::default();
+    if let Some(path) = &targets.enriched_csv {
+        store.commit_local(&csv_key, path).await?;
+        outputs.enriched_csv = Some(csv_key.clone());
+    }
+    if let Some(path) = &targets.enriched_parquet {
+        store.commit_local(&parquet_key, path).await?;
+        outputs.enriched_parquet = Some(parquet_key.clone());
+    }
+    store.commit_local(&failures_key, &targets.failures_csv).await?;
+    outputs.failures_csv = Some(failures_key.clone());
+    outputs.manifest = Some(manifest_key.clone());
+    let finished_at_ms = crate::now_unix_ms();
+    let manifest = json!({
+        "job_id": job_id,
+        "state": "completed",
+        "rows": {
+            "total": job.counts.rows_total,
+            "skipped": job.counts.rows_skipped,
+            "succeeded": job.counts.succeeded,
+            "failed": counts.failed_rows,
+            "in_enriched": counts.enriched_rows,
+        },
+        "attempts": job.attempt,
+        "shards_per_attempt": job.shards_per_attempt,
+        "provider": job.spec.provider,
+        "model": job.spec.model,
+        "files": {
+            "enriched_csv": outputs.enriched_csv,
+            "enriched_parquet": outputs.enriched_parquet,
+            "failures_csv": outputs.failures_csv,
+            "indexed": indexed_key,
+        },
+        "timings": {
+            "created_at_ms": job.created_at_ms,
+            "finished_at_ms": finished_at_ms,
+            "seconds": (finished_at_ms - job.created_at_ms) as f64 / 1000.0,
+        },
+    });
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| StepError::Internal(format!("manifest: {e}")))?;
+    store.put_bytes(&manifest_key, manifest_bytes.into()).await?;
+    let completed = bus
+        .modify(&job_key(job_id), |record: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, StepError> {
+            if record.state == JobState::Completed {
+                return Ok(Cas::Keep(None));
+            }
+            record.transition(JobState::Completed).map_err(|e| StepError::Job(e.to_string()))?;
+            record.outputs = outputs.clone();
+            record.counts.failed = counts.failed_rows;
+            record.counts.pending = 0;
+            Ok(Cas::Write(Some(record.clone())))
+        })
+        .await?;
+    if let Some(record) = completed {
+        let message = format!(
+            "job completed: {} rows enriched, {} failed; outputs under {}",
+            record.counts.succeeded,
+            record.counts.failed,
+            layout::output(job_id, "")
+        );
+        tracing::info!(job_id, succeeded = record.counts.succeeded, failed = record.counts.failed, "job completed");
+        bus.emit(&Event::new(job_id, EventKind::Completed, message, record.counts)).await;
+    }
+    Ok(())
+}
+
+/// Resolves a job's input to a local file: `file://` paths as they are, store keys through
+/// the store.
+pub async fn local_input(store: &Store, input: &str, scratch: &Path) -> Result<std::path::PathBuf, StepError> {
+    if let Some(path) = input.strip_prefix("file://") {
+        let path = std::path::PathBuf::from(path);
+        if !path.is_file() {
+            return Err(StepError::Job(format!("input {input} does not exist or is not a file")));
+        }
+        return Ok(path);
+    }
+    if input.contains("://") {
+        return Err(StepError::Job(format!(
+            "input {input:?} is not supported: give file:///path or a key in the store (inputs/…)"
+        )));
+    }
+    match store.fetch_local(input, scratch).await {
+        Err(StorageError::NotFound { .. }) => Err(StepError::Job(format!(
+            "input {input:?} is not in the store; upload it first (rowsmith submit does)"
+        ))),
+        other => Ok(other?),
+    }
+}
