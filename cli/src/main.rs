@@ -1,1 +1,74 @@
-fn main() {}
+//! `rowsmith`: the command line. Data goes to stdout, messages to stderr.
+//!
+//! Exit codes: 0 success; 1 the job ended but did not complete (failed or cancelled);
+//! 2 the command could not do its work (bad arguments or input, NATS or store unreachable).
+
+mod commands;
+mod job_args;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rowsmith",
+    version,
+    about = "Enrich every row of a large table with an LLM through the providers' batch APIs",
+    after_help = "Examples:\n  rowsmith up --sim\n  rowsmith enrich examples/products.csv \\\n      --instructions 'Write an SEO title and pick a category' --target description \\\n      --field 'seo_title:string:SEO title' --field 'category:enum(toys|tools|garden)' \\\n      --out enriched.csv\n  rowsmith render examples/products.csv --instructions @prompt.txt --target description \\\n      --field 'tags:array' --out-dir /tmp/shards\n\nExit codes: 0 success, 1 the job failed or was cancelled, 2 error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every service (and the simulator with --sim) in this process.
+    Up(commands::up::Args),
+    /// Submit a job and print its id.
+    Submit(commands::submit::Args),
+    /// Submit, watch until the job ends, and write the enriched table.
+    Enrich(commands::enrich::Args),
+    /// Show a job's progress until it ends; exit 0 only when it completed.
+    Watch(commands::watch::Args),
+    /// Show a job's record.
+    Status(commands::status::Args),
+    /// List jobs.
+    List(commands::list::Args),
+    /// Write a completed job's outputs to a file or directory.
+    Result(commands::result::Args),
+    /// Write the request shards ingest would send, offline (no NATS needed).
+    Render(commands::render::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => commands::up::run(args).await,
+            Command::Submit(args) => commands::submit::run(args).await,
+            Command::Enrich(args) => commands::enrich::run(args).await,
+            Command::Watch(args) => commands::watch::run(args).await,
+            Command::Status(args) => commands::status::run(args).await,
+            Command::List(args) => commands::list::run(args).await,
+            Command::Result(args) => commands::result::run(args).await,
+            Command::Render(args) => commands::render::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}

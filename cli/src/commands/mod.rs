@@ -1,0 +1,33 @@
+//! One module per verb.
+
+pub mod enrich;
+pub mod list;
+pub mod render;
+pub mod result;
+pub mod status;
+pub mod submit;
+pub mod up;
+pub mod watch;
+
+use anyhow::Context;
+
+use rowsmith_shared::bus::Bus;
+use rowsmith_shared::config::Settings;
+use rowsmith_shared::records::{job_key, JobRecord};
+
+pub fn settings() -> anyhow::Result<Settings> {
+    Ok(Settings::from_env()?)
+}
+
+pub async fn connect(settings: &Settings) -> anyhow::Result<Bus> {
+    Bus::connect(&settings.nats, "rowsmith-cli").await.with_context(|| {
+        "is NATS running? start it and the services with `rowsmith up --sim`, or set ROWSMITH_NATS__URL"
+    })
+}
+
+pub async fn read_job(bus: &Bus, job_id: &str) -> anyhow::Result<JobRecord> {
+    match bus.read::<JobRecord>(&job_key(job_id)).await? {
+        Some((job, _)) => Ok(job),
+        None => anyhow::bail!("no job {job_id:?}; `rowsmith list` shows the jobs"),
+    }
+}

@@ -1,0 +1,71 @@
+//! `rowsmith render`: the exact request shards ingest would send, written offline by the
+//! same code as the ingest service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use rowsmith_shared::providers::{BatchProvider, Providers};
+use rowsmith_shared::storage::Store;
+use rowsmith_shared::table::{self, ShardLimits};
+
+use crate::job_args::JobArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Where the shard files go (a1-s0.jsonl, a1-s1.jsonl, …).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let settings = super::settings()?;
+    let spec = args.job.to_spec()?;
+    let input = PathBuf::from(spec.input.strip_prefix("file://").unwrap_or(&spec.input));
+    anyhow::ensure!(input.is_file(), "input {} is not a file", input.display());
+    let scratch = tempfile::tempdir()?;
+    let indexed = scratch.path().join("input.indexed.parquet");
+    let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
+    let started = std::time::Instant::now();
+    let info = tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
+        .await??;
+    spec.validate_columns(&info.columns)?;
+    let providers = Providers::from_settings(&settings)?;
+    let provider_limits = providers.get(&spec.provider)?.limits();
+    let limits = ShardLimits {
+        max_requests: spec.options.max_requests_per_batch.min(provider_limits.max_requests),
+        max_bytes: spec.options.max_batch_bytes.min(provider_limits.max_bytes),
+    };
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
+    let out_dir = std::fs::canonicalize(&args.out_dir)?;
+    let store = Store::from_url(&out_dir.to_string_lossy())?;
+    let (stats, _) = rowsmith_ingest::prepare_shards(
+        &store,
+        &spec,
+        &info.columns,
+        &indexed,
+        limits,
+        1,
+        |key| format!("{}.jsonl", key.file_stem()),
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    for shard in 0..stats.shards {
+        println!("{}", out_dir.join(format!("a1-s{shard}.jsonl")).display());
+    }
+    eprintln!(
+        "rendered {} rows ({} skipped) into {} requests, {} shards, {} bytes in {:.2}s ({:.0} rows/s)",
+        stats.rows,
+        stats.skipped,
+        stats.requests,
+        stats.shards,
+        stats.bytes,
+        seconds,
+        stats.rows as f64 / seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,32 @@
+//! `rowsmith submit`: stage the input, publish the JobSpec, print the job id.
+
+use rowsmith_shared::bus::Bus;
+use rowsmith_shared::messages::subjects;
+use rowsmith_shared::storage::Store;
+use std::process::ExitCode;
+
+use crate::job_args::{stage_input, JobArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let settings = super::settings()?;
+    let bus = super::connect(&settings).await?;
+    let job_id = submit_job(&bus, &Store::from_url(&settings.store.url)?, &args.job).await?;
+    println!("{job_id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Validates, stages the input and publishes; returns the job id.
+pub async fn submit_job(bus: &Bus, store: &Store, job: &JobArgs) -> anyhow::Result<String> {
+    let mut spec = job.to_spec()?;
+    let job_id = spec.id().to_owned();
+    spec.input = stage_input(store, &job_id, &spec.input).await?;
+    bus.publish(subjects::JOBS_SUBMIT, &job_id, &spec).await?;
+    eprintln!("submitted job {job_id} ({} via {}, model {})", job.input, spec.provider, spec.model);
+    Ok(job_id)
+}

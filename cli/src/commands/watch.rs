@@ -1,0 +1,88 @@
+//! `rowsmith watch`: a progress bar from the job's events until it ends.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
+use rowsmith_shared::events::{Event, EventKind};
+use rowsmith_shared::messages::subjects;
+use rowsmith_shared::records::JobState;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    pub job_id: String,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let settings = super::settings()?;
+    let bus = super::connect(&settings).await?;
+    watch_job(&bus, &args.job_id).await
+}
+
+/// Follows the job's events (from its first) until a final one; exit 0 only on completed.
+pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
+    let stream = bus.js.get_stream(EVENTS_STREAM).await?;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("{}.{job_id}.>", subjects::EVENTS_PREFIX),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut events = consumer.messages().await?;
+    let interactive = std::io::stderr().is_terminal();
+    let bar = ProgressBar::with_draw_target(Some(0), if interactive {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows  eta {eta}  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut check = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tokio::select! {
+            next = events.next() => {
+                let Some(next) = next else { break };
+                let message = match next {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::debug!(%error, "event stream error");
+                        continue;
+                    }
+                };
+                let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else { continue };
+                let counts = event.counts;
+                bar.set_length(counts.rows_total.saturating_sub(counts.rows_skipped).max(1));
+                bar.set_position(counts.succeeded + counts.failed);
+                bar.set_message(format!("ok {} failed {} | {}", counts.succeeded, counts.failed, event.kind.as_str()));
+                if interactive {
+                    bar.println(format!("{}: {}", event.kind.as_str(), event.message));
+                } else {
+                    eprintln!("{}: {}", event.kind.as_str(), event.message);
+                }
+                if event.kind.is_final() {
+                    bar.finish_and_clear();
+                    return Ok(if event.kind == EventKind::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                }
+            }
+            _ = check.tick() => {
+                // The record is the truth should an event have been lost.
+                let job = super::read_job(bus, job_id).await?;
+                if job.state.is_terminal() {
+                    bar.finish_and_clear();
+                    eprintln!("{}", crate::output::summary(&job));
+                    return Ok(if job.state == JobState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                }
+            }
+        }
+    }
+    anyhow::bail!("the event stream of job {job_id} ended unexpectedly")
+}

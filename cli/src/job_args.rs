@@ -1,0 +1,132 @@
+//! The flags that describe a job (submit, enrich, render) and how they become a JobSpec.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use rowsmith_shared::spec::{parse_field, JobOptions, JobSpec};
+use rowsmith_shared::storage::{layout, Store};
+
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// The table: a local path (uploaded to the store), file:///abs/path, or a store key.
+    pub input: String,
+    /// What to do with each row; @FILE reads it from a file.
+    #[arg(long)]
+    pub instructions: Option<String>,
+    /// Column(s) the model works on (repeat or list).
+    #[arg(long = "target", num_args = 1..)]
+    pub targets: Vec<String>,
+    /// A new column: NAME:TYPE[:DESCRIPTION], TYPE one of string, number, boolean, array,
+    /// enum(a|b|c).
+    #[arg(long = "field")]
+    pub fields: Vec<String>,
+    /// openai, anthropic or sim.
+    #[arg(long)]
+    pub provider: Option<String>,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Columns given as context (default: every non-target column).
+    #[arg(long = "context", num_args = 1..)]
+    pub context: Option<Vec<String>>,
+    /// Give no context columns at all.
+    #[arg(long, conflicts_with = "context")]
+    pub no_context: bool,
+    /// The job's id ([A-Za-z0-9_-]{1,64}); generated when absent.
+    #[arg(long)]
+    pub job_id: Option<String>,
+    /// A JobSpec JSON file; flags given as well override its values.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Requests per batch, at most the provider's own limit.
+    #[arg(long)]
+    pub max_requests_per_batch: Option<u64>,
+}
+
+impl JobArgs {
+    /// The JobSpec these flags describe, checked; the input is not touched.
+    pub fn to_spec(&self) -> anyhow::Result<JobSpec> {
+        let mut spec = match &self.spec {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read spec file {}", path.display()))?;
+                serde_json::from_str::<JobSpec>(&text)
+                    .with_context(|| format!("spec file {} is not a valid JobSpec", path.display()))?
+            }
+            None => JobSpec {
+                job_id: None,
+                input: String::new(),
+                instructions: String::new(),
+                target_columns: Vec::new(),
+                context_columns: None,
+                fields: Vec::new(),
+                provider: "sim".into(),
+                model: "gpt-4o-mini".into(),
+                options: JobOptions::default(),
+            },
+        };
+        spec.input = self.input.clone();
+        if let Some(instructions) = &self.instructions {
+            spec.instructions = match instructions.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read instructions file {file}"))?,
+                None => instructions.clone(),
+            };
+        }
+        if !self.targets.is_empty() {
+            spec.target_columns = self.targets.clone();
+        }
+        if !self.fields.is_empty() {
+            spec.fields = self.fields.iter().map(|f| parse_field(f)).collect::<Result<_, _>>()?;
+        }
+        if let Some(provider) = &self.provider {
+            spec.provider = provider.clone();
+        }
+        if let Some(model) = &self.model {
+            spec.model = model.clone();
+        }
+        if self.no_context {
+            spec.context_columns = Some(Vec::new());
+        } else if let Some(context) = &self.context {
+            spec.context_columns = Some(context.clone());
+        }
+        if let Some(max) = self.max_requests_per_batch {
+            spec.options.max_requests_per_batch = max;
+        }
+        if let Some(job_id) = &self.job_id {
+            spec.job_id = Some(job_id.clone());
+        }
+        if spec.job_id.is_none() {
+            spec.job_id = Some(format!("job-{}", nuid::next().to_string().to_lowercase()));
+        }
+        if spec.instructions.trim().is_empty() {
+            bail!("--instructions is missing: say what the model should do with each row");
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// Uploads a local input to the store (`inputs/<job_id>/<name>`) and returns the key to put in
+/// the spec; `file://` URLs and store keys pass through.
+pub async fn stage_input(store: &Store, job_id: &str, input: &str) -> anyhow::Result<String> {
+    if input.contains("://") {
+        return Ok(input.to_owned());
+    }
+    let path = Path::new(input);
+    if !path.is_file() {
+        if store.exists(input).await.unwrap_or(false) {
+            return Ok(input.to_owned());
+        }
+        bail!("input {input:?} is neither a file here nor a key in the store {}", store.url());
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "input.csv".into());
+    let key = layout::upload(job_id, &name);
+    let bytes = tokio::fs::read(path).await.with_context(|| format!("cannot read {input}"))?;
+    store.put_bytes(&key, bytes.into()).await?;
+    Ok(key)
+}

@@ -1,0 +1,473 @@
+//! The OpenAI Files + Batches endpoints of the simulator.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use rowsmith_shared::config::SimSettings;
+
+type Shared = Arc<Mutex<SimState>>;
+
+/// Everything the simulator holds: files, batches and counters.
+#[derive(Debug)]
+pub struct SimState {
+    settings: SimSettings,
+    files: HashMap<String, SimFile>,
+    batches: HashMap<String, SimBatch>,
+    /// Batch ids in creation order.
+    batch_order: Vec<String>,
+    next_id: u64,
+    files_uploaded: u64,
+    batches_per_shard: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone)]
+struct SimFile {
+    id: String,
+    bytes: Bytes,
+    filename: String,
+    purpose: String,
+    created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+struct SimBatch {
+    id: String,
+    input_file_id: String,
+    endpoint: String,
+    metadata: Option<Value>,
+    created: Instant,
+    created_at: i64,
+    total: u64,
+    /// Set when the input fails validation.
+    errors: Option<Vec<Value>>,
+    cancel_requested: Option<Instant>,
+    /// Terminal state once reached, with its files.
+    ended: Option<Ended>,
+}
+
+#[derive(Debug, Clone)]
+struct Ended {
+    status: &'static str,
+    at: i64,
+    completed: u64,
+    output_file_id: Option<String>,
+}
+
+fn unix_now() -> i64 {
+    rowsmith_shared::now_unix_ms() / 1000
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}});
+    (status, Json(body)).into_response()
+}
+
+impl SimState {
+    pub fn new(settings: SimSettings) -> Self {
+        Self {
+            settings,
+            files: HashMap::new(),
+            batches: HashMap::new(),
+            batch_order: Vec::new(),
+            next_id: 0,
+            files_uploaded: 0,
+            batches_per_shard: BTreeMap::new(),
+        }
+    }
+
+    fn new_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}{:016x}{:08x}", nuid_like(self.next_id), self.next_id)
+    }
+
+    /// Moves a batch along by the clock and returns its API object.
+    fn advance(&mut self, batch_id: &str) -> Option<Value> {
+        let mut batch = self.batches.get(batch_id)?.clone();
+        let validating = self.settings.validating;
+        let finalizing = self.settings.finalizing;
+        let rate = self.settings.rows_per_second;
+        let elapsed = batch.created.elapsed();
+        let progress_at = |at: Instant| -> u64 {
+            let running = at.saturating_duration_since(batch.created + validating);
+            ((running.as_secs_f64() * rate) as u64).min(batch.total)
+        };
+        let mut status = "validating";
+        let mut completed = 0;
+        if batch.ended.is_none() {
+            if batch.errors.is_some() && elapsed >= validating {
+                batch.ended = Some(Ended { status: "failed", at: unix_now(), completed: 0, output_file_id: None });
+            } else if let Some(cancelled) = batch.cancel_requested {
+                let done = progress_at(cancelled);
+                let output = self.write_output(&batch, done);
+                batch.ended = Some(Ended { status: "cancelled", at: unix_now(), completed: done, output_file_id: output });
+            } else if elapsed >= validating {
+                completed = progress_at(Instant::now());
+                status = "in_progress";
+                if completed >= batch.total {
+                    let all_done_after = validating + Duration::from_secs_f64(batch.total as f64 / rate);
+                    status = "finalizing";
+                    if elapsed >= all_done_after + finalizing {
+                        let output = self.write_output(&batch, batch.total);
+                        batch.ended = Some(Ended { status: "completed", at: unix_now(), completed: batch.total, output_file_id: output });
+                    }
+                }
+            }
+        }
+        let mut object = json!({
+            "id": batch.id,
+            "object": "batch",
+            "endpoint": batch.endpoint,
+            "errors": batch.errors.as_ref().map(|data| json!({"object": "list", "data": data})),
+            "input_file_id": batch.input_file_id,
+            "completion_window": "24h",
+            "status": status,
+            "output_file_id": null,
+            "error_file_id": null,
+            "created_at": batch.created_at,
+            "in_progress_at": null,
+            "expires_at": batch.created_at + 86_400,
+            "finalizing_at": null,
+            "completed_at": null,
+            "failed_at": null,
+            "expired_at": null,
+            "cancelling_at": null,
+            "cancelled_at": null,
+            "request_counts": {"total": batch.total, "completed": completed, "failed": 0},
+            "metadata": batch.metadata,
+        });
+        if let Some(ended) = &batch.ended {
+            object["status"] = json!(ended.status);
+            object["output_file_id"] = json!(ended.output_file_id);
+            object["request_counts"]["completed"] = json!(ended.completed);
+            let stamp = match ended.status {
+                "completed" => "completed_at",
+                "failed" => "failed_at",
+                _ => "cancelled_at",
+            };
+            object[stamp] = json!(ended.at);
+        } else if batch.cancel_requested.is_some() {
+            object["status"] = json!("cancelling");
+        }
+        self.batches.insert(batch.id.clone(), batch);
+        Some(object)
+    }
+
+    /// Answers the first `done` requests of the batch's input into an output file, in
+    /// shuffled order; `None` when no request was done.
+    fn write_output(&mut self, batch: &SimBatch, done: u64) -> Option<String> {
+        if done == 0 {
+            return None;
+        }
+        let input = self.files.get(&batch.input_file_id)?.bytes.clone();
+        let mut lines: Vec<String> = input
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .take(done as usize)
+            .enumerate()
+            .map(|(index, line)| answer_line(&batch.id, index, line))
+            .collect();
+        let seed = batch.id.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        lines.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let mut bytes = lines.join("\n");
+        bytes.push('\n');
+        let id = self.new_id("file-");
+        let file = SimFile {
+            id: id.clone(),
+            bytes: Bytes::from(bytes),
+            filename: format!("{}_output.jsonl", batch.id),
+            purpose: "batch_output".into(),
+            created_at: unix_now(),
+        };
+        self.files.insert(id.clone(), file);
+        Some(id)
+    }
+}
+
+fn nuid_like(n: u64) -> u64 {
+    n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (unix_now() as u64)
+}
+
+/// One output line: the fake model's answer to one request line.
+fn answer_line(batch_id: &str, index: usize, line: &[u8]) -> String {
+    let request: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
+    let body = &request["body"];
+    let schema = body.pointer("/response_format/json_schema/schema").cloned().unwrap_or(json!({}));
+    let user = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|messages| messages.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("");
+    let content = crate::model::answer(&schema, user).to_string();
+    let prompt_tokens = (line.len() / 4) as u64;
+    let completion_tokens = (content.len() / 4) as u64;
+    json!({
+        "id": format!("batch_req_{index}_{batch_id}"),
+        "custom_id": request["custom_id"],
+        "response": {
+            "status_code": 200,
+            "request_id": format!("req_{index}"),
+            "body": {
+                "id": format!("chatcmpl-{index}"),
+                "object": "chat.completion",
+                "created": unix_now(),
+                "model": body["model"],
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": "stop",
+                }],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+            },
+        },
+        "error": null,
+    })
+    .to_string()
+}
+
+fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/files", post(upload_file).get(list_files))
+        .route("/v1/files/{id}", get(get_file).delete(delete_file))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create_batch).get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route("/sim/stats", get(stats))
+        .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
+        .with_state(state)
+}
+
+fn file_object(file: &SimFile) -> Value {
+    json!({
+        "id": file.id, "object": "file", "bytes": file.bytes.len(), "created_at": file.created_at,
+        "expires_at": file.created_at + 2_592_000, "filename": file.filename,
+        "purpose": file.purpose, "status": "processed", "status_details": null,
+    })
+}
+
+async fn upload_file(State(state): State<Shared>, mut multipart: Multipart) -> Response {
+    let (mut purpose, mut content, mut filename) = (None, None, None);
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => match field.name() {
+                Some("purpose") => purpose = field.text().await.ok(),
+                Some("file") => {
+                    filename = field.file_name().map(str::to_owned);
+                    content = field.bytes().await.ok();
+                }
+                _ => {}
+            },
+            Ok(None) => break,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid multipart body: {e}")),
+        }
+    }
+    let Some(purpose) = purpose else {
+        return error(StatusCode::BAD_REQUEST, "Missing required parameter: 'purpose'.");
+    };
+    let (Some(content), Some(filename)) = (content, filename) else {
+        return error(StatusCode::BAD_REQUEST, "Missing required parameter: 'file'.");
+    };
+    if purpose == "batch" && !filename.ends_with(".jsonl") {
+        return error(StatusCode::BAD_REQUEST, "Invalid file format for Batch API. Must be .jsonl");
+    }
+    if purpose == "batch" && content.len() > 200 * 1024 * 1024 {
+        return error(StatusCode::BAD_REQUEST, "File is too large.");
+    }
+    let mut state = lock(&state);
+    let id = state.new_id("file-");
+    let file = SimFile { id: id.clone(), bytes: content, filename, purpose, created_at: unix_now() };
+    let object = file_object(&file);
+    state.files.insert(id, file);
+    state.files_uploaded += 1;
+    Json(object).into_response()
+}
+
+async fn list_files(State(state): State<Shared>) -> Response {
+    let state = lock(&state);
+    let mut files: Vec<&SimFile> = state.files.values().collect();
+    files.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    let data: Vec<Value> = files.iter().map(|f| file_object(f)).collect();
+    Json(json!({"object": "list", "data": data, "first_id": data.first().map(|f| f["id"].clone()),
+                "last_id": data.last().map(|f| f["id"].clone()), "has_more": false}))
+    .into_response()
+}
+
+async fn get_file(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    match lock(&state).files.get(&id) {
+        Some(file) => Json(file_object(file)).into_response(),
+        None => error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
+    }
+}
+
+async fn delete_file(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    match lock(&state).files.remove(&id) {
+        Some(_) => Json(json!({"id": id, "object": "file", "deleted": true})).into_response(),
+        None => error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
+    }
+}
+
+async fn file_content(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    match lock(&state).files.get(&id) {
+        Some(file) => (StatusCode::OK, [("content-type", "application/octet-stream")], file.bytes.clone()).into_response(),
+        None => error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateBatch {
+    input_file_id: String,
+    endpoint: String,
+    completion_window: String,
+    #[serde(default)]
+    metadata: Option<Value>,
+}
+
+/// Checks the input lines as the real service does after creation; errors fail the batch.
+fn validate_lines(bytes: &[u8], endpoint: &str) -> (u64, Option<Vec<Value>>) {
+    let mut total = 0;
+    let mut seen = std::collections::HashSet::new();
+    for (number, line) in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+        total += 1;
+        let line_number = number as u64 + 1;
+        let fail = |code: &str, message: &str| Some(vec![json!({"code": code, "message": message, "param": null, "line": line_number})]);
+        let Ok(request) = serde_json::from_slice::<Value>(line) else {
+            return (total, fail("invalid_json_line", "This line is not parseable as valid JSON."));
+        };
+        let Some(custom_id) = request["custom_id"].as_str() else {
+            return (total, fail("missing_required_parameter", "custom_id is required."));
+        };
+        if !seen.insert(custom_id.to_owned()) {
+            return (total, fail("duplicate_custom_id", "The custom_id for this request is a duplicate of another request."));
+        }
+        if request["url"].as_str() != Some(endpoint) {
+            return (total, fail("url_mismatch", "The provided URL for this request does not match the batch endpoint."));
+        }
+    }
+    if total == 0 {
+        return (0, Some(vec![json!({"code": "empty_file", "message": "The batch input file is empty.", "param": null, "line": null})]));
+    }
+    if total > 50_000 {
+        return (total, Some(vec![json!({"code": "too_many_tasks", "message": "The batch has more than 50,000 requests.", "param": null, "line": null})]));
+    }
+    (total, None)
+}
+
+async fn create_batch(State(state): State<Shared>, body: Result<Json<CreateBatch>, axum::extract::rejection::JsonRejection>) -> Response {
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, &rejection.body_text()),
+    };
+    if request.completion_window != "24h" {
+        return error(StatusCode::BAD_REQUEST, "completion_window must be 24h");
+    }
+    if let Some(metadata) = request.metadata.as_ref().and_then(Value::as_object) {
+        if metadata.len() > 16 || metadata.iter().any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|v| v.len() > 512)) {
+            return error(StatusCode::BAD_REQUEST, "metadata: at most 16 string pairs, keys up to 64 and values up to 512 characters");
+        }
+    }
+    let mut state = lock(&state);
+    let Some(file) = state.files.get(&request.input_file_id) else {
+        return error(StatusCode::NOT_FOUND, &format!("No such File object: {}", request.input_file_id));
+    };
+    if file.purpose != "batch" {
+        return error(StatusCode::BAD_REQUEST, "The input file must have purpose batch.");
+    }
+    let (total, errors) = validate_lines(&file.bytes, &request.endpoint);
+    let id = state.new_id("batch_");
+    if let Some(shard) = request.metadata.as_ref().and_then(|m| m.get("rowsmith_shard")).and_then(Value::as_str) {
+        *state.batches_per_shard.entry(shard.to_owned()).or_default() += 1;
+    }
+    let batch = SimBatch {
+        id: id.clone(),
+        input_file_id: request.input_file_id,
+        endpoint: request.endpoint,
+        metadata: request.metadata,
+        created: Instant::now(),
+        created_at: unix_now(),
+        total: if errors.is_some() { 0 } else { total },
+        errors,
+        cancel_requested: None,
+        ended: None,
+    };
+    state.batches.insert(id.clone(), batch);
+    state.batch_order.push(id.clone());
+    match state.advance(&id) {
+        Some(object) => Json(object).into_response(),
+        None => error(StatusCode::INTERNAL_SERVER_ERROR, "batch vanished"),
+    }
+}
+
+async fn get_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    match lock(&state).advance(&id) {
+        Some(object) => Json(object).into_response(),
+        None => error(StatusCode::NOT_FOUND, &format!("No such Batch object: {id}")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list_batches(State(state): State<Shared>, Query(query): Query<ListQuery>) -> Response {
+    let mut state = lock(&state);
+    let limit = query.limit.unwrap_or(20).clamp(1, 100);
+    // Newest first; `after` is the last id of the previous page.
+    let ids: Vec<String> = state.batch_order.iter().rev().cloned().collect();
+    let start = match &query.after {
+        Some(after) => ids.iter().position(|id| id == after).map(|i| i + 1).unwrap_or(ids.len()),
+        None => 0,
+    };
+    let page: Vec<String> = ids.iter().skip(start).take(limit).cloned().collect();
+    let has_more = start + page.len() < ids.len();
+    let data: Vec<Value> = page.iter().filter_map(|id| state.advance(id)).collect();
+    Json(json!({"object": "list", "data": data, "first_id": page.first(), "last_id": page.last(), "has_more": has_more}))
+        .into_response()
+}
+
+async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+    let mut state = lock(&state);
+    let Some(object) = state.advance(&id) else {
+        return error(StatusCode::NOT_FOUND, &format!("No such Batch object: {id}"));
+    };
+    if matches!(object["status"].as_str(), Some("completed" | "failed" | "expired" | "cancelled")) {
+        return error(StatusCode::CONFLICT, &format!("Cannot cancel a batch with status {}.", object["status"]));
+    }
+    if let Some(batch) = state.batches.get_mut(&id) {
+        batch.cancel_requested.get_or_insert(Instant::now());
+    }
+    let mut object = object;
+    object["status"] = json!("cancelling");
+    Json(object).into_response()
+}
+
+/// Counters for tests: what was uploaded and how many batches each shard key got.
+async fn stats(State(state): State<Shared>) -> Response {
+    let state = lock(&state);
+    Json(json!({
+        "files_uploaded": state.files_uploaded,
+        "batches_created": state.batch_order.len(),
+        "batches_per_shard": state.batches_per_shard,
+    }))
+    .into_response()
+}
