@@ -1,1 +1,199 @@
-//! placeholder
+//! Test harness for rowsmith's end-to-end tests: a real nats-server per test on a free port
+//! with its own store directory (killed on drop, restartable), and the whole stack — the four
+//! services and the provider simulator — running in-process against it.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rowsmith_shared::bus::Bus;
+use rowsmith_shared::config::Settings;
+use rowsmith_shared::messages::subjects;
+use rowsmith_shared::records::{job_key, JobRecord};
+use rowsmith_shared::spec::JobSpec;
+use rowsmith_shared::storage::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Logs go to the test output only when `TEST_LOG` is set.
+pub fn init_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+    }
+}
+
+/// The nats-server binary: `ROWSMITH_NATS_SERVER`, else `.tools/bin/nats-server` (what
+/// `scripts/bootstrap` installs), else `nats-server` on PATH.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ROWSMITH_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/nats-server");
+    if tools.exists() {
+        return tools;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A nats-server with JetStream on a free loopback port, killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store_dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let store_dir = tempfile::tempdir().expect("temp dir for JetStream");
+        let mut server = Self { child: None, port: free_port(), store_dir };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let binary = nats_server_binary();
+        let child = Command::new(&binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(self.store_dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot start nats-server ({}): {error}. Run scripts/bootstrap, which installs \
+                     it into .tools/bin, or set ROWSMITH_NATS_SERVER",
+                    binary.display()
+                )
+            });
+        self.child = Some(child);
+        let address = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("nats-server exited at start with {status}");
+            }
+            assert!(Instant::now() < deadline, "nats-server did not accept connections within 15 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops and starts the server on the same port and store (file storage survives).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The whole stack in-process: nats-server, the four services, the simulator, a file store.
+#[derive(Debug)]
+pub struct Stack {
+    pub nats: NatsServer,
+    pub settings: Settings,
+    pub bus: Bus,
+    pub store: Store,
+    pub sim_address: SocketAddr,
+    pub store_dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        init_logging();
+        let nats = NatsServer::start();
+        let store_dir = tempfile::tempdir().expect("temp store");
+        let mut settings = Settings::default();
+        settings.nats.url = nats.url();
+        settings.store.url = format!("file://{}", store_dir.path().display());
+        settings.poller.schedule = ["50ms", "100ms", "200ms"].map(String::from).to_vec();
+        settings.sim.listen = "127.0.0.1:0".into();
+        settings.sim.rows_per_second = 20_000.0;
+        settings.sim.validating = Duration::from_millis(50);
+        settings.sim.finalizing = Duration::from_millis(50);
+        let shutdown = CancellationToken::new();
+        let (sim_address, _sim) = rowsmith_provider_sim::start(settings.sim.clone(), shutdown.clone())
+            .await
+            .expect("start the simulator");
+        settings.provider.sim.base_url = format!("http://{sim_address}/v1");
+        settings.validate().expect("test settings are valid");
+        let bus = Bus::connect(&settings.nats, "rowsmith-tests").await.expect("connect to nats");
+        tokio::spawn(rowsmith_ingest::run(settings.clone(), shutdown.clone()));
+        tokio::spawn(rowsmith_submitter::run(settings.clone(), shutdown.clone()));
+        tokio::spawn(rowsmith_poller::run(settings.clone(), shutdown.clone()));
+        tokio::spawn(rowsmith_merger::run(settings.clone(), shutdown.clone()));
+        let store = Store::from_url(&settings.store.url).expect("store");
+        Self { nats, settings, bus, store, sim_address, store_dir, shutdown }
+    }
+
+    /// Publishes a JobSpec as a user would (`Nats-Msg-Id` = job id).
+    pub async fn submit(&self, spec: &JobSpec) {
+        self.bus.publish(subjects::JOBS_SUBMIT, spec.id(), spec).await.expect("publish the job");
+    }
+
+    /// Polls the job record until it is terminal, failing the test after `timeout`.
+    pub async fn wait_for_end(&self, job_id: &str, timeout: Duration) -> JobRecord {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some((job, _)) = self.bus.read::<JobRecord>(&job_key(job_id)).await.expect("read job") {
+                if job.state.is_terminal() {
+                    return job;
+                }
+                last = Some(job);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("job {job_id} did not end within {timeout:?}; last record: {last:#?}");
+    }
+
+    /// The simulator's counters (`/sim/stats`).
+    pub async fn sim_stats(&self) -> serde_json::Value {
+        reqwest::get(format!("http://{}/sim/stats", self.sim_address))
+            .await
+            .expect("sim stats")
+            .json()
+            .await
+            .expect("sim stats json")
+    }
+
+    /// Reads a stored object as text.
+    pub async fn read_text(&self, key: &str) -> String {
+        let bytes = self.store.get_bytes(key).await.unwrap_or_else(|e| panic!("read {key}: {e}"));
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    }
+
+    /// Puts a local file into the store under `inputs/` and returns its key.
+    pub async fn upload_input(&self, name: &str, bytes: Vec<u8>) -> String {
+        let key = format!("inputs/{name}");
+        self.store.put_bytes(&key, bytes.into()).await.expect("upload input");
+        key
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
