@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Args;
 
-use rowsmith_shared::spec::{parse_field, JobOptions, JobSpec};
-use rowsmith_shared::storage::{layout, Store};
+use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_shared::storage::{Store, layout};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {
@@ -51,8 +51,9 @@ impl JobArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read spec file {}", path.display()))?;
-                serde_json::from_str::<JobSpec>(&text)
-                    .with_context(|| format!("spec file {} is not a valid JobSpec", path.display()))?
+                serde_json::from_str::<JobSpec>(&text).with_context(|| {
+                    format!("spec file {} is not a valid JobSpec", path.display())
+                })?
             }
             None => JobSpec {
                 job_id: None,
@@ -78,7 +79,11 @@ impl JobArgs {
             spec.target_columns = self.targets.clone();
         }
         if !self.fields.is_empty() {
-            spec.fields = self.fields.iter().map(|f| parse_field(f)).collect::<Result<_, _>>()?;
+            spec.fields = self
+                .fields
+                .iter()
+                .map(|f| parse_field(f))
+                .collect::<Result<_, _>>()?;
         }
         if let Some(provider) = &self.provider {
             spec.provider = provider.clone();
@@ -119,14 +124,19 @@ pub async fn stage_input(store: &Store, job_id: &str, input: &str) -> anyhow::Re
         if store.exists(input).await.unwrap_or(false) {
             return Ok(input.to_owned());
         }
-        bail!("input {input:?} is neither a file here nor a key in the store {}", store.url());
+        bail!(
+            "input {input:?} is neither a file here nor a key in the store {}",
+            store.url()
+        );
     }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "input.csv".into());
     let key = layout::upload(job_id, &name);
-    let bytes = tokio::fs::read(path).await.with_context(|| format!("cannot read {input}"))?;
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("cannot read {input}"))?;
     store.put_bytes(&key, bytes.into()).await?;
     Ok(key)
 }

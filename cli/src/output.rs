@@ -3,7 +3,10 @@
 use rowsmith_shared::records::JobRecord;
 
 pub fn state_name(job: &JobRecord) -> String {
-    serde_json::to_value(job.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    serde_json::to_value(job.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// A few lines a person reads.

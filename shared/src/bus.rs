@@ -6,11 +6,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, kv, stream, AckKind};
+use async_nats::jetstream::{self, AckKind, consumer::pull, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,22 +26,37 @@ pub const EVENTS_STREAM: &str = "ROWSMITH_EVENTS";
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {source}")]
-    Connect { url: String, #[source] source: async_nats::ConnectError },
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error("JetStream set-up failed ({what}): {message}")]
     Topology { what: String, message: String },
     #[error("publish to {subject} failed: {message}")]
     Publish { subject: String, message: String },
     #[error("KV {op} of {key} failed: {message}")]
-    Kv { op: &'static str, key: String, message: String },
+    Kv {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
     #[error("KV record {key} is not valid JSON for its type: {source}")]
-    Decode { key: String, #[source] source: serde_json::Error },
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("KV record {key} not found")]
     NotFound { key: String },
 }
 
 impl BusError {
     fn topology(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
-        BusError::Topology { what: what.into(), message: error.to_string() }
+        BusError::Topology {
+            what: what.into(),
+            message: error.to_string(),
+        }
     }
 }
 
@@ -85,7 +100,10 @@ impl Bus {
             })
             .connect(settings.url.as_str())
             .await
-            .map_err(|source| BusError::Connect { url: settings.url.clone(), source })?;
+            .map_err(|source| BusError::Connect {
+                url: settings.url.clone(),
+                source,
+            })?;
         let js = jetstream::new(client.clone());
         let kv = ensure_topology(&js).await?;
         Ok(Self { client, js, kv })
@@ -144,7 +162,10 @@ impl Bus {
             }
             tracing::warn!(subject, msg_id, attempt, error = %last_error, "publish not acknowledged, retrying");
         }
-        Err(BusError::Publish { subject: subject.into(), message: last_error })
+        Err(BusError::Publish {
+            subject: subject.into(),
+            message: last_error,
+        })
     }
 
     /// Publishes an event; an event that cannot be published is logged, never fatal.
@@ -164,8 +185,11 @@ impl Bus {
         })?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
-                let value = serde_json::from_slice(&entry.value)
-                    .map_err(|source| BusError::Decode { key: key.into(), source })?;
+                let value =
+                    serde_json::from_slice(&entry.value).map_err(|source| BusError::Decode {
+                        key: key.into(),
+                        source,
+                    })?;
                 Ok(Some((value, entry.revision)))
             }
             _ => Ok(None),
@@ -182,7 +206,11 @@ impl Bus {
         match self.kv.create(key, body.into()).await {
             Ok(_) => Ok(true),
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Err(error) => Err(BusError::Kv { op: "create", key: key.into(), message: error.to_string() }),
+            Err(error) => Err(BusError::Kv {
+                op: "create",
+                key: key.into(),
+                message: error.to_string(),
+            }),
         }
     }
 
@@ -199,8 +227,10 @@ impl Bus {
         E: From<BusError>,
     {
         loop {
-            let (mut record, revision) =
-                self.read::<T>(key).await?.ok_or_else(|| BusError::NotFound { key: key.into() })?;
+            let (mut record, revision) = self
+                .read::<T>(key)
+                .await?
+                .ok_or_else(|| BusError::NotFound { key: key.into() })?;
             let result = match decide(&mut record)? {
                 Cas::Keep(result) => return Ok(result),
                 Cas::Write(result) => result,
@@ -217,8 +247,12 @@ impl Bus {
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
                 Err(error) => {
-                    return Err(BusError::Kv { op: "update", key: key.into(), message: error.to_string() }
-                        .into());
+                    return Err(BusError::Kv {
+                        op: "update",
+                        key: key.into(),
+                        message: error.to_string(),
+                    }
+                    .into());
                 }
             }
         }
@@ -235,7 +269,11 @@ impl Bus {
             .put(key, body.into())
             .await
             .map(|_| ())
-            .map_err(|e| BusError::Kv { op: "put", key: key.into(), message: e.to_string() })
+            .map_err(|e| BusError::Kv {
+                op: "put",
+                key: key.into(),
+                message: e.to_string(),
+            })
     }
 
     /// Every key under `prefix` (e.g. `job.`).
@@ -415,7 +453,11 @@ where
             drop(permit);
         });
     }
-    tracing::info!(consumer = spec.durable, in_flight = in_flight.len(), "worker stopping");
+    tracing::info!(
+        consumer = spec.durable,
+        in_flight = in_flight.len(),
+        "worker stopping"
+    );
     while in_flight.join_next().await.is_some() {}
     Ok(())
 }

@@ -37,7 +37,10 @@ pub struct NatsSettings {
 
 impl Default for NatsSettings {
     fn default() -> Self {
-        Self { url: "nats://127.0.0.1:4222".into(), request_timeout: Duration::from_secs(10) }
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            request_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -50,7 +53,9 @@ pub struct StoreSettings {
 
 impl Default for StoreSettings {
     fn default() -> Self {
-        Self { url: "rowsmith-data".into() }
+        Self {
+            url: "rowsmith-data".into(),
+        }
     }
 }
 
@@ -95,7 +100,9 @@ pub struct SimProviderSettings {
 
 impl Default for SimProviderSettings {
     fn default() -> Self {
-        Self { base_url: "http://127.0.0.1:8089/v1".into() }
+        Self {
+            base_url: "http://127.0.0.1:8089/v1".into(),
+        }
     }
 }
 
@@ -113,7 +120,11 @@ pub struct WorkerSettings {
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        Self { concurrency: 2, max_deliver: 5, ack_wait: Duration::from_secs(300) }
+        Self {
+            concurrency: 2,
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(300),
+        }
     }
 }
 
@@ -193,7 +204,10 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { level: "info".into(), format: "text".into() }
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
     }
 }
 
@@ -204,7 +218,11 @@ pub enum ConfigError {
     #[error("configuration is invalid: {0}")]
     Invalid(String),
     #[error("could not read {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Settings {
@@ -233,7 +251,9 @@ impl Settings {
         if settings.provider.openai.api_key.is_none() {
             settings.provider.openai.api_key = match &settings.provider.openai.api_key_file {
                 Some(path) => Some(read_secret_file(path)?),
-                None => env.get("OPENAI_API_KEY").map(|key| SecretString::from(key.clone())),
+                None => env
+                    .get("OPENAI_API_KEY")
+                    .map(|key| SecretString::from(key.clone())),
             };
         }
         settings.validate()?;
@@ -258,28 +278,40 @@ impl Settings {
             ("merger", &self.merger),
         ] {
             if worker.concurrency == 0 {
-                return Err(ConfigError::Invalid(format!("{name}.concurrency must be at least 1")));
+                return Err(ConfigError::Invalid(format!(
+                    "{name}.concurrency must be at least 1"
+                )));
             }
             if worker.max_deliver < 1 {
-                return Err(ConfigError::Invalid(format!("{name}.max_deliver must be at least 1")));
+                return Err(ConfigError::Invalid(format!(
+                    "{name}.max_deliver must be at least 1"
+                )));
             }
         }
         if self.poller.concurrency == 0 {
-            return Err(ConfigError::Invalid("poller.concurrency must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "poller.concurrency must be at least 1".into(),
+            ));
         }
-        if !(self.sim.rows_per_second > 0.0) {
-            return Err(ConfigError::Invalid("sim.rows_per_second must be positive".into()));
+        if !self.sim.rows_per_second.is_finite() || self.sim.rows_per_second <= 0.0 {
+            return Err(ConfigError::Invalid(
+                "sim.rows_per_second must be positive".into(),
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(ConfigError::Invalid("log.format must be text or json".into()));
+            return Err(ConfigError::Invalid(
+                "log.format must be text or json".into(),
+            ));
         }
         Ok(())
     }
 }
 
 fn read_secret_file(path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(SecretString::from(text.trim().to_owned()))
 }
 
@@ -290,15 +322,21 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn environment_overrides_file_overrides_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("rowsmith.toml");
-        std::fs::write(&file, "[nats]\nurl = \"nats://file:1\"\n[store]\nurl = \"/data\"\n")
-            .expect("write");
+        std::fs::write(
+            &file,
+            "[nats]\nurl = \"nats://file:1\"\n[store]\nurl = \"/data\"\n",
+        )
+        .expect("write");
         let settings = Settings::load(
             Some(&file),
             &env(&[
@@ -325,7 +363,8 @@ mod tests {
     fn unknown_keys_and_bad_durations_are_refused() {
         let error = Settings::load(None, &env(&[("ROWSMITH_NATS__URLL", "x")])).unwrap_err();
         assert!(error.to_string().contains("urll"), "{error}");
-        let error = Settings::load(None, &env(&[("ROWSMITH_POLLER__SCHEDULE", "soon")])).unwrap_err();
+        let error =
+            Settings::load(None, &env(&[("ROWSMITH_POLLER__SCHEDULE", "soon")])).unwrap_err();
         assert!(error.to_string().contains("not a duration"), "{error}");
     }
 }

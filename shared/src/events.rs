@@ -37,7 +37,10 @@ impl EventKind {
 
     /// Whether the job ends with this event.
     pub fn is_final(self) -> bool {
-        matches!(self, EventKind::Completed | EventKind::Failed | EventKind::Cancelled)
+        matches!(
+            self,
+            EventKind::Completed | EventKind::Failed | EventKind::Cancelled
+        )
     }
 }
 

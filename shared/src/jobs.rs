@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::bus::{retry_delay, Bus, BusError, Cas, Delivery, Outcome};
+use crate::bus::{Bus, BusError, Cas, Delivery, Outcome, retry_delay};
 use crate::events::{Event, EventKind};
-use crate::providers::ProviderError;
-use crate::records::{job_key, shard_key, JobRecord, JobState, ShardRecord};
 use crate::messages::ShardKey;
-use crate::storage::{layout, Store, StorageError};
+use crate::providers::ProviderError;
+use crate::records::{JobRecord, JobState, ShardRecord, job_key, shard_key};
+use crate::storage::{StorageError, Store, layout};
 use crate::table::{self, FinalOutputs, TableError};
 
 /// Why a handler step did not finish.
@@ -75,7 +75,9 @@ pub async fn settle(bus: &Bus, job_id: &str, delivery: &Delivery, error: StepErr
         // The failure could not be recorded: keep the message so that it is not lost.
         Err(record_error) => {
             tracing::error!(job_id, %record_error, %reason, "could not mark the job failed");
-            Outcome::Retry { after: Duration::from_secs(5) }
+            Outcome::Retry {
+                after: Duration::from_secs(5),
+            }
         }
     }
 }
@@ -83,16 +85,19 @@ pub async fn settle(bus: &Bus, job_id: &str, delivery: &Delivery, error: StepErr
 /// Marks a job failed with `reason` and emits the `failed` event.
 pub async fn fail_job(bus: &Bus, job_id: &str, reason: &str) -> Result<(), BusError> {
     let changed = bus
-        .modify(&job_key(job_id), |job: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, BusError> {
-            if job.state.is_terminal() {
-                return Ok(Cas::Keep(None));
-            }
-            job.state = JobState::Failed;
-            job.error = Some(reason.to_owned());
-            job.updated_at_ms = crate::now_unix_ms();
-            job.finished_at_ms = Some(job.updated_at_ms);
-            Ok(Cas::Write(Some(job.clone())))
-        })
+        .modify(
+            &job_key(job_id),
+            |job: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, BusError> {
+                if job.state.is_terminal() {
+                    return Ok(Cas::Keep(None));
+                }
+                job.state = JobState::Failed;
+                job.error = Some(reason.to_owned());
+                job.updated_at_ms = crate::now_unix_ms();
+                job.finished_at_ms = Some(job.updated_at_ms);
+                Ok(Cas::Write(Some(job.clone())))
+            },
+        )
         .await;
     let counts = match changed {
         Ok(Some(job)) => job.counts,
@@ -102,7 +107,13 @@ pub async fn fail_job(bus: &Bus, job_id: &str, reason: &str) -> Result<(), BusEr
         Err(error) => return Err(error),
     };
     tracing::warn!(job_id, reason, "job failed");
-    bus.emit(&Event::new(job_id, EventKind::Failed, format!("job failed: {reason}"), counts)).await;
+    bus.emit(&Event::new(
+        job_id,
+        EventKind::Failed,
+        format!("job failed: {reason}"),
+        counts,
+    ))
+    .await;
     Ok(())
 }
 
@@ -117,12 +128,19 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         return Ok(());
     }
     let scratch = tempfile::tempdir()?;
-    let indexed_key = job.indexed_path.clone().unwrap_or_else(|| layout::indexed(job_id));
+    let indexed_key = job
+        .indexed_path
+        .clone()
+        .unwrap_or_else(|| layout::indexed(job_id));
     let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
     let mut rows_files = Vec::new();
     for (attempt_index, shards) in job.shards_per_attempt.iter().enumerate() {
         for shard in 0..*shards {
-            let key = ShardKey { job_id: job_id.to_owned(), attempt: attempt_index as u32 + 1, shard };
+            let key = ShardKey {
+                job_id: job_id.to_owned(),
+                attempt: attempt_index as u32 + 1,
+                shard,
+            };
             let record = bus.read::<ShardRecord>(&shard_key(&key)).await?;
             let rows_path = record
                 .and_then(|(shard_record, _)| shard_record.rows_path)
@@ -136,7 +154,9 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     let failures_key = layout::output(job_id, "failures.csv");
     let manifest_key = layout::output(job_id, "manifest.json");
     let targets = FinalOutputs {
-        enriched_csv: wants("csv").then(|| store.local_target(&csv_key, scratch.path())).transpose()?,
+        enriched_csv: wants("csv")
+            .then(|| store.local_target(&csv_key, scratch.path()))
+            .transpose()?,
         enriched_parquet: wants("parquet")
             .then(|| store.local_target(&parquet_key, scratch.path()))
             .transpose()?,
@@ -157,7 +177,9 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         store.commit_local(&parquet_key, path).await?;
         outputs.enriched_parquet = Some(parquet_key.clone());
     }
-    store.commit_local(&failures_key, &targets.failures_csv).await?;
+    store
+        .commit_local(&failures_key, &targets.failures_csv)
+        .await?;
     outputs.failures_csv = Some(failures_key.clone());
     outputs.manifest = Some(manifest_key.clone());
     let finished_at_ms = crate::now_unix_ms();
@@ -189,18 +211,25 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     });
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| StepError::Internal(format!("manifest: {e}")))?;
-    store.put_bytes(&manifest_key, manifest_bytes.into()).await?;
+    store
+        .put_bytes(&manifest_key, manifest_bytes.into())
+        .await?;
     let completed = bus
-        .modify(&job_key(job_id), |record: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, StepError> {
-            if record.state == JobState::Completed {
-                return Ok(Cas::Keep(None));
-            }
-            record.transition(JobState::Completed).map_err(|e| StepError::Job(e.to_string()))?;
-            record.outputs = outputs.clone();
-            record.counts.failed = counts.failed_rows;
-            record.counts.pending = 0;
-            Ok(Cas::Write(Some(record.clone())))
-        })
+        .modify(
+            &job_key(job_id),
+            |record: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, StepError> {
+                if record.state == JobState::Completed {
+                    return Ok(Cas::Keep(None));
+                }
+                record
+                    .transition(JobState::Completed)
+                    .map_err(|e| StepError::Job(e.to_string()))?;
+                record.outputs = outputs.clone();
+                record.counts.failed = counts.failed_rows;
+                record.counts.pending = 0;
+                Ok(Cas::Write(Some(record.clone())))
+            },
+        )
         .await?;
     if let Some(record) = completed {
         let message = format!(
@@ -209,19 +238,36 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
             record.counts.failed,
             layout::output(job_id, "")
         );
-        tracing::info!(job_id, succeeded = record.counts.succeeded, failed = record.counts.failed, "job completed");
-        bus.emit(&Event::new(job_id, EventKind::Completed, message, record.counts)).await;
+        tracing::info!(
+            job_id,
+            succeeded = record.counts.succeeded,
+            failed = record.counts.failed,
+            "job completed"
+        );
+        bus.emit(&Event::new(
+            job_id,
+            EventKind::Completed,
+            message,
+            record.counts,
+        ))
+        .await;
     }
     Ok(())
 }
 
 /// Resolves a job's input to a local file: `file://` paths as they are, store keys through
 /// the store.
-pub async fn local_input(store: &Store, input: &str, scratch: &Path) -> Result<std::path::PathBuf, StepError> {
+pub async fn local_input(
+    store: &Store,
+    input: &str,
+    scratch: &Path,
+) -> Result<std::path::PathBuf, StepError> {
     if let Some(path) = input.strip_prefix("file://") {
         let path = std::path::PathBuf::from(path);
         if !path.is_file() {
-            return Err(StepError::Job(format!("input {input} does not exist or is not a file")));
+            return Err(StepError::Job(format!(
+                "input {input} does not exist or is not a file"
+            )));
         }
         return Ok(path);
     }

@@ -48,7 +48,11 @@ where
         let result = run(settings, shutdown).await;
         match &result {
             Ok(()) => tracing::info!(service = name, "stopped"),
-            Err(error) => tracing::error!(service = name, error = format!("{error:#}"), "stopped with an error"),
+            Err(error) => tracing::error!(
+                service = name,
+                error = format!("{error:#}"),
+                "stopped with an error"
+            ),
         }
         result
     })
@@ -56,10 +60,11 @@ where
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM and exits the process on the second.
 pub async fn shutdown_on_signals(shutdown: tokio_util::sync::CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut terminate), Ok(mut interrupt)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::warn!("signal handlers could not be installed");
         return;
     };
@@ -69,7 +74,9 @@ pub async fn shutdown_on_signals(shutdown: tokio_util::sync::CancellationToken) 
             _ = interrupt.recv() => {}
         }
         if count == 0 {
-            tracing::info!("shutting down: finishing messages in flight (signal again to exit now)");
+            tracing::info!(
+                "shutting down: finishing messages in flight (signal again to exit now)"
+            );
             shutdown.cancel();
         } else {
             std::process::exit(130);

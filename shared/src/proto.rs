@@ -2,10 +2,10 @@
 //! document of the subjects. `proto/` holds the committed copies; a test fails when they drift
 //! (run with `ROWSMITH_UPDATE_PROTO=1` to rewrite them).
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::events::Event;
-use crate::messages::{subjects, BatchEnded, BatchSubmitted, ShardReady};
+use crate::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
 use crate::records::{JobRecord, ShardRecord};
 use crate::spec::JobSpec;
 
@@ -13,13 +13,31 @@ use crate::spec::JobSpec;
 pub fn schemas() -> Vec<(&'static str, Value)> {
     let schema = |s: schemars::Schema| s.to_value();
     vec![
-        ("job-spec.schema.json", schema(schemars::schema_for!(JobSpec))),
-        ("shard-ready.schema.json", schema(schemars::schema_for!(ShardReady))),
-        ("batch-submitted.schema.json", schema(schemars::schema_for!(BatchSubmitted))),
-        ("batch-ended.schema.json", schema(schemars::schema_for!(BatchEnded))),
+        (
+            "job-spec.schema.json",
+            schema(schemars::schema_for!(JobSpec)),
+        ),
+        (
+            "shard-ready.schema.json",
+            schema(schemars::schema_for!(ShardReady)),
+        ),
+        (
+            "batch-submitted.schema.json",
+            schema(schemars::schema_for!(BatchSubmitted)),
+        ),
+        (
+            "batch-ended.schema.json",
+            schema(schemars::schema_for!(BatchEnded)),
+        ),
         ("event.schema.json", schema(schemars::schema_for!(Event))),
-        ("job-record.schema.json", schema(schemars::schema_for!(JobRecord))),
-        ("shard-record.schema.json", schema(schemars::schema_for!(ShardRecord))),
+        (
+            "job-record.schema.json",
+            schema(schemars::schema_for!(JobRecord)),
+        ),
+        (
+            "shard-record.schema.json",
+            schema(schemars::schema_for!(ShardRecord)),
+        ),
     ]
 }
 
@@ -59,8 +77,10 @@ pub fn asyncapi() -> Value {
 /// Every generated file: the schemas and `asyncapi.json`.
 pub fn files() -> Vec<(&'static str, String)> {
     let pretty = |value: &Value| serde_json::to_string_pretty(value).unwrap_or_default() + "\n";
-    let mut files: Vec<(&'static str, String)> =
-        schemas().iter().map(|(name, schema)| (*name, pretty(schema))).collect();
+    let mut files: Vec<(&'static str, String)> = schemas()
+        .iter()
+        .map(|(name, schema)| (*name, pretty(schema)))
+        .collect();
     files.push(("asyncapi.json", pretty(&asyncapi())));
     files
 }

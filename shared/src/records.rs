@@ -31,7 +31,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// Whether a job may move from `self` to `next` (staying put is always allowed).
@@ -100,7 +103,10 @@ impl JobRecord {
     /// Moves to `next`, refusing illegal transitions.
     pub fn transition(&mut self, next: JobState) -> Result<(), IllegalTransition> {
         if !self.state.can_become(next) {
-            return Err(IllegalTransition { from: format!("{:?}", self.state), to: format!("{next:?}") });
+            return Err(IllegalTransition {
+                from: format!("{:?}", self.state),
+                to: format!("{next:?}"),
+            });
         }
         self.state = next;
         self.updated_at_ms = crate::now_unix_ms();
@@ -166,7 +172,10 @@ pub struct ShardRecord {
 impl ShardRecord {
     pub fn transition(&mut self, next: ShardState) -> Result<(), IllegalTransition> {
         if !self.state.can_become(next) {
-            return Err(IllegalTransition { from: format!("{:?}", self.state), to: format!("{next:?}") });
+            return Err(IllegalTransition {
+                from: format!("{:?}", self.state),
+                to: format!("{next:?}"),
+            });
         }
         self.state = next;
         self.updated_at_ms = crate::now_unix_ms();

@@ -6,7 +6,7 @@
 //! and spliced in. Static text comes first in the user message so that the provider's prompt
 //! cache can serve it.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::spec::{FieldSpec, FieldType, JobSpec};
 
@@ -26,7 +26,9 @@ pub fn field_schema(fields: &[FieldSpec]) -> Value {
             FieldType::Number => json!({"type": "number"}),
             FieldType::Boolean => json!({"type": "boolean"}),
             FieldType::Array => json!({"type": "array", "items": {"type": "string"}}),
-            FieldType::Enum => json!({"type": "string", "enum": field.values.clone().unwrap_or_default()}),
+            FieldType::Enum => {
+                json!({"type": "string", "enum": field.values.clone().unwrap_or_default()})
+            }
         };
         if let (Some(description), Some(object)) = (&field.description, property.as_object_mut()) {
             object.insert("description".into(), Value::String(description.clone()));
@@ -52,9 +54,11 @@ fn field_descriptions(fields: &[FieldSpec]) -> String {
                 field.name,
                 values.join(", ")
             )),
-            (field_type, _) => {
-                text.push_str(&format!("- {} ({}): {description}\n", field.name, field_type.as_str()))
-            }
+            (field_type, _) => text.push_str(&format!(
+                "- {} ({}): {description}\n",
+                field.name,
+                field_type.as_str()
+            )),
         }
     }
     text
@@ -85,7 +89,10 @@ impl RequestTemplate {
             .filter_map(|name| position(name).map(|i| (i, name.clone())))
             .collect();
         let context = match &spec.context_columns {
-            Some(names) => names.iter().filter_map(|n| position(n).map(|i| (i, n.clone()))).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| position(n).map(|i| (i, n.clone())))
+                .collect(),
             None => columns
                 .iter()
                 .enumerate()
@@ -140,7 +147,11 @@ impl RequestTemplate {
         escaped: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> bool {
-        if self.targets.iter().all(|(i, _)| cell(*i).is_none_or(str::is_empty)) {
+        if self
+            .targets
+            .iter()
+            .all(|(i, _)| cell(*i).is_none_or(str::is_empty))
+        {
             return false;
         }
         scratch.clear();
@@ -184,7 +195,7 @@ pub fn row_index_of(custom_id: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{parse_field, JobOptions};
+    use crate::spec::{JobOptions, parse_field};
 
     fn spec() -> JobSpec {
         JobSpec {
@@ -206,7 +217,11 @@ mod tests {
 
     #[test]
     fn a_rendered_line_is_a_valid_openai_batch_request() {
-        let columns = vec!["sku".to_owned(), "description".to_owned(), "brand".to_owned()];
+        let columns = vec![
+            "sku".to_owned(),
+            "description".to_owned(),
+            "brand".to_owned(),
+        ];
         let template = RequestTemplate::new(&spec(), &columns);
         let cells = [Some("00501"), Some("A \"red\" ball,\nround ✓"), None];
         let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
@@ -219,13 +234,27 @@ mod tests {
         let schema = &line["body"]["response_format"]["json_schema"];
         assert_eq!(schema["strict"], true);
         assert_eq!(schema["schema"]["additionalProperties"], false);
-        assert_eq!(schema["schema"]["required"], json!(["title", "category", "tags"]));
-        assert_eq!(schema["schema"]["properties"]["category"]["enum"], json!(["toys", "tools"]));
-        let user = line["body"]["messages"][1]["content"].as_str().expect("user message");
-        assert!(user.starts_with("Instructions: Write a \"title\"."), "{user}");
+        assert_eq!(
+            schema["schema"]["required"],
+            json!(["title", "category", "tags"])
+        );
+        assert_eq!(
+            schema["schema"]["properties"]["category"]["enum"],
+            json!(["toys", "tools"])
+        );
+        let user = line["body"]["messages"][1]["content"]
+            .as_str()
+            .expect("user message");
+        assert!(
+            user.starts_with("Instructions: Write a \"title\"."),
+            "{user}"
+        );
         assert!(user.contains("- category (one of: toys, tools)"));
         assert!(user.contains("description: A \"red\" ball,\nround ✓\n"));
-        assert!(user.contains("Row context: sku: 00501\nRow index: 7"), "{user}");
+        assert!(
+            user.contains("Row context: sku: 00501\nRow index: 7"),
+            "{user}"
+        );
         assert_eq!(line["body"]["messages"][0]["content"], SYSTEM_MESSAGE);
     }
 

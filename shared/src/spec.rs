@@ -113,7 +113,9 @@ const OUTPUT_FORMATS: [&str; 2] = ["csv", "parquet"];
 pub fn is_valid_job_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn is_valid_field_name(name: &str) -> bool {
@@ -146,7 +148,9 @@ impl JobSpec {
             return fail("input is empty: give a file:// URL or a store key".into());
         }
         if self.instructions.trim().is_empty() {
-            return fail("instructions are empty: say what the model should do with each row".into());
+            return fail(
+                "instructions are empty: say what the model should do with each row".into(),
+            );
         }
         if self.target_columns.is_empty() {
             return fail("target_columns is empty: name at least one column to work on".into());
@@ -251,7 +255,9 @@ impl JobSpec {
 /// `boolean`, `array`, `enum(a|b|c)`.
 pub fn parse_field(text: &str) -> Result<FieldSpec, SpecError> {
     let (name, rest) = text.split_once(':').ok_or_else(|| {
-        SpecError(format!("field {text:?} has no type: write NAME:TYPE[:DESCRIPTION]"))
+        SpecError(format!(
+            "field {text:?} has no type: write NAME:TYPE[:DESCRIPTION]"
+        ))
     })?;
     let (type_text, description) = if let Some(after_enum) = rest.strip_prefix("enum(") {
         let close = after_enum.find(')').ok_or_else(|| {
@@ -261,7 +267,11 @@ pub fn parse_field(text: &str) -> Result<FieldSpec, SpecError> {
         let description = match tail.strip_prefix(':') {
             Some(d) => Some(d),
             None if tail.is_empty() => None,
-            None => return Err(SpecError(format!("field {text:?}: expected ':' after enum(...)"))),
+            None => {
+                return Err(SpecError(format!(
+                    "field {text:?}: expected ':' after enum(...)"
+                )));
+            }
         };
         (&rest[..close + 6], description)
     } else {
@@ -294,7 +304,10 @@ pub fn parse_field(text: &str) -> Result<FieldSpec, SpecError> {
     Ok(FieldSpec {
         name: name.trim().to_owned(),
         field_type,
-        description: description.map(str::trim).filter(|d| !d.is_empty()).map(str::to_owned),
+        description: description
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned),
         values,
     })
 }
@@ -321,13 +334,28 @@ mod tests {
     fn field_grammar_covers_every_type() {
         let f = parse_field("category:enum(toys|tools|garden):best shelf").expect("enum");
         assert_eq!(f.field_type, FieldType::Enum);
-        assert_eq!(f.values.as_deref(), Some(&["toys".into(), "tools".into(), "garden".into()][..]));
+        assert_eq!(
+            f.values.as_deref(),
+            Some(&["toys".into(), "tools".into(), "garden".into()][..])
+        );
         assert_eq!(f.description.as_deref(), Some("best shelf"));
         let f = parse_field("seo_title:string:SEO title: short").expect("string");
-        assert_eq!((f.field_type, f.description.as_deref()), (FieldType::String, Some("SEO title: short")));
-        assert_eq!(parse_field("n:number").expect("n").field_type, FieldType::Number);
-        assert_eq!(parse_field("b:boolean").expect("b").field_type, FieldType::Boolean);
-        assert_eq!(parse_field("t:array:tags").expect("t").field_type, FieldType::Array);
+        assert_eq!(
+            (f.field_type, f.description.as_deref()),
+            (FieldType::String, Some("SEO title: short"))
+        );
+        assert_eq!(
+            parse_field("n:number").expect("n").field_type,
+            FieldType::Number
+        );
+        assert_eq!(
+            parse_field("b:boolean").expect("b").field_type,
+            FieldType::Boolean
+        );
+        assert_eq!(
+            parse_field("t:array:tags").expect("t").field_type,
+            FieldType::Array
+        );
         assert!(parse_field("x:text").unwrap_err().0.contains("types are"));
         assert!(parse_field("x").unwrap_err().0.contains("NAME:TYPE"));
     }
@@ -336,7 +364,10 @@ mod tests {
     fn missing_column_error_lists_the_columns() {
         let columns = vec!["id".to_owned(), "title".to_owned()];
         let error = spec().validate_columns(&columns).unwrap_err();
-        assert_eq!(error.0, "target column \"description\" not found; columns are: id, title");
+        assert_eq!(
+            error.0,
+            "target column \"description\" not found; columns are: id, title"
+        );
     }
 
     #[test]
@@ -345,7 +376,12 @@ mod tests {
         s.job_id = Some("../etc".into());
         assert!(s.validate().unwrap_err().0.contains("job_id"));
         let mut s = spec();
-        s.fields = vec![FieldSpec { name: "c".into(), field_type: FieldType::Enum, description: None, values: None }];
+        s.fields = vec![FieldSpec {
+            name: "c".into(),
+            field_type: FieldType::Enum,
+            description: None,
+            values: None,
+        }];
         assert!(s.validate().unwrap_err().0.contains("has no values"));
         let mut s = spec();
         s.provider = "acme".into();

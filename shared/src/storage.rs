@@ -20,15 +20,31 @@ pub enum StorageError {
     #[error("store url {url:?} is not supported: use file:///dir, a directory path or memory://")]
     UnsupportedUrl { url: String },
     #[error("store {url:?} could not be opened: {source}")]
-    Open { url: String, #[source] source: object_store::Error },
+    Open {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("object {key:?}: {source}")]
-    Object { key: String, #[source] source: object_store::Error },
+    Object {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("object key {key:?} is invalid: {source}")]
-    Key { key: String, #[source] source: object_store::path::Error },
+    Key {
+        key: String,
+        #[source]
+        source: object_store::path::Error,
+    },
     #[error("object {key:?} not found")]
     NotFound { key: String },
     #[error("local file {path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The configured object store.
@@ -44,7 +60,11 @@ impl Store {
     /// Opens `file:///abs/dir`, a plain directory path (made absolute) or `memory://`.
     pub fn from_url(url: &str) -> Result<Self, StorageError> {
         if url == "memory://" || url == "memory:" {
-            return Ok(Self { inner: Arc::new(InMemory::new()), local_root: None, url: url.into() });
+            return Ok(Self {
+                inner: Arc::new(InMemory::new()),
+                local_root: None,
+                url: url.into(),
+            });
         }
         let dir = if let Some(rest) = url.strip_prefix("file://") {
             PathBuf::from(rest)
@@ -57,13 +77,26 @@ impl Store {
             dir
         } else {
             std::env::current_dir()
-                .map_err(|source| StorageError::Io { path: dir.clone(), source })?
+                .map_err(|source| StorageError::Io {
+                    path: dir.clone(),
+                    source,
+                })?
                 .join(dir)
         };
-        std::fs::create_dir_all(&dir).map_err(|source| StorageError::Io { path: dir.clone(), source })?;
-        let local = LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|source| StorageError::Open { url: url.into(), source })?;
-        Ok(Self { inner: Arc::new(local), local_root: Some(dir), url: url.into() })
+        std::fs::create_dir_all(&dir).map_err(|source| StorageError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let local =
+            LocalFileSystem::new_with_prefix(&dir).map_err(|source| StorageError::Open {
+                url: url.into(),
+                source,
+            })?;
+        Ok(Self {
+            inner: Arc::new(local),
+            local_root: Some(dir),
+            url: url.into(),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -80,30 +113,49 @@ impl Store {
     }
 
     fn path(key: &str) -> Result<ObjectPath, StorageError> {
-        ObjectPath::parse(key).map_err(|source| StorageError::Key { key: key.into(), source })
+        ObjectPath::parse(key).map_err(|source| StorageError::Key {
+            key: key.into(),
+            source,
+        })
     }
 
     pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         self.inner
             .put(&Self::path(key)?, PutPayload::from(bytes))
             .await
-            .map_err(|source| StorageError::Object { key: key.into(), source })?;
+            .map_err(|source| StorageError::Object {
+                key: key.into(),
+                source,
+            })?;
         Ok(())
     }
 
     pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StorageError> {
-        let result = self.inner.get(&Self::path(key)?).await.map_err(|source| match source {
-            object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
-            source => StorageError::Object { key: key.into(), source },
-        })?;
-        result.bytes().await.map_err(|source| StorageError::Object { key: key.into(), source })
+        let result = self
+            .inner
+            .get(&Self::path(key)?)
+            .await
+            .map_err(|source| match source {
+                object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
+                source => StorageError::Object {
+                    key: key.into(),
+                    source,
+                },
+            })?;
+        result.bytes().await.map_err(|source| StorageError::Object {
+            key: key.into(),
+            source,
+        })
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
         match self.inner.head(&Self::path(key)?).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(source) => Err(StorageError::Object { key: key.into(), source }),
+            Err(source) => Err(StorageError::Object {
+                key: key.into(),
+                source,
+            }),
         }
     }
 
@@ -120,7 +172,10 @@ impl Store {
         let path = scratch.join(key.replace('/', "_"));
         tokio::fs::write(&path, &bytes)
             .await
-            .map_err(|source| StorageError::Io { path: path.clone(), source })?;
+            .map_err(|source| StorageError::Io {
+                path: path.clone(),
+                source,
+            })?;
         Ok(path)
     }
 
@@ -129,8 +184,10 @@ impl Store {
     pub fn local_target(&self, key: &str, scratch: &Path) -> Result<PathBuf, StorageError> {
         if let Some(path) = self.local_path(key) {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|source| StorageError::Io { path: parent.to_owned(), source })?;
+                std::fs::create_dir_all(parent).map_err(|source| StorageError::Io {
+                    path: parent.to_owned(),
+                    source,
+                })?;
             }
             return Ok(path);
         }
@@ -144,7 +201,10 @@ impl Store {
         }
         let bytes = tokio::fs::read(written)
             .await
-            .map_err(|source| StorageError::Io { path: written.to_owned(), source })?;
+            .map_err(|source| StorageError::Io {
+                path: written.to_owned(),
+                source,
+            })?;
         self.put_bytes(key, Bytes::from(bytes)).await
     }
 }
@@ -163,10 +223,18 @@ pub mod layout {
         format!("jobs/{}/requests/{}.jsonl", key.job_id, key.file_stem())
     }
     pub fn results_output(key: &ShardKey) -> String {
-        format!("jobs/{}/results/{}.output.jsonl", key.job_id, key.file_stem())
+        format!(
+            "jobs/{}/results/{}.output.jsonl",
+            key.job_id,
+            key.file_stem()
+        )
     }
     pub fn results_errors(key: &ShardKey) -> String {
-        format!("jobs/{}/results/{}.errors.jsonl", key.job_id, key.file_stem())
+        format!(
+            "jobs/{}/results/{}.errors.jsonl",
+            key.job_id,
+            key.file_stem()
+        )
     }
     pub fn rows(key: &ShardKey) -> String {
         format!("jobs/{}/rows/{}.parquet", key.job_id, key.file_stem())
@@ -187,10 +255,22 @@ mod tests {
     async fn file_store_round_trips_and_exposes_local_paths() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::from_url(&format!("file://{}", dir.path().display())).expect("store");
-        store.put_bytes("jobs/j/a.txt", Bytes::from_static(b"hello")).await.expect("put");
-        assert_eq!(store.get_bytes("jobs/j/a.txt").await.expect("get"), Bytes::from_static(b"hello"));
-        assert_eq!(std::fs::read(dir.path().join("jobs/j/a.txt")).expect("read"), b"hello");
-        assert!(matches!(store.get_bytes("nope").await, Err(StorageError::NotFound { .. })));
+        store
+            .put_bytes("jobs/j/a.txt", Bytes::from_static(b"hello"))
+            .await
+            .expect("put");
+        assert_eq!(
+            store.get_bytes("jobs/j/a.txt").await.expect("get"),
+            Bytes::from_static(b"hello")
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("jobs/j/a.txt")).expect("read"),
+            b"hello"
+        );
+        assert!(matches!(
+            store.get_bytes("nope").await,
+            Err(StorageError::NotFound { .. })
+        ));
         assert!(Store::from_url("ftp://x").is_err());
     }
 }

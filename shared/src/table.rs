@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use duckdb::Connection;
 use duckdb::arrow::array::{Array, AsArray, Int64Array};
 use duckdb::arrow::datatypes::DataType;
 use duckdb::arrow::record_batch::RecordBatch;
-use duckdb::Connection;
 
 use crate::render::RequestTemplate;
 use crate::spec::{FieldSpec, FieldType};
@@ -23,14 +23,23 @@ pub enum TableError {
     Format(String),
     #[error("the table has a column named {ROW_INDEX:?}, which rowsmith adds itself; rename it")]
     ReservedColumn,
-    #[error("row {row_index}'s request is {bytes} bytes, more than the batch limit of {limit} bytes")]
-    RowTooLarge { row_index: i64, bytes: usize, limit: u64 },
+    #[error(
+        "row {row_index}'s request is {bytes} bytes, more than the batch limit of {limit} bytes"
+    )]
+    RowTooLarge {
+        row_index: i64,
+        bytes: usize,
+        limit: u64,
+    },
     #[error("table operation failed ({what}): {message}")]
     Duckdb { what: &'static str, message: String },
 }
 
 fn duck(what: &'static str) -> impl Fn(duckdb::Error) -> TableError {
-    move |error| TableError::Duckdb { what, message: error.to_string() }
+    move |error| TableError::Duckdb {
+        what,
+        message: error.to_string(),
+    }
 }
 
 /// A SQL string literal.
@@ -60,14 +69,25 @@ pub struct TableInfo {
 }
 
 fn reader_sql(input: &Path) -> Result<String, TableError> {
-    let name = input.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let path = path_literal(input);
     if name.ends_with(".parquet") {
-        return Ok(format!("(SELECT COLUMNS(*)::VARCHAR FROM read_parquet({path}))"));
+        return Ok(format!(
+            "(SELECT COLUMNS(*)::VARCHAR FROM read_parquet({path}))"
+        ));
     }
-    if name.ends_with(".csv") || name.ends_with(".csv.gz") || name.ends_with(".tsv") || name.ends_with(".txt") {
+    if name.ends_with(".csv")
+        || name.ends_with(".csv.gz")
+        || name.ends_with(".tsv")
+        || name.ends_with(".txt")
+    {
         // Every cell as text: the user's values come out exactly as they went in.
-        return Ok(format!("read_csv({path}, all_varchar = true, header = true)"));
+        return Ok(format!(
+            "read_csv({path}, all_varchar = true, header = true)"
+        ));
     }
     Err(TableError::Format(name))
 }
@@ -91,13 +111,29 @@ pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError
         .execute_batch(&sql)
         .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
     let rows: i64 = connection
-        .query_row(&format!("SELECT count(*) FROM read_parquet({})", path_literal(indexed)), [], |r| r.get(0))
+        .query_row(
+            &format!(
+                "SELECT count(*) FROM read_parquet({})",
+                path_literal(indexed)
+            ),
+            [],
+            |r| r.get(0),
+        )
         .map_err(duck("count rows"))?;
-    Ok(TableInfo { columns, rows: u64::try_from(rows).unwrap_or(0) })
+    Ok(TableInfo {
+        columns,
+        rows: u64::try_from(rows).unwrap_or(0),
+    })
 }
 
 fn strip_duckdb_noise(message: &str) -> String {
-    message.lines().take(6).collect::<Vec<_>>().join(" ").trim().to_owned()
+    message
+        .lines()
+        .take(6)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim()
+        .to_owned()
 }
 
 fn describe(connection: &Connection, query: &str) -> Result<Vec<String>, duckdb::Error> {
@@ -109,8 +145,11 @@ fn describe(connection: &Connection, query: &str) -> Result<Vec<String>, duckdb:
 /// The input columns of an indexed table.
 pub fn indexed_columns(indexed: &Path) -> Result<Vec<String>, TableError> {
     let connection = connect()?;
-    let columns = describe(&connection, &format!("SELECT * FROM read_parquet({})", path_literal(indexed)))
-        .map_err(duck("describe"))?;
+    let columns = describe(
+        &connection,
+        &format!("SELECT * FROM read_parquet({})", path_literal(indexed)),
+    )
+    .map_err(duck("describe"))?;
     Ok(columns.into_iter().filter(|c| c != ROW_INDEX).collect())
 }
 
@@ -147,12 +186,19 @@ pub fn render_shards(
     mut emit: impl FnMut(Shard) -> Result<(), TableError>,
 ) -> Result<RenderStats, TableError> {
     let connection = connect()?;
-    let sql = format!("SELECT * FROM read_parquet({}) ORDER BY {ROW_INDEX}", path_literal(indexed));
+    let sql = format!(
+        "SELECT * FROM read_parquet({}) ORDER BY {ROW_INDEX}",
+        path_literal(indexed)
+    );
     let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
     let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
     let mut stats = RenderStats::default();
     let (mut scratch, mut escaped, mut line) = (String::new(), Vec::new(), Vec::new());
-    let mut shard = Shard { number: 0, lines: Vec::new(), requests: 0 };
+    let mut shard = Shard {
+        number: 0,
+        lines: Vec::new(),
+        requests: 0,
+    };
     for batch in batches {
         let (row_indexes, cells) = batch_columns(&batch)?;
         for row in 0..batch.num_rows() {
@@ -165,12 +211,20 @@ pub fn render_shards(
                 continue;
             }
             if line.len() as u64 > limits.max_bytes {
-                return Err(TableError::RowTooLarge { row_index, bytes: line.len(), limit: limits.max_bytes });
+                return Err(TableError::RowTooLarge {
+                    row_index,
+                    bytes: line.len(),
+                    limit: limits.max_bytes,
+                });
             }
             let full = shard.requests >= limits.max_requests
                 || (shard.lines.len() + line.len()) as u64 > limits.max_bytes;
             if full {
-                let next = Shard { number: shard.number + 1, lines: Vec::new(), requests: 0 };
+                let next = Shard {
+                    number: shard.number + 1,
+                    lines: Vec::new(),
+                    requests: 0,
+                };
                 emit(std::mem::replace(&mut shard, next))?;
             }
             shard.lines.extend_from_slice(&line);
@@ -204,7 +258,10 @@ impl<'a> TextColumn<'a> {
 }
 
 fn batch_columns(batch: &RecordBatch) -> Result<(&Int64Array, Vec<TextColumn<'_>>), TableError> {
-    let unexpected = |what: String| TableError::Duckdb { what: "read batch", message: what };
+    let unexpected = |what: String| TableError::Duckdb {
+        what: "read batch",
+        message: what,
+    };
     let row_indexes = batch
         .column(0)
         .as_primitive_opt::<duckdb::arrow::datatypes::Int64Type>()
@@ -254,9 +311,13 @@ fn rows_table_sql(fields: &[FieldSpec]) -> String {
 /// Writes one shard's merged rows as Parquet.
 pub fn write_rows(path: &Path, fields: &[FieldSpec], rows: &[RowResult]) -> Result<(), TableError> {
     let connection = connect()?;
-    connection.execute_batch(&rows_table_sql(fields)).map_err(duck("rows table"))?;
+    connection
+        .execute_batch(&rows_table_sql(fields))
+        .map_err(duck("rows table"))?;
     {
-        let mut appender = connection.appender("results").map_err(duck("append rows"))?;
+        let mut appender = connection
+            .appender("results")
+            .map_err(duck("append rows"))?;
         for row in rows {
             let mut params: Vec<duckdb::types::Value> = vec![
                 duckdb::types::Value::BigInt(row.row_index),
@@ -274,7 +335,10 @@ pub fn write_rows(path: &Path, fields: &[FieldSpec], rows: &[RowResult]) -> Resu
         appender.flush().map_err(duck("append rows"))?;
     }
     connection
-        .execute_batch(&format!("COPY results TO {} (FORMAT parquet)", path_literal(path)))
+        .execute_batch(&format!(
+            "COPY results TO {} (FORMAT parquet)",
+            path_literal(path)
+        ))
         .map_err(duck("write rows"))?;
     Ok(())
 }
@@ -310,7 +374,9 @@ pub fn finalize(
     outputs: &FinalOutputs,
 ) -> Result<FinalCounts, TableError> {
     let connection = connect()?;
-    connection.execute_batch(&rows_table_sql(fields)).map_err(duck("results table"))?;
+    connection
+        .execute_batch(&rows_table_sql(fields))
+        .map_err(duck("results table"))?;
     if !rows_files.is_empty() {
         let files: Vec<String> = rows_files.iter().map(|p| path_literal(p)).collect();
         connection
@@ -326,15 +392,19 @@ pub fn finalize(
             path_literal(indexed)
         ))
         .map_err(duck("read input"))?;
-    let text_fields: Vec<String> =
-        fields.iter().map(|f| format!("r.{}", ident(&f.name))).collect();
+    let text_fields: Vec<String> = fields
+        .iter()
+        .map(|f| format!("r.{}", ident(&f.name)))
+        .collect();
     let typed_fields: Vec<String> = fields
         .iter()
         .map(|f| {
             let column = format!("r.{}", ident(&f.name));
             match f.field_type {
                 FieldType::Number => format!("TRY_CAST({column} AS DOUBLE) AS {}", ident(&f.name)),
-                FieldType::Boolean => format!("TRY_CAST({column} AS BOOLEAN) AS {}", ident(&f.name)),
+                FieldType::Boolean => {
+                    format!("TRY_CAST({column} AS BOOLEAN) AS {}", ident(&f.name))
+                }
                 _ => column,
             }
         })
@@ -373,7 +443,9 @@ pub fn finalize(
         ))
         .map_err(duck("write failures csv"))?;
     let count = |sql: &str| -> Result<u64, TableError> {
-        let n: i64 = connection.query_row(sql, [], |r| r.get(0)).map_err(duck("count"))?;
+        let n: i64 = connection
+            .query_row(sql, [], |r| r.get(0))
+            .map_err(duck("count"))?;
         Ok(u64::try_from(n).unwrap_or(0))
     };
     Ok(FinalCounts {
@@ -398,8 +470,12 @@ mod tests {
         writeln!(file, "id,zip,price,description").expect("write");
         let rows = 300_000;
         for i in 0..rows {
-            writeln!(file, "{i},00{},1.50,\"row {i}, with \"\"quotes\"\"\nand a newline\"", i % 900)
-                .expect("write");
+            writeln!(
+                file,
+                "{i},00{},1.50,\"row {i}, with \"\"quotes\"\"\nand a newline\"",
+                i % 900
+            )
+            .expect("write");
         }
         drop(file);
         let indexed = dir.path().join("indexed.parquet");

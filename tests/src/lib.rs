@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rowsmith_shared::bus::Bus;
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
-use rowsmith_shared::records::{job_key, JobRecord};
+use rowsmith_shared::records::{JobRecord, job_key};
 use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::Store;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,10 @@ use tokio_util::sync::CancellationToken;
 /// Logs go to the test output only when `TEST_LOG` is set.
 pub fn init_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_env_filter("info").with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -51,7 +54,11 @@ fn free_port() -> u16 {
 impl NatsServer {
     pub fn start() -> Self {
         let store_dir = tempfile::tempdir().expect("temp dir for JetStream");
-        let mut server = Self { child: None, port: free_port(), store_dir };
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            store_dir,
+        };
         server.spawn();
         server
     }
@@ -59,7 +66,14 @@ impl NatsServer {
     fn spawn(&mut self) {
         let binary = nats_server_binary();
         let child = Command::new(&binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.store_dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -78,7 +92,10 @@ impl NatsServer {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("nats-server exited at start with {status}");
             }
-            assert!(Instant::now() < deadline, "nats-server did not accept connections within 15 s");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not accept connections within 15 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -133,23 +150,37 @@ impl Stack {
         settings.sim.validating = Duration::from_millis(50);
         settings.sim.finalizing = Duration::from_millis(50);
         let shutdown = CancellationToken::new();
-        let (sim_address, _sim) = rowsmith_provider_sim::start(settings.sim.clone(), shutdown.clone())
-            .await
-            .expect("start the simulator");
+        let (sim_address, _sim) =
+            rowsmith_provider_sim::start(settings.sim.clone(), shutdown.clone())
+                .await
+                .expect("start the simulator");
         settings.provider.sim.base_url = format!("http://{sim_address}/v1");
         settings.validate().expect("test settings are valid");
-        let bus = Bus::connect(&settings.nats, "rowsmith-tests").await.expect("connect to nats");
+        let bus = Bus::connect(&settings.nats, "rowsmith-tests")
+            .await
+            .expect("connect to nats");
         tokio::spawn(rowsmith_ingest::run(settings.clone(), shutdown.clone()));
         tokio::spawn(rowsmith_submitter::run(settings.clone(), shutdown.clone()));
         tokio::spawn(rowsmith_poller::run(settings.clone(), shutdown.clone()));
         tokio::spawn(rowsmith_merger::run(settings.clone(), shutdown.clone()));
         let store = Store::from_url(&settings.store.url).expect("store");
-        Self { nats, settings, bus, store, sim_address, store_dir, shutdown }
+        Self {
+            nats,
+            settings,
+            bus,
+            store,
+            sim_address,
+            store_dir,
+            shutdown,
+        }
     }
 
     /// Publishes a JobSpec as a user would (`Nats-Msg-Id` = job id).
     pub async fn submit(&self, spec: &JobSpec) {
-        self.bus.publish(subjects::JOBS_SUBMIT, spec.id(), spec).await.expect("publish the job");
+        self.bus
+            .publish(subjects::JOBS_SUBMIT, spec.id(), spec)
+            .await
+            .expect("publish the job");
     }
 
     /// Polls the job record until it is terminal, failing the test after `timeout`.
@@ -157,7 +188,12 @@ impl Stack {
         let deadline = Instant::now() + timeout;
         let mut last = None;
         while Instant::now() < deadline {
-            if let Some((job, _)) = self.bus.read::<JobRecord>(&job_key(job_id)).await.expect("read job") {
+            if let Some((job, _)) = self
+                .bus
+                .read::<JobRecord>(&job_key(job_id))
+                .await
+                .expect("read job")
+            {
                 if job.state.is_terminal() {
                     return job;
                 }
@@ -180,14 +216,21 @@ impl Stack {
 
     /// Reads a stored object as text.
     pub async fn read_text(&self, key: &str) -> String {
-        let bytes = self.store.get_bytes(key).await.unwrap_or_else(|e| panic!("read {key}: {e}"));
+        let bytes = self
+            .store
+            .get_bytes(key)
+            .await
+            .unwrap_or_else(|e| panic!("read {key}: {e}"));
         String::from_utf8(bytes.to_vec()).expect("utf-8")
     }
 
     /// Puts a local file into the store under `inputs/` and returns its key.
     pub async fn upload_input(&self, name: &str, bytes: Vec<u8>) -> String {
         let key = format!("inputs/{name}");
-        self.store.put_bytes(&key, bytes.into()).await.expect("upload input");
+        self.store
+            .put_bytes(&key, bytes.into())
+            .await
+            .expect("upload input");
         key
     }
 }

@@ -27,11 +27,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<28} {:<10} {:>9} {:>9} {:>7} {:>8}", "JOB", "STATE", "ROWS", "DONE", "FAILED", "AGE");
+    println!(
+        "{:<28} {:<10} {:>9} {:>9} {:>7} {:>8}",
+        "JOB", "STATE", "ROWS", "DONE", "FAILED", "AGE"
+    );
     let now = rowsmith_shared::now_unix_ms();
     for job in &jobs {
         let age_s = (now - job.created_at_ms).max(0) / 1000;
-        let age = if age_s < 120 { format!("{age_s}s") } else if age_s < 7200 { format!("{}m", age_s / 60) } else { format!("{}h", age_s / 3600) };
+        let age = if age_s < 120 {
+            format!("{age_s}s")
+        } else if age_s < 7200 {
+            format!("{}m", age_s / 60)
+        } else {
+            format!("{}h", age_s / 3600)
+        };
         println!(
             "{:<28} {:<10} {:>9} {:>9} {:>7} {:>8}",
             job.spec.id(),

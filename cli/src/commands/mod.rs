@@ -13,7 +13,7 @@ use anyhow::Context;
 
 use rowsmith_shared::bus::Bus;
 use rowsmith_shared::config::Settings;
-use rowsmith_shared::records::{job_key, JobRecord};
+use rowsmith_shared::records::{JobRecord, job_key};
 
 pub fn settings() -> anyhow::Result<Settings> {
     Ok(Settings::from_env()?)

@@ -30,29 +30,28 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let indexed = scratch.path().join("input.indexed.parquet");
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
     let started = std::time::Instant::now();
-    let info = tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
-        .await??;
+    let info =
+        tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
+            .await??;
     spec.validate_columns(&info.columns)?;
     let providers = Providers::from_settings(&settings)?;
     let provider_limits = providers.get(&spec.provider)?.limits();
     let limits = ShardLimits {
-        max_requests: spec.options.max_requests_per_batch.min(provider_limits.max_requests),
+        max_requests: spec
+            .options
+            .max_requests_per_batch
+            .min(provider_limits.max_requests),
         max_bytes: spec.options.max_batch_bytes.min(provider_limits.max_bytes),
     };
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&args.out_dir)?;
     let store = Store::from_url(&out_dir.to_string_lossy())?;
-    let (stats, _) = rowsmith_ingest::prepare_shards(
-        &store,
-        &spec,
-        &info.columns,
-        &indexed,
-        limits,
-        1,
-        |key| format!("{}.jsonl", key.file_stem()),
-    )
-    .await?;
+    let (stats, _) =
+        rowsmith_ingest::prepare_shards(&store, &spec, &info.columns, &indexed, limits, 1, |key| {
+            format!("{}.jsonl", key.file_stem())
+        })
+        .await?;
     let seconds = started.elapsed().as_secs_f64();
     for shard in 0..stats.shards {
         println!("{}", out_dir.join(format!("a1-s{shard}.jsonl")).display());

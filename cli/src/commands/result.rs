@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 use rowsmith_shared::records::{JobRecord, JobState};
 use rowsmith_shared::storage::Store;
@@ -28,20 +28,37 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes the outputs; returns the files written.
-pub async fn write_result(store: &Store, job: &JobRecord, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub async fn write_result(
+    store: &Store,
+    job: &JobRecord,
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     if job.state != JobState::Completed {
         bail!(
             "job {} is {} and has no result{}",
             job.spec.id(),
             crate::output::state_name(job),
-            job.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            job.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         );
     }
     let outputs = &job.outputs;
     let extension = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     let single = match extension {
-        "csv" => Some(outputs.enriched_csv.as_ref().context("the job wrote no CSV (see options.output_formats)")?),
-        "parquet" => Some(outputs.enriched_parquet.as_ref().context("the job wrote no Parquet (see options.output_formats)")?),
+        "csv" => Some(
+            outputs
+                .enriched_csv
+                .as_ref()
+                .context("the job wrote no CSV (see options.output_formats)")?,
+        ),
+        "parquet" => Some(
+            outputs
+                .enriched_parquet
+                .as_ref()
+                .context("the job wrote no Parquet (see options.output_formats)")?,
+        ),
         _ => None,
     };
     let mut written = Vec::new();
@@ -50,8 +67,15 @@ pub async fn write_result(store: &Store, job: &JobRecord, out: &Path) -> anyhow:
         written.push(out.to_owned());
         return Ok(written);
     }
-    tokio::fs::create_dir_all(out).await.with_context(|| format!("cannot create {}", out.display()))?;
-    let all = [&outputs.enriched_csv, &outputs.enriched_parquet, &outputs.failures_csv, &outputs.manifest];
+    tokio::fs::create_dir_all(out)
+        .await
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let all = [
+        &outputs.enriched_csv,
+        &outputs.enriched_parquet,
+        &outputs.failures_csv,
+        &outputs.manifest,
+    ];
     for key in all.into_iter().flatten() {
         let name = key.rsplit('/').next().unwrap_or(key);
         let path = out.join(name);
@@ -66,5 +90,7 @@ async fn copy_out(store: &Store, key: &str, path: &Path) -> anyhow::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(parent).await?;
     }
-    tokio::fs::write(path, &bytes).await.with_context(|| format!("cannot write {}", path.display()))
+    tokio::fs::write(path, &bytes)
+        .await
+        .with_context(|| format!("cannot write {}", path.display()))
 }

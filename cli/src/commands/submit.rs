@@ -5,7 +5,7 @@ use rowsmith_shared::messages::subjects;
 use rowsmith_shared::storage::Store;
 use std::process::ExitCode;
 
-use crate::job_args::{stage_input, JobArgs};
+use crate::job_args::{JobArgs, stage_input};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -27,6 +27,9 @@ pub async fn submit_job(bus: &Bus, store: &Store, job: &JobArgs) -> anyhow::Resu
     let job_id = spec.id().to_owned();
     spec.input = stage_input(store, &job_id, &spec.input).await?;
     bus.publish(subjects::JOBS_SUBMIT, &job_id, &spec).await?;
-    eprintln!("submitted job {job_id} ({} via {}, model {})", job.input, spec.provider, spec.model);
+    eprintln!(
+        "submitted job {job_id} ({} via {}, model {})",
+        job.input, spec.provider, spec.model
+    );
     Ok(job_id)
 }

@@ -31,12 +31,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("the simulator cannot listen on {}", settings.sim.listen))?;
         settings.provider.sim.base_url = format!("http://{address}/v1");
         eprintln!("provider simulator listening on http://{address}");
-        services.spawn(async move { ("provider-sim", task.await.map_err(anyhow::Error::from).and_then(|r| r)) });
+        services.spawn(async move {
+            (
+                "provider-sim",
+                task.await.map_err(anyhow::Error::from).and_then(|r| r),
+            )
+        });
     }
     // Connect once first so that a missing NATS is one clear error, not four.
     super::connect(&settings).await?;
     let service_list: [(&str, fn(_, _) -> _); 4] = [
-        ("ingest", |s, c| Box::pin(rowsmith_ingest::run(s, c)) as futures::future::BoxFuture<'static, anyhow::Result<()>>),
+        ("ingest", |s, c| {
+            Box::pin(rowsmith_ingest::run(s, c))
+                as futures::future::BoxFuture<'static, anyhow::Result<()>>
+        }),
         ("submitter", |s, c| Box::pin(rowsmith_submitter::run(s, c))),
         ("poller", |s, c| Box::pin(rowsmith_poller::run(s, c))),
         ("merger", |s, c| Box::pin(rowsmith_merger::run(s, c))),
@@ -65,5 +73,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

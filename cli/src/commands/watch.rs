@@ -36,14 +36,19 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
         .await?;
     let mut events = consumer.messages().await?;
     let interactive = std::io::stderr().is_terminal();
-    let bar = ProgressBar::with_draw_target(Some(0), if interactive {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
+    let bar = ProgressBar::with_draw_target(
+        Some(0),
+        if interactive {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows  eta {eta}  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows  eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut check = tokio::time::interval(Duration::from_secs(3));

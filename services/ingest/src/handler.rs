@@ -2,15 +2,15 @@
 
 use std::path::Path;
 
-use rowsmith_shared::bus::{decode, Bus, Cas, Delivery, Outcome};
+use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{fail_job, finalize_job, local_input, settle, StepError};
-use rowsmith_shared::messages::{subjects, ShardKey, ShardReady};
+use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, settle};
+use rowsmith_shared::messages::{ShardKey, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{job_key, shard_key, JobRecord, JobState, ShardRecord, ShardState};
+use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
 use rowsmith_shared::render::RequestTemplate;
 use rowsmith_shared::spec::JobSpec;
-use rowsmith_shared::storage::{layout, Store};
+use rowsmith_shared::storage::{Store, layout};
 use rowsmith_shared::table::{self, RenderStats, Shard, ShardLimits, TableInfo};
 
 /// What the ingest step needs.
@@ -33,7 +33,9 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
     if let Err(error) = spec.validate() {
         let job_id = spec.id().to_owned();
         if !rowsmith_shared::spec::is_valid_job_id(&job_id) {
-            return Outcome::Terminate { reason: format!("refused job: {error}") };
+            return Outcome::Terminate {
+                reason: format!("refused job: {error}"),
+            };
         }
         return refuse(ingest, &job_id, &error.to_string()).await;
     }
@@ -46,7 +48,15 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
                 "job id {job_id} is already taken by a job with a different spec; \
                  submit with another --job-id"
             );
-            ingest.bus.emit(&Event::new(&job_id, EventKind::Refused, message.clone(), Counts::default())).await;
+            ingest
+                .bus
+                .emit(&Event::new(
+                    &job_id,
+                    EventKind::Refused,
+                    message.clone(),
+                    Counts::default(),
+                ))
+                .await;
             return Outcome::Terminate { reason: message };
         }
         Err(error) => return settle(&ingest.bus, &job_id, &delivery, error).await,
@@ -61,19 +71,36 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
 async fn refuse_undecodable(ingest: &Ingest, delivery: &Delivery, reason: String) -> Outcome {
     let job_id = serde_json::from_slice::<serde_json::Value>(&delivery.payload)
         .ok()
-        .and_then(|v| v.get("job_id").and_then(|id| id.as_str()).map(str::to_owned))
+        .and_then(|v| {
+            v.get("job_id")
+                .and_then(|id| id.as_str())
+                .map(str::to_owned)
+        })
         .filter(|id| rowsmith_shared::spec::is_valid_job_id(id));
     if let Some(job_id) = job_id {
         let message = format!("job refused: the JobSpec is invalid: {reason}");
-        ingest.bus.emit(&Event::new(&job_id, EventKind::Failed, message, Counts::default())).await;
+        ingest
+            .bus
+            .emit(&Event::new(
+                &job_id,
+                EventKind::Failed,
+                message,
+                Counts::default(),
+            ))
+            .await;
     }
     Outcome::Terminate { reason }
 }
 
 /// Records a job whose spec cannot run as failed, so `status` and `watch` show why.
 async fn refuse(ingest: &Ingest, job_id: &str, message: &str) -> Outcome {
-    let outcome = Outcome::Terminate { reason: message.to_owned() };
-    let _ = ingest.bus.create(&job_key(job_id), &JobRecord::new(placeholder_spec(job_id))).await;
+    let outcome = Outcome::Terminate {
+        reason: message.to_owned(),
+    };
+    let _ = ingest
+        .bus
+        .create(&job_key(job_id), &JobRecord::new(placeholder_spec(job_id)))
+        .await;
     match fail_job(&ingest.bus, job_id, message).await {
         Ok(()) => outcome,
         Err(error) => {
@@ -106,9 +133,24 @@ enum Accepted {
 
 async fn accept(ingest: &Ingest, spec: &JobSpec) -> Result<Accepted, StepError> {
     let job_id = spec.id();
-    if ingest.bus.create(&job_key(job_id), &JobRecord::new(spec.clone())).await? {
-        let message = format!("job accepted: {} via {} ({})", spec.input, spec.provider, spec.model);
-        ingest.bus.emit(&Event::new(job_id, EventKind::Accepted, message, Counts::default())).await;
+    if ingest
+        .bus
+        .create(&job_key(job_id), &JobRecord::new(spec.clone()))
+        .await?
+    {
+        let message = format!(
+            "job accepted: {} via {} ({})",
+            spec.input, spec.provider, spec.model
+        );
+        ingest
+            .bus
+            .emit(&Event::new(
+                job_id,
+                EventKind::Accepted,
+                message,
+                Counts::default(),
+            ))
+            .await;
         return Ok(Accepted::New);
     }
     let (existing, _) = ingest
@@ -134,21 +176,37 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let indexed = ingest.store.local_target(&indexed_key, scratch.path())?;
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
     let info: TableInfo =
-        tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task)).await??;
+        tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
+            .await??;
     ingest.store.commit_local(&indexed_key, &indexed).await?;
-    spec.validate_columns(&info.columns).map_err(|e| StepError::Job(e.to_string()))?;
+    spec.validate_columns(&info.columns)
+        .map_err(|e| StepError::Job(e.to_string()))?;
 
     let provider = ingest.providers.get(&spec.provider)?;
     let provider_limits = provider.limits();
     let limits = ShardLimits {
-        max_requests: spec.options.max_requests_per_batch.min(provider_limits.max_requests),
+        max_requests: spec
+            .options
+            .max_requests_per_batch
+            .min(provider_limits.max_requests),
         max_bytes: spec.options.max_batch_bytes.min(provider_limits.max_bytes),
     };
-    let (stats, sizes) =
-        prepare_shards(&ingest.store, spec, &info.columns, &indexed, limits, 1, layout::requests)
-            .await?;
+    let (stats, sizes) = prepare_shards(
+        &ingest.store,
+        spec,
+        &info.columns,
+        &indexed,
+        limits,
+        1,
+        layout::requests,
+    )
+    .await?;
     for (shard, size) in (0..stats.shards).zip(&sizes) {
-        let key = ShardKey { job_id: job_id.to_owned(), attempt: 1, shard };
+        let key = ShardKey {
+            job_id: job_id.to_owned(),
+            attempt: 1,
+            shard,
+        };
         let record = ShardRecord {
             key: key.clone(),
             state: ShardState::Ready,
@@ -178,35 +236,54 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let shards = stats.shards;
     ingest
         .bus
-        .modify(&job_key(job_id), |job: &mut JobRecord| -> Result<Cas<()>, StepError> {
-            if job.state != JobState::Ingesting {
-                return Ok(Cas::Keep(()));
-            }
-            job.counts = counts;
-            job.shards_per_attempt = vec![shards];
-            job.indexed_path = Some(indexed_key.clone());
-            job.transition(JobState::Running).map_err(|e| StepError::Job(e.to_string()))?;
-            Ok(Cas::Write(()))
-        })
+        .modify(
+            &job_key(job_id),
+            |job: &mut JobRecord| -> Result<Cas<()>, StepError> {
+                if job.state != JobState::Ingesting {
+                    return Ok(Cas::Keep(()));
+                }
+                job.counts = counts;
+                job.shards_per_attempt = vec![shards];
+                job.indexed_path = Some(indexed_key.clone());
+                job.transition(JobState::Running)
+                    .map_err(|e| StepError::Job(e.to_string()))?;
+                Ok(Cas::Write(()))
+            },
+        )
         .await?;
     let message = format!(
         "ingested {} rows ({} skipped: empty targets) into {} requests in {} shards",
         stats.rows, stats.skipped, stats.requests, stats.shards
     );
-    tracing::info!(job_id, rows = stats.rows, skipped = stats.skipped, shards = stats.shards, "job ingested");
-    ingest.bus.emit(&Event::new(job_id, EventKind::Ingested, message, counts)).await;
+    tracing::info!(
+        job_id,
+        rows = stats.rows,
+        skipped = stats.skipped,
+        shards = stats.shards,
+        "job ingested"
+    );
+    ingest
+        .bus
+        .emit(&Event::new(job_id, EventKind::Ingested, message, counts))
+        .await;
     if stats.shards == 0 {
         // Nothing to send: the outputs are the table as it is.
         set_state(&ingest.bus, job_id, JobState::Merging).await?;
         return finalize_job(&ingest.bus, &ingest.store, job_id).await;
     }
     for shard in 0..stats.shards {
-        let key = ShardKey { job_id: job_id.to_owned(), attempt: 1, shard };
+        let key = ShardKey {
+            job_id: job_id.to_owned(),
+            attempt: 1,
+            shard,
+        };
         let (record, _) = ingest
             .bus
             .read::<ShardRecord>(&shard_key(&key))
             .await?
-            .ok_or_else(|| StepError::Internal(format!("shard record {} vanished", key.dotted())))?;
+            .ok_or_else(|| {
+                StepError::Internal(format!("shard record {} vanished", key.dotted()))
+            })?;
         let ready = ShardReady {
             key: key.clone(),
             provider: spec.provider.clone(),
@@ -214,19 +291,30 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
             request_count: record.request_count,
             bytes: record.bytes,
         };
-        ingest.bus.publish(subjects::SHARDS_READY, &format!("ready.{}", key.dotted()), &ready).await?;
+        ingest
+            .bus
+            .publish(
+                subjects::SHARDS_READY,
+                &format!("ready.{}", key.dotted()),
+                &ready,
+            )
+            .await?;
     }
     Ok(())
 }
 
 async fn set_state(bus: &Bus, job_id: &str, next: JobState) -> Result<(), StepError> {
-    bus.modify(&job_key(job_id), |job: &mut JobRecord| -> Result<Cas<()>, StepError> {
-        if job.state == next {
-            return Ok(Cas::Keep(()));
-        }
-        job.transition(next).map_err(|e| StepError::Job(format!("job {job_id}: {e}")))?;
-        Ok(Cas::Write(()))
-    })
+    bus.modify(
+        &job_key(job_id),
+        |job: &mut JobRecord| -> Result<Cas<()>, StepError> {
+            if job.state == next {
+                return Ok(Cas::Keep(()));
+            }
+            job.transition(next)
+                .map_err(|e| StepError::Job(format!("job {job_id}: {e}")))?;
+            Ok(Cas::Write(()))
+        },
+    )
     .await
 }
 
@@ -254,17 +342,28 @@ pub async fn prepare_shards(
     let indexed = indexed.to_owned();
     let render = tokio::task::spawn_blocking(move || {
         table::render_shards(&indexed, &template, limits, |shard| {
-            sender.blocking_send(shard).map_err(|_| table::TableError::Duckdb {
-                what: "render",
-                message: "the shard writer stopped".into(),
-            })
+            sender
+                .blocking_send(shard)
+                .map_err(|_| table::TableError::Duckdb {
+                    what: "render",
+                    message: "the shard writer stopped".into(),
+                })
         })
     });
     let mut sizes = Vec::new();
     while let Some(shard) = receiver.recv().await {
-        let key = ShardKey { job_id: job_id.clone(), attempt, shard: shard.number };
-        sizes.push(ShardSize { requests: shard.requests, bytes: shard.lines.len() as u64 });
-        store.put_bytes(&shard_path(&key), shard.lines.into()).await?;
+        let key = ShardKey {
+            job_id: job_id.clone(),
+            attempt,
+            shard: shard.number,
+        };
+        sizes.push(ShardSize {
+            requests: shard.requests,
+            bytes: shard.lines.len() as u64,
+        });
+        store
+            .put_bytes(&shard_path(&key), shard.lines.into())
+            .await?;
     }
     let stats = render.await??;
     Ok((stats, sizes))

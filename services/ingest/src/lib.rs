@@ -5,5 +5,5 @@
 pub mod handler;
 pub mod service;
 
-pub use handler::{handle, prepare_shards, Ingest, ShardSize};
+pub use handler::{Ingest, ShardSize, handle, prepare_shards};
 pub use service::run;

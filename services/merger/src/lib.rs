@@ -6,5 +6,5 @@ pub mod handler;
 pub mod service;
 pub mod validate;
 
-pub use handler::{handle, Merger};
+pub use handler::{Merger, handle};
 pub use service::run;

@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{run_worker, Bus, ConsumerSpec};
+use rowsmith_shared::bus::{Bus, ConsumerSpec, run_worker};
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::storage::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{handle, Merger};
+use crate::handler::{Merger, handle};
 
 pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
     ConsumerSpec {
@@ -23,13 +23,22 @@ pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
 /// Runs the merger service until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let bus = Bus::connect(&settings.nats, "rowsmith-merger").await?;
-    let merger = Arc::new(Merger { bus: bus.clone(), store: Store::from_url(&settings.store.url)? });
+    let merger = Arc::new(Merger {
+        bus: bus.clone(),
+        store: Store::from_url(&settings.store.url)?,
+    });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;
-    run_worker(consumer, spec, settings.merger.concurrency, shutdown, move |delivery| {
-        let merger = merger.clone();
-        async move { handle(&merger, delivery).await }
-    })
+    run_worker(
+        consumer,
+        spec,
+        settings.merger.concurrency,
+        shutdown,
+        move |delivery| {
+            let merger = merger.clone();
+            async move { handle(&merger, delivery).await }
+        },
+    )
     .await?;
     Ok(())
 }

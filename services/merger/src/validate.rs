@@ -34,7 +34,10 @@ struct ResponsePart {
 pub type LineResult = Result<Vec<String>, RowFailure>;
 
 fn failure(reason: &str, message: impl Into<String>) -> RowFailure {
-    RowFailure { reason: reason.to_owned(), message: message.into() }
+    RowFailure {
+        reason: reason.to_owned(),
+        message: message.into(),
+    }
 }
 
 /// Parses one line; `None` when the line names no row (it is then logged and ignored).
@@ -51,7 +54,10 @@ fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
         return Err(failure(code, message));
     }
     let Some(response) = line.response else {
-        return Err(failure("no_result", "the line has neither a response nor an error"));
+        return Err(failure(
+            "no_result",
+            "the line has neither a response nor an error",
+        ));
     };
     if response.status_code != 200 {
         let message = response
@@ -59,32 +65,59 @@ fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
             .pointer("/error/message")
             .and_then(Value::as_str)
             .unwrap_or("no message");
-        return Err(failure("http_error", format!("HTTP {}: {message}", response.status_code)));
+        return Err(failure(
+            "http_error",
+            format!("HTTP {}: {message}", response.status_code),
+        ));
     }
-    let choice = response.body.pointer("/choices/0").cloned().unwrap_or(Value::Null);
+    let choice = response
+        .body
+        .pointer("/choices/0")
+        .cloned()
+        .unwrap_or(Value::Null);
     if let Some(refusal) = choice.pointer("/message/refusal").and_then(Value::as_str) {
         return Err(failure("refusal", refusal));
     }
     if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
-        return Err(failure("truncated", "the answer was cut off at the token limit (finish_reason: length)"));
+        return Err(failure(
+            "truncated",
+            "the answer was cut off at the token limit (finish_reason: length)",
+        ));
     }
     let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) else {
-        return Err(failure("invalid_json", "the response has no message content"));
+        return Err(failure(
+            "invalid_json",
+            "the response has no message content",
+        ));
     };
     validate_answer(content, fields)
 }
 
 /// Checks the model's answer against the fields; the values come back as text in field order.
 pub fn validate_answer(content: &str, fields: &[FieldSpec]) -> LineResult {
-    let answer: BTreeMap<String, Value> = serde_json::from_str(content)
-        .map_err(|e| failure("invalid_json", format!("the answer is not a JSON object: {e}")))?;
+    let answer: BTreeMap<String, Value> = serde_json::from_str(content).map_err(|e| {
+        failure(
+            "invalid_json",
+            format!("the answer is not a JSON object: {e}"),
+        )
+    })?;
     let mut values = Vec::with_capacity(fields.len());
     for field in fields {
         let Some(value) = answer.get(&field.name) else {
-            return Err(failure("missing_field", format!("field {:?} is missing", field.name)));
+            return Err(failure(
+                "missing_field",
+                format!("field {:?} is missing", field.name),
+            ));
         };
         let wrong_type = || {
-            failure("wrong_type", format!("field {:?} should be {} but is {value}", field.name, field.field_type.as_str()))
+            failure(
+                "wrong_type",
+                format!(
+                    "field {:?} should be {} but is {value}",
+                    field.name,
+                    field.field_type.as_str()
+                ),
+            )
         };
         let text = match field.field_type {
             FieldType::String => value.as_str().ok_or_else(wrong_type)?.to_owned(),
@@ -103,7 +136,11 @@ pub fn validate_answer(content: &str, fields: &[FieldSpec]) -> LineResult {
                 if !allowed.iter().any(|v| v == text) {
                     return Err(failure(
                         "not_in_enum",
-                        format!("field {:?} is {text:?}, not one of: {}", field.name, allowed.join(", ")),
+                        format!(
+                            "field {:?} is {text:?}, not one of: {}",
+                            field.name,
+                            allowed.join(", ")
+                        ),
                     ));
                 }
                 text.to_owned()
@@ -122,10 +159,16 @@ mod tests {
     use super::*;
 
     fn fields() -> Vec<FieldSpec> {
-        ["title:string", "category:enum(toys|tools)", "in_stock:boolean", "tags:array", "price:number"]
-            .iter()
-            .map(|f| parse_field(f).expect("field"))
-            .collect()
+        [
+            "title:string",
+            "category:enum(toys|tools)",
+            "in_stock:boolean",
+            "tags:array",
+            "price:number",
+        ]
+        .iter()
+        .map(|f| parse_field(f).expect("field"))
+        .collect()
     }
 
     fn response_line(custom_id: &str, content: &str, finish_reason: &str) -> Vec<u8> {
@@ -139,19 +182,49 @@ mod tests {
     #[test]
     fn a_valid_answer_yields_text_values_in_field_order() {
         let content = r#"{"price": 12.5, "tags": ["a","b"], "in_stock": true, "category": "toys", "title": "Ball"}"#;
-        let (row, result) = parse_line(&response_line("r41", content, "stop"), &fields()).expect("line");
+        let (row, result) =
+            parse_line(&response_line("r41", content, "stop"), &fields()).expect("line");
         assert_eq!(row, 41);
-        assert_eq!(result.expect("valid"), ["Ball", "toys", "true", "[\"a\",\"b\"]", "12.5"]);
+        assert_eq!(
+            result.expect("valid"),
+            ["Ball", "toys", "true", "[\"a\",\"b\"]", "12.5"]
+        );
     }
 
     #[test]
     fn each_kind_of_bad_answer_gets_its_reason() {
-        let reason = |line: Vec<u8>| parse_line(&line, &fields()).expect("line").1.unwrap_err().reason;
+        let reason = |line: Vec<u8>| {
+            parse_line(&line, &fields())
+                .expect("line")
+                .1
+                .unwrap_err()
+                .reason
+        };
         let good = r#"{"title":"t","category":"toys","in_stock":true,"tags":[],"price":1}"#;
-        assert_eq!(reason(response_line("r1", "{not json", "stop")), "invalid_json");
-        assert_eq!(reason(response_line("r1", r#"{"title":"t"}"#, "stop")), "missing_field");
-        assert_eq!(reason(response_line("r1", &good.replace("true", "\"yes\""), "stop")), "wrong_type");
-        assert_eq!(reason(response_line("r1", &good.replace("\"toys\"", "\"food\""), "stop")), "not_in_enum");
+        assert_eq!(
+            reason(response_line("r1", "{not json", "stop")),
+            "invalid_json"
+        );
+        assert_eq!(
+            reason(response_line("r1", r#"{"title":"t"}"#, "stop")),
+            "missing_field"
+        );
+        assert_eq!(
+            reason(response_line(
+                "r1",
+                &good.replace("true", "\"yes\""),
+                "stop"
+            )),
+            "wrong_type"
+        );
+        assert_eq!(
+            reason(response_line(
+                "r1",
+                &good.replace("\"toys\"", "\"food\""),
+                "stop"
+            )),
+            "not_in_enum"
+        );
         assert_eq!(reason(response_line("r1", good, "length")), "truncated");
         let http_error = json!({"custom_id": "r2", "response": {"status_code": 500,
             "body": {"error": {"message": "server error", "type": "server_error"}}}, "error": null});

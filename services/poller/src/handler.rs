@@ -2,12 +2,12 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::bus::{decode, Bus, Cas, Delivery, Outcome};
+use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::{fail_job, StepError};
-use rowsmith_shared::messages::{subjects, BatchEnded, BatchSubmitted};
+use rowsmith_shared::jobs::{StepError, fail_job};
+use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, subjects};
 use rowsmith_shared::providers::{BatchProvider, BatchRef, BatchStatus, Providers};
-use rowsmith_shared::records::{job_key, shard_key, JobRecord, ShardRecord};
+use rowsmith_shared::records::{JobRecord, ShardRecord, job_key, shard_key};
 use rowsmith_shared::storage::Store;
 
 #[derive(Debug, Clone)]
@@ -22,7 +22,11 @@ pub struct Poller {
 /// The delay after the `delivered`-th check (1-based).
 pub fn next_delay(schedule: &[Duration], delivered: i64) -> Duration {
     let index = usize::try_from(delivered.max(1) - 1).unwrap_or(0);
-    schedule.get(index).or(schedule.last()).copied().unwrap_or(Duration::from_secs(30))
+    schedule
+        .get(index)
+        .or(schedule.last())
+        .copied()
+        .unwrap_or(Duration::from_secs(30))
 }
 
 pub async fn handle(poller: &Poller, delivery: Delivery) -> Outcome {
@@ -60,10 +64,17 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
     let job = match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
         Some((job, _)) if job.state.is_terminal() => return Ok(Check::JobOver),
         Some((job, _)) => job,
-        None => return Err(StepError::Job(format!("batch {} has no job record", submitted.batch_id))),
+        None => {
+            return Err(StepError::Job(format!(
+                "batch {} has no job record",
+                submitted.batch_id
+            )));
+        }
     };
     let provider = poller.providers.get(&submitted.provider)?;
-    let batch = BatchRef { id: submitted.batch_id.clone() };
+    let batch = BatchRef {
+        id: submitted.batch_id.clone(),
+    };
     let status = provider.status(&batch).await?;
     if !status.state.is_terminal() {
         let message = format!(
@@ -75,25 +86,31 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
             status.total,
             status.failed
         );
-        bus.emit(&Event::new(&key.job_id, EventKind::BatchProgress, message, job.counts).with_shard(key.clone()))
-            .await;
+        bus.emit(
+            &Event::new(&key.job_id, EventKind::BatchProgress, message, job.counts)
+                .with_shard(key.clone()),
+        )
+        .await;
         return Ok(Check::Running);
     }
     let files = provider.download(key, &status, &poller.store).await?;
     let batch_status = status.state.as_str().to_owned();
-    bus.modify(&shard_key(key), |shard: &mut ShardRecord| -> Result<Cas<()>, StepError> {
-        if shard.output_path == files.output_path
-            && shard.errors_path == files.errors_path
-            && shard.batch_status.as_deref() == Some(batch_status.as_str())
-        {
-            return Ok(Cas::Keep(()));
-        }
-        shard.batch_status = Some(batch_status.clone());
-        shard.output_path = files.output_path.clone();
-        shard.errors_path = files.errors_path.clone();
-        shard.updated_at_ms = rowsmith_shared::now_unix_ms();
-        Ok(Cas::Write(()))
-    })
+    bus.modify(
+        &shard_key(key),
+        |shard: &mut ShardRecord| -> Result<Cas<()>, StepError> {
+            if shard.output_path == files.output_path
+                && shard.errors_path == files.errors_path
+                && shard.batch_status.as_deref() == Some(batch_status.as_str())
+            {
+                return Ok(Cas::Keep(()));
+            }
+            shard.batch_status = Some(batch_status.clone());
+            shard.output_path = files.output_path.clone();
+            shard.errors_path = files.errors_path.clone();
+            shard.updated_at_ms = rowsmith_shared::now_unix_ms();
+            Ok(Cas::Write(()))
+        },
+    )
     .await?;
     let ended = BatchEnded {
         key: key.clone(),
@@ -104,7 +121,12 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         errors_path: files.errors_path,
         failure: batch_failure(&status),
     };
-    bus.publish(subjects::BATCHES_ENDED, &format!("ended.{}", key.dotted()), &ended).await?;
+    bus.publish(
+        subjects::BATCHES_ENDED,
+        &format!("ended.{}", key.dotted()),
+        &ended,
+    )
+    .await?;
     tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, status = %ended.status, "batch ended");
     Ok(Check::Ended)
 }
@@ -120,7 +142,9 @@ mod tests {
     #[test]
     fn delay_follows_the_schedule_then_repeats_the_last() {
         let schedule = [30, 60, 120, 300].map(Duration::from_secs);
-        let delays: Vec<u64> = (1..=6).map(|n| next_delay(&schedule, n).as_secs()).collect();
+        let delays: Vec<u64> = (1..=6)
+            .map(|n| next_delay(&schedule, n).as_secs())
+            .collect();
         assert_eq!(delays, [30, 60, 120, 300, 300, 300]);
     }
 }

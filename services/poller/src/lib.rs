@@ -5,5 +5,5 @@
 pub mod handler;
 pub mod service;
 
-pub use handler::{handle, next_delay, Poller};
+pub use handler::{Poller, handle, next_delay};
 pub use service::run;

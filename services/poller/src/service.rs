@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{run_worker, Bus, ConsumerSpec};
+use rowsmith_shared::bus::{Bus, ConsumerSpec, run_worker};
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::providers::Providers;
 use rowsmith_shared::storage::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{handle, Poller};
+use crate::handler::{Poller, handle};
 
 pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
     ConsumerSpec {
@@ -34,10 +34,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;
-    run_worker(consumer, spec, settings.poller.concurrency, shutdown, move |delivery| {
-        let poller = poller.clone();
-        async move { handle(&poller, delivery).await }
-    })
+    run_worker(
+        consumer,
+        spec,
+        settings.poller.concurrency,
+        shutdown,
+        move |delivery| {
+            let poller = poller.clone();
+            async move { handle(&poller, delivery).await }
+        },
+    )
     .await?;
     Ok(())
 }

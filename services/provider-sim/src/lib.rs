@@ -17,10 +17,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use model::answer;
-pub use openai::{router, SimState};
+pub use openai::{SimState, router};
 
 /// Serves the simulator on `listener` until `shutdown`.
-pub async fn serve(settings: SimSettings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    settings: SimSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let state = Arc::new(Mutex::new(SimState::new(settings)));
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

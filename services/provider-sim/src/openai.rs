@@ -10,10 +10,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use rowsmith_shared::config::SimSettings;
 
@@ -89,7 +89,11 @@ impl SimState {
 
     fn new_id(&mut self, prefix: &str) -> String {
         self.next_id += 1;
-        format!("{prefix}{:016x}{:08x}", nuid_like(self.next_id), self.next_id)
+        format!(
+            "{prefix}{:016x}{:08x}",
+            nuid_like(self.next_id),
+            self.next_id
+        )
     }
 
     /// Moves a batch along by the clock and returns its API object.
@@ -107,20 +111,36 @@ impl SimState {
         let mut completed = 0;
         if batch.ended.is_none() {
             if batch.errors.is_some() && elapsed >= validating {
-                batch.ended = Some(Ended { status: "failed", at: unix_now(), completed: 0, output_file_id: None });
+                batch.ended = Some(Ended {
+                    status: "failed",
+                    at: unix_now(),
+                    completed: 0,
+                    output_file_id: None,
+                });
             } else if let Some(cancelled) = batch.cancel_requested {
                 let done = progress_at(cancelled);
                 let output = self.write_output(&batch, done);
-                batch.ended = Some(Ended { status: "cancelled", at: unix_now(), completed: done, output_file_id: output });
+                batch.ended = Some(Ended {
+                    status: "cancelled",
+                    at: unix_now(),
+                    completed: done,
+                    output_file_id: output,
+                });
             } else if elapsed >= validating {
                 completed = progress_at(Instant::now());
                 status = "in_progress";
                 if completed >= batch.total {
-                    let all_done_after = validating + Duration::from_secs_f64(batch.total as f64 / rate);
+                    let all_done_after =
+                        validating + Duration::from_secs_f64(batch.total as f64 / rate);
                     status = "finalizing";
                     if elapsed >= all_done_after + finalizing {
                         let output = self.write_output(&batch, batch.total);
-                        batch.ended = Some(Ended { status: "completed", at: unix_now(), completed: batch.total, output_file_id: output });
+                        batch.ended = Some(Ended {
+                            status: "completed",
+                            at: unix_now(),
+                            completed: batch.total,
+                            output_file_id: output,
+                        });
                     }
                 }
             }
@@ -178,7 +198,10 @@ impl SimState {
             .enumerate()
             .map(|(index, line)| answer_line(&batch.id, index, line))
             .collect();
-        let seed = batch.id.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        let seed = batch
+            .id
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
         lines.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
         let mut bytes = lines.join("\n");
         bytes.push('\n');
@@ -203,7 +226,10 @@ fn nuid_like(n: u64) -> u64 {
 fn answer_line(batch_id: &str, index: usize, line: &[u8]) -> String {
     let request: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
     let body = &request["body"];
-    let schema = body.pointer("/response_format/json_schema/schema").cloned().unwrap_or(json!({}));
+    let schema = body
+        .pointer("/response_format/json_schema/schema")
+        .cloned()
+        .unwrap_or(json!({}));
     let user = body
         .get("messages")
         .and_then(Value::as_array)
@@ -240,7 +266,9 @@ fn answer_line(batch_id: &str, index: usize, line: &[u8]) -> String {
 }
 
 fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub fn router(state: Shared) -> Router {
@@ -277,24 +305,44 @@ async fn upload_file(State(state): State<Shared>, mut multipart: Multipart) -> R
                 _ => {}
             },
             Ok(None) => break,
-            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid multipart body: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid multipart body: {e}"),
+                );
+            }
         }
     }
     let Some(purpose) = purpose else {
-        return error(StatusCode::BAD_REQUEST, "Missing required parameter: 'purpose'.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Missing required parameter: 'purpose'.",
+        );
     };
     let (Some(content), Some(filename)) = (content, filename) else {
-        return error(StatusCode::BAD_REQUEST, "Missing required parameter: 'file'.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Missing required parameter: 'file'.",
+        );
     };
     if purpose == "batch" && !filename.ends_with(".jsonl") {
-        return error(StatusCode::BAD_REQUEST, "Invalid file format for Batch API. Must be .jsonl");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Invalid file format for Batch API. Must be .jsonl",
+        );
     }
     if purpose == "batch" && content.len() > 200 * 1024 * 1024 {
         return error(StatusCode::BAD_REQUEST, "File is too large.");
     }
     let mut state = lock(&state);
     let id = state.new_id("file-");
-    let file = SimFile { id: id.clone(), bytes: content, filename, purpose, created_at: unix_now() };
+    let file = SimFile {
+        id: id.clone(),
+        bytes: content,
+        filename,
+        purpose,
+        created_at: unix_now(),
+    };
     let object = file_object(&file);
     state.files.insert(id, file);
     state.files_uploaded += 1;
@@ -306,8 +354,10 @@ async fn list_files(State(state): State<Shared>) -> Response {
     let mut files: Vec<&SimFile> = state.files.values().collect();
     files.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
     let data: Vec<Value> = files.iter().map(|f| file_object(f)).collect();
-    Json(json!({"object": "list", "data": data, "first_id": data.first().map(|f| f["id"].clone()),
-                "last_id": data.last().map(|f| f["id"].clone()), "has_more": false}))
+    Json(
+        json!({"object": "list", "data": data, "first_id": data.first().map(|f| f["id"].clone()),
+                "last_id": data.last().map(|f| f["id"].clone()), "has_more": false}),
+    )
     .into_response()
 }
 
@@ -327,7 +377,12 @@ async fn delete_file(State(state): State<Shared>, Path(id): Path<String>) -> Res
 
 async fn file_content(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     match lock(&state).files.get(&id) {
-        Some(file) => (StatusCode::OK, [("content-type", "application/octet-stream")], file.bytes.clone()).into_response(),
+        Some(file) => (
+            StatusCode::OK,
+            [("content-type", "application/octet-stream")],
+            file.bytes.clone(),
+        )
+            .into_response(),
         None => error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
     }
 }
@@ -345,33 +400,75 @@ struct CreateBatch {
 fn validate_lines(bytes: &[u8], endpoint: &str) -> (u64, Option<Vec<Value>>) {
     let mut total = 0;
     let mut seen = std::collections::HashSet::new();
-    for (number, line) in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    for (number, line) in bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
         total += 1;
         let line_number = number as u64 + 1;
-        let fail = |code: &str, message: &str| Some(vec![json!({"code": code, "message": message, "param": null, "line": line_number})]);
+        let fail = |code: &str, message: &str| {
+            Some(vec![
+                json!({"code": code, "message": message, "param": null, "line": line_number}),
+            ])
+        };
         let Ok(request) = serde_json::from_slice::<Value>(line) else {
-            return (total, fail("invalid_json_line", "This line is not parseable as valid JSON."));
+            return (
+                total,
+                fail(
+                    "invalid_json_line",
+                    "This line is not parseable as valid JSON.",
+                ),
+            );
         };
         let Some(custom_id) = request["custom_id"].as_str() else {
-            return (total, fail("missing_required_parameter", "custom_id is required."));
+            return (
+                total,
+                fail("missing_required_parameter", "custom_id is required."),
+            );
         };
         if !seen.insert(custom_id.to_owned()) {
-            return (total, fail("duplicate_custom_id", "The custom_id for this request is a duplicate of another request."));
+            return (
+                total,
+                fail(
+                    "duplicate_custom_id",
+                    "The custom_id for this request is a duplicate of another request.",
+                ),
+            );
         }
         if request["url"].as_str() != Some(endpoint) {
-            return (total, fail("url_mismatch", "The provided URL for this request does not match the batch endpoint."));
+            return (
+                total,
+                fail(
+                    "url_mismatch",
+                    "The provided URL for this request does not match the batch endpoint.",
+                ),
+            );
         }
     }
     if total == 0 {
-        return (0, Some(vec![json!({"code": "empty_file", "message": "The batch input file is empty.", "param": null, "line": null})]));
+        return (
+            0,
+            Some(vec![
+                json!({"code": "empty_file", "message": "The batch input file is empty.", "param": null, "line": null}),
+            ]),
+        );
     }
     if total > 50_000 {
-        return (total, Some(vec![json!({"code": "too_many_tasks", "message": "The batch has more than 50,000 requests.", "param": null, "line": null})]));
+        return (
+            total,
+            Some(vec![
+                json!({"code": "too_many_tasks", "message": "The batch has more than 50,000 requests.", "param": null, "line": null}),
+            ]),
+        );
     }
     (total, None)
 }
 
-async fn create_batch(State(state): State<Shared>, body: Result<Json<CreateBatch>, axum::extract::rejection::JsonRejection>) -> Response {
+async fn create_batch(
+    State(state): State<Shared>,
+    body: Result<Json<CreateBatch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
     let Json(request) = match body {
         Ok(body) => body,
         Err(rejection) => return error(StatusCode::BAD_REQUEST, &rejection.body_text()),
@@ -379,21 +476,41 @@ async fn create_batch(State(state): State<Shared>, body: Result<Json<CreateBatch
     if request.completion_window != "24h" {
         return error(StatusCode::BAD_REQUEST, "completion_window must be 24h");
     }
-    if let Some(metadata) = request.metadata.as_ref().and_then(Value::as_object) {
-        if metadata.len() > 16 || metadata.iter().any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|v| v.len() > 512)) {
-            return error(StatusCode::BAD_REQUEST, "metadata: at most 16 string pairs, keys up to 64 and values up to 512 characters");
-        }
+    let metadata_ok = |metadata: &serde_json::Map<String, Value>| {
+        metadata.len() <= 16
+            && metadata
+                .iter()
+                .all(|(k, v)| k.len() <= 64 && v.as_str().is_some_and(|v| v.len() <= 512))
+    };
+    if let Some(metadata) = request.metadata.as_ref().and_then(Value::as_object)
+        && !metadata_ok(metadata)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "metadata: at most 16 string pairs, keys up to 64 and values up to 512 characters",
+        );
     }
     let mut state = lock(&state);
     let Some(file) = state.files.get(&request.input_file_id) else {
-        return error(StatusCode::NOT_FOUND, &format!("No such File object: {}", request.input_file_id));
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("No such File object: {}", request.input_file_id),
+        );
     };
     if file.purpose != "batch" {
-        return error(StatusCode::BAD_REQUEST, "The input file must have purpose batch.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "The input file must have purpose batch.",
+        );
     }
     let (total, errors) = validate_lines(&file.bytes, &request.endpoint);
     let id = state.new_id("batch_");
-    if let Some(shard) = request.metadata.as_ref().and_then(|m| m.get("rowsmith_shard")).and_then(Value::as_str) {
+    if let Some(shard) = request
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("rowsmith_shard"))
+        .and_then(Value::as_str)
+    {
         *state.batches_per_shard.entry(shard.to_owned()).or_default() += 1;
     }
     let batch = SimBatch {
@@ -419,7 +536,10 @@ async fn create_batch(State(state): State<Shared>, body: Result<Json<CreateBatch
 async fn get_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     match lock(&state).advance(&id) {
         Some(object) => Json(object).into_response(),
-        None => error(StatusCode::NOT_FOUND, &format!("No such Batch object: {id}")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            &format!("No such Batch object: {id}"),
+        ),
     }
 }
 
@@ -435,7 +555,11 @@ async fn list_batches(State(state): State<Shared>, Query(query): Query<ListQuery
     // Newest first; `after` is the last id of the previous page.
     let ids: Vec<String> = state.batch_order.iter().rev().cloned().collect();
     let start = match &query.after {
-        Some(after) => ids.iter().position(|id| id == after).map(|i| i + 1).unwrap_or(ids.len()),
+        Some(after) => ids
+            .iter()
+            .position(|id| id == after)
+            .map(|i| i + 1)
+            .unwrap_or(ids.len()),
         None => 0,
     };
     let page: Vec<String> = ids.iter().skip(start).take(limit).cloned().collect();
@@ -448,10 +572,19 @@ async fn list_batches(State(state): State<Shared>, Query(query): Query<ListQuery
 async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     let mut state = lock(&state);
     let Some(object) = state.advance(&id) else {
-        return error(StatusCode::NOT_FOUND, &format!("No such Batch object: {id}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("No such Batch object: {id}"),
+        );
     };
-    if matches!(object["status"].as_str(), Some("completed" | "failed" | "expired" | "cancelled")) {
-        return error(StatusCode::CONFLICT, &format!("Cannot cancel a batch with status {}.", object["status"]));
+    if matches!(
+        object["status"].as_str(),
+        Some("completed" | "failed" | "expired" | "cancelled")
+    ) {
+        return error(
+            StatusCode::CONFLICT,
+            &format!("Cannot cancel a batch with status {}.", object["status"]),
+        );
     }
     if let Some(batch) = state.batches.get_mut(&id) {
         batch.cancel_requested.get_or_insert(Instant::now());

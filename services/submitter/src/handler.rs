@@ -4,13 +4,13 @@
 //! created, and the batch id after. A redelivery that finds a file id but no batch id first
 //! asks the provider for a batch carrying the shard key in its metadata.
 
-use rowsmith_shared::bus::{decode, Cas, Delivery, Outcome};
-use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::{settle, StepError};
-use rowsmith_shared::messages::{subjects, BatchSubmitted, ShardReady};
-use rowsmith_shared::providers::{BatchProvider, BatchRef, Providers};
-use rowsmith_shared::records::{job_key, shard_key, JobRecord, ShardRecord, ShardState};
 use rowsmith_shared::bus::Bus;
+use rowsmith_shared::bus::{Cas, Delivery, Outcome, decode};
+use rowsmith_shared::events::{Event, EventKind};
+use rowsmith_shared::jobs::{StepError, settle};
+use rowsmith_shared::messages::{BatchSubmitted, ShardReady, subjects};
+use rowsmith_shared::providers::{BatchProvider, BatchRef, Providers};
+use rowsmith_shared::records::{JobRecord, ShardRecord, ShardState, job_key, shard_key};
 use rowsmith_shared::storage::Store;
 
 #[derive(Debug, Clone)]
@@ -42,7 +42,12 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
             return Ok(());
         }
         Some(_) => {}
-        None => return Err(StepError::Job(format!("shard {} has no job record", key.dotted()))),
+        None => {
+            return Err(StepError::Job(format!(
+                "shard {} has no job record",
+                key.dotted()
+            )));
+        }
     }
     let (mut record, _) = bus
         .read::<ShardRecord>(&record_key)
@@ -54,15 +59,20 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
         let lines = submitter.store.get_bytes(&ready.requests_path).await?;
         let file_id = provider.upload(key, lines).await?;
         record = bus
-            .modify(&record_key, |shard: &mut ShardRecord| -> Result<Cas<ShardRecord>, StepError> {
-                if shard.provider_file_id.is_some() {
-                    // Another delivery uploaded first; use its file.
-                    return Ok(Cas::Keep(shard.clone()));
-                }
-                shard.transition(ShardState::Uploading).map_err(|e| StepError::Job(e.to_string()))?;
-                shard.provider_file_id = Some(file_id.clone());
-                Ok(Cas::Write(shard.clone()))
-            })
+            .modify(
+                &record_key,
+                |shard: &mut ShardRecord| -> Result<Cas<ShardRecord>, StepError> {
+                    if shard.provider_file_id.is_some() {
+                        // Another delivery uploaded first; use its file.
+                        return Ok(Cas::Keep(shard.clone()));
+                    }
+                    shard
+                        .transition(ShardState::Uploading)
+                        .map_err(|e| StepError::Job(e.to_string()))?;
+                    shard.provider_file_id = Some(file_id.clone());
+                    Ok(Cas::Write(shard.clone()))
+                },
+            )
             .await?;
     }
 
@@ -78,14 +88,19 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
                 None => provider.create(key, &file_id).await?,
             };
             let BatchRef { id } = batch;
-            bus.modify(&record_key, |shard: &mut ShardRecord| -> Result<Cas<String>, StepError> {
-                if let Some(existing) = &shard.provider_batch_id {
-                    return Ok(Cas::Keep(existing.clone()));
-                }
-                shard.transition(ShardState::Submitted).map_err(|e| StepError::Job(e.to_string()))?;
-                shard.provider_batch_id = Some(id.clone());
-                Ok(Cas::Write(id.clone()))
-            })
+            bus.modify(
+                &record_key,
+                |shard: &mut ShardRecord| -> Result<Cas<String>, StepError> {
+                    if let Some(existing) = &shard.provider_batch_id {
+                        return Ok(Cas::Keep(existing.clone()));
+                    }
+                    shard
+                        .transition(ShardState::Submitted)
+                        .map_err(|e| StepError::Job(e.to_string()))?;
+                    shard.provider_batch_id = Some(id.clone());
+                    Ok(Cas::Write(id.clone()))
+                },
+            )
             .await?
         }
     };
@@ -95,13 +110,26 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
         batch_id: batch_id.clone(),
         submitted_at_ms: rowsmith_shared::now_unix_ms(),
     };
-    bus.publish(subjects::BATCHES_SUBMITTED, &format!("submitted.{}", key.dotted()), &submitted).await?;
+    bus.publish(
+        subjects::BATCHES_SUBMITTED,
+        &format!("submitted.{}", key.dotted()),
+        &submitted,
+    )
+    .await?;
     tracing::info!(job_id = %key.job_id, attempt = key.attempt, shard = key.shard, %batch_id, "batch submitted");
-    let counts = bus.read::<JobRecord>(&job_key(&key.job_id)).await?.map(|(j, _)| j.counts).unwrap_or_default();
+    let counts = bus
+        .read::<JobRecord>(&job_key(&key.job_id))
+        .await?
+        .map(|(j, _)| j.counts)
+        .unwrap_or_default();
     let message = format!(
         "shard {} of attempt {} submitted as batch {batch_id} ({} requests)",
         key.shard, key.attempt, record.request_count
     );
-    bus.emit(&Event::new(&key.job_id, EventKind::ShardSubmitted, message, counts).with_shard(key.clone())).await;
+    bus.emit(
+        &Event::new(&key.job_id, EventKind::ShardSubmitted, message, counts)
+            .with_shard(key.clone()),
+    )
+    .await;
     Ok(())
 }

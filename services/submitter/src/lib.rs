@@ -4,5 +4,5 @@
 pub mod handler;
 pub mod service;
 
-pub use handler::{handle, Submitter};
+pub use handler::{Submitter, handle};
 pub use service::run;

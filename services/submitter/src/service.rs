@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{run_worker, Bus, ConsumerSpec};
+use rowsmith_shared::bus::{Bus, ConsumerSpec, run_worker};
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::providers::Providers;
 use rowsmith_shared::storage::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{handle, Submitter};
+use crate::handler::{Submitter, handle};
 
 pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
     ConsumerSpec {
@@ -31,10 +31,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;
-    run_worker(consumer, spec, settings.submitter.concurrency, shutdown, move |delivery| {
-        let submitter = submitter.clone();
-        async move { handle(&submitter, delivery).await }
-    })
+    run_worker(
+        consumer,
+        spec,
+        settings.submitter.concurrency,
+        shutdown,
+        move |delivery| {
+            let submitter = submitter.clone();
+            async move { handle(&submitter, delivery).await }
+        },
+    )
     .await?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::messages::ShardKey;
-use crate::storage::{Store, StorageError};
+use crate::storage::{StorageError, Store};
 
 pub use openai::OpenAiClient;
 
@@ -44,7 +44,10 @@ pub enum BatchState {
 
 impl BatchState {
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Completed | Self::Expired | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Expired | Self::Failed | Self::Cancelled
+        )
     }
 
     pub fn as_str(&self) -> &str {
@@ -84,11 +87,24 @@ pub struct ResultFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("{provider} answered HTTP {status} to {operation}: {message}")]
-    Http { provider: String, operation: &'static str, status: u16, message: String },
+    Http {
+        provider: String,
+        operation: &'static str,
+        status: u16,
+        message: String,
+    },
     #[error("{provider} could not be reached for {operation}: {message}")]
-    Transport { provider: String, operation: &'static str, message: String },
+    Transport {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
     #[error("{provider} answered {operation} with something unexpected: {message}")]
-    Decode { provider: String, operation: &'static str, message: String },
+    Decode {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
     #[error("provider {0:?} is not configured; providers are: sim, openai")]
     Unknown(String),
     #[error(transparent)]
@@ -99,8 +115,11 @@ impl ProviderError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Http { status, message, .. } => {
-                matches!(status, 408 | 409 | 429 | 500..=599) && !message.contains("insufficient_quota")
+            ProviderError::Http {
+                status, message, ..
+            } => {
+                matches!(status, 408 | 409 | 429 | 500..=599)
+                    && !message.contains("insufficient_quota")
             }
             ProviderError::Transport { .. } | ProviderError::Storage(_) => true,
             ProviderError::Decode { .. } | ProviderError::Unknown(_) => false,
@@ -113,12 +132,26 @@ pub trait BatchProvider: Send + Sync {
     fn name(&self) -> &str;
     fn limits(&self) -> Limits;
     /// Uploads a shard's request lines; returns the provider's file id.
-    fn upload(&self, key: &ShardKey, lines: Bytes) -> impl Future<Output = Result<String, ProviderError>> + Send;
+    fn upload(
+        &self,
+        key: &ShardKey,
+        lines: Bytes,
+    ) -> impl Future<Output = Result<String, ProviderError>> + Send;
     /// Creates the batch for an uploaded file, tagged with the shard key.
-    fn create(&self, key: &ShardKey, file_id: &str) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
+    fn create(
+        &self,
+        key: &ShardKey,
+        file_id: &str,
+    ) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
     /// Looks for a batch already created for this shard key.
-    fn find(&self, key: &ShardKey) -> impl Future<Output = Result<Option<BatchRef>, ProviderError>> + Send;
-    fn status(&self, batch: &BatchRef) -> impl Future<Output = Result<BatchStatus, ProviderError>> + Send;
+    fn find(
+        &self,
+        key: &ShardKey,
+    ) -> impl Future<Output = Result<Option<BatchRef>, ProviderError>> + Send;
+    fn status(
+        &self,
+        batch: &BatchRef,
+    ) -> impl Future<Output = Result<BatchStatus, ProviderError>> + Send;
     /// Stores the ended batch's output and error files under the shard's result keys.
     fn download(
         &self,

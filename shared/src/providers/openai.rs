@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::{BatchProvider, BatchRef, BatchState, BatchStatus, Limits, ProviderError, ResultFiles};
 use crate::messages::ShardKey;
-use crate::storage::{layout, Store};
+use crate::storage::{Store, layout};
 
 /// Metadata key that names the shard a batch was created for (reconciliation looks it up).
 pub const SHARD_METADATA_KEY: &str = "rowsmith_shard";
@@ -164,7 +164,9 @@ impl OpenAiClient {
             }
             let backoff = Duration::from_millis(250 * 2u64.pow(attempt - 1));
             let jitter = Duration::from_millis(rand::random_range(0..100));
-            let wait = wait.unwrap_or(backoff + jitter).min(Duration::from_secs(60));
+            let wait = wait
+                .unwrap_or(backoff + jitter)
+                .min(Duration::from_secs(60));
             tracing::warn!(provider = %self.name, operation, attempt, %error, ?wait, "provider call failed, retrying");
             tokio::time::sleep(wait).await;
         }
@@ -175,11 +177,14 @@ impl OpenAiClient {
         operation: &'static str,
         response: reqwest::Response,
     ) -> Result<T, ProviderError> {
-        let bytes = response.bytes().await.map_err(|e| ProviderError::Transport {
-            provider: self.name.clone(),
-            operation,
-            message: e.without_url().to_string(),
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::Transport {
+                provider: self.name.clone(),
+                operation,
+                message: e.without_url().to_string(),
+            })?;
         serde_json::from_slice(&bytes).map_err(|e| ProviderError::Decode {
             provider: self.name.clone(),
             operation,
@@ -196,11 +201,14 @@ impl OpenAiClient {
     pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
         let url = self.url(&format!("/files/{file_id}/content"));
         let response = self.send("download file", || self.http.get(&url)).await?;
-        response.bytes().await.map_err(|e| ProviderError::Transport {
-            provider: self.name.clone(),
-            operation: "download file",
-            message: e.without_url().to_string(),
-        })
+        response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::Transport {
+                provider: self.name.clone(),
+                operation: "download file",
+                message: e.without_url().to_string(),
+            })
     }
 }
 
@@ -231,7 +239,10 @@ fn error_message(body: String) -> String {
         .unwrap_or_default();
     let mut text = format!("{message}{code}");
     if text.len() > 500 {
-        let cut = (0..=500).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=500)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
         text.truncate(cut);
     }
     text
@@ -258,7 +269,10 @@ impl Batch {
                 e.data
                     .iter()
                     .map(|item| {
-                        let line = item.line.map(|l| format!(" (line {l})")).unwrap_or_default();
+                        let line = item
+                            .line
+                            .map(|l| format!(" (line {l})"))
+                            .unwrap_or_default();
                         format!(
                             "{}: {}{line}",
                             item.code.as_deref().unwrap_or("error"),
@@ -286,7 +300,10 @@ impl BatchProvider for OpenAiClient {
     }
 
     fn limits(&self) -> Limits {
-        Limits { max_requests: 50_000, max_bytes: 200 * 1024 * 1024 }
+        Limits {
+            max_requests: 50_000,
+            max_bytes: 200 * 1024 * 1024,
+        }
     }
 
     async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
@@ -297,7 +314,9 @@ impl BatchProvider for OpenAiClient {
                 .file_name(file_name.clone())
                 .mime_str("application/jsonl")
                 .unwrap_or_else(|_| reqwest::multipart::Part::stream(lines.clone()));
-            let form = reqwest::multipart::Form::new().text("purpose", "batch").part("file", part);
+            let form = reqwest::multipart::Form::new()
+                .text("purpose", "batch")
+                .part("file", part);
             self.http.post(&url).multipart(form)
         };
         let response = self.send("upload file", build).await?;
@@ -316,7 +335,9 @@ impl BatchProvider for OpenAiClient {
                 JOB_METADATA_KEY: key.job_id,
             },
         });
-        let response = self.send("create batch", || self.http.post(&url).json(&body)).await?;
+        let response = self
+            .send("create batch", || self.http.post(&url).json(&body))
+            .await?;
         let batch: Batch = self.json("create batch", response).await?;
         Ok(BatchRef { id: batch.id })
     }
@@ -333,9 +354,15 @@ impl BatchProvider for OpenAiClient {
             let response = self.send("list batches", || self.http.get(&url)).await?;
             let list: BatchList = self.json("list batches", response).await?;
             if let Some(found) = list.data.iter().find(|batch| {
-                batch.metadata.as_ref().and_then(|m| m.get(SHARD_METADATA_KEY)) == Some(&wanted)
+                batch
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.get(SHARD_METADATA_KEY))
+                    == Some(&wanted)
             }) {
-                return Ok(Some(BatchRef { id: found.id.clone() }));
+                return Ok(Some(BatchRef {
+                    id: found.id.clone(),
+                }));
             }
             match list.data.last() {
                 Some(last) if list.has_more => after = Some(last.id.clone()),
@@ -358,12 +385,16 @@ impl BatchProvider for OpenAiClient {
         let mut files = ResultFiles::default();
         if let Some(file_id) = &status.output_file_id {
             let path = layout::results_output(key);
-            store.put_bytes(&path, self.file_content(file_id).await?).await?;
+            store
+                .put_bytes(&path, self.file_content(file_id).await?)
+                .await?;
             files.output_path = Some(path);
         }
         if let Some(file_id) = &status.error_file_id {
             let path = layout::results_errors(key);
-            store.put_bytes(&path, self.file_content(file_id).await?).await?;
+            store
+                .put_bytes(&path, self.file_content(file_id).await?)
+                .await?;
             files.errors_path = Some(path);
         }
         Ok(files)
@@ -374,7 +405,9 @@ impl BatchProvider for OpenAiClient {
         match self.send("cancel batch", || self.http.post(&url)).await {
             Ok(_) => Ok(()),
             // Already ended: nothing to cancel.
-            Err(ProviderError::Http { status, .. }) if status == StatusCode::CONFLICT.as_u16() => Ok(()),
+            Err(ProviderError::Http { status, .. }) if status == StatusCode::CONFLICT.as_u16() => {
+                Ok(())
+            }
             Err(error) => Err(error),
         }
     }

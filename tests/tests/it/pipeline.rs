@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures::StreamExt;
 use serde_json::Value;
 
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::records::JobState;
-use rowsmith_shared::spec::{parse_field, JobOptions, JobSpec};
+use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
 use rowsmith_tests::Stack;
 
 const COLUMNS: [&str; 5] = ["sku", "name", "price", "description", "notes"];
@@ -17,7 +17,9 @@ fn spec(job_id: &str, input: &str, target: &str) -> JobSpec {
     JobSpec {
         job_id: Some(job_id.into()),
         input: input.into(),
-        instructions: "Write an SEO title of at most 60 characters, pick a category, tags, price, stock.".into(),
+        instructions:
+            "Write an SEO title of at most 60 characters, pick a category, tags, price, stock."
+                .into(),
         target_columns: vec![target.into()],
         context_columns: None,
         fields: [
@@ -44,14 +46,21 @@ fn awkward_rows(count: usize) -> Vec<Vec<String>> {
             let description = if i % 10 == 7 {
                 String::new()
             } else {
-                format!("Produkt №{i}: a \"sturdy\", bright toy,\nwith a second line — ✓ {}", "é".repeat(i % 4))
+                format!(
+                    "Produkt №{i}: a \"sturdy\", bright toy,\nwith a second line — ✓ {}",
+                    "é".repeat(i % 4)
+                )
             };
             vec![
                 format!("{:05}", i * 7 % 1000),
                 format!("Item {i}, deluxe"),
                 format!("{}.{:02}", i % 90, (i * 13) % 100),
                 description,
-                if i % 3 == 0 { String::new() } else { format!("  padded {i}  ") },
+                if i % 3 == 0 {
+                    String::new()
+                } else {
+                    format!("  padded {i}  ")
+                },
             ]
         })
         .collect()
@@ -68,7 +77,12 @@ fn to_csv(rows: &[Vec<String>]) -> Vec<u8> {
 
 fn read_csv(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
-    let header = reader.headers().expect("header").iter().map(str::to_owned).collect();
+    let header = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
     let rows = reader
         .records()
         .map(|r| r.expect("record").iter().map(str::to_owned).collect())
@@ -82,38 +96,80 @@ async fn a_thousand_awkward_rows_come_back_whole_in_order_with_typed_new_columns
     let rows = awkward_rows(1000);
     let input = stack.upload_input("awkward.csv", to_csv(&rows)).await;
     stack.submit(&spec("awkward", &input, "description")).await;
-    let job = stack.wait_for_end("awkward", Duration::from_secs(120)).await;
+    let job = stack
+        .wait_for_end("awkward", Duration::from_secs(120))
+        .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
 
-    let enriched = stack.read_text(job.outputs.enriched_csv.as_deref().expect("csv output")).await;
+    let enriched = stack
+        .read_text(job.outputs.enriched_csv.as_deref().expect("csv output"))
+        .await;
     let (header, out_rows) = read_csv(&enriched);
-    assert_eq!(header, ["sku", "name", "price", "description", "notes", "seo_title", "category", "in_stock", "tags", "price_eur"]);
+    assert_eq!(
+        header,
+        [
+            "sku",
+            "name",
+            "price",
+            "description",
+            "notes",
+            "seo_title",
+            "category",
+            "in_stock",
+            "tags",
+            "price_eur"
+        ]
+    );
     assert_eq!(out_rows.len(), rows.len(), "every input row once");
     for (index, (input_row, output_row)) in rows.iter().zip(&out_rows).enumerate() {
-        assert_eq!(&output_row[..5], &input_row[..], "row {index}: original cells changed or reordered");
+        assert_eq!(
+            &output_row[..5],
+            &input_row[..],
+            "row {index}: original cells changed or reordered"
+        );
         let new = &output_row[5..];
         if input_row[3].is_empty() {
-            assert!(new.iter().all(String::is_empty), "skipped row {index} got values: {new:?}");
+            assert!(
+                new.iter().all(String::is_empty),
+                "skipped row {index} got values: {new:?}"
+            );
             continue;
         }
         assert!(!new[0].is_empty(), "row {index}: empty seo_title");
-        assert!(["toys", "tools", "garden"].contains(&new[1].as_str()), "row {index}: category {}", new[1]);
-        assert!(["true", "false"].contains(&new[2].as_str()), "row {index}: in_stock {}", new[2]);
-        let tags: Vec<String> = serde_json::from_str(&new[3]).unwrap_or_else(|_| panic!("row {index}: tags {}", new[3]));
+        assert!(
+            ["toys", "tools", "garden"].contains(&new[1].as_str()),
+            "row {index}: category {}",
+            new[1]
+        );
+        assert!(
+            ["true", "false"].contains(&new[2].as_str()),
+            "row {index}: in_stock {}",
+            new[2]
+        );
+        let tags: Vec<String> = serde_json::from_str(&new[3])
+            .unwrap_or_else(|_| panic!("row {index}: tags {}", new[3]));
         assert!(!tags.is_empty());
-        new[4].parse::<f64>().unwrap_or_else(|_| panic!("row {index}: price_eur {}", new[4]));
+        new[4]
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("row {index}: price_eur {}", new[4]));
     }
     // Answers are derived from each row's text: rows differ.
     let titles: std::collections::HashSet<&String> = out_rows.iter().map(|r| &r[5]).collect();
     assert!(titles.len() > 800, "only {} distinct titles", titles.len());
 
-    let manifest: Value = serde_json::from_str(&stack.read_text(job.outputs.manifest.as_deref().expect("manifest")).await)
-        .expect("manifest json");
+    let manifest: Value = serde_json::from_str(
+        &stack
+            .read_text(job.outputs.manifest.as_deref().expect("manifest"))
+            .await,
+    )
+    .expect("manifest json");
     assert_eq!(manifest["rows"]["total"], 1000);
     assert_eq!(manifest["rows"]["skipped"], 100);
     assert_eq!(manifest["rows"]["succeeded"], 900);
     assert_eq!(manifest["rows"]["failed"], 0);
-    let failures = stack.read_text(job.outputs.failures_csv.as_deref().expect("failures")).await;
+    let failures = stack
+        .read_text(job.outputs.failures_csv.as_deref().expect("failures"))
+        .await;
     assert_eq!(read_csv(&failures).1.len(), 0);
     assert!(job.outputs.enriched_parquet.is_some());
 }
@@ -132,24 +188,42 @@ async fn a_job_over_the_request_cap_makes_three_batches_and_one_table() {
     let mut job_spec = spec("three-shards", &input, "description");
     job_spec.options.max_requests_per_batch = 1000;
     stack.submit(&job_spec).await;
-    let job = stack.wait_for_end("three-shards", Duration::from_secs(120)).await;
+    let job = stack
+        .wait_for_end("three-shards", Duration::from_secs(120))
+        .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.shards_per_attempt, [3]);
     let stats = stack.sim_stats().await;
     assert_eq!(stats["batches_created"], 3);
     for shard in 0..3 {
-        assert_eq!(stats["batches_per_shard"][format!("three-shards.1.{shard}")], 1, "{stats}");
+        assert_eq!(
+            stats["batches_per_shard"][format!("three-shards.1.{shard}")],
+            1,
+            "{stats}"
+        );
     }
-    let (_, out_rows) = read_csv(&stack.read_text(job.outputs.enriched_csv.as_deref().expect("csv")).await);
+    let (_, out_rows) = read_csv(
+        &stack
+            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
+            .await,
+    );
     assert_eq!(out_rows.len(), 2500);
     let skus: Vec<&String> = out_rows.iter().map(|r| &r[0]).collect();
     let expected: Vec<&String> = rows.iter().map(|r| &r[0]).collect();
     assert_eq!(skus, expected, "rows in input order across shards");
-    assert!(out_rows.iter().all(|r| !r[5].is_empty()), "every row enriched");
+    assert!(
+        out_rows.iter().all(|r| !r[5].is_empty()),
+        "every row enriched"
+    );
 }
 
 async fn events_until_final(stack: &Stack, job_id: &str) -> Vec<Event> {
-    let stream = stack.bus.js.get_stream(rowsmith_shared::bus::EVENTS_STREAM).await.expect("events stream");
+    let stream = stack
+        .bus
+        .js
+        .get_stream(rowsmith_shared::bus::EVENTS_STREAM)
+        .await
+        .expect("events stream");
     let consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: format!("rowsmith.events.{job_id}.>"),
@@ -162,7 +236,8 @@ async fn events_until_final(stack: &Stack, job_id: &str) -> Vec<Event> {
     let mut events = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while let Ok(Some(message)) = tokio::time::timeout_at(deadline, messages.next()).await {
-        let event: Event = serde_json::from_slice(&message.expect("event").payload).expect("event json");
+        let event: Event =
+            serde_json::from_slice(&message.expect("event").payload).expect("event json");
         let done = event.kind.is_final();
         events.push(event);
         if done {
@@ -175,19 +250,26 @@ async fn events_until_final(stack: &Stack, job_id: &str) -> Vec<Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_target_column_fails_the_job_with_the_columns_and_the_next_job_completes() {
     let stack = Stack::start().await;
-    let input = stack.upload_input("small.csv", to_csv(&awkward_rows(50))).await;
+    let input = stack
+        .upload_input("small.csv", to_csv(&awkward_rows(50)))
+        .await;
     stack.submit(&spec("typo", &input, "descripton")).await;
     let failed = stack.wait_for_end("typo", Duration::from_secs(60)).await;
     assert_eq!(failed.state, JobState::Failed);
-    let expected = "target column \"descripton\" not found; columns are: sku, name, price, description, notes";
+    let expected =
+        "target column \"descripton\" not found; columns are: sku, name, price, description, notes";
     assert_eq!(failed.error.as_deref(), Some(expected));
     let events = events_until_final(&stack, "typo").await;
     let last = events.last().expect("events");
     assert_eq!(last.kind, EventKind::Failed);
     assert!(last.message.contains(expected), "{}", last.message);
 
-    stack.submit(&spec("after-typo", &input, "description")).await;
-    let good = stack.wait_for_end("after-typo", Duration::from_secs(60)).await;
+    stack
+        .submit(&spec("after-typo", &input, "description"))
+        .await;
+    let good = stack
+        .wait_for_end("after-typo", Duration::from_secs(60))
+        .await;
     assert_eq!(good.state, JobState::Completed, "{:?}", good.error);
     assert_eq!(good.counts.rows_total, 50);
 }
