@@ -180,6 +180,8 @@ pub struct SimSettings {
     pub validating: Duration,
     #[serde(with = "humantime_serde")]
     pub finalizing: Duration,
+    /// Faults for every job (a job's own, set through `POST /sim/faults/<job_id>`, win).
+    pub faults: SimFaults,
 }
 
 impl Default for SimSettings {
@@ -189,6 +191,48 @@ impl Default for SimSettings {
             rows_per_second: 2000.0,
             validating: Duration::from_millis(300),
             finalizing: Duration::from_millis(300),
+            faults: SimFaults::default(),
+        }
+    }
+}
+
+/// Faults the simulator injects. Rates are fractions of a batch's requests, chosen by a hash
+/// of the request, so a run is repeatable. Permanent faults (HTTP 400, refusals) hit the same
+/// rows on every attempt; retryable ones only on attempts up to `retryable_until_attempt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimFaults {
+    /// Lines answered HTTP 500 (in the error file).
+    pub server_error_rate: f64,
+    /// Lines answered HTTP 400 (in the error file); permanent.
+    pub bad_request_rate: f64,
+    /// Answers that are not valid JSON.
+    pub invalid_json_rate: f64,
+    /// Answers missing a required field.
+    pub schema_violation_rate: f64,
+    /// Answers cut off with `finish_reason: length`.
+    pub length_rate: f64,
+    /// Refusals (`message.refusal`); permanent.
+    pub refusal_rate: f64,
+    pub retryable_until_attempt: u32,
+    /// Shards (of attempt 1) whose batch expires part-way, with partial output.
+    pub expire_shards: Vec<u32>,
+    /// How far an expiring batch gets (0 to 1).
+    pub expire_at_fraction: f64,
+}
+
+impl Default for SimFaults {
+    fn default() -> Self {
+        Self {
+            server_error_rate: 0.0,
+            bad_request_rate: 0.0,
+            invalid_json_rate: 0.0,
+            schema_violation_rate: 0.0,
+            length_rate: 0.0,
+            refusal_rate: 0.0,
+            retryable_until_attempt: 1,
+            expire_shards: Vec::new(),
+            expire_at_fraction: 0.5,
         }
     }
 }

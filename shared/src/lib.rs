@@ -11,6 +11,7 @@ pub mod proto;
 pub mod providers;
 pub mod records;
 pub mod render;
+pub mod shards;
 pub mod spec;
 pub mod storage;
 pub mod table;

@@ -72,6 +72,9 @@ pub struct JobRecord {
     pub shards_per_attempt: Vec<u32>,
     /// Shards of the current attempt whose rows are merged.
     pub merged_shards: Vec<u32>,
+    /// Rows of the current attempt that failed in a way another attempt may fix.
+    #[serde(default)]
+    pub retryable_failed: u64,
     /// Store key of the indexed table, once ingested.
     pub indexed_path: Option<String>,
     pub outputs: Outputs,
@@ -91,6 +94,7 @@ impl JobRecord {
             attempt: 1,
             shards_per_attempt: Vec::new(),
             merged_shards: Vec::new(),
+            retryable_failed: 0,
             indexed_path: None,
             outputs: Outputs::default(),
             error: None,

@@ -177,17 +177,32 @@ pub struct RenderStats {
     pub bytes: u64,
 }
 
-/// Renders every row of `indexed` (only `rows`, when given: the retry attempt's rows) into
-/// shards within `limits`, handing each finished shard to `emit` in order.
+/// Renders the rows of `indexed` into shards within `limits`, handing each finished shard to
+/// `emit` in order. With `retry_of`, only the rows that failed retryably in those rows files
+/// (the previous attempt's) are rendered.
 pub fn render_shards(
     indexed: &Path,
     template: &RequestTemplate,
     limits: ShardLimits,
+    retry_of: Option<&[PathBuf]>,
     mut emit: impl FnMut(Shard) -> Result<(), TableError>,
 ) -> Result<RenderStats, TableError> {
     let connection = connect()?;
+    let filter = match retry_of {
+        Some([]) => " WHERE false".to_owned(),
+        Some(files) => format!(
+            " WHERE {ROW_INDEX} IN (SELECT {ROW_INDEX} FROM read_parquet([{}]) \
+             WHERE NOT _ok AND _retryable)",
+            files
+                .iter()
+                .map(|p| path_literal(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => String::new(),
+    };
     let sql = format!(
-        "SELECT * FROM read_parquet({}) ORDER BY {ROW_INDEX}",
+        "SELECT * FROM read_parquet({}){filter} ORDER BY {ROW_INDEX}",
         path_literal(indexed)
     );
     let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
@@ -295,11 +310,15 @@ pub struct RowFailure {
     /// `not_in_enum`, `no_result`, …
     pub reason: String,
     pub message: String,
+    /// Whether another attempt may succeed (a server error, a malformed answer, expiry),
+    /// as opposed to a permanent refusal or invalid request.
+    pub retryable: bool,
 }
 
-fn rows_table_sql(fields: &[FieldSpec]) -> String {
+fn rows_table_sql(table: &str, fields: &[FieldSpec]) -> String {
     let mut sql = format!(
-        "CREATE OR REPLACE TABLE results ({ROW_INDEX} BIGINT, _ok BOOLEAN, _reason VARCHAR, _message VARCHAR"
+        "CREATE OR REPLACE TABLE {table} ({ROW_INDEX} BIGINT, _attempt INTEGER, _ok BOOLEAN, \
+         _retryable BOOLEAN, _reason VARCHAR, _message VARCHAR"
     );
     for field in fields {
         sql.push_str(&format!(", {} VARCHAR", ident(&field.name)));
@@ -308,11 +327,16 @@ fn rows_table_sql(fields: &[FieldSpec]) -> String {
     sql
 }
 
-/// Writes one shard's merged rows as Parquet.
-pub fn write_rows(path: &Path, fields: &[FieldSpec], rows: &[RowResult]) -> Result<(), TableError> {
+/// Writes one shard attempt's merged rows as Parquet.
+pub fn write_rows(
+    path: &Path,
+    fields: &[FieldSpec],
+    attempt: u32,
+    rows: &[RowResult],
+) -> Result<(), TableError> {
     let connection = connect()?;
     connection
-        .execute_batch(&rows_table_sql(fields))
+        .execute_batch(&rows_table_sql("results", fields))
         .map_err(duck("rows table"))?;
     {
         let mut appender = connection
@@ -321,7 +345,9 @@ pub fn write_rows(path: &Path, fields: &[FieldSpec], rows: &[RowResult]) -> Resu
         for row in rows {
             let mut params: Vec<duckdb::types::Value> = vec![
                 duckdb::types::Value::BigInt(row.row_index),
+                duckdb::types::Value::Int(i32::try_from(attempt).unwrap_or(i32::MAX)),
                 duckdb::types::Value::Boolean(row.failure.is_none()),
+                duckdb::types::Value::Boolean(row.failure.as_ref().is_some_and(|f| f.retryable)),
                 text_value(row.failure.as_ref().map(|f| f.reason.as_str())),
                 text_value(row.failure.as_ref().map(|f| f.message.as_str())),
             ];
@@ -375,17 +401,25 @@ pub fn finalize(
 ) -> Result<FinalCounts, TableError> {
     let connection = connect()?;
     connection
-        .execute_batch(&rows_table_sql(fields))
+        .execute_batch(&rows_table_sql("attempts", fields))
         .map_err(duck("results table"))?;
     if !rows_files.is_empty() {
         let files: Vec<String> = rows_files.iter().map(|p| path_literal(p)).collect();
         connection
             .execute_batch(&format!(
-                "INSERT INTO results BY NAME SELECT * FROM read_parquet([{}])",
+                "INSERT INTO attempts BY NAME SELECT * FROM read_parquet([{}])",
                 files.join(", ")
             ))
             .map_err(duck("read results"))?;
     }
+    // A row's result is its latest attempt's; `_attempts` counts how often it was sent.
+    connection
+        .execute_batch(&format!(
+            "CREATE TABLE results AS SELECT *, count(*) OVER (PARTITION BY {ROW_INDEX}) AS _attempts \
+             FROM attempts \
+             QUALIFY row_number() OVER (PARTITION BY {ROW_INDEX} ORDER BY _attempt DESC) = 1"
+        ))
+        .map_err(duck("latest results"))?;
     connection
         .execute_batch(&format!(
             "CREATE VIEW input AS SELECT * FROM read_parquet({})",
@@ -436,7 +470,7 @@ pub fn finalize(
     }
     connection
         .execute_batch(&format!(
-            "COPY (SELECT r.{ROW_INDEX}, r._reason, r._message, i.* EXCLUDE ({ROW_INDEX}) \
+            "COPY (SELECT r.{ROW_INDEX}, r._reason, r._message, r._attempts, i.* EXCLUDE ({ROW_INDEX}) \
              FROM results r JOIN input i USING ({ROW_INDEX}) WHERE NOT r._ok ORDER BY r.{ROW_INDEX}) \
              TO {} (FORMAT csv, HEADER true)",
             path_literal(&outputs.failures_csv)

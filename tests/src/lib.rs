@@ -138,6 +138,12 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts the stack after `configure` has adjusted the test settings (simulator faults,
+    /// pace, schedule).
+    pub async fn start_with(configure: impl FnOnce(&mut Settings)) -> Self {
         init_logging();
         let nats = NatsServer::start();
         let store_dir = tempfile::tempdir().expect("temp store");
@@ -149,6 +155,7 @@ impl Stack {
         settings.sim.rows_per_second = 20_000.0;
         settings.sim.validating = Duration::from_millis(50);
         settings.sim.finalizing = Duration::from_millis(50);
+        configure(&mut settings);
         let shutdown = CancellationToken::new();
         let (sim_address, _sim) =
             rowsmith_provider_sim::start(settings.sim.clone(), shutdown.clone())

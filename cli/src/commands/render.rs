@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use rowsmith_shared::providers::{BatchProvider, Providers};
+use rowsmith_shared::shards::{prepare_shards, shard_limits};
 use rowsmith_shared::storage::Store;
-use rowsmith_shared::table::{self, ShardLimits};
+use rowsmith_shared::table;
 
 use crate::job_args::JobArgs;
 
@@ -35,23 +36,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .await??;
     spec.validate_columns(&info.columns)?;
     let providers = Providers::from_settings(&settings)?;
-    let provider_limits = providers.get(&spec.provider)?.limits();
-    let limits = ShardLimits {
-        max_requests: spec
-            .options
-            .max_requests_per_batch
-            .min(provider_limits.max_requests),
-        max_bytes: spec.options.max_batch_bytes.min(provider_limits.max_bytes),
-    };
+    let limits = shard_limits(&spec, providers.get(&spec.provider)?.limits());
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&args.out_dir)?;
     let store = Store::from_url(&out_dir.to_string_lossy())?;
-    let (stats, _) =
-        rowsmith_ingest::prepare_shards(&store, &spec, &info.columns, &indexed, limits, 1, |key| {
-            format!("{}.jsonl", key.file_stem())
-        })
-        .await?;
+    let (stats, _) = prepare_shards(
+        &store,
+        &spec,
+        &info.columns,
+        &indexed,
+        limits,
+        1,
+        None,
+        |key| format!("{}.jsonl", key.file_stem()),
+    )
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     for shard in 0..stats.shards {
         println!("{}", out_dir.join(format!("a1-s{shard}.jsonl")).display());

@@ -1,17 +1,16 @@
 //! Handling one JobSpec.
 
-use std::path::Path;
-
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, settle};
-use rowsmith_shared::messages::{ShardKey, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
-use rowsmith_shared::render::RequestTemplate;
+use rowsmith_shared::records::{JobRecord, JobState, job_key};
+use rowsmith_shared::shards::{
+    announce_shards, create_shard_records, prepare_shards, shard_limits,
+};
 use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::{Store, layout};
-use rowsmith_shared::table::{self, RenderStats, Shard, ShardLimits, TableInfo};
+use rowsmith_shared::table::{self, TableInfo};
 
 /// What the ingest step needs.
 #[derive(Debug, Clone)]
@@ -183,14 +182,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         .map_err(|e| StepError::Job(e.to_string()))?;
 
     let provider = ingest.providers.get(&spec.provider)?;
-    let provider_limits = provider.limits();
-    let limits = ShardLimits {
-        max_requests: spec
-            .options
-            .max_requests_per_batch
-            .min(provider_limits.max_requests),
-        max_bytes: spec.options.max_batch_bytes.min(provider_limits.max_bytes),
-    };
+    let limits = shard_limits(spec, provider.limits());
     let (stats, sizes) = prepare_shards(
         &ingest.store,
         spec,
@@ -198,34 +190,11 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         &indexed,
         limits,
         1,
+        None,
         layout::requests,
     )
     .await?;
-    for (shard, size) in (0..stats.shards).zip(&sizes) {
-        let key = ShardKey {
-            job_id: job_id.to_owned(),
-            attempt: 1,
-            shard,
-        };
-        let record = ShardRecord {
-            key: key.clone(),
-            state: ShardState::Ready,
-            provider: spec.provider.clone(),
-            requests_path: layout::requests(&key),
-            request_count: size.requests,
-            bytes: size.bytes,
-            provider_file_id: None,
-            provider_batch_id: None,
-            batch_status: None,
-            output_path: None,
-            errors_path: None,
-            rows_path: None,
-            succeeded: 0,
-            failed: 0,
-            updated_at_ms: rowsmith_shared::now_unix_ms(),
-        };
-        ingest.bus.create(&shard_key(&key), &record).await?;
-    }
+    create_shard_records(&ingest.bus, spec, 1, &sizes).await?;
     let counts = Counts {
         rows_total: stats.rows,
         rows_skipped: stats.skipped,
@@ -271,35 +240,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         set_state(&ingest.bus, job_id, JobState::Merging).await?;
         return finalize_job(&ingest.bus, &ingest.store, job_id).await;
     }
-    for shard in 0..stats.shards {
-        let key = ShardKey {
-            job_id: job_id.to_owned(),
-            attempt: 1,
-            shard,
-        };
-        let (record, _) = ingest
-            .bus
-            .read::<ShardRecord>(&shard_key(&key))
-            .await?
-            .ok_or_else(|| {
-                StepError::Internal(format!("shard record {} vanished", key.dotted()))
-            })?;
-        let ready = ShardReady {
-            key: key.clone(),
-            provider: spec.provider.clone(),
-            requests_path: record.requests_path,
-            request_count: record.request_count,
-            bytes: record.bytes,
-        };
-        ingest
-            .bus
-            .publish(
-                subjects::SHARDS_READY,
-                &format!("ready.{}", key.dotted()),
-                &ready,
-            )
-            .await?;
-    }
+    announce_shards(&ingest.bus, spec, 1, stats.shards).await?;
     Ok(())
 }
 
@@ -316,55 +257,4 @@ async fn set_state(bus: &Bus, job_id: &str, next: JobState) -> Result<(), StepEr
         },
     )
     .await
-}
-
-/// Requests and bytes of one rendered shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardSize {
-    pub requests: u64,
-    pub bytes: u64,
-}
-
-/// Renders the request shards of one attempt into the store at `shard_path(key)` and returns
-/// the totals and each shard's size. The CLI's offline `render` runs this same code.
-pub async fn prepare_shards(
-    store: &Store,
-    spec: &JobSpec,
-    columns: &[String],
-    indexed: &Path,
-    limits: ShardLimits,
-    attempt: u32,
-    shard_path: impl Fn(&ShardKey) -> String,
-) -> Result<(RenderStats, Vec<ShardSize>), StepError> {
-    let job_id = spec.id().to_owned();
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Shard>(1);
-    let template = RequestTemplate::new(spec, columns);
-    let indexed = indexed.to_owned();
-    let render = tokio::task::spawn_blocking(move || {
-        table::render_shards(&indexed, &template, limits, |shard| {
-            sender
-                .blocking_send(shard)
-                .map_err(|_| table::TableError::Duckdb {
-                    what: "render",
-                    message: "the shard writer stopped".into(),
-                })
-        })
-    });
-    let mut sizes = Vec::new();
-    while let Some(shard) = receiver.recv().await {
-        let key = ShardKey {
-            job_id: job_id.clone(),
-            attempt,
-            shard: shard.number,
-        };
-        sizes.push(ShardSize {
-            requests: shard.requests,
-            bytes: shard.lines.len() as u64,
-        });
-        store
-            .put_bytes(&shard_path(&key), shard.lines.into())
-            .await?;
-    }
-    let stats = render.await??;
-    Ok((stats, sizes))
 }

@@ -5,5 +5,5 @@
 pub mod handler;
 pub mod service;
 
-pub use handler::{Ingest, ShardSize, handle, prepare_shards};
+pub use handler::{Ingest, handle};
 pub use service::run;

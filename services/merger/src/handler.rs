@@ -6,11 +6,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::events::{Event, EventKind};
+use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, finalize_job, settle};
-use rowsmith_shared::messages::BatchEnded;
+use rowsmith_shared::messages::{BatchEnded, ShardKey};
+use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
 use rowsmith_shared::render::row_index_of;
+use rowsmith_shared::shards::{
+    announce_shards, create_shard_records, prepare_shards, shard_limits,
+};
+use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::{StorageError, Store, layout};
 use rowsmith_shared::table::{self, RowFailure, RowResult};
 
@@ -20,6 +25,8 @@ use crate::validate::{LineResult, parse_line};
 pub struct Merger {
     pub bus: Bus,
     pub store: Store,
+    /// For the providers' batch limits when cutting retry shards.
+    pub providers: Providers,
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
@@ -34,6 +41,19 @@ pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
     }
 }
 
+/// What to do once a shard's rows are counted into the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Other shards of the attempt are still out.
+    Wait,
+    /// Every shard ended and retryable rows remain: start the next attempt.
+    Retry,
+    /// Every shard ended: write the outputs.
+    Finalize,
+    /// The job already moved to a later attempt: make sure its shards are announced.
+    Announce,
+}
+
 async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
     let bus = &merger.bus;
     let key = &ended.key;
@@ -44,28 +64,37 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
     if job.state.is_terminal() {
         return Ok(());
     }
-    let already_merged = job.attempt == key.attempt && job.merged_shards.contains(&key.shard);
-    let (succeeded, failed) = if already_merged {
-        (0, 0)
-    } else {
+    let current = job.attempt == key.attempt;
+    let tally = if current && !job.merged_shards.contains(&key.shard) {
         merge_shard(merger, &job, ended).await?
+    } else {
+        ShardTally::default()
     };
-    let shard = key.shard;
-    let attempt = key.attempt;
-    let finalize = bus
+    let (shard, attempt) = (key.shard, key.attempt);
+    let next = bus
         .modify(
             &job_key(&key.job_id),
-            |job: &mut JobRecord| -> Result<Cas<bool>, StepError> {
-                if job.state.is_terminal() || job.attempt != attempt {
-                    return Ok(Cas::Keep(false));
+            |job: &mut JobRecord| -> Result<Cas<Next>, StepError> {
+                if job.state.is_terminal() {
+                    return Ok(Cas::Keep(Next::Wait));
+                }
+                if job.attempt == attempt + 1 && job.state == JobState::Running {
+                    return Ok(Cas::Keep(Next::Announce));
+                }
+                if job.attempt != attempt {
+                    return Ok(Cas::Keep(Next::Wait));
                 }
                 let mut changed = false;
                 if !job.merged_shards.contains(&shard) {
                     job.merged_shards.push(shard);
-                    job.counts.succeeded += succeeded;
-                    job.counts.failed += failed;
-                    job.counts.pending = job.counts.pending.saturating_sub(succeeded + failed);
+                    job.counts.succeeded += tally.succeeded;
+                    job.counts.failed += tally.failed;
+                    job.counts.pending = job
+                        .counts
+                        .pending
+                        .saturating_sub(tally.succeeded + tally.failed);
                     job.counts.shards_ended += 1;
+                    job.retryable_failed += tally.retryable;
                     changed = true;
                 }
                 let all_merged = job.merged_shards.len() as u32 >= job.shards_in_attempt();
@@ -74,19 +103,129 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
                         .map_err(|e| StepError::Job(e.to_string()))?;
                     changed = true;
                 }
-                let finalize = all_merged && job.state == JobState::Merging;
+                let next = match (
+                    all_merged && job.state == JobState::Merging,
+                    job.retryable_failed,
+                ) {
+                    (false, _) => Next::Wait,
+                    (true, 0) => Next::Finalize,
+                    (true, _) if job.attempt < job.spec.options.max_attempts => Next::Retry,
+                    (true, _) => Next::Finalize,
+                };
                 Ok(if changed {
-                    Cas::Write(finalize)
+                    Cas::Write(next)
                 } else {
-                    Cas::Keep(finalize)
+                    Cas::Keep(next)
                 })
             },
         )
         .await?;
-    if finalize {
-        finalize_job(bus, &merger.store, &key.job_id).await?;
+    match next {
+        Next::Wait => Ok(()),
+        Next::Finalize => finalize_job(bus, &merger.store, &key.job_id).await,
+        Next::Retry => start_retry(merger, &job.spec, attempt).await,
+        Next::Announce => {
+            let (job, _) = bus
+                .read::<JobRecord>(&job_key(&key.job_id))
+                .await?
+                .ok_or_else(|| StepError::Internal("job record vanished".into()))?;
+            announce_shards(bus, &job.spec, job.attempt, job.shards_in_attempt()).await
+        }
+    }
+}
+
+/// Renders the retryable failures of attempt `attempt` into the shards of the next attempt,
+/// moves the job to it and announces the shards. Re-running it rewrites the same shards.
+async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<(), StepError> {
+    let bus = &merger.bus;
+    let store = &merger.store;
+    let job_id = spec.id();
+    let (job, _) = bus
+        .read::<JobRecord>(&job_key(job_id))
+        .await?
+        .ok_or_else(|| StepError::Internal("job record vanished".into()))?;
+    let scratch = tempfile::tempdir()?;
+    let indexed_key = job
+        .indexed_path
+        .clone()
+        .unwrap_or_else(|| layout::indexed(job_id));
+    let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
+    let mut rows_files = Vec::new();
+    for shard in 0..job.shards_in_attempt() {
+        let key = ShardKey {
+            job_id: job_id.to_owned(),
+            attempt,
+            shard,
+        };
+        rows_files.push(
+            store
+                .fetch_local(&layout::rows(&key), scratch.path())
+                .await?,
+        );
+    }
+    let indexed_for_task = indexed.clone();
+    let columns =
+        tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task)).await??;
+    let limits = shard_limits(spec, merger.providers.get(&spec.provider)?.limits());
+    let next_attempt = attempt + 1;
+    let (stats, sizes) = prepare_shards(
+        store,
+        spec,
+        &columns,
+        &indexed,
+        limits,
+        next_attempt,
+        Some(rows_files),
+        layout::requests,
+    )
+    .await?;
+    create_shard_records(bus, spec, next_attempt, &sizes).await?;
+    let moved = bus
+        .modify(
+            &job_key(job_id),
+            |job: &mut JobRecord| -> Result<Cas<Option<Counts>>, StepError> {
+                if job.attempt != attempt || job.state != JobState::Merging {
+                    return Ok(Cas::Keep(None));
+                }
+                job.shards_per_attempt.truncate(attempt as usize);
+                job.shards_per_attempt.push(stats.shards);
+                job.attempt = next_attempt;
+                job.merged_shards.clear();
+                job.counts.failed = job.counts.failed.saturating_sub(job.retryable_failed);
+                job.counts.pending += stats.requests;
+                job.counts.shards_total += u64::from(stats.shards);
+                job.retryable_failed = 0;
+                job.transition(JobState::Running)
+                    .map_err(|e| StepError::Job(e.to_string()))?;
+                Ok(Cas::Write(Some(job.counts)))
+            },
+        )
+        .await?;
+    announce_shards(bus, spec, next_attempt, stats.shards).await?;
+    if let Some(counts) = moved {
+        let message = format!(
+            "retrying {} rows that failed in attempt {attempt} as attempt {next_attempt} ({} shards)",
+            stats.requests, stats.shards
+        );
+        tracing::info!(
+            job_id,
+            attempt = next_attempt,
+            rows = stats.requests,
+            "retrying failed rows"
+        );
+        bus.emit(&Event::new(job_id, EventKind::Retrying, message, counts))
+            .await;
     }
     Ok(())
+}
+
+/// Rows of one shard attempt by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ShardTally {
+    succeeded: u64,
+    failed: u64,
+    /// Of `failed`, those another attempt may fix.
+    retryable: u64,
 }
 
 #[derive(Deserialize)]
@@ -99,7 +238,7 @@ async fn merge_shard(
     merger: &Merger,
     job: &JobRecord,
     ended: &BatchEnded,
-) -> Result<(u64, u64), StepError> {
+) -> Result<ShardTally, StepError> {
     let key = &ended.key;
     let store = &merger.store;
     let requests = store.get_bytes(&layout::requests(key)).await?;
@@ -145,22 +284,26 @@ async fn merge_shard(
         (Some(failure), _) => RowFailure {
             reason: "batch_failed".into(),
             message: failure.clone(),
+            retryable: true,
         },
         (None, "expired") => RowFailure {
             reason: "batch_expired".into(),
             message: "the batch expired before this row was done".into(),
+            retryable: true,
         },
         (None, "cancelled") => RowFailure {
             reason: "cancelled".into(),
             message: "the batch was cancelled before this row was done".into(),
+            retryable: true,
         },
         _ => RowFailure {
             reason: "no_result".into(),
             message: "the provider returned no line for this row".into(),
+            retryable: true,
         },
     };
     let mut rows = Vec::with_capacity(expected.len());
-    let (mut succeeded, mut failed) = (0u64, 0u64);
+    let (mut succeeded, mut failed, mut retryable) = (0u64, 0u64, 0u64);
     for row_index in expected {
         let row = match results.remove(&row_index) {
             Some(Ok(values)) => {
@@ -173,6 +316,7 @@ async fn merge_shard(
             }
             Some(Err(failure)) => {
                 failed += 1;
+                retryable += u64::from(failure.retryable);
                 RowResult {
                     row_index,
                     failure: Some(failure),
@@ -181,6 +325,7 @@ async fn merge_shard(
             }
             None => {
                 failed += 1;
+                retryable += u64::from(missing.retryable);
                 RowResult {
                     row_index,
                     failure: Some(missing.clone()),
@@ -191,11 +336,14 @@ async fn merge_shard(
         rows.push(row);
     }
     let rows_key = layout::rows(key);
+    let attempt = key.attempt;
     let scratch = tempfile::tempdir()?;
     let target = store.local_target(&rows_key, scratch.path())?;
     let (target_for_task, fields) = (target.clone(), fields.clone());
-    tokio::task::spawn_blocking(move || table::write_rows(&target_for_task, &fields, &rows))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        table::write_rows(&target_for_task, &fields, attempt, &rows)
+    })
+    .await??;
     store.commit_local(&rows_key, &target).await?;
     merger
         .bus
@@ -232,5 +380,9 @@ async fn merge_shard(
         )
         .await;
     tracing::info!(job_id = %key.job_id, shard = key.shard, succeeded, failed, "shard merged");
-    Ok((succeeded, failed))
+    Ok(ShardTally {
+        succeeded,
+        failed,
+        retryable,
+    })
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use rowsmith_shared::bus::{Bus, ConsumerSpec, run_worker};
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
+use rowsmith_shared::providers::Providers;
 use rowsmith_shared::storage::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let merger = Arc::new(Merger {
         bus: bus.clone(),
         store: Store::from_url(&settings.store.url)?,
+        providers: Providers::from_settings(&settings)?,
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -33,10 +33,21 @@ struct ResponsePart {
 /// What one result line says about its row.
 pub type LineResult = Result<Vec<String>, RowFailure>;
 
+/// A failure another attempt may fix.
 fn failure(reason: &str, message: impl Into<String>) -> RowFailure {
     RowFailure {
         reason: reason.to_owned(),
         message: message.into(),
+        retryable: true,
+    }
+}
+
+/// A failure no retry fixes (the request is invalid, or the model refuses it).
+fn permanent(reason: &str, message: impl Into<String>) -> RowFailure {
+    RowFailure {
+        reason: reason.to_owned(),
+        message: message.into(),
+        retryable: false,
     }
 }
 
@@ -65,10 +76,11 @@ fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
             .pointer("/error/message")
             .and_then(Value::as_str)
             .unwrap_or("no message");
-        return Err(failure(
-            "http_error",
-            format!("HTTP {}: {message}", response.status_code),
-        ));
+        let text = format!("HTTP {}: {message}", response.status_code);
+        return Err(match response.status_code {
+            408 | 409 | 429 | 500..=599 => failure("http_error", text),
+            _ => permanent("http_error", text),
+        });
     }
     let choice = response
         .body
@@ -76,7 +88,13 @@ fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
         .cloned()
         .unwrap_or(Value::Null);
     if let Some(refusal) = choice.pointer("/message/refusal").and_then(Value::as_str) {
-        return Err(failure("refusal", refusal));
+        return Err(permanent("refusal", refusal));
+    }
+    if choice.get("finish_reason").and_then(Value::as_str) == Some("content_filter") {
+        return Err(permanent(
+            "content_filter",
+            "the provider's content filter withheld the answer",
+        ));
     }
     if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
         return Err(failure(
@@ -233,5 +251,29 @@ mod tests {
             "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}});
         assert_eq!(reason(expired.to_string().into_bytes()), "batch_expired");
         assert!(parse_line(b"garbage", &fields()).is_none());
+    }
+
+    #[test]
+    fn server_errors_and_bad_answers_are_retryable_refusals_and_bad_requests_are_not() {
+        let retryable = |line: Value| {
+            parse_line(line.to_string().as_bytes(), &fields())
+                .expect("line")
+                .1
+                .unwrap_err()
+                .retryable
+        };
+        let http = |status: u16| {
+            json!({"custom_id": "r2", "response": {"status_code": status,
+            "body": {"error": {"message": "m"}}}, "error": null})
+        };
+        assert!(retryable(http(500)));
+        assert!(retryable(http(429)));
+        assert!(!retryable(http(400)));
+        let refusal = json!({"custom_id": "r1", "response": {"status_code": 200, "body": {"choices": [{
+            "finish_reason": "stop", "message": {"content": null, "refusal": "I can't help with that."}}]}}, "error": null});
+        assert!(!retryable(refusal));
+        let invalid: Value =
+            serde_json::from_slice(&response_line("r1", "{oops", "stop")).expect("json");
+        assert!(retryable(invalid));
     }
 }

@@ -1,6 +1,6 @@
 //! The OpenAI Files + Batches endpoints of the simulator.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,9 @@ use rand::seq::SliceRandom;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use rowsmith_shared::config::SimSettings;
+use rowsmith_shared::config::{SimFaults, SimSettings};
+
+use crate::faults::{Fate, fate};
 
 type Shared = Arc<Mutex<SimState>>;
 
@@ -30,6 +32,11 @@ pub struct SimState {
     next_id: u64,
     files_uploaded: u64,
     batches_per_shard: BTreeMap<String, u64>,
+    /// Faults set for one job (`POST /sim/faults/<job_id>`).
+    job_faults: HashMap<String, SimFaults>,
+    /// custom_ids made to fail permanently, per job.
+    permanent_failures: BTreeMap<String, BTreeSet<String>>,
+    requests_answered: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -62,7 +69,18 @@ struct Ended {
     status: &'static str,
     at: i64,
     completed: u64,
+    failed: u64,
     output_file_id: Option<String>,
+    error_file_id: Option<String>,
+}
+
+/// `(job_id, attempt, shard)` from the `rowsmith_shard` metadata, when the batch has it.
+fn shard_of(metadata: &Option<Value>) -> Option<(String, u32, u32)> {
+    let dotted = metadata.as_ref()?.get("rowsmith_shard")?.as_str()?;
+    let mut parts = dotted.rsplitn(3, '.');
+    let shard = parts.next()?.parse().ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    Some((parts.next()?.to_owned(), attempt, shard))
 }
 
 fn unix_now() -> i64 {
@@ -84,6 +102,9 @@ impl SimState {
             next_id: 0,
             files_uploaded: 0,
             batches_per_shard: BTreeMap::new(),
+            job_faults: HashMap::new(),
+            permanent_failures: BTreeMap::new(),
+            requests_answered: 0,
         }
     }
 
@@ -94,6 +115,20 @@ impl SimState {
             nuid_like(self.next_id),
             self.next_id
         )
+    }
+
+    fn faults_for(&self, batch: &SimBatch) -> (SimFaults, String, u32, Option<u32>) {
+        match shard_of(&batch.metadata) {
+            Some((job_id, attempt, shard)) => {
+                let faults = self
+                    .job_faults
+                    .get(&job_id)
+                    .unwrap_or(&self.settings.faults)
+                    .clone();
+                (faults, job_id, attempt, Some(shard))
+            }
+            None => (self.settings.faults.clone(), String::new(), 1, None),
+        }
     }
 
     /// Moves a batch along by the clock and returns its API object.
@@ -107,41 +142,33 @@ impl SimState {
             let running = at.saturating_duration_since(batch.created + validating);
             ((running.as_secs_f64() * rate) as u64).min(batch.total)
         };
+        let (faults, _, attempt, shard) = self.faults_for(&batch);
+        let expires_after = (attempt == 1
+            && shard.is_some_and(|s| faults.expire_shards.contains(&s)))
+        .then(|| (batch.total as f64 * faults.expire_at_fraction.clamp(0.0, 1.0)) as u64);
         let mut status = "validating";
         let mut completed = 0;
         if batch.ended.is_none() {
             if batch.errors.is_some() && elapsed >= validating {
-                batch.ended = Some(Ended {
-                    status: "failed",
-                    at: unix_now(),
-                    completed: 0,
-                    output_file_id: None,
-                });
+                batch.ended = Some(self.end(&batch, "failed", 0));
             } else if let Some(cancelled) = batch.cancel_requested {
-                let done = progress_at(cancelled);
-                let output = self.write_output(&batch, done);
-                batch.ended = Some(Ended {
-                    status: "cancelled",
-                    at: unix_now(),
-                    completed: done,
-                    output_file_id: output,
-                });
+                batch.ended = Some(self.end(&batch, "cancelled", progress_at(cancelled)));
             } else if elapsed >= validating {
                 completed = progress_at(Instant::now());
                 status = "in_progress";
-                if completed >= batch.total {
-                    let all_done_after =
-                        validating + Duration::from_secs_f64(batch.total as f64 / rate);
-                    status = "finalizing";
-                    if elapsed >= all_done_after + finalizing {
-                        let output = self.write_output(&batch, batch.total);
-                        batch.ended = Some(Ended {
-                            status: "completed",
-                            at: unix_now(),
-                            completed: batch.total,
-                            output_file_id: output,
-                        });
+                match expires_after {
+                    Some(limit) if completed >= limit => {
+                        batch.ended = Some(self.end(&batch, "expired", limit));
                     }
+                    _ if completed >= batch.total => {
+                        let all_done_after =
+                            validating + Duration::from_secs_f64(batch.total as f64 / rate);
+                        status = "finalizing";
+                        if elapsed >= all_done_after + finalizing {
+                            batch.ended = Some(self.end(&batch, "completed", batch.total));
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -170,10 +197,13 @@ impl SimState {
         if let Some(ended) = &batch.ended {
             object["status"] = json!(ended.status);
             object["output_file_id"] = json!(ended.output_file_id);
+            object["error_file_id"] = json!(ended.error_file_id);
             object["request_counts"]["completed"] = json!(ended.completed);
+            object["request_counts"]["failed"] = json!(ended.failed);
             let stamp = match ended.status {
                 "completed" => "completed_at",
                 "failed" => "failed_at",
+                "expired" => "expired_at",
                 _ => "cancelled_at",
             };
             object[stamp] = json!(ended.at);
@@ -184,32 +214,73 @@ impl SimState {
         Some(object)
     }
 
-    /// Answers the first `done` requests of the batch's input into an output file, in
-    /// shuffled order; `None` when no request was done.
-    fn write_output(&mut self, batch: &SimBatch, done: u64) -> Option<String> {
-        if done == 0 {
-            return None;
+    /// Ends a batch: the first `done` requests are answered (each by its fate) into the output
+    /// and error files, the rest get an expiry or cancellation error line.
+    fn end(&mut self, batch: &SimBatch, status: &'static str, done: u64) -> Ended {
+        let (faults, job_id, attempt, _) = self.faults_for(batch);
+        let input = self
+            .files
+            .get(&batch.input_file_id)
+            .map(|f| f.bytes.clone())
+            .unwrap_or_default();
+        let (mut output, mut errors) = (Vec::new(), Vec::new());
+        if status != "failed" {
+            for (index, line) in input
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .enumerate()
+            {
+                let request: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
+                let custom_id = request["custom_id"].as_str().unwrap_or("").to_owned();
+                if index as u64 >= done {
+                    errors.push(not_done_line(&batch.id, index, &custom_id, status));
+                    continue;
+                }
+                let fate = fate(&faults, &job_id, attempt, &batch.id, &custom_id);
+                if fate.is_permanent() {
+                    self.permanent_failures
+                        .entry(job_id.clone())
+                        .or_default()
+                        .insert(custom_id.clone());
+                }
+                self.requests_answered += 1;
+                match answer_line(&batch.id, index, &request, fate) {
+                    Line::Output(text) => output.push(text),
+                    Line::Error(text) => errors.push(text),
+                }
+            }
         }
-        let input = self.files.get(&batch.input_file_id)?.bytes.clone();
-        let mut lines: Vec<String> = input
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .take(done as usize)
-            .enumerate()
-            .map(|(index, line)| answer_line(&batch.id, index, line))
-            .collect();
         let seed = batch
             .id
             .bytes()
             .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-        lines.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        output.shuffle(&mut rng);
+        errors.shuffle(&mut rng);
+        let (completed, failed) = (output.len() as u64, errors.len() as u64);
+        let output_file_id = self.store_lines(&batch.id, "output", output);
+        let error_file_id = self.store_lines(&batch.id, "error", errors);
+        Ended {
+            status,
+            at: unix_now(),
+            completed,
+            failed,
+            output_file_id,
+            error_file_id,
+        }
+    }
+
+    fn store_lines(&mut self, batch_id: &str, kind: &str, lines: Vec<String>) -> Option<String> {
+        if lines.is_empty() {
+            return None;
+        }
         let mut bytes = lines.join("\n");
         bytes.push('\n');
         let id = self.new_id("file-");
         let file = SimFile {
             id: id.clone(),
             bytes: Bytes::from(bytes),
-            filename: format!("{}_output.jsonl", batch.id),
+            filename: format!("{batch_id}_{kind}.jsonl"),
             purpose: "batch_output".into(),
             created_at: unix_now(),
         };
@@ -222,10 +293,56 @@ fn nuid_like(n: u64) -> u64 {
     n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (unix_now() as u64)
 }
 
-/// One output line: the fake model's answer to one request line.
-fn answer_line(batch_id: &str, index: usize, line: &[u8]) -> String {
-    let request: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
+enum Line {
+    Output(String),
+    Error(String),
+}
+
+/// The error line of a request the batch did not get to.
+fn not_done_line(batch_id: &str, index: usize, custom_id: &str, status: &str) -> String {
+    let (code, message) = match status {
+        "expired" => (
+            "batch_expired",
+            "This request could not be executed before the completion window expired.",
+        ),
+        _ => (
+            "batch_cancelled",
+            "This request was not executed because the batch was cancelled.",
+        ),
+    };
+    json!({"id": format!("batch_req_{index}_{batch_id}"), "custom_id": custom_id, "response": null,
+           "error": {"code": code, "message": message}})
+    .to_string()
+}
+
+/// One result line: the fake model's answer to one request, shaped by its fate.
+fn answer_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Line {
     let body = &request["body"];
+    let id = format!("batch_req_{index}_{batch_id}");
+    let http_error = |status: u16, kind: &str, message: &str| {
+        json!({"id": id, "custom_id": request["custom_id"], "response": {
+            "status_code": status, "request_id": format!("req_{index}"),
+            "body": {"error": {"message": message, "type": kind, "param": null, "code": null}}},
+            "error": null})
+        .to_string()
+    };
+    match fate {
+        Fate::ServerError => {
+            return Line::Error(http_error(
+                500,
+                "server_error",
+                "The server had an error while processing your request.",
+            ));
+        }
+        Fate::BadRequest => {
+            return Line::Error(http_error(
+                400,
+                "invalid_request_error",
+                "Invalid request: the messages could not be processed.",
+            ));
+        }
+        _ => {}
+    }
     let schema = body
         .pointer("/response_format/json_schema/schema")
         .cloned()
@@ -236,33 +353,63 @@ fn answer_line(batch_id: &str, index: usize, line: &[u8]) -> String {
         .and_then(|messages| messages.iter().rev().find(|m| m["role"] == "user"))
         .and_then(|m| m["content"].as_str())
         .unwrap_or("");
-    let content = crate::model::answer(&schema, user).to_string();
-    let prompt_tokens = (line.len() / 4) as u64;
-    let completion_tokens = (content.len() / 4) as u64;
-    json!({
-        "id": format!("batch_req_{index}_{batch_id}"),
-        "custom_id": request["custom_id"],
-        "response": {
-            "status_code": 200,
-            "request_id": format!("req_{index}"),
-            "body": {
-                "id": format!("chatcmpl-{index}"),
-                "object": "chat.completion",
-                "created": unix_now(),
-                "model": body["model"],
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": null},
-                    "logprobs": null,
-                    "finish_reason": "stop",
-                }],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
+    let mut answer = crate::model::answer(&schema, user);
+    let mut finish_reason = "stop";
+    let mut refusal = Value::Null;
+    let content = match fate {
+        Fate::InvalidJson => {
+            let text = answer.to_string();
+            Value::String(text[..text.len() / 2].to_owned())
+        }
+        Fate::SchemaViolation => {
+            if let Some(object) = answer.as_object_mut() {
+                let first = object.keys().next().cloned();
+                if let Some(first) = first {
+                    object.remove(&first);
+                }
+            }
+            Value::String(answer.to_string())
+        }
+        Fate::Length => {
+            finish_reason = "length";
+            let text = answer.to_string();
+            Value::String(text[..text.len() / 3].to_owned())
+        }
+        Fate::Refusal => {
+            refusal = json!("I'm sorry, but I can't help with that request.");
+            Value::Null
+        }
+        _ => Value::String(answer.to_string()),
+    };
+    let content_len = content.as_str().map_or(0, str::len) as u64;
+    let prompt_tokens = (request.to_string().len() / 4) as u64;
+    let completion_tokens = content_len / 4;
+    Line::Output(
+        json!({
+            "id": id,
+            "custom_id": request["custom_id"],
+            "response": {
+                "status_code": 200,
+                "request_id": format!("req_{index}"),
+                "body": {
+                    "id": format!("chatcmpl-{index}"),
+                    "object": "chat.completion",
+                    "created": unix_now(),
+                    "model": body["model"],
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content, "refusal": refusal},
+                        "logprobs": null,
+                        "finish_reason": finish_reason,
+                    }],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens},
+                },
             },
-        },
-        "error": null,
-    })
-    .to_string()
+            "error": null,
+        })
+        .to_string(),
+    )
 }
 
 fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
@@ -280,6 +427,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/sim/stats", get(stats))
+        .route("/sim/faults/{job_id}", post(set_job_faults))
         .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
         .with_state(state)
 }
@@ -601,6 +749,25 @@ async fn stats(State(state): State<Shared>) -> Response {
         "files_uploaded": state.files_uploaded,
         "batches_created": state.batch_order.len(),
         "batches_per_shard": state.batches_per_shard,
+        "requests_answered": state.requests_answered,
+        "permanent_failures": state.permanent_failures,
     }))
     .into_response()
+}
+
+/// Sets the faults of one job (by the job id in the batches' metadata).
+async fn set_job_faults(
+    State(state): State<Shared>,
+    Path(job_id): Path<String>,
+    body: Result<Json<SimFaults>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(faults)) => {
+            lock(&state)
+                .job_faults
+                .insert(job_id.clone(), faults.clone());
+            Json(json!({"job_id": job_id, "faults": faults})).into_response()
+        }
+        Err(rejection) => error(StatusCode::BAD_REQUEST, &rejection.body_text()),
+    }
 }

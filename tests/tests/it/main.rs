@@ -1,3 +1,4 @@
 //! End-to-end tests: real nats-server per test, all four services and the simulator.
 
 mod pipeline;
+mod retries;

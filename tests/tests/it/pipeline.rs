@@ -13,7 +13,7 @@ use rowsmith_tests::Stack;
 
 const COLUMNS: [&str; 5] = ["sku", "name", "price", "description", "notes"];
 
-fn spec(job_id: &str, input: &str, target: &str) -> JobSpec {
+pub fn spec(job_id: &str, input: &str, target: &str) -> JobSpec {
     JobSpec {
         job_id: Some(job_id.into()),
         input: input.into(),
@@ -40,7 +40,7 @@ fn spec(job_id: &str, input: &str, target: &str) -> JobSpec {
 
 /// Rows with quoted commas, embedded newlines, unicode, leading zeros and (every tenth row)
 /// an empty description.
-fn awkward_rows(count: usize) -> Vec<Vec<String>> {
+pub fn awkward_rows(count: usize) -> Vec<Vec<String>> {
     (0..count)
         .map(|i| {
             let description = if i % 10 == 7 {
@@ -66,7 +66,7 @@ fn awkward_rows(count: usize) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn to_csv(rows: &[Vec<String>]) -> Vec<u8> {
+pub fn to_csv(rows: &[Vec<String>]) -> Vec<u8> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     writer.write_record(COLUMNS).expect("header");
     for row in rows {
@@ -75,7 +75,7 @@ fn to_csv(rows: &[Vec<String>]) -> Vec<u8> {
     writer.into_inner().expect("csv bytes")
 }
 
-fn read_csv(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
+pub fn read_csv(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let mut reader = csv::Reader::from_reader(text.as_bytes());
     let header = reader
         .headers()

@@ -1,0 +1,118 @@
+//! Rows that fail retryably are sent again until they succeed; permanent failures end in
+//! failures.csv with their reason.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rowsmith_shared::config::SimFaults;
+use rowsmith_shared::records::JobState;
+use rowsmith_tests::Stack;
+
+use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+    let stack = Stack::start_with(|settings| {
+        settings.sim.faults = SimFaults {
+            server_error_rate: 0.04,
+            bad_request_rate: 0.01,
+            refusal_rate: 0.005,
+            invalid_json_rate: 0.02,
+            schema_violation_rate: 0.005,
+            length_rate: 0.005,
+            expire_shards: vec![1],
+            expire_at_fraction: 0.5,
+            ..SimFaults::default()
+        };
+    })
+    .await;
+    let rows: Vec<Vec<String>> = awkward_rows(10_000)
+        .into_iter()
+        .map(|mut row| {
+            row[3] = format!("{} with a description", row[1]);
+            row
+        })
+        .collect();
+    let input = stack.upload_input("faulty.csv", to_csv(&rows)).await;
+    let mut job_spec = spec("faulty", &input, "description");
+    job_spec.options.max_requests_per_batch = 4000;
+    stack.submit(&job_spec).await;
+    let job = stack.wait_for_end("faulty", Duration::from_secs(180)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        job.shards_per_attempt.len(),
+        2,
+        "one retry attempt: {:?}",
+        job.shards_per_attempt
+    );
+    assert_eq!(job.shards_per_attempt[0], 3);
+
+    let stats = stack.sim_stats().await;
+    let permanent: BTreeSet<i64> = stats["permanent_failures"]["faulty"]
+        .as_array()
+        .expect("permanent failures")
+        .iter()
+        .map(|id| id.as_str().expect("id")[1..].parse().expect("row index"))
+        .collect();
+    assert!(
+        (100..=260).contains(&permanent.len()),
+        "{} permanent failures",
+        permanent.len()
+    );
+
+    let (header, failures) = read_csv(
+        &stack
+            .read_text(job.outputs.failures_csv.as_deref().expect("failures"))
+            .await,
+    );
+    assert_eq!(
+        &header[..4],
+        ["_row_index", "_reason", "_message", "_attempts"]
+    );
+    let failed: BTreeSet<i64> = failures
+        .iter()
+        .map(|r| r[0].parse().expect("index"))
+        .collect();
+    assert_eq!(
+        failed, permanent,
+        "failures.csv holds exactly the rows made to fail permanently"
+    );
+    for row in &failures {
+        assert!(
+            ["http_error", "refusal"].contains(&row[1].as_str()),
+            "reason {}",
+            row[1]
+        );
+        // Sent once, or twice when its first batch expired before reaching it.
+        assert!(
+            ["1", "2"].contains(&row[3].as_str()),
+            "a permanent failure is not retried: {}",
+            row[3]
+        );
+        let index: usize = row[0].parse().expect("index");
+        assert_eq!(
+            &row[4..],
+            &rows[index][..],
+            "failures.csv keeps the original cells"
+        );
+    }
+
+    let (_, enriched) = read_csv(
+        &stack
+            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
+            .await,
+    );
+    assert_eq!(enriched.len(), rows.len() - permanent.len());
+    let expected: Vec<&Vec<String>> = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !permanent.contains(&(*i as i64)))
+        .map(|(_, r)| r)
+        .collect();
+    for (output, input) in enriched.iter().zip(expected) {
+        assert_eq!(&output[..5], &input[..]);
+        assert!(["toys", "tools", "garden"].contains(&output[6].as_str()));
+    }
+    assert_eq!(job.counts.succeeded, enriched.len() as u64);
+    assert_eq!(job.counts.failed, permanent.len() as u64);
+}
