@@ -63,6 +63,7 @@ impl Default for StoreSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSettings {
     pub openai: OpenAiSettings,
+    pub anthropic: AnthropicSettings,
     pub sim: SimProviderSettings,
 }
 
@@ -78,6 +79,33 @@ pub struct OpenAiSettings {
     pub api_key_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Azure OpenAI: the `api-version`; the key is then sent as `api-key`.
+    pub azure_api_version: Option<String>,
+}
+
+/// Anthropic Message Batches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnthropicSettings {
+    /// Base URL without `/v1`.
+    pub base_url: String,
+    /// Never serialized; `ANTHROPIC_API_KEY` or `api_key_file` are the usual sources.
+    #[serde(skip_serializing)]
+    pub api_key: Option<SecretString>,
+    pub api_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for AnthropicSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.anthropic.com".into(),
+            api_key: None,
+            api_key_file: None,
+            timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 impl Default for OpenAiSettings {
@@ -87,6 +115,7 @@ impl Default for OpenAiSettings {
             api_key: None,
             api_key_file: None,
             timeout: Duration::from_secs(120),
+            azure_api_version: None,
         }
     }
 }
@@ -297,6 +326,14 @@ impl Settings {
                 Some(path) => Some(read_secret_file(path)?),
                 None => env
                     .get("OPENAI_API_KEY")
+                    .map(|key| SecretString::from(key.clone())),
+            };
+        }
+        if settings.provider.anthropic.api_key.is_none() {
+            settings.provider.anthropic.api_key = match &settings.provider.anthropic.api_key_file {
+                Some(path) => Some(read_secret_file(path)?),
+                None => env
+                    .get("ANTHROPIC_API_KEY")
                     .map(|key| SecretString::from(key.clone())),
             };
         }

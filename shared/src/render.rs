@@ -64,6 +64,63 @@ fn field_descriptions(fields: &[FieldSpec]) -> String {
     text
 }
 
+/// Everything of an OpenAI batch line between the custom id and the user message's text.
+fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
+    let mut body = Map::new();
+    body.insert("model".into(), Value::String(spec.model.clone()));
+    if let Some(temperature) = spec.options.temperature {
+        body.insert("temperature".into(), json!(temperature));
+    }
+    body.insert(
+        "response_format".into(),
+        json!({
+            "type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAME, "strict": true, "schema": field_schema(&spec.fields)},
+        }),
+    );
+    // `messages` goes last so that the row's text can be spliced at the end of the line.
+    let body_fields = serde_json::to_string(&Value::Object(body)).unwrap_or_default();
+    let body_open = &body_fields[..body_fields.len() - 1];
+    let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
+    format!(
+        "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
+         \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
+         {{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+/// Output tokens an Anthropic request may use (`max_tokens` is required there).
+pub const ANTHROPIC_MAX_TOKENS: u32 = 1024;
+
+/// Everything of an Anthropic Message Batches request between the custom id and the user
+/// message's text: structured output by a forced tool whose input schema is the fields'.
+fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
+    let mut params = Map::new();
+    params.insert("model".into(), Value::String(spec.model.clone()));
+    params.insert("max_tokens".into(), json!(ANTHROPIC_MAX_TOKENS));
+    if let Some(temperature) = spec.options.temperature {
+        params.insert("temperature".into(), json!(temperature));
+    }
+    params.insert("system".into(), Value::String(SYSTEM_MESSAGE.into()));
+    params.insert(
+        "tools".into(),
+        json!([{
+            "name": SCHEMA_NAME,
+            "description": "Record the fields generated for this row.",
+            "input_schema": field_schema(&spec.fields),
+        }]),
+    );
+    params.insert(
+        "tool_choice".into(),
+        json!({"type": "tool", "name": SCHEMA_NAME}),
+    );
+    let params_fields = serde_json::to_string(&Value::Object(params)).unwrap_or_default();
+    let params_open = &params_fields[..params_fields.len() - 1];
+    format!(
+        "\",\"params\":{params_open},\"messages\":[{{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
 /// A job's request line with the row's parts left open; built once per job.
 #[derive(Debug, Clone)]
 pub struct RequestTemplate {
@@ -105,29 +162,13 @@ impl RequestTemplate {
             spec.instructions,
             field_descriptions(&spec.fields)
         );
-        let mut body = Map::new();
-        body.insert("model".into(), Value::String(spec.model.clone()));
-        if let Some(temperature) = spec.options.temperature {
-            body.insert("temperature".into(), json!(temperature));
-        }
-        body.insert(
-            "response_format".into(),
-            json!({
-                "type": "json_schema",
-                "json_schema": {"name": SCHEMA_NAME, "strict": true, "schema": field_schema(&spec.fields)},
-            }),
-        );
-        // `messages` goes last so that the row's text can be spliced at the end of the line.
-        let body_fields = serde_json::to_string(&Value::Object(body)).unwrap_or_default();
-        let body_open = &body_fields[..body_fields.len() - 1];
-        let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
         let static_json = serde_json::to_string(&static_text).unwrap_or_default();
         let static_open = &static_json[..static_json.len() - 1];
-        let middle = format!(
-            "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
-             \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
-             {{\"role\":\"user\",\"content\":{static_open}"
-        );
+        let middle = if spec.provider == "anthropic" {
+            anthropic_middle(spec, static_open)
+        } else {
+            openai_middle(spec, static_open)
+        };
         Self {
             head: b"{\"custom_id\":\"r".to_vec(),
             middle: middle.into_bytes(),

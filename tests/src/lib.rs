@@ -162,6 +162,9 @@ impl Stack {
                 .await
                 .expect("start the simulator");
         settings.provider.sim.base_url = format!("http://{sim_address}/v1");
+        // The simulator serves both APIs on one address.
+        settings.provider.openai.base_url = format!("http://{sim_address}/v1");
+        settings.provider.anthropic.base_url = format!("http://{sim_address}");
         settings.validate().expect("test settings are valid");
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await

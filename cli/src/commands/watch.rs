@@ -11,7 +11,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::messages::subjects;
-use rowsmith_shared::records::JobState;
+use rowsmith_shared::records::{JobRecord, JobState, job_key};
+
+/// How long `watch` waits for a job's record to appear before saying there is no such job.
+const NO_RECORD_GRACE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -51,7 +54,8 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let mut check = tokio::time::interval(Duration::from_secs(3));
+    let mut check = tokio::time::interval(Duration::from_secs(2));
+    let started = std::time::Instant::now();
     loop {
         tokio::select! {
             next = events.next() => {
@@ -79,12 +83,23 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
                 }
             }
             _ = check.tick() => {
-                // The record is the truth should an event have been lost.
-                let job = super::read_job(bus, job_id).await?;
-                if job.state.is_terminal() {
-                    bar.finish_and_clear();
-                    eprintln!("{}", crate::output::summary(&job));
-                    return Ok(if job.state == JobState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                // The record is the truth should an event have been lost. A job just
+                // submitted has no record until ingest accepts it.
+                match bus.read::<JobRecord>(&job_key(job_id)).await? {
+                    Some((job, _)) if job.state.is_terminal() => {
+                        bar.finish_and_clear();
+                        eprintln!("{}", crate::output::summary(&job));
+                        return Ok(if job.state == JobState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                    }
+                    Some(_) => {}
+                    None if started.elapsed() > NO_RECORD_GRACE => {
+                        bar.finish_and_clear();
+                        anyhow::bail!(
+                            "no job {job_id:?} after {}s: is ingest running? (`rowsmith list` shows the jobs)",
+                            NO_RECORD_GRACE.as_secs()
+                        );
+                    }
+                    None => {}
                 }
             }
         }

@@ -19,7 +19,7 @@ use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::{StorageError, Store, layout};
 use rowsmith_shared::table::{self, RowFailure, RowResult};
 
-use crate::validate::{LineResult, parse_line};
+use crate::validate::{LineFormat, LineResult};
 
 #[derive(Debug, Clone)]
 pub struct Merger {
@@ -256,6 +256,7 @@ async fn merge_shard(
     }
     let wanted: BTreeSet<i64> = expected.iter().copied().collect();
     let fields = &job.spec.fields;
+    let format = LineFormat::of_provider(&job.spec.provider);
     let mut results: BTreeMap<i64, LineResult> = BTreeMap::new();
     let mut ignored = 0u64;
     for path in [&ended.output_path, &ended.errors_path]
@@ -268,7 +269,7 @@ async fn merge_shard(
             Err(error) => return Err(error.into()),
         };
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            match parse_line(line, fields) {
+            match format.parse(line, fields) {
                 Some((row_index, result)) if wanted.contains(&row_index) => {
                     // A duplicated custom_id keeps its first answer.
                     results.entry(row_index).or_insert(result);

@@ -58,6 +58,104 @@ pub fn parse_line(line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)
     Some((row_index, line_result(parsed, fields)))
 }
 
+/// The result-line format of a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineFormat {
+    OpenAi,
+    Anthropic,
+}
+
+impl LineFormat {
+    pub fn of_provider(provider: &str) -> Self {
+        if provider == "anthropic" {
+            LineFormat::Anthropic
+        } else {
+            LineFormat::OpenAi
+        }
+    }
+
+    pub fn parse(self, line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)> {
+        match self {
+            LineFormat::OpenAi => parse_line(line, fields),
+            LineFormat::Anthropic => parse_anthropic_line(line, fields),
+        }
+    }
+}
+
+/// Parses one Anthropic results line: `{"custom_id", "result": {"type": succeeded | errored |
+/// canceled | expired, …}}`, the error nested twice (`result.error.error.type`).
+pub fn parse_anthropic_line(line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)> {
+    let parsed: Value = serde_json::from_slice(line).ok()?;
+    let row_index = row_index_of(parsed.get("custom_id")?.as_str()?)?;
+    let result = &parsed["result"];
+    let outcome = match result["type"].as_str() {
+        Some("succeeded") => anthropic_message(&result["message"], fields),
+        Some("errored") => {
+            let kind = result
+                .pointer("/error/error/type")
+                .and_then(Value::as_str)
+                .unwrap_or("error");
+            let message = result
+                .pointer("/error/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let text = format!("{kind}: {message}");
+            Err(match kind {
+                "invalid_request_error"
+                | "permission_error"
+                | "authentication_error"
+                | "billing_error" => permanent("invalid_request", text),
+                _ => failure("http_error", text),
+            })
+        }
+        Some("canceled") => Err(failure(
+            "cancelled",
+            "the batch was cancelled before this row was done",
+        )),
+        Some("expired") => Err(failure(
+            "batch_expired",
+            "the batch expired before this row was done",
+        )),
+        _ => Err(failure("no_result", "the line has no known result type")),
+    };
+    Some((row_index, outcome))
+}
+
+fn anthropic_message(message: &Value, fields: &[FieldSpec]) -> LineResult {
+    let content = message["content"].as_array().cloned().unwrap_or_default();
+    let text = || {
+        content
+            .iter()
+            .filter_map(|c| (c["type"] == "text").then(|| c["text"].as_str()).flatten())
+            .collect::<Vec<_>>()
+            .join("")
+    };
+    match message["stop_reason"].as_str() {
+        Some("refusal") => return Err(permanent("refusal", text())),
+        Some("max_tokens") => {
+            return Err(failure("truncated", "the answer was cut off at max_tokens"));
+        }
+        _ => {}
+    }
+    if let Some(input) = content
+        .iter()
+        .find(|c| c["type"] == "tool_use")
+        .map(|c| &c["input"])
+    {
+        let Some(object) = input.as_object() else {
+            return Err(failure(
+                "invalid_json",
+                "the tool input is not a JSON object",
+            ));
+        };
+        return validate_object(
+            object.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            fields,
+        );
+    }
+    validate_answer(&text(), fields)
+}
+
 fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
     if let Some(error) = line.error.filter(|e| !e.is_null()) {
         let code = error.get("code").and_then(Value::as_str).unwrap_or("error");
@@ -119,6 +217,11 @@ pub fn validate_answer(content: &str, fields: &[FieldSpec]) -> LineResult {
             format!("the answer is not a JSON object: {e}"),
         )
     })?;
+    validate_object(answer, fields)
+}
+
+/// Checks a parsed answer against the fields; the values come back as text in field order.
+pub fn validate_object(answer: BTreeMap<String, Value>, fields: &[FieldSpec]) -> LineResult {
     let mut values = Vec::with_capacity(fields.len());
     for field in fields {
         let Some(value) = answer.get(&field.name) else {
@@ -251,6 +354,50 @@ mod tests {
             "error": {"code": "batch_expired", "message": "This request could not be executed before the completion window expired."}});
         assert_eq!(reason(expired.to_string().into_bytes()), "batch_expired");
         assert!(parse_line(b"garbage", &fields()).is_none());
+    }
+
+    #[test]
+    fn anthropic_lines_of_every_type_are_understood() {
+        let parse = |line: Value| {
+            parse_anthropic_line(line.to_string().as_bytes(), &fields()).expect("line")
+        };
+        let good = json!({"custom_id": "r7", "result": {"type": "succeeded", "message": {
+            "content": [{"type": "tool_use", "id": "t", "name": "row_enrichment", "input":
+                {"title": "T", "category": "tools", "in_stock": false, "tags": ["x"], "price": 3}}],
+            "stop_reason": "tool_use"}}});
+        let (row, result) = parse(good);
+        assert_eq!(row, 7);
+        assert_eq!(
+            result.expect("valid"),
+            ["T", "tools", "false", "[\"x\"]", "3"]
+        );
+        let errored = |kind: &str| {
+            json!({"custom_id": "r1", "result": {"type": "errored", "error": {
+            "type": "error", "error": {"type": kind, "message": "m"}, "request_id": null}}})
+        };
+        let invalid = parse(errored("invalid_request_error")).1.unwrap_err();
+        assert_eq!(
+            (invalid.reason.as_str(), invalid.retryable),
+            ("invalid_request", false)
+        );
+        assert!(parse(errored("overloaded_error")).1.unwrap_err().retryable);
+        let expired = parse(json!({"custom_id": "r2", "result": {"type": "expired"}}))
+            .1
+            .unwrap_err();
+        assert_eq!(
+            (expired.reason.as_str(), expired.retryable),
+            ("batch_expired", true)
+        );
+        let canceled = parse(json!({"custom_id": "r3", "result": {"type": "canceled"}}))
+            .1
+            .unwrap_err();
+        assert_eq!(canceled.reason, "cancelled");
+        let refusal = json!({"custom_id": "r4", "result": {"type": "succeeded", "message": {
+            "content": [{"type": "text", "text": "No."}], "stop_reason": "refusal"}}});
+        assert!(!parse(refusal).1.unwrap_err().retryable);
+        let text_json = json!({"custom_id": "r5", "result": {"type": "succeeded", "message": {
+            "content": [{"type": "text", "text": "{broken"}], "stop_reason": "end_turn"}}});
+        assert_eq!(parse(text_json).1.unwrap_err().reason, "invalid_json");
     }
 
     #[test]

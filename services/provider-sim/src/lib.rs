@@ -6,6 +6,7 @@
 //! State advances lazily: each read of a batch computes where it stands from the time since
 //! it was created, so no background task is needed and a paused clock is never required.
 
+mod anthropic;
 mod faults;
 mod model;
 mod openai;

@@ -19,12 +19,13 @@ use rowsmith_shared::config::{SimFaults, SimSettings};
 
 use crate::faults::{Fate, fate};
 
-type Shared = Arc<Mutex<SimState>>;
+pub(crate) type Shared = Arc<Mutex<SimState>>;
 
 /// Everything the simulator holds: files, batches and counters.
 #[derive(Debug)]
 pub struct SimState {
-    settings: SimSettings,
+    pub(crate) settings: SimSettings,
+    pub(crate) anthropic: crate::anthropic::AnthropicState,
     files: HashMap<String, SimFile>,
     batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
@@ -35,8 +36,8 @@ pub struct SimState {
     /// Faults set for one job (`POST /sim/faults/<job_id>`).
     job_faults: HashMap<String, SimFaults>,
     /// custom_ids made to fail permanently, per job.
-    permanent_failures: BTreeMap<String, BTreeSet<String>>,
-    requests_answered: u64,
+    pub(crate) permanent_failures: BTreeMap<String, BTreeSet<String>>,
+    pub(crate) requests_answered: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +84,7 @@ fn shard_of(metadata: &Option<Value>) -> Option<(String, u32, u32)> {
     Some((parts.next()?.to_owned(), attempt, shard))
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     rowsmith_shared::now_unix_ms() / 1000
 }
 
@@ -96,6 +97,7 @@ impl SimState {
     pub fn new(settings: SimSettings) -> Self {
         Self {
             settings,
+            anthropic: Default::default(),
             files: HashMap::new(),
             batches: HashMap::new(),
             batch_order: Vec::new(),
@@ -108,7 +110,7 @@ impl SimState {
         }
     }
 
-    fn new_id(&mut self, prefix: &str) -> String {
+    pub(crate) fn new_id(&mut self, prefix: &str) -> String {
         self.next_id += 1;
         format!(
             "{prefix}{:016x}{:08x}",
@@ -412,7 +414,7 @@ fn answer_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Lin
     )
 }
 
-fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
+pub(crate) fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
     state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -426,6 +428,22 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/batches", post(create_batch).get(list_batches))
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route(
+            "/v1/messages/batches",
+            post(crate::anthropic::create).get(crate::anthropic::list),
+        )
+        .route(
+            "/v1/messages/batches/{id}",
+            get(crate::anthropic::retrieve).delete(crate::anthropic::delete),
+        )
+        .route(
+            "/v1/messages/batches/{id}/cancel",
+            post(crate::anthropic::cancel),
+        )
+        .route(
+            "/v1/messages/batches/{id}/results",
+            get(crate::anthropic::results),
+        )
         .route("/sim/stats", get(stats))
         .route("/sim/faults/{job_id}", post(set_job_faults))
         .layer(DefaultBodyLimit::max(512 * 1024 * 1024))

@@ -85,7 +85,10 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
                     tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %existing.id, "found the shard's batch, not creating another");
                     existing
                 }
-                None => provider.create(key, &file_id).await?,
+                None => {
+                    let lines = submitter.store.get_bytes(&ready.requests_path).await?;
+                    provider.create(key, &file_id, lines).await?
+                }
             };
             let BatchRef { id } = batch;
             bus.modify(

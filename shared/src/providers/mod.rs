@@ -1,6 +1,8 @@
 //! Provider batch APIs behind one trait (DESIGN.md §5), and the registry that picks the client
 //! for a job's `provider`.
 
+pub mod anthropic;
+pub mod http;
 pub mod openai;
 
 use std::future::Future;
@@ -12,6 +14,7 @@ use crate::config::Settings;
 use crate::messages::ShardKey;
 use crate::storage::{StorageError, Store};
 
+pub use anthropic::AnthropicClient;
 pub use openai::OpenAiClient;
 
 /// What one batch may hold.
@@ -105,7 +108,7 @@ pub enum ProviderError {
         operation: &'static str,
         message: String,
     },
-    #[error("provider {0:?} is not configured; providers are: sim, openai")]
+    #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic")]
     Unknown(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -137,11 +140,13 @@ pub trait BatchProvider: Send + Sync {
         key: &ShardKey,
         lines: Bytes,
     ) -> impl Future<Output = Result<String, ProviderError>> + Send;
-    /// Creates the batch for an uploaded file, tagged with the shard key.
+    /// Creates the batch for an uploaded file (or, where the provider takes requests inline,
+    /// for `lines`), tagged with the shard key where the provider keeps metadata.
     fn create(
         &self,
         key: &ShardKey,
         file_id: &str,
+        lines: Bytes,
     ) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
     /// Looks for a batch already created for this shard key.
     fn find(
@@ -162,11 +167,65 @@ pub trait BatchProvider: Send + Sync {
     fn cancel(&self, batch: &BatchRef) -> impl Future<Output = Result<(), ProviderError>> + Send;
 }
 
+/// One configured provider client.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    OpenAi(OpenAiClient),
+    Anthropic(AnthropicClient),
+}
+
+macro_rules! delegate {
+    ($self:ident, $client:ident => $call:expr) => {
+        match $self {
+            Provider::OpenAi($client) => $call,
+            Provider::Anthropic($client) => $call,
+        }
+    };
+}
+
+impl BatchProvider for Provider {
+    fn name(&self) -> &str {
+        delegate!(self, client => client.name())
+    }
+    fn limits(&self) -> Limits {
+        delegate!(self, client => client.limits())
+    }
+    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+        delegate!(self, client => client.upload(key, lines).await)
+    }
+    async fn create(
+        &self,
+        key: &ShardKey,
+        file_id: &str,
+        lines: Bytes,
+    ) -> Result<BatchRef, ProviderError> {
+        delegate!(self, client => client.create(key, file_id, lines).await)
+    }
+    async fn find(&self, key: &ShardKey) -> Result<Option<BatchRef>, ProviderError> {
+        delegate!(self, client => client.find(key).await)
+    }
+    async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
+        delegate!(self, client => client.status(batch).await)
+    }
+    async fn download(
+        &self,
+        key: &ShardKey,
+        status: &BatchStatus,
+        store: &Store,
+    ) -> Result<ResultFiles, ProviderError> {
+        delegate!(self, client => client.download(key, status, store).await)
+    }
+    async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
+        delegate!(self, client => client.cancel(batch).await)
+    }
+}
+
 /// The configured providers; `sim` is an OpenAI-compatible client aimed at the simulator.
 #[derive(Debug, Clone)]
 pub struct Providers {
-    openai: OpenAiClient,
-    sim: OpenAiClient,
+    openai: Provider,
+    anthropic: Provider,
+    sim: Provider,
 }
 
 impl Providers {
@@ -177,6 +236,13 @@ impl Providers {
             &openai_settings.base_url,
             openai_settings.api_key.clone(),
             openai_settings.timeout,
+        )?
+        .with_azure_api_version(openai_settings.azure_api_version.clone());
+        let anthropic_settings = &settings.provider.anthropic;
+        let anthropic = AnthropicClient::new(
+            &anthropic_settings.base_url,
+            anthropic_settings.api_key.clone(),
+            anthropic_settings.timeout,
         )?;
         let sim = OpenAiClient::new(
             "sim",
@@ -184,12 +250,17 @@ impl Providers {
             None,
             openai_settings.timeout,
         )?;
-        Ok(Self { openai, sim })
+        Ok(Self {
+            openai: Provider::OpenAi(openai),
+            anthropic: Provider::Anthropic(anthropic),
+            sim: Provider::OpenAi(sim),
+        })
     }
 
-    pub fn get(&self, name: &str) -> Result<&OpenAiClient, ProviderError> {
+    pub fn get(&self, name: &str) -> Result<&Provider, ProviderError> {
         match name {
             "openai" => Ok(&self.openai),
+            "anthropic" => Ok(&self.anthropic),
             "sim" => Ok(&self.sim),
             other => Err(ProviderError::Unknown(other.to_owned())),
         }

@@ -9,6 +9,7 @@ use reqwest::{RequestBuilder, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::http::Http;
 use super::{BatchProvider, BatchRef, BatchState, BatchStatus, Limits, ProviderError, ResultFiles};
 use crate::messages::ShardKey;
 use crate::storage::{Store, layout};
@@ -16,14 +17,15 @@ use crate::storage::{Store, layout};
 /// Metadata key that names the shard a batch was created for (reconciliation looks it up).
 pub const SHARD_METADATA_KEY: &str = "rowsmith_shard";
 const JOB_METADATA_KEY: &str = "rowsmith_job";
-const MAX_TRIES: u32 = 5;
 
 #[derive(Clone)]
 pub struct OpenAiClient {
     name: String,
     base_url: String,
     api_key: Option<SecretString>,
-    http: reqwest::Client,
+    /// Azure OpenAI: the `api-version` query value; the key then goes in an `api-key` header.
+    azure_api_version: Option<String>,
+    http: Http,
 }
 
 impl std::fmt::Debug for OpenAiClient {
@@ -98,154 +100,61 @@ impl OpenAiClient {
         api_key: Option<SecretString>,
         timeout: Duration,
     ) -> Result<Self, ProviderError> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| ProviderError::Transport {
-                provider: name.into(),
-                operation: "client set-up",
-                message: e.to_string(),
-            })?;
+        let http = Http::new(name, timeout, Duration::from_secs(120))?;
         Ok(Self {
             name: name.into(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            azure_api_version: None,
             http,
         })
     }
 
+    /// Talks to Azure OpenAI: `api-key` header and `api-version` query.
+    pub fn with_azure_api_version(mut self, api_version: Option<String>) -> Self {
+        self.azure_api_version = api_version;
+        self
+    }
+
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base_url)
+        match &self.azure_api_version {
+            Some(version) => {
+                let separator = if path.contains('?') { '&' } else { '?' };
+                format!("{}{path}{separator}api-version={version}", self.base_url)
+            }
+            None => format!("{}{path}", self.base_url),
+        }
     }
 
     fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
-        match &self.api_key {
-            Some(key) => request.bearer_auth(key.expose_secret()),
-            None => request,
+        match (&self.api_key, &self.azure_api_version) {
+            (Some(key), Some(_)) => request.header("api-key", key.expose_secret()),
+            (Some(key), None) => request.bearer_auth(key.expose_secret()),
+            (None, _) => request,
         }
     }
 
-    /// Sends with retries on 408/409/429/5xx and transport errors, honouring `retry-after`.
     async fn send(
         &self,
         operation: &'static str,
-        build: impl Fn() -> RequestBuilder,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self.authorize(build()).send().await;
-            let (error, wait) = match result {
-                Ok(response) if response.status().is_success() => return Ok(response),
-                Ok(response) => {
-                    let status = response.status();
-                    let wait = retry_after(&response);
-                    let message = error_message(response.text().await.unwrap_or_default());
-                    let error = ProviderError::Http {
-                        provider: self.name.clone(),
-                        operation,
-                        status: status.as_u16(),
-                        message,
-                    };
-                    (error, wait)
-                }
-                Err(error) => {
-                    let error = ProviderError::Transport {
-                        provider: self.name.clone(),
-                        operation,
-                        message: error.without_url().to_string(),
-                    };
-                    (error, None)
-                }
-            };
-            if !error.is_retryable() || attempt >= MAX_TRIES {
-                return Err(error);
-            }
-            let backoff = Duration::from_millis(250 * 2u64.pow(attempt - 1));
-            let jitter = Duration::from_millis(rand::random_range(0..100));
-            let wait = wait
-                .unwrap_or(backoff + jitter)
-                .min(Duration::from_secs(60));
-            tracing::warn!(provider = %self.name, operation, attempt, %error, ?wait, "provider call failed, retrying");
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    async fn json<T: for<'de> Deserialize<'de>>(
-        &self,
-        operation: &'static str,
-        response: reqwest::Response,
-    ) -> Result<T, ProviderError> {
-        let bytes = response
-            .bytes()
+        self.http
+            .send(operation, || self.authorize(build(&self.http.client)))
             .await
-            .map_err(|e| ProviderError::Transport {
-                provider: self.name.clone(),
-                operation,
-                message: e.without_url().to_string(),
-            })?;
-        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Decode {
-            provider: self.name.clone(),
-            operation,
-            message: e.to_string(),
-        })
     }
 
     pub async fn retrieve(&self, batch_id: &str) -> Result<Batch, ProviderError> {
         let url = self.url(&format!("/batches/{batch_id}"));
-        let response = self.send("retrieve batch", || self.http.get(&url)).await?;
-        self.json("retrieve batch", response).await
+        let response = self.send("retrieve batch", |http| http.get(&url)).await?;
+        self.http.json("retrieve batch", response).await
     }
 
     pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
         let url = self.url(&format!("/files/{file_id}/content"));
-        let response = self.send("download file", || self.http.get(&url)).await?;
-        response
-            .bytes()
-            .await
-            .map_err(|e| ProviderError::Transport {
-                provider: self.name.clone(),
-                operation: "download file",
-                message: e.without_url().to_string(),
-            })
+        let response = self.send("download file", |http| http.get(&url)).await?;
+        self.http.bytes("download file", response).await
     }
-}
-
-fn retry_after(response: &reqwest::Response) -> Option<Duration> {
-    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
-    if let Some(ms) = header("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-    }
-    header("retry-after")
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
-}
-
-/// The `error.message` of an error body, or the body itself, shortened.
-fn error_message(body: String) -> String {
-    let parsed: Option<serde_json::Value> = serde_json::from_str(&body).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(|v| v.pointer("/error/message"))
-        .and_then(|m| m.as_str())
-        .map(str::to_owned)
-        .unwrap_or(body);
-    let code = parsed
-        .as_ref()
-        .and_then(|v| v.pointer("/error/code"))
-        .and_then(|m| m.as_str())
-        .map(|c| format!(" ({c})"))
-        .unwrap_or_default();
-    let mut text = format!("{message}{code}");
-    if text.len() > 500 {
-        let cut = (0..=500)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        text.truncate(cut);
-    }
-    text
 }
 
 impl Batch {
@@ -309,7 +218,7 @@ impl BatchProvider for OpenAiClient {
     async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
         let url = self.url("/files");
         let file_name = format!("{}.jsonl", key.dotted());
-        let build = || {
+        let build = |http: &reqwest::Client| {
             let part = reqwest::multipart::Part::stream(lines.clone())
                 .file_name(file_name.clone())
                 .mime_str("application/jsonl")
@@ -317,14 +226,19 @@ impl BatchProvider for OpenAiClient {
             let form = reqwest::multipart::Form::new()
                 .text("purpose", "batch")
                 .part("file", part);
-            self.http.post(&url).multipart(form)
+            http.post(&url).multipart(form)
         };
         let response = self.send("upload file", build).await?;
-        let file: FileObject = self.json("upload file", response).await?;
+        let file: FileObject = self.http.json("upload file", response).await?;
         Ok(file.id)
     }
 
-    async fn create(&self, key: &ShardKey, file_id: &str) -> Result<BatchRef, ProviderError> {
+    async fn create(
+        &self,
+        key: &ShardKey,
+        file_id: &str,
+        _lines: Bytes,
+    ) -> Result<BatchRef, ProviderError> {
         let url = self.url("/batches");
         let body = serde_json::json!({
             "input_file_id": file_id,
@@ -336,9 +250,9 @@ impl BatchProvider for OpenAiClient {
             },
         });
         let response = self
-            .send("create batch", || self.http.post(&url).json(&body))
+            .send("create batch", |http| http.post(&url).json(&body))
             .await?;
-        let batch: Batch = self.json("create batch", response).await?;
+        let batch: Batch = self.http.json("create batch", response).await?;
         Ok(BatchRef { id: batch.id })
     }
 
@@ -351,8 +265,8 @@ impl BatchProvider for OpenAiClient {
             if let Some(after) = &after {
                 url.push_str(&format!("&after={after}"));
             }
-            let response = self.send("list batches", || self.http.get(&url)).await?;
-            let list: BatchList = self.json("list batches", response).await?;
+            let response = self.send("list batches", |http| http.get(&url)).await?;
+            let list: BatchList = self.http.json("list batches", response).await?;
             if let Some(found) = list.data.iter().find(|batch| {
                 batch
                     .metadata
@@ -402,7 +316,7 @@ impl BatchProvider for OpenAiClient {
 
     async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
         let url = self.url(&format!("/batches/{}/cancel", batch.id));
-        match self.send("cancel batch", || self.http.post(&url)).await {
+        match self.send("cancel batch", |http| http.post(&url)).await {
             Ok(_) => Ok(()),
             // Already ended: nothing to cancel.
             Err(ProviderError::Http { status, .. }) if status == StatusCode::CONFLICT.as_u16() => {

@@ -11,7 +11,19 @@ use rowsmith_tests::Stack;
 use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+async fn openai_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+    retried_until_only_permanent_failures_remain("openai", "faulty").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+    retried_until_only_permanent_failures_remain("anthropic", "anthropic").await;
+}
+
+/// A 10,000-row job with 5% row errors, 2% invalid JSON, a few schema violations and cut-off
+/// answers, and one of its three shards expiring half done: every row ends in enriched.csv
+/// but the ones made to fail permanently, which end in failures.csv.
+async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key: &str) {
     let stack = Stack::start_with(|settings| {
         settings.sim.faults = SimFaults {
             server_error_rate: 0.04,
@@ -35,6 +47,7 @@ async fn failed_and_expired_rows_are_retried_and_only_permanent_failures_remain(
         .collect();
     let input = stack.upload_input("faulty.csv", to_csv(&rows)).await;
     let mut job_spec = spec("faulty", &input, "description");
+    job_spec.provider = provider.into();
     job_spec.options.max_requests_per_batch = 4000;
     stack.submit(&job_spec).await;
     let job = stack.wait_for_end("faulty", Duration::from_secs(180)).await;
@@ -48,7 +61,7 @@ async fn failed_and_expired_rows_are_retried_and_only_permanent_failures_remain(
     assert_eq!(job.shards_per_attempt[0], 3);
 
     let stats = stack.sim_stats().await;
-    let permanent: BTreeSet<i64> = stats["permanent_failures"]["faulty"]
+    let permanent: BTreeSet<i64> = stats["permanent_failures"][stats_key]
         .as_array()
         .expect("permanent failures")
         .iter()
@@ -79,7 +92,7 @@ async fn failed_and_expired_rows_are_retried_and_only_permanent_failures_remain(
     );
     for row in &failures {
         assert!(
-            ["http_error", "refusal"].contains(&row[1].as_str()),
+            ["http_error", "invalid_request", "refusal"].contains(&row[1].as_str()),
             "reason {}",
             row[1]
         );

@@ -1,0 +1,204 @@
+//! The HTTP policy shared by the provider clients: retry 408/409/429/5xx and transport
+//! errors with jittered exponential backoff, honour `retry-after-ms` / `retry-after` (up to a
+//! cap; longer waits are not retried) and `x-should-retry`, never retry `insufficient_quota`,
+//! a timeout on every call. Error messages never carry the request's headers (the API key).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+
+use super::ProviderError;
+
+/// Calls to one provider.
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub name: String,
+    pub client: reqwest::Client,
+    /// Tries per call, the first included.
+    pub max_tries: u32,
+    /// The longest `retry-after` that is waited out; longer ones fail the call.
+    pub max_retry_after: Duration,
+    /// First backoff step; doubles per try, capped at 8 s.
+    pub base_backoff: Duration,
+}
+
+impl Http {
+    pub fn new(
+        name: &str,
+        timeout: Duration,
+        max_retry_after: Duration,
+    ) -> Result<Self, ProviderError> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ProviderError::Transport {
+                provider: name.into(),
+                operation: "client set-up",
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            name: name.into(),
+            client,
+            max_tries: 5,
+            max_retry_after,
+            base_backoff: Duration::from_millis(500),
+        })
+    }
+
+    /// Sends the request `build` makes, retrying as the policy says.
+    pub async fn send(
+        &self,
+        operation: &'static str,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, ProviderError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (error, should_retry, wait) = match build().send().await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let header = |name: &str| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let should_retry = header("x-should-retry").map(|v| v == "true");
+                    let wait = retry_after(
+                        header("retry-after-ms").as_deref(),
+                        header("retry-after").as_deref(),
+                    );
+                    let message = error_message(&response.text().await.unwrap_or_default());
+                    let error = ProviderError::Http {
+                        provider: self.name.clone(),
+                        operation,
+                        status,
+                        message,
+                    };
+                    (error, should_retry, wait)
+                }
+                Err(error) => {
+                    let error = ProviderError::Transport {
+                        provider: self.name.clone(),
+                        operation,
+                        message: error.without_url().to_string(),
+                    };
+                    (error, None, None)
+                }
+            };
+            let retry = should_retry.unwrap_or_else(|| error.is_retryable());
+            let wait_too_long = wait.is_some_and(|w| w > self.max_retry_after);
+            if !retry || wait_too_long || tries >= self.max_tries {
+                return Err(error);
+            }
+            let backoff = self
+                .base_backoff
+                .saturating_mul(2u32.saturating_pow(tries - 1))
+                .min(Duration::from_secs(8));
+            let jitter = 1.0 - 0.25 * rand::random::<f64>();
+            let wait = wait.unwrap_or_else(|| backoff.mul_f64(jitter));
+            tracing::warn!(provider = %self.name, operation, tries, %error, ?wait, "provider call failed, retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    pub async fn bytes(
+        &self,
+        operation: &'static str,
+        response: Response,
+    ) -> Result<Bytes, ProviderError> {
+        response
+            .bytes()
+            .await
+            .map_err(|e| ProviderError::Transport {
+                provider: self.name.clone(),
+                operation,
+                message: e.without_url().to_string(),
+            })
+    }
+
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        response: Response,
+    ) -> Result<T, ProviderError> {
+        let bytes = self.bytes(operation, response).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ProviderError::Decode {
+            provider: self.name.clone(),
+            operation,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The wait a response asks for: `retry-after-ms`, else `retry-after` in seconds.
+pub fn retry_after(retry_after_ms: Option<&str>, retry_after: Option<&str>) -> Option<Duration> {
+    if let Some(ms) = retry_after_ms.and_then(|v| v.trim().parse::<f64>().ok()) {
+        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    }
+    retry_after
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
+}
+
+/// The error's message (and code or type) from an OpenAI or Anthropic error body, or the body
+/// itself, shortened.
+pub fn error_message(body: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let field = |pointer: &str| {
+        parsed
+            .as_ref()
+            .and_then(|v| v.pointer(pointer))
+            .and_then(|m| m.as_str())
+            .map(str::to_owned)
+    };
+    let message = field("/error/message").unwrap_or_else(|| body.to_owned());
+    let code = field("/error/code")
+        .or_else(|| field("/error/type"))
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    let mut text = format!("{message}{code}");
+    if text.len() > 500 {
+        let cut = (0..=500)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        assert_eq!(
+            retry_after(Some("250"), Some("3")),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            retry_after(None, Some("1.5")),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(retry_after(None, None), None);
+    }
+
+    #[test]
+    fn error_messages_name_the_code() {
+        let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        assert_eq!(
+            error_message(quota),
+            "You exceeded your current quota (insufficient_quota)"
+        );
+        let anthropic =
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(error_message(anthropic), "Overloaded (overloaded_error)");
+    }
+}
