@@ -23,6 +23,29 @@ pub struct Settings {
     pub merger: WorkerSettings,
     pub sim: SimSettings,
     pub log: LogSettings,
+    pub quota: QuotaSettings,
+}
+
+/// The providers' enqueued-token quota: how many input tokens may wait in batches at once,
+/// per model. The submitter holds shards back while a model's quota is in use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSettings {
+    /// `model = tokens`; a model not listed has no limit.
+    pub enqueued_tokens: std::collections::BTreeMap<String, u64>,
+    /// How long a held-back shard waits before it asks again, and how long after a
+    /// `token_limit_exceeded` failure a shard is sent again.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+impl Default for QuotaSettings {
+    fn default() -> Self {
+        Self {
+            enqueued_tokens: Default::default(),
+            wait: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,6 +271,9 @@ pub struct SimFaults {
     pub expire_shards: Vec<u32>,
     /// How far an expiring batch gets (0 to 1).
     pub expire_at_fraction: f64,
+    /// Input tokens (bytes / 4) that may wait in unfinished batches; a batch that would go
+    /// over fails validation with `token_limit_exceeded`.
+    pub enqueued_token_quota: Option<u64>,
 }
 
 impl Default for SimFaults {
@@ -262,6 +288,7 @@ impl Default for SimFaults {
             retryable_until_attempt: 1,
             expire_shards: Vec::new(),
             expire_at_fraction: 0.5,
+            enqueued_token_quota: None,
         }
     }
 }

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use crate::events::Event;
 use crate::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
-use crate::records::{JobRecord, ShardRecord};
+use crate::records::{JobRecord, QuotaRecord, ShardRecord};
 use crate::spec::JobSpec;
 
 /// `(file name, schema)` of every message and record.
@@ -37,6 +37,10 @@ pub fn schemas() -> Vec<(&'static str, Value)> {
         (
             "shard-record.schema.json",
             schema(schemars::schema_for!(ShardRecord)),
+        ),
+        (
+            "quota-record.schema.json",
+            schema(schemars::schema_for!(QuotaRecord)),
         ),
     ]
 }

@@ -148,7 +148,10 @@ impl ShardState {
         self == next
             || matches!(
                 (self, next),
-                (Ready, Uploading | Ended) | (Uploading, Submitted | Ended) | (Submitted, Ended)
+                (Ready, Uploading | Ended)
+                    | (Uploading, Submitted | Ended)
+                    // Sent again after the provider refused it for its token quota.
+                    | (Submitted, Uploading | Ended)
             )
     }
 }
@@ -170,7 +173,46 @@ pub struct ShardRecord {
     pub rows_path: Option<String>,
     pub succeeded: u64,
     pub failed: u64,
+    /// How often the shard was sent again after a `token_limit_exceeded` failure.
+    #[serde(default)]
+    pub resubmissions: u32,
+    /// Not to be submitted before this time (Unix ms), after a quota refusal.
+    #[serde(default)]
+    pub not_before_ms: Option<i64>,
     pub updated_at_ms: i64,
+}
+
+impl ShardRecord {
+    /// Input tokens the shard's requests hold, estimated at four bytes a token.
+    pub fn estimated_tokens(&self) -> u64 {
+        self.bytes / 4
+    }
+}
+
+pub fn quota_key(provider: &str, model: &str) -> String {
+    let safe: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("quota.{provider}.{safe}")
+}
+
+/// Tokens reserved in a model's enqueued-token quota, by shard (`<job>.<attempt>.<shard>`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuotaRecord {
+    pub reserved: std::collections::BTreeMap<String, u64>,
+}
+
+impl QuotaRecord {
+    pub fn in_use(&self) -> u64 {
+        self.reserved.values().sum()
+    }
 }
 
 impl ShardRecord {

@@ -106,6 +106,8 @@ pub async fn create_shard_records(
             rows_path: None,
             succeeded: 0,
             failed: 0,
+            resubmissions: 0,
+            not_before_ms: None,
             updated_at_ms: crate::now_unix_ms(),
         };
         bus.create(&shard_key(&key), &record).await?;

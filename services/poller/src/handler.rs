@@ -5,9 +5,11 @@ use std::time::Duration;
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fail_job};
-use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, subjects};
-use rowsmith_shared::providers::{BatchProvider, BatchRef, BatchStatus, Providers};
-use rowsmith_shared::records::{JobRecord, ShardRecord, job_key, shard_key};
+use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardKey, ShardReady, subjects};
+use rowsmith_shared::providers::{BatchProvider, BatchRef, BatchState, BatchStatus, Providers};
+use rowsmith_shared::records::{
+    JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
+};
 use rowsmith_shared::storage::Store;
 
 #[derive(Debug, Clone)]
@@ -17,6 +19,8 @@ pub struct Poller {
     pub providers: Providers,
     /// Delay before the n-th next check; the last entry repeats.
     pub schedule: Vec<Duration>,
+    /// How long a shard refused for the token quota waits before it is sent again.
+    pub quota_wait: Duration,
 }
 
 /// The delay after the `delivered`-th check (1-based).
@@ -93,6 +97,16 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         .await;
         return Ok(Check::Running);
     }
+    release_quota(bus, &submitted.provider, &job.spec.model, key).await?;
+    if status.state == BatchState::Failed
+        && status
+            .errors
+            .iter()
+            .any(|e| e.starts_with("token_limit_exceeded"))
+    {
+        resubmit_later(poller, submitted, &job).await?;
+        return Ok(Check::Ended);
+    }
     let files = provider.download(key, &status, &poller.store).await?;
     let batch_status = status.state.as_str().to_owned();
     bus.modify(
@@ -123,7 +137,7 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
     };
     bus.publish(
         subjects::BATCHES_ENDED,
-        &format!("ended.{}", key.dotted()),
+        &format!("ended.{}.{}", key.dotted(), batch.id),
         &ended,
     )
     .await?;
@@ -133,6 +147,82 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
 
 fn batch_failure(status: &BatchStatus) -> Option<String> {
     (!status.errors.is_empty()).then(|| status.errors.join("; "))
+}
+
+/// Frees the shard's tokens in its model's enqueued-token quota (when one is kept).
+async fn release_quota(
+    bus: &Bus,
+    provider: &str,
+    model: &str,
+    key: &ShardKey,
+) -> Result<(), StepError> {
+    let quota = quota_key(provider, model);
+    if bus.read::<QuotaRecord>(&quota).await?.is_none() {
+        return Ok(());
+    }
+    let shard = key.dotted();
+    bus.modify(
+        &quota,
+        |record: &mut QuotaRecord| -> Result<Cas<()>, StepError> {
+            Ok(match record.reserved.remove(&shard) {
+                Some(_) => Cas::Write(()),
+                None => Cas::Keep(()),
+            })
+        },
+    )
+    .await
+}
+
+/// The provider refused the batch for its enqueued-token quota: not the rows' fault. The
+/// shard goes back to the submitter, to be sent again after `quota_wait`.
+async fn resubmit_later(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+    job: &JobRecord,
+) -> Result<(), StepError> {
+    let bus = &poller.bus;
+    let key = &submitted.key;
+    let failed_batch = submitted.batch_id.clone();
+    let not_before = rowsmith_shared::now_unix_ms() + poller.quota_wait.as_millis() as i64;
+    let record = bus
+        .modify(
+            &shard_key(key),
+            |shard: &mut ShardRecord| -> Result<Cas<ShardRecord>, StepError> {
+                if shard.provider_batch_id.as_deref() != Some(failed_batch.as_str()) {
+                    return Ok(Cas::Keep(shard.clone()));
+                }
+                shard
+                    .transition(ShardState::Uploading)
+                    .map_err(|e| StepError::Job(e.to_string()))?;
+                shard.provider_batch_id = None;
+                shard.resubmissions += 1;
+                shard.not_before_ms = Some(not_before);
+                Ok(Cas::Write(shard.clone()))
+            },
+        )
+        .await?;
+    let ready = ShardReady {
+        key: key.clone(),
+        provider: submitted.provider.clone(),
+        requests_path: record.requests_path.clone(),
+        request_count: record.request_count,
+        bytes: record.bytes,
+    };
+    let msg_id = format!("ready.{}.resubmit{}", key.dotted(), record.resubmissions);
+    bus.publish(subjects::SHARDS_READY, &msg_id, &ready).await?;
+    let message = format!(
+        "batch {failed_batch} of shard {} was refused for the enqueued-token quota of {}; sending it again in {}s",
+        key.shard,
+        job.spec.model,
+        poller.quota_wait.as_secs()
+    );
+    tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %failed_batch, "token quota refusal, shard resubmitted");
+    bus.emit(
+        &Event::new(&key.job_id, EventKind::BatchProgress, message, job.counts)
+            .with_shard(key.clone()),
+    )
+    .await;
+    Ok(())
 }
 
 #[cfg(test)]

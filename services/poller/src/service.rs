@@ -31,6 +31,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         store: Store::from_url(&settings.store.url)?,
         providers: Providers::from_settings(&settings)?,
         schedule: settings.poller.schedule()?,
+        quota_wait: settings.quota.wait,
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

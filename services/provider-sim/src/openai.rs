@@ -38,6 +38,7 @@ pub struct SimState {
     /// custom_ids made to fail permanently, per job.
     pub(crate) permanent_failures: BTreeMap<String, BTreeSet<String>>,
     pub(crate) requests_answered: u64,
+    token_limit_failures: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +64,10 @@ struct SimBatch {
     cancel_requested: Option<Instant>,
     /// Terminal state once reached, with its files.
     ended: Option<Ended>,
+    /// Input tokens (bytes / 4) the batch holds in the enqueued-token quota.
+    tokens: u64,
+    /// Whether it passed validation, the quota check included.
+    admitted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +112,7 @@ impl SimState {
             job_faults: HashMap::new(),
             permanent_failures: BTreeMap::new(),
             requests_answered: 0,
+            token_limit_failures: 0,
         }
     }
 
@@ -117,6 +123,19 @@ impl SimState {
             nuid_like(self.next_id),
             self.next_id
         )
+    }
+
+    fn model_of(&self, batch: &SimBatch) -> String {
+        self.files
+            .get(&batch.input_file_id)
+            .and_then(|f| f.bytes.split(|b| *b == b'\n').next().map(<[u8]>::to_vec))
+            .and_then(|line| serde_json::from_slice::<Value>(&line).ok())
+            .and_then(|v| {
+                v.pointer("/body/model")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
     }
 
     fn faults_for(&self, batch: &SimBatch) -> (SimFaults, String, u32, Option<u32>) {
@@ -150,6 +169,31 @@ impl SimState {
         .then(|| (batch.total as f64 * faults.expire_at_fraction.clamp(0.0, 1.0)) as u64);
         let mut status = "validating";
         let mut completed = 0;
+        if batch.ended.is_none()
+            && !batch.admitted
+            && batch.errors.is_none()
+            && elapsed >= validating
+        {
+            let in_use: u64 = self
+                .batches
+                .values()
+                .filter(|other| other.id != batch.id && other.admitted && other.ended.is_none())
+                .map(|other| other.tokens)
+                .sum();
+            match faults.enqueued_token_quota {
+                Some(quota) if in_use > 0 && in_use + batch.tokens > quota => {
+                    self.token_limit_failures += 1;
+                    let message = format!(
+                        "Enqueued token limit reached for {}. Limit: {quota} enqueued tokens. Please try \
+                         again once some in_progress batches have been completed.",
+                        self.model_of(&batch)
+                    );
+                    batch.errors = Some(vec![json!({"code": "token_limit_exceeded", "line": null,
+                        "param": null, "message": message})]);
+                }
+                _ => batch.admitted = true,
+            }
+        }
         if batch.ended.is_none() {
             if batch.errors.is_some() && elapsed >= validating {
                 batch.ended = Some(self.end(&batch, "failed", 0));
@@ -670,6 +714,7 @@ async fn create_batch(
         );
     }
     let (total, errors) = validate_lines(&file.bytes, &request.endpoint);
+    let file_bytes = file.bytes.len();
     let id = state.new_id("batch_");
     if let Some(shard) = request
         .metadata
@@ -690,6 +735,8 @@ async fn create_batch(
         errors,
         cancel_requested: None,
         ended: None,
+        tokens: (file_bytes / 4) as u64,
+        admitted: false,
     };
     state.batches.insert(id.clone(), batch);
     state.batch_order.push(id.clone());
@@ -768,6 +815,7 @@ async fn stats(State(state): State<Shared>) -> Response {
         "batches_created": state.batch_order.len(),
         "batches_per_shard": state.batches_per_shard,
         "requests_answered": state.requests_answered,
+        "token_limit_failures": state.token_limit_failures,
         "permanent_failures": state.permanent_failures,
     }))
     .into_response()

@@ -4,13 +4,18 @@
 //! created, and the batch id after. A redelivery that finds a file id but no batch id first
 //! asks the provider for a batch carrying the shard key in its metadata.
 
+use std::time::Duration;
+
 use rowsmith_shared::bus::Bus;
 use rowsmith_shared::bus::{Cas, Delivery, Outcome, decode};
+use rowsmith_shared::config::QuotaSettings;
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::jobs::{StepError, settle};
 use rowsmith_shared::messages::{BatchSubmitted, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, BatchRef, Providers};
-use rowsmith_shared::records::{JobRecord, ShardRecord, ShardState, job_key, shard_key};
+use rowsmith_shared::records::{
+    JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
+};
 use rowsmith_shared::storage::Store;
 
 #[derive(Debug, Clone)]
@@ -18,6 +23,7 @@ pub struct Submitter {
     pub bus: Bus,
     pub store: Store,
     pub providers: Providers,
+    pub quota: QuotaSettings,
 }
 
 pub async fn handle(submitter: &Submitter, delivery: Delivery) -> Outcome {
@@ -27,33 +33,88 @@ pub async fn handle(submitter: &Submitter, delivery: Delivery) -> Outcome {
     };
     let job_id = ready.key.job_id.clone();
     match submit(submitter, &ready).await {
-        Ok(()) => Outcome::Done,
+        Ok(Submitted::Done) => Outcome::Done,
+        Ok(Submitted::Later(after)) => Outcome::Retry { after },
         Err(error) => settle(&submitter.bus, &job_id, &delivery, error).await,
     }
 }
 
-async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepError> {
+/// Whether the shard went out.
+enum Submitted {
+    Done,
+    /// Held back (the model's enqueued-token quota is in use, or the provider refused it
+    /// moments ago): ask again after this long.
+    Later(Duration),
+}
+
+/// Reserves the shard's tokens in its model's quota; `false` while the quota is in use.
+async fn reserve_quota(
+    submitter: &Submitter,
+    ready: &ShardReady,
+    model: &str,
+    tokens: u64,
+) -> Result<bool, StepError> {
+    let Some(&quota) = submitter.quota.enqueued_tokens.get(model) else {
+        return Ok(true);
+    };
+    let key = quota_key(&ready.provider, model);
+    if submitter.bus.read::<QuotaRecord>(&key).await?.is_none() {
+        submitter.bus.create(&key, &QuotaRecord::default()).await?;
+    }
+    let shard = ready.key.dotted();
+    submitter
+        .bus
+        .modify(
+            &key,
+            |record: &mut QuotaRecord| -> Result<Cas<bool>, StepError> {
+                if record.reserved.contains_key(&shard) {
+                    return Ok(Cas::Keep(true));
+                }
+                // A shard larger than the whole quota goes alone rather than never.
+                if record.in_use() > 0 && record.in_use() + tokens > quota {
+                    return Ok(Cas::Keep(false));
+                }
+                record.reserved.insert(shard.clone(), tokens);
+                Ok(Cas::Write(true))
+            },
+        )
+        .await
+}
+
+async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, StepError> {
     let bus = &submitter.bus;
     let key = &ready.key;
     let record_key = shard_key(key);
-    match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
+    let job = match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
         Some((job, _)) if job.state.is_terminal() => {
             tracing::info!(job_id = %key.job_id, shard = key.shard, "job already ended, shard not submitted");
-            return Ok(());
+            return Ok(Submitted::Done);
         }
-        Some(_) => {}
+        Some((job, _)) => job,
         None => {
             return Err(StepError::Job(format!(
                 "shard {} has no job record",
                 key.dotted()
             )));
         }
-    }
+    };
     let (mut record, _) = bus
         .read::<ShardRecord>(&record_key)
         .await?
         .ok_or_else(|| StepError::Job(format!("shard {} has no record", key.dotted())))?;
     let provider = submitter.providers.get(&ready.provider)?;
+    if record.provider_batch_id.is_none() {
+        let now = rowsmith_shared::now_unix_ms();
+        if let Some(not_before) = record.not_before_ms.filter(|t| *t > now) {
+            return Ok(Submitted::Later(Duration::from_millis(
+                (not_before - now) as u64,
+            )));
+        }
+        if !reserve_quota(submitter, ready, &job.spec.model, record.estimated_tokens()).await? {
+            tracing::info!(job_id = %key.job_id, shard = key.shard, model = %job.spec.model, "enqueued-token quota in use, holding the shard back");
+            return Ok(Submitted::Later(submitter.quota.wait));
+        }
+    }
 
     if record.provider_file_id.is_none() && record.provider_batch_id.is_none() {
         let lines = submitter.store.get_bytes(&ready.requests_path).await?;
@@ -115,7 +176,7 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
     };
     bus.publish(
         subjects::BATCHES_SUBMITTED,
-        &format!("submitted.{}", key.dotted()),
+        &format!("submitted.{}.{batch_id}", key.dotted()),
         &submitted,
     )
     .await?;
@@ -134,5 +195,5 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepErr
             .with_shard(key.clone()),
     )
     .await;
-    Ok(())
+    Ok(Submitted::Done)
 }

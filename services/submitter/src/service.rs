@@ -16,7 +16,9 @@ pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
         durable: "submitter",
         filter_subject: subjects::SHARDS_READY,
         ack_wait: settings.submitter.ack_wait,
-        max_deliver: settings.submitter.max_deliver,
+        // Held-back shards are redelivered until the quota frees up, so deliveries are not
+        // counted against them; permanent errors still fail the job at once.
+        max_deliver: -1,
         max_ack_pending: 1_000,
     }
 }
@@ -28,6 +30,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         bus: bus.clone(),
         store: Store::from_url(&settings.store.url)?,
         providers: Providers::from_settings(&settings)?,
+        quota: settings.quota.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

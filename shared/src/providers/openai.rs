@@ -267,12 +267,14 @@ impl BatchProvider for OpenAiClient {
             }
             let response = self.send("list batches", |http| http.get(&url)).await?;
             let list: BatchList = self.http.json("list batches", response).await?;
+            // A failed batch (refused for the token quota) is never the one to keep.
             if let Some(found) = list.data.iter().find(|batch| {
-                batch
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.get(SHARD_METADATA_KEY))
-                    == Some(&wanted)
+                batch.status != "failed"
+                    && batch
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.get(SHARD_METADATA_KEY))
+                        == Some(&wanted)
             }) {
                 return Ok(Some(BatchRef {
                     id: found.id.clone(),
