@@ -274,6 +274,12 @@ pub struct SimFaults {
     /// Input tokens (bytes / 4) that may wait in unfinished batches; a batch that would go
     /// over fails validation with `token_limit_exceeded`.
     pub enqueued_token_quota: Option<u64>,
+    /// Every n-th API call is answered 429 `rate_limit_exceeded` with `retry-after-ms`.
+    pub http_429_every: Option<u64>,
+    /// Every n-th API call is answered 500 (with `x-should-retry: true`).
+    pub http_500_every: Option<u64>,
+    /// Batch creation is refused with 429 `insufficient_quota` (never worth retrying).
+    pub insufficient_quota: bool,
 }
 
 impl Default for SimFaults {
@@ -289,6 +295,9 @@ impl Default for SimFaults {
             expire_shards: Vec::new(),
             expire_at_fraction: 0.5,
             enqueued_token_quota: None,
+            http_429_every: None,
+            http_500_every: None,
+            insufficient_quota: false,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod anthropic;
 mod faults;
+mod http_faults;
 mod model;
 mod openai;
 

@@ -39,6 +39,9 @@ pub struct SimState {
     pub(crate) permanent_failures: BTreeMap<String, BTreeSet<String>>,
     pub(crate) requests_answered: u64,
     token_limit_failures: u64,
+    /// API calls seen, for the every-n-th HTTP faults.
+    pub(crate) api_calls: u64,
+    pub(crate) http_faults_injected: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +116,8 @@ impl SimState {
             permanent_failures: BTreeMap::new(),
             requests_answered: 0,
             token_limit_failures: 0,
+            api_calls: 0,
+            http_faults_injected: 0,
         }
     }
 
@@ -490,6 +495,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/sim/stats", get(stats))
         .route("/sim/faults/{job_id}", post(set_job_faults))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::http_faults::inject))
         .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
         .with_state(state)
 }
@@ -816,6 +822,8 @@ async fn stats(State(state): State<Shared>) -> Response {
         "batches_per_shard": state.batches_per_shard,
         "requests_answered": state.requests_answered,
         "token_limit_failures": state.token_limit_failures,
+        "api_calls": state.api_calls,
+        "http_faults_injected": state.http_faults_injected,
         "permanent_failures": state.permanent_failures,
     }))
     .into_response()
