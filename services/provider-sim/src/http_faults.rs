@@ -44,7 +44,11 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
         fault
     };
     let error = |status: StatusCode, kind: &str, code: &str, message: &str| {
-        (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
+        (
+            status,
+            Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
+        )
+            .into_response()
     };
     let mut response = match fault {
         None => next.run(request).await,
@@ -55,8 +59,12 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
                 "rate_limit_exceeded",
                 "Rate limit reached for requests per min (RPM). Please try again in 20ms.",
             );
-            response.headers_mut().insert("retry-after-ms", HeaderValue::from_static("20"));
-            response.headers_mut().insert("retry-after", HeaderValue::from_static("0.02"));
+            response
+                .headers_mut()
+                .insert("retry-after-ms", HeaderValue::from_static("20"));
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from_static("0.02"));
             response
         }
         Some(Fault::ServerError) => {
@@ -66,7 +74,9 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
                 "server_error",
                 "The server had an error while processing your request.",
             );
-            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("true"));
             response
         }
         Some(Fault::InsufficientQuota) => error(
@@ -77,9 +87,18 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
         ),
     };
     let headers = response.headers_mut();
-    headers.insert("x-ratelimit-limit-requests", HeaderValue::from_static("10000"));
-    headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("9999"));
-    headers.insert("x-ratelimit-reset-requests", HeaderValue::from_static("6ms"));
+    headers.insert(
+        "x-ratelimit-limit-requests",
+        HeaderValue::from_static("10000"),
+    );
+    headers.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from_static("9999"),
+    );
+    headers.insert(
+        "x-ratelimit-reset-requests",
+        HeaderValue::from_static("6ms"),
+    );
     headers.insert("x-request-id", HeaderValue::from_static("req_sim"));
     response
 }

@@ -495,7 +495,10 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/sim/stats", get(stats))
         .route("/sim/faults/{job_id}", post(set_job_faults))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::http_faults::inject))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::http_faults::inject,
+        ))
         .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
         .with_state(state)
 }

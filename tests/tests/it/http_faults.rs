@@ -15,27 +15,42 @@ async fn rate_limits_and_server_errors_are_retried_and_the_job_completes() {
         settings.sim.faults.http_500_every = Some(7);
     })
     .await;
-    let input = stack.upload_input("limited.csv", to_csv(&awkward_rows(300))).await;
+    let input = stack
+        .upload_input("limited.csv", to_csv(&awkward_rows(300)))
+        .await;
     let mut job_spec = spec("limited", &input, "description");
     job_spec.options.max_requests_per_batch = 100;
     stack.submit(&job_spec).await;
-    let job = stack.wait_for_end("limited", Duration::from_secs(120)).await;
+    let job = stack
+        .wait_for_end("limited", Duration::from_secs(120))
+        .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.counts.failed, 0);
     let stats = stack.sim_stats().await;
-    assert!(stats["http_faults_injected"].as_u64().expect("count") >= 3, "{stats}");
-    assert_eq!(stats["batches_created"], 3, "a retried create made no second batch: {stats}");
+    assert!(
+        stats["http_faults_injected"].as_u64().expect("count") >= 3,
+        "{stats}"
+    );
+    assert_eq!(
+        stats["batches_created"], 3,
+        "a retried create made no second batch: {stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn insufficient_quota_is_not_retried_and_fails_the_job_with_the_reason() {
     let stack = Stack::start_with(|settings| settings.sim.faults.insufficient_quota = true).await;
-    let input = stack.upload_input("broke.csv", to_csv(&awkward_rows(20))).await;
+    let input = stack
+        .upload_input("broke.csv", to_csv(&awkward_rows(20)))
+        .await;
     stack.submit(&spec("broke", &input, "description")).await;
     let job = stack.wait_for_end("broke", Duration::from_secs(60)).await;
     assert_eq!(job.state, JobState::Failed);
     let error = job.error.expect("error");
-    assert!(error.contains("HTTP 429") && error.contains("insufficient_quota"), "{error}");
+    assert!(
+        error.contains("HTTP 429") && error.contains("insufficient_quota"),
+        "{error}"
+    );
     let stats = stack.sim_stats().await;
     // upload, the look-up for an existing batch, one create: no retries.
     assert_eq!(stats["api_calls"], 3, "{stats}");

@@ -4,3 +4,4 @@ mod http_faults;
 mod pipeline;
 mod quota;
 mod retries;
+mod sdk;
