@@ -65,6 +65,7 @@ impl JobArgs {
                 provider: "sim".into(),
                 model: "gpt-4o-mini".into(),
                 options: JobOptions::default(),
+                fallback: None,
             },
         };
         spec.input = self.input.clone();

@@ -253,6 +253,7 @@ mod tests {
             provider: "sim".into(),
             model: "gpt-4o-mini".into(),
             options: JobOptions::default(),
+            fallback: None,
         }
     }
 

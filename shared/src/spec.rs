@@ -30,6 +30,17 @@ pub struct JobSpec {
     pub model: String,
     #[serde(default)]
     pub options: JobOptions,
+    /// Where the last attempt's rows go instead (another provider or model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+/// The provider and model of a job's last attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    pub provider: String,
+    pub model: String,
 }
 
 fn default_provider() -> String {
@@ -127,6 +138,19 @@ fn is_valid_field_name(name: &str) -> bool {
 }
 
 impl JobSpec {
+    /// The spec of attempt `attempt`: the fallback's provider and model on the last attempt.
+    pub fn for_attempt(&self, attempt: u32) -> JobSpec {
+        let mut spec = self.clone();
+        if let Some(fallback) = &self.fallback
+            && attempt >= self.options.max_attempts
+            && attempt > 1
+        {
+            spec.provider = fallback.provider.clone();
+            spec.model = fallback.model.clone();
+        }
+        spec
+    }
+
     /// The job id, which `validate` guarantees is present and valid.
     pub fn id(&self) -> &str {
         self.job_id.as_deref().unwrap_or_default()
@@ -167,6 +191,21 @@ impl JobSpec {
         }
         if self.model.trim().is_empty() {
             return fail("model is empty".into());
+        }
+        if let Some(fallback) = &self.fallback {
+            if !PROVIDERS.contains(&fallback.provider.as_str()) {
+                return fail(format!(
+                    "fallback provider {:?} is unknown; providers are: {}",
+                    fallback.provider,
+                    PROVIDERS.join(", ")
+                ));
+            }
+            if fallback.model.trim().is_empty() {
+                return fail("fallback model is empty".into());
+            }
+            if self.options.max_attempts < 2 {
+                return fail("a fallback needs options.max_attempts of at least 2".into());
+            }
         }
         let mut seen = BTreeSet::new();
         for field in &self.fields {
@@ -327,6 +366,7 @@ mod tests {
             provider: "sim".into(),
             model: "m".into(),
             options: JobOptions::default(),
+            fallback: None,
         }
     }
 

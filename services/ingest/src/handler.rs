@@ -120,6 +120,7 @@ fn placeholder_spec(job_id: &str) -> JobSpec {
         provider: String::new(),
         model: String::new(),
         options: Default::default(),
+        fallback: None,
     }
 }
 

@@ -129,7 +129,8 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
                 .read::<JobRecord>(&job_key(&key.job_id))
                 .await?
                 .ok_or_else(|| StepError::Internal("job record vanished".into()))?;
-            announce_shards(bus, &job.spec, job.attempt, job.shards_in_attempt()).await
+            let spec = job.spec.for_attempt(job.attempt);
+            announce_shards(bus, &spec, job.attempt, job.shards_in_attempt()).await
         }
     }
 }
@@ -166,8 +167,11 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     let indexed_for_task = indexed.clone();
     let columns =
         tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task)).await??;
-    let limits = shard_limits(spec, merger.providers.get(&spec.provider)?.limits());
     let next_attempt = attempt + 1;
+    // The last attempt may go to the fallback provider and model.
+    let attempt_spec = spec.for_attempt(next_attempt);
+    let spec = &attempt_spec;
+    let limits = shard_limits(spec, merger.providers.get(&spec.provider)?.limits());
     let (stats, sizes) = prepare_shards(
         store,
         spec,
@@ -204,8 +208,8 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     announce_shards(bus, spec, next_attempt, stats.shards).await?;
     if let Some(counts) = moved {
         let message = format!(
-            "retrying {} rows that failed in attempt {attempt} as attempt {next_attempt} ({} shards)",
-            stats.requests, stats.shards
+            "retrying {} rows that failed in attempt {attempt} as attempt {next_attempt} ({} shards, {} {})",
+            stats.requests, stats.shards, spec.provider, spec.model
         );
         tracing::info!(
             job_id,
@@ -256,7 +260,7 @@ async fn merge_shard(
     }
     let wanted: BTreeSet<i64> = expected.iter().copied().collect();
     let fields = &job.spec.fields;
-    let format = LineFormat::of_provider(&job.spec.provider);
+    let format = LineFormat::of_provider(&ended.provider);
     let mut results: BTreeMap<i64, LineResult> = BTreeMap::new();
     let mut ignored = 0u64;
     for path in [&ended.output_path, &ended.errors_path]

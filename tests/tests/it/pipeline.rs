@@ -35,6 +35,7 @@ pub fn spec(job_id: &str, input: &str, target: &str) -> JobSpec {
         provider: "sim".into(),
         model: "gpt-4o-mini".into(),
         options: JobOptions::default(),
+        fallback: None,
     }
 }
 
@@ -272,4 +273,51 @@ async fn a_missing_target_column_fails_the_job_with_the_columns_and_the_next_job
         .await;
     assert_eq!(good.state, JobState::Completed, "{:?}", good.error);
     assert_eq!(good.counts.rows_total, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_120k_row_openai_job_is_cut_at_the_provider_limit_into_three_shards() {
+    let stack = Stack::start_with(|settings| settings.sim.rows_per_second = 200_000.0).await;
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(["id", "description"]).expect("header");
+    for i in 0..120_000 {
+        writer
+            .write_record([i.to_string(), format!("product {i}")])
+            .expect("row");
+    }
+    let input = stack
+        .upload_input("large.csv", writer.into_inner().expect("csv"))
+        .await;
+    let mut job_spec = spec("large", &input, "description");
+    job_spec.provider = "openai".into();
+    stack.submit(&job_spec).await;
+    let job = stack.wait_for_end("large", Duration::from_secs(300)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        job.shards_per_attempt,
+        [3],
+        "50,000 requests per OpenAI batch"
+    );
+    let sizes: Vec<u64> = {
+        let mut sizes = Vec::new();
+        for shard in 0..3 {
+            let key = rowsmith_shared::messages::ShardKey {
+                job_id: "large".into(),
+                attempt: 1,
+                shard,
+            };
+            let (record, _) = stack
+                .bus
+                .read::<rowsmith_shared::records::ShardRecord>(
+                    &rowsmith_shared::records::shard_key(&key),
+                )
+                .await
+                .expect("read")
+                .expect("shard");
+            sizes.push(record.request_count);
+        }
+        sizes
+    };
+    assert_eq!(sizes, [50_000, 50_000, 20_000]);
+    assert_eq!(job.counts.succeeded, 120_000);
 }

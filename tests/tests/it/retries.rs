@@ -129,3 +129,71 @@ async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key:
     assert_eq!(job.counts.succeeded, enriched.len() as u64);
     assert_eq!(job.counts.failed, permanent.len() as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
+    let stack = Stack::start_with(|settings| {
+        settings.sim.faults = SimFaults {
+            server_error_rate: 0.1,
+            ..SimFaults::default()
+        };
+    })
+    .await;
+    let rows = awkward_rows(1000);
+    let input = stack.upload_input("fallback.csv", to_csv(&rows)).await;
+    let mut job_spec = spec("fallback", &input, "description");
+    job_spec.options.max_attempts = 2;
+    job_spec.fallback = Some(rowsmith_shared::spec::Fallback {
+        provider: "anthropic".into(),
+        model: "claude-fallback".into(),
+    });
+    stack.submit(&job_spec).await;
+    let job = stack
+        .wait_for_end("fallback", Duration::from_secs(120))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(job.shards_per_attempt.len(), 2);
+    let key = rowsmith_shared::messages::ShardKey {
+        job_id: "fallback".into(),
+        attempt: 2,
+        shard: 0,
+    };
+    let (shard, _) = stack
+        .bus
+        .read::<rowsmith_shared::records::ShardRecord>(&rowsmith_shared::records::shard_key(&key))
+        .await
+        .expect("read")
+        .expect("attempt 2 shard");
+    assert_eq!(shard.provider, "anthropic");
+    let requests = stack.read_text(&shard.requests_path).await;
+    let first: serde_json::Value =
+        serde_json::from_str(requests.lines().next().expect("a line")).expect("json");
+    assert_eq!(first["params"]["model"], "claude-fallback");
+    assert_eq!(first["params"]["tool_choice"]["name"], "row_enrichment");
+    // Roughly the 10% that failed on OpenAI went to Anthropic, and all came back.
+    let retried = requests.lines().count();
+    assert!(
+        (50..=150).contains(&retried),
+        "{retried} rows in the fallback attempt"
+    );
+    let (_, enriched) = read_csv(
+        &stack
+            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
+            .await,
+    );
+    let (_, failures) = read_csv(
+        &stack
+            .read_text(job.outputs.failures_csv.as_deref().expect("failures"))
+            .await,
+    );
+    assert_eq!(
+        enriched.len() + failures.len(),
+        1000,
+        "every row once across the two files"
+    );
+    assert_eq!(
+        job.counts.succeeded + job.counts.failed,
+        900,
+        "the 100 rows with empty targets are skipped"
+    );
+}
