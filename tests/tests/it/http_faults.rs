@@ -56,3 +56,29 @@ async fn insufficient_quota_is_not_retried_and_fails_the_job_with_the_reason() {
     assert_eq!(stats["api_calls"], 3, "{stats}");
     assert_eq!(stats["batches_created"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faults_set_for_one_job_hit_only_that_job() {
+    let stack = Stack::start().await;
+    let faults = serde_json::json!({"bad_request_rate": 1.0});
+    let answer = reqwest::Client::new()
+        .post(format!("http://{}/sim/faults/doomed", stack.sim_address))
+        .json(&faults)
+        .send()
+        .await
+        .expect("set faults");
+    assert!(answer.status().is_success());
+    let input = stack
+        .upload_input("two.csv", to_csv(&awkward_rows(40)))
+        .await;
+    stack.submit(&spec("doomed", &input, "description")).await;
+    stack.submit(&spec("spared", &input, "description")).await;
+    let doomed = stack.wait_for_end("doomed", Duration::from_secs(60)).await;
+    let spared = stack.wait_for_end("spared", Duration::from_secs(60)).await;
+    assert_eq!(
+        (doomed.state, spared.state),
+        (JobState::Completed, JobState::Completed)
+    );
+    assert_eq!((doomed.counts.succeeded, doomed.counts.failed), (0, 36));
+    assert_eq!((spared.counts.succeeded, spared.counts.failed), (36, 0));
+}
