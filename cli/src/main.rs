@@ -41,6 +41,8 @@ enum Command {
     Result(commands::result::Args),
     /// Write the request shards ingest would send, offline (no NATS needed).
     Render(commands::render::Args),
+    /// Cancel a job: running batches are cancelled, finished rows kept.
+    Cancel(commands::cancel::Args),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             Command::List(args) => commands::list::run(args).await,
             Command::Result(args) => commands::result::run(args).await,
             Command::Render(args) => commands::render::run(args).await,
+            Command::Cancel(args) => commands::cancel::run(args).await,
         }
     });
     match result {

@@ -21,6 +21,10 @@ use crate::messages::subjects;
 use crate::records::BUCKET;
 
 pub const WORK_STREAM: &str = "ROWSMITH_WORK";
+/// How long a starting service waits for NATS.
+pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a stopping worker waits for the messages it is handling.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub const EVENTS_STREAM: &str = "ROWSMITH_EVENTS";
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +111,32 @@ impl Bus {
         let js = jetstream::new(client.clone());
         let kv = ensure_topology(&js).await?;
         Ok(Self { client, js, kv })
+    }
+
+    /// Connects like [`Bus::connect`], trying again every second while NATS is unreachable
+    /// (a service may start before NATS, or during its restart) until `shutdown` or `patience`.
+    pub async fn connect_retrying(
+        settings: &NatsSettings,
+        name: &str,
+        shutdown: &CancellationToken,
+        patience: Duration,
+    ) -> Result<Self, BusError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            match Self::connect(settings, name).await {
+                Ok(bus) => return Ok(bus),
+                Err(error)
+                    if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() =>
+                {
+                    tracing::warn!(%error, "NATS not ready, trying again in 1s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(error),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Creates or updates a service's durable pull consumer on the work stream.

@@ -168,6 +168,9 @@ pub struct WorkerSettings {
     /// How long a message may be worked on before it is redelivered.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// Testing only (the chaos test): the submitter aborts with this probability between
+    /// creating a batch and recording its id, to exercise the reconciliation path.
+    pub chaos_crash_after_create: f64,
 }
 
 impl Default for WorkerSettings {
@@ -176,6 +179,7 @@ impl Default for WorkerSettings {
             concurrency: 2,
             max_deliver: 5,
             ack_wait: Duration::from_secs(300),
+            chaos_crash_after_create: 0.0,
         }
     }
 }

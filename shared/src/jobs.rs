@@ -124,9 +124,20 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         .read::<JobRecord>(&job_key(job_id))
         .await?
         .ok_or_else(|| StepError::Job(format!("job {job_id} has no record")))?;
-    if job.state == JobState::Completed {
+    if job.state.is_terminal() {
         return Ok(());
     }
+    // A job whose cancel was asked for ends `cancelled`, with what it had done by then.
+    let final_state = if job.cancel_requested {
+        JobState::Cancelled
+    } else {
+        JobState::Completed
+    };
+    let final_name = if job.cancel_requested {
+        "cancelled"
+    } else {
+        "completed"
+    };
     let scratch = tempfile::tempdir()?;
     let indexed_key = job
         .indexed_path
@@ -185,7 +196,7 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     let finished_at_ms = crate::now_unix_ms();
     let manifest = json!({
         "job_id": job_id,
-        "state": "completed",
+        "state": final_name,
         "rows": {
             "total": job.counts.rows_total,
             "skipped": job.counts.rows_skipped,
@@ -218,11 +229,11 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         .modify(
             &job_key(job_id),
             |record: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, StepError> {
-                if record.state == JobState::Completed {
+                if record.state.is_terminal() {
                     return Ok(Cas::Keep(None));
                 }
                 record
-                    .transition(JobState::Completed)
+                    .transition(final_state)
                     .map_err(|e| StepError::Job(e.to_string()))?;
                 record.outputs = outputs.clone();
                 record.counts.failed = counts.failed_rows;
@@ -233,7 +244,7 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         .await?;
     if let Some(record) = completed {
         let message = format!(
-            "job completed: {} rows enriched, {} failed; outputs under {}",
+            "job {final_name}: {} rows enriched, {} failed; outputs under {}",
             record.counts.succeeded,
             record.counts.failed,
             layout::output(job_id, "")
@@ -242,15 +253,15 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
             job_id,
             succeeded = record.counts.succeeded,
             failed = record.counts.failed,
-            "job completed"
+            "job {final_name}"
         );
-        bus.emit(&Event::new(
-            job_id,
-            EventKind::Completed,
-            message,
-            record.counts,
-        ))
-        .await;
+        let kind = if job.cancel_requested {
+            EventKind::Cancelled
+        } else {
+            EventKind::Completed
+        };
+        bus.emit(&Event::new(job_id, kind, message, record.counts))
+            .await;
     }
     Ok(())
 }
@@ -282,4 +293,41 @@ pub async fn local_input(
         ))),
         other => Ok(other?),
     }
+}
+
+/// Asks for a job to be cancelled: no new batches go out, running ones are cancelled at
+/// their next status check, finished rows are kept. `Err` names the state of a job that
+/// already ended.
+pub async fn request_cancel(
+    bus: &Bus,
+    job_id: &str,
+) -> Result<Result<JobRecord, JobState>, BusError> {
+    let outcome = bus
+        .modify(
+            &job_key(job_id),
+            |job: &mut JobRecord| -> Result<Cas<Result<JobRecord, JobState>>, BusError> {
+                if job.state.is_terminal() {
+                    return Ok(Cas::Keep(Err(job.state)));
+                }
+                if job.cancel_requested {
+                    return Ok(Cas::Keep(Ok(job.clone())));
+                }
+                job.cancel_requested = true;
+                job.updated_at_ms = crate::now_unix_ms();
+                Ok(Cas::Write(Ok(job.clone())))
+            },
+        )
+        .await?;
+    if let Ok(job) = &outcome {
+        let message =
+            "cancel requested: no new batches; running batches are cancelled at their next check";
+        bus.emit(&Event::new(
+            job_id,
+            EventKind::BatchProgress,
+            message,
+            job.counts,
+        ))
+        .await;
+    }
+    Ok(outcome)
 }

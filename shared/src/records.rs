@@ -75,6 +75,9 @@ pub struct JobRecord {
     /// Rows of the current attempt that failed in a way another attempt may fix.
     #[serde(default)]
     pub retryable_failed: u64,
+    /// A user asked to cancel: no new batches, running ones cancelled, partial results kept.
+    #[serde(default)]
+    pub cancel_requested: bool,
     /// Store key of the indexed table, once ingested.
     pub indexed_path: Option<String>,
     pub outputs: Outputs,
@@ -95,6 +98,7 @@ impl JobRecord {
             shards_per_attempt: Vec::new(),
             merged_shards: Vec::new(),
             retryable_failed: 0,
+            cancel_requested: false,
             indexed_path: None,
             outputs: Outputs::default(),
             error: None,

@@ -1,5 +1,6 @@
 //! One module per verb.
 
+pub mod cancel;
 pub mod enrich;
 pub mod list;
 pub mod render;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{Bus, ConsumerSpec, run_worker};
+use rowsmith_shared::bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::providers::Providers;
@@ -23,7 +23,13 @@ pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
 
 /// Runs the ingest service until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect(&settings.nats, "rowsmith-ingest").await?;
+    let bus = Bus::connect_retrying(
+        &settings.nats,
+        "rowsmith-ingest",
+        &shutdown,
+        CONNECT_PATIENCE,
+    )
+    .await?;
     let ingest = Arc::new(Ingest {
         bus: bus.clone(),
         store: Store::from_url(&settings.store.url)?,

@@ -108,6 +108,7 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
                     job.retryable_failed,
                 ) {
                     (false, _) => Next::Wait,
+                    (true, _) if job.cancel_requested => Next::Finalize,
                     (true, 0) => Next::Finalize,
                     (true, _) if job.attempt < job.spec.options.max_attempts => Next::Retry,
                     (true, _) => Next::Finalize,

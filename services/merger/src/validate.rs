@@ -158,7 +158,10 @@ fn anthropic_message(message: &Value, fields: &[FieldSpec]) -> LineResult {
 
 fn line_result(line: ResultLine, fields: &[FieldSpec]) -> LineResult {
     if let Some(error) = line.error.filter(|e| !e.is_null()) {
-        let code = error.get("code").and_then(Value::as_str).unwrap_or("error");
+        let code = match error.get("code").and_then(Value::as_str).unwrap_or("error") {
+            "batch_cancelled" => "cancelled",
+            code => code,
+        };
         let message = error.get("message").and_then(Value::as_str).unwrap_or("");
         return Err(failure(code, message));
     }

@@ -80,6 +80,11 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         id: submitted.batch_id.clone(),
     };
     let status = provider.status(&batch).await?;
+    if job.cancel_requested && !status.state.is_terminal() && status.state != BatchState::Cancelling
+    {
+        provider.cancel(&batch).await?;
+        tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch cancelled on request");
+    }
     if !status.state.is_terminal() {
         let message = format!(
             "batch {} of shard {} is {}: {}/{} done, {} failed",

@@ -11,7 +11,7 @@ use rowsmith_shared::bus::{Cas, Delivery, Outcome, decode};
 use rowsmith_shared::config::QuotaSettings;
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::jobs::{StepError, settle};
-use rowsmith_shared::messages::{BatchSubmitted, ShardReady, subjects};
+use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, BatchRef, Providers};
 use rowsmith_shared::records::{
     JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
@@ -24,6 +24,8 @@ pub struct Submitter {
     pub store: Store,
     pub providers: Providers,
     pub quota: QuotaSettings,
+    /// Testing only: probability of aborting right after a batch is created.
+    pub chaos_crash_after_create: f64,
 }
 
 pub async fn handle(submitter: &Submitter, delivery: Delivery) -> Outcome {
@@ -103,6 +105,25 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
         .await?
         .ok_or_else(|| StepError::Job(format!("shard {} has no record", key.dotted())))?;
     let provider = submitter.providers.get(&ready.provider)?;
+    if job.cancel_requested && record.provider_batch_id.is_none() {
+        // Cancelled before it went out: its rows end as cancelled, no batch is created.
+        let ended = BatchEnded {
+            key: key.clone(),
+            provider: ready.provider.clone(),
+            batch_id: String::new(),
+            status: "cancelled".into(),
+            output_path: None,
+            errors_path: None,
+            failure: None,
+        };
+        bus.publish(
+            subjects::BATCHES_ENDED,
+            &format!("ended.{}.cancelled", key.dotted()),
+            &ended,
+        )
+        .await?;
+        return Ok(Submitted::Done);
+    }
     if record.provider_batch_id.is_none() {
         let now = rowsmith_shared::now_unix_ms();
         if let Some(not_before) = record.not_before_ms.filter(|t| *t > now) {
@@ -148,7 +169,14 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
                 }
                 None => {
                     let lines = submitter.store.get_bytes(&ready.requests_path).await?;
-                    provider.create(key, &file_id, lines).await?
+                    let created = provider.create(key, &file_id, lines).await?;
+                    if submitter.chaos_crash_after_create > 0.0
+                        && rand::random::<f64>() < submitter.chaos_crash_after_create
+                    {
+                        tracing::error!(job_id = %key.job_id, shard = key.shard, batch_id = %created.id, "chaos: aborting between batch created and batch id recorded");
+                        std::process::abort();
+                    }
+                    created
                 }
             };
             let BatchRef { id } = batch;

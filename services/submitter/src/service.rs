@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{Bus, ConsumerSpec, run_worker};
+use rowsmith_shared::bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::providers::Providers;
@@ -25,12 +25,19 @@ pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
 
 /// Runs the submitter service until `shutdown`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect(&settings.nats, "rowsmith-submitter").await?;
+    let bus = Bus::connect_retrying(
+        &settings.nats,
+        "rowsmith-submitter",
+        &shutdown,
+        CONNECT_PATIENCE,
+    )
+    .await?;
     let submitter = Arc::new(Submitter {
         bus: bus.clone(),
         store: Store::from_url(&settings.store.url)?,
         providers: Providers::from_settings(&settings)?,
         quota: settings.quota.clone(),
+        chaos_crash_after_create: settings.submitter.chaos_crash_after_create,
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

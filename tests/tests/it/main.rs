@@ -1,5 +1,6 @@
 //! End-to-end tests: real nats-server per test, all four services and the simulator.
 
+mod cancel;
 mod http_faults;
 mod pipeline;
 mod quota;
