@@ -42,6 +42,19 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
     match accept(ingest, &spec).await {
         Ok(Accepted::New | Accepted::Resume) => {}
         Ok(Accepted::AlreadyDone) => return Outcome::Done,
+        Ok(Accepted::Announce { shards }) => {
+            // Publishing again is deduplicated by message id and the submitter is idempotent.
+            return match announce_shards(&ingest.bus, &spec, 1, shards).await {
+                Ok(()) => Outcome::Done,
+                Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
+            };
+        }
+        Ok(Accepted::Finalize) => {
+            return match finalize_job(&ingest.bus, &ingest.store, &job_id).await {
+                Ok(()) => Outcome::Done,
+                Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
+            };
+        }
         Ok(Accepted::Conflict) => {
             let message = format!(
                 "job id {job_id} is already taken by a job with a different spec; \
@@ -127,6 +140,12 @@ fn placeholder_spec(job_id: &str) -> JobSpec {
 enum Accepted {
     New,
     Resume,
+    /// Ingested before a crash: make sure its shards were announced.
+    Announce {
+        shards: u32,
+    },
+    /// Ingested with nothing to send before a crash: finish it.
+    Finalize,
     AlreadyDone,
     Conflict,
 }
@@ -163,6 +182,10 @@ async fn accept(ingest: &Ingest, spec: &JobSpec) -> Result<Accepted, StepError> 
     }
     Ok(match existing.state {
         JobState::Accepted | JobState::Ingesting => Accepted::Resume,
+        JobState::Running if existing.attempt == 1 => Accepted::Announce {
+            shards: existing.shards_in_attempt(),
+        },
+        JobState::Merging if existing.shards_in_attempt() == 0 => Accepted::Finalize,
         _ => Accepted::AlreadyDone,
     })
 }
