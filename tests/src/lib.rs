@@ -144,6 +144,11 @@ impl Stack {
     /// Starts the stack after `configure` has adjusted the test settings (simulator faults,
     /// pace, schedule).
     pub async fn start_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_services(configure, &["ingest", "submitter", "poller", "merger"]).await
+    }
+
+    /// Starts nats-server, the simulator and only the named services.
+    pub async fn start_services(configure: impl FnOnce(&mut Settings), services: &[&str]) -> Self {
         init_logging();
         let nats = NatsServer::start();
         let store_dir = tempfile::tempdir().expect("temp store");
@@ -169,10 +174,16 @@ impl Stack {
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await
             .expect("connect to nats");
-        tokio::spawn(rowsmith_ingest::run(settings.clone(), shutdown.clone()));
-        tokio::spawn(rowsmith_submitter::run(settings.clone(), shutdown.clone()));
-        tokio::spawn(rowsmith_poller::run(settings.clone(), shutdown.clone()));
-        tokio::spawn(rowsmith_merger::run(settings.clone(), shutdown.clone()));
+        for service in services {
+            let (settings, shutdown) = (settings.clone(), shutdown.clone());
+            match *service {
+                "ingest" => drop(tokio::spawn(rowsmith_ingest::run(settings, shutdown))),
+                "submitter" => drop(tokio::spawn(rowsmith_submitter::run(settings, shutdown))),
+                "poller" => drop(tokio::spawn(rowsmith_poller::run(settings, shutdown))),
+                "merger" => drop(tokio::spawn(rowsmith_merger::run(settings, shutdown))),
+                other => panic!("no service {other}"),
+            }
+        }
         let store = Store::from_url(&settings.store.url).expect("store");
         Self {
             nats,

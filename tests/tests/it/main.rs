@@ -1,6 +1,7 @@
 //! End-to-end tests: real nats-server per test, all four services and the simulator.
 
 mod cancel;
+mod exactly_once;
 mod http_faults;
 mod pipeline;
 mod quota;

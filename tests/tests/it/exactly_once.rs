@@ -1,0 +1,300 @@
+//! The mechanisms behind "nothing lost, nothing paid twice", one at a time.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use rowsmith_shared::bus::Delivery;
+use rowsmith_shared::config::Settings;
+use rowsmith_shared::messages::{BatchEnded, ShardKey, ShardReady, subjects};
+use rowsmith_shared::providers::{BatchProvider, Providers};
+use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
+use rowsmith_shared::shards::{ShardSize, create_shard_records};
+use rowsmith_shared::storage::layout;
+use rowsmith_tests::Stack;
+
+use crate::pipeline::{awkward_rows, spec, to_csv};
+
+fn delivery<T: serde::Serialize>(subject: &str, message: &T) -> Delivery {
+    Delivery {
+        subject: subject.into(),
+        payload: Bytes::from(serde_json::to_vec(message).expect("json")),
+        delivered: 2,
+        last: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_creating_another() {
+    // Only NATS and the simulator: the test plays the submitter's two lives.
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let job = spec("crashed", "inputs/none.csv", "description");
+    let mut record = JobRecord::new(job.clone());
+    record.state = JobState::Running;
+    stack
+        .bus
+        .create(&job_key("crashed"), &record)
+        .await
+        .expect("job record");
+    let key = ShardKey {
+        job_id: "crashed".into(),
+        attempt: 1,
+        shard: 0,
+    };
+    let line = r#"{"custom_id":"r0","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"Row data to enhance:\ndescription: x\n\nRow context: "}]}}"#;
+    let lines = Bytes::from(format!("{line}\n"));
+    stack
+        .store
+        .put_bytes(&layout::requests(&key), lines.clone())
+        .await
+        .expect("requests");
+    create_shard_records(
+        &stack.bus,
+        &job,
+        1,
+        &[ShardSize {
+            requests: 1,
+            bytes: lines.len() as u64,
+        }],
+    )
+    .await
+    .expect("shard record");
+
+    // First life: uploaded and recorded the file, created the batch, crashed before recording it.
+    let providers = Providers::from_settings(&stack.settings).expect("providers");
+    let sim = providers.get("sim").expect("sim");
+    let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
+    stack
+        .bus
+        .modify(
+            &shard_key(&key),
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_shared::bus::BusError> {
+                shard.state = ShardState::Uploading;
+                shard.provider_file_id = Some(file_id.clone());
+                Ok(rowsmith_shared::bus::Cas::Write(()))
+            },
+        )
+        .await
+        .expect("record upload");
+    let orphan = sim
+        .create(&key, &file_id, lines.clone())
+        .await
+        .expect("create");
+
+    // Second life: the redelivered message.
+    let submitter = rowsmith_submitter::Submitter {
+        bus: stack.bus.clone(),
+        store: stack.store.clone(),
+        providers: providers.clone(),
+        quota: Default::default(),
+        chaos_crash_after_create: 0.0,
+    };
+    let ready = ShardReady {
+        key: key.clone(),
+        provider: "sim".into(),
+        requests_path: layout::requests(&key),
+        request_count: 1,
+        bytes: lines.len() as u64,
+    };
+    let outcome =
+        rowsmith_submitter::handle(&submitter, delivery(subjects::SHARDS_READY, &ready)).await;
+    assert_eq!(outcome, rowsmith_shared::bus::Outcome::Done);
+    let (shard, _) = stack
+        .bus
+        .read::<ShardRecord>(&shard_key(&key))
+        .await
+        .expect("read")
+        .expect("shard");
+    assert_eq!(shard.provider_batch_id.as_deref(), Some(orphan.id.as_str()));
+    assert_eq!(shard.state, ShardState::Submitted);
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 1, "{stats}");
+    assert_eq!(stats["files_uploaded"], 1, "the recorded upload is reused");
+
+    // A third delivery (a lost ack) changes nothing either.
+    let outcome =
+        rowsmith_submitter::handle(&submitter, delivery(subjects::SHARDS_READY, &ready)).await;
+    assert_eq!(outcome, rowsmith_shared::bus::Outcome::Done);
+    assert_eq!(stack.sim_stats().await["batches_created"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_job_id_is_accepted_once_and_a_different_spec_under_it_is_refused() {
+    let stack = Stack::start().await;
+    let input = stack
+        .upload_input("once.csv", to_csv(&awkward_rows(30)))
+        .await;
+    let job = spec("once", &input, "description");
+    stack.submit(&job).await;
+    let first = stack.wait_for_end("once", Duration::from_secs(60)).await;
+    assert_eq!(first.state, JobState::Completed);
+    // The same spec again, past JetStream's duplicate window (another message id).
+    stack
+        .bus
+        .publish(subjects::JOBS_SUBMIT, "once-again", &job)
+        .await
+        .expect("publish");
+    let mut other = job.clone();
+    other.instructions = "Something else entirely.".into();
+    stack
+        .bus
+        .publish(subjects::JOBS_SUBMIT, "once-other", &other)
+        .await
+        .expect("publish");
+    let events = events_until(&stack, "once", "refused").await;
+    let refused = events.last().expect("refused event");
+    assert!(
+        refused
+            .message
+            .contains("already taken by a job with a different spec"),
+        "{}",
+        refused.message
+    );
+    let (after, _) = stack
+        .bus
+        .read::<JobRecord>(&job_key("once"))
+        .await
+        .expect("read")
+        .expect("job");
+    assert_eq!(after.spec, job, "the first spec stays");
+    assert_eq!(after.state, JobState::Completed);
+    assert_eq!(
+        stack.sim_stats().await["batches_created"],
+        1,
+        "the repeat created no batch"
+    );
+}
+
+async fn events_until(
+    stack: &Stack,
+    job_id: &str,
+    kind: &str,
+) -> Vec<rowsmith_shared::events::Event> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let stream = stack
+        .bus
+        .js
+        .get_stream(rowsmith_shared::bus::EVENTS_STREAM)
+        .await
+        .expect("stream");
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: format!("rowsmith.events.{job_id}.>"),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, messages.next()).await {
+        let event: rowsmith_shared::events::Event =
+            serde_json::from_slice(&message.expect("event").payload).expect("json");
+        let done = event.kind.as_str() == kind;
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+    panic!(
+        "no {kind} event for {job_id}; saw {:?}",
+        events.iter().map(|e| e.kind).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_is_terminated_and_the_services_go_on() {
+    let stack = Stack::start().await;
+    for subject in [
+        subjects::JOBS_SUBMIT,
+        subjects::SHARDS_READY,
+        subjects::BATCHES_SUBMITTED,
+        subjects::BATCHES_ENDED,
+    ] {
+        let ack = stack
+            .bus
+            .js
+            .publish(subject, Bytes::from_static(b"{not json"))
+            .await
+            .expect("publish");
+        ack.await.expect("stored");
+    }
+    let input = stack
+        .upload_input("after-poison.csv", to_csv(&awkward_rows(20)))
+        .await;
+    stack
+        .submit(&spec("after-poison", &input, "description"))
+        .await;
+    let job = stack
+        .wait_for_end("after-poison", Duration::from_secs(60))
+        .await;
+    assert_eq!(job.state, JobState::Completed);
+    // Terminated messages leave the work queue: nothing is left behind.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = stack
+            .bus
+            .js
+            .get_stream(rowsmith_shared::bus::WORK_STREAM)
+            .await
+            .expect("stream");
+        let left = stream.info().await.expect("info").state.messages;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} messages stuck in the work stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_on_its_last_delivery_fails_the_job_with_a_readable_reason() {
+    let stack = Stack::start_with(|settings: &mut Settings| {
+        settings.merger.max_deliver = 2;
+        settings.merger.ack_wait = Duration::from_secs(2);
+    })
+    .await;
+    let job = spec("dead-letter", "inputs/none.csv", "description");
+    let mut record = JobRecord::new(job.clone());
+    record.state = JobState::Running;
+    record.shards_per_attempt = vec![1];
+    stack
+        .bus
+        .create(&job_key("dead-letter"), &record)
+        .await
+        .expect("job");
+    // A batch ended, but its request file is gone: the merger cannot merge it, ever.
+    let ended = BatchEnded {
+        key: ShardKey {
+            job_id: "dead-letter".into(),
+            attempt: 1,
+            shard: 0,
+        },
+        provider: "sim".into(),
+        batch_id: "batch_x".into(),
+        status: "completed".into(),
+        output_path: None,
+        errors_path: None,
+        failure: None,
+    };
+    stack
+        .bus
+        .publish(subjects::BATCHES_ENDED, "ended.dead-letter", &ended)
+        .await
+        .expect("publish");
+    let failed = stack
+        .wait_for_end("dead-letter", Duration::from_secs(60))
+        .await;
+    assert_eq!(failed.state, JobState::Failed);
+    let error = failed.error.expect("reason");
+    assert!(
+        error.contains("jobs/dead-letter/requests/a1-s0.jsonl")
+            && error.contains("gave up after 2 deliveries"),
+        "{error}"
+    );
+}
