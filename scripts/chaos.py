@@ -197,6 +197,19 @@ def main():
             failures.append(f"the job ended after {kills} of {args.kills} kills; slow the pace (--pace)")
         if nats_restarts != 1:
             failures.append("nats-server was not restarted")
+        # Graceful shutdown: SIGTERM, in-flight work finished or released, exit 0 within 10 s.
+        for service in services:
+            if not service.alive():
+                continue
+            stopping = time.time()
+            service.popen.send_signal(signal.SIGTERM)
+            try:
+                code = service.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                failures.append(f"{service.name} did not exit within 10 s of SIGTERM")
+                continue
+            if code != 0:
+                failures.append(f"{service.name} exited {code} on SIGTERM after {time.time() - stopping:.1f}s")
         print(f"chaos: kills={kills} nats_restarts={nats_restarts} rows={args.rows} "
               f"rows_exactly_once={'yes' if exactly_once else 'no'} duplicate_batches={duplicate_batches} "
               f"seconds={seconds:.0f}")

@@ -194,6 +194,12 @@ pub struct PollerSettings {
     pub ack_wait: Duration,
     /// Batches a poller consumer may hold parked between checks.
     pub max_ack_pending: i64,
+    /// The providers' completion window; a batch still running after it plus `grace` is
+    /// treated as expired (cancelled at the provider, its rows retried).
+    #[serde(with = "humantime_serde")]
+    pub completion_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
 }
 
 impl Default for PollerSettings {
@@ -203,6 +209,8 @@ impl Default for PollerSettings {
             schedule: ["30s", "1m", "2m", "5m"].map(String::from).to_vec(),
             ack_wait: Duration::from_secs(120),
             max_ack_pending: 20_000,
+            completion_window: Duration::from_secs(24 * 3600),
+            grace: Duration::from_secs(3600),
         }
     }
 }

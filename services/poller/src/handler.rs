@@ -21,6 +21,28 @@ pub struct Poller {
     pub schedule: Vec<Duration>,
     /// How long a shard refused for the token quota waits before it is sent again.
     pub quota_wait: Duration,
+    /// A batch running longer than this (completion window plus grace) is treated as expired.
+    pub give_up_after: Duration,
+}
+
+/// The delay before the next check: the schedule's, but never past the batch's deadline
+/// (and at least a second).
+pub fn capped_delay(
+    schedule_delay: Duration,
+    submitted_at_ms: i64,
+    now_ms: i64,
+    give_up_after: Duration,
+) -> Duration {
+    let deadline_ms = submitted_at_ms.saturating_add(give_up_after.as_millis() as i64);
+    let until_deadline = Duration::from_millis(deadline_ms.saturating_sub(now_ms).max(0) as u64);
+    schedule_delay
+        .min(until_deadline)
+        .max(Duration::from_secs(1).min(schedule_delay))
+}
+
+/// Whether a batch submitted at `submitted_at_ms` is past its completion window plus grace.
+pub fn overdue(submitted_at_ms: i64, now_ms: i64, give_up_after: Duration) -> bool {
+    now_ms.saturating_sub(submitted_at_ms) >= give_up_after.as_millis() as i64
 }
 
 /// The delay after the `delivered`-th check (1-based).
@@ -38,7 +60,12 @@ pub async fn handle(poller: &Poller, delivery: Delivery) -> Outcome {
         Ok(message) => message,
         Err(reason) => return Outcome::Terminate { reason },
     };
-    let delay = next_delay(&poller.schedule, delivery.delivered);
+    let delay = capped_delay(
+        next_delay(&poller.schedule, delivery.delivered),
+        submitted.submitted_at_ms,
+        rowsmith_shared::now_unix_ms(),
+        poller.give_up_after,
+    );
     match check(poller, &submitted).await {
         Ok(Check::Ended) | Ok(Check::JobOver) => Outcome::Done,
         Ok(Check::Running) => Outcome::Retry { after: delay },
@@ -84,6 +111,36 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
     {
         provider.cancel(&batch).await?;
         tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch cancelled on request");
+    }
+    let give_up = !status.state.is_terminal()
+        && overdue(
+            submitted.submitted_at_ms,
+            rowsmith_shared::now_unix_ms(),
+            poller.give_up_after,
+        );
+    if give_up {
+        // The provider should have ended it by now; stop waiting and retry its rows.
+        if let Err(error) = provider.cancel(&batch).await {
+            tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch");
+        }
+        release_quota(bus, &submitted.provider, &job.spec.model, key).await?;
+        let ended = BatchEnded {
+            key: key.clone(),
+            provider: submitted.provider.clone(),
+            batch_id: batch.id.clone(),
+            status: "expired".into(),
+            output_path: None,
+            errors_path: None,
+            failure: None,
+        };
+        bus.publish(
+            subjects::BATCHES_ENDED,
+            &format!("ended.{}.{}", key.dotted(), batch.id),
+            &ended,
+        )
+        .await?;
+        tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, treated as expired");
+        return Ok(Check::Ended);
     }
     if !status.state.is_terminal() {
         let message = format!(
@@ -233,6 +290,30 @@ async fn resubmit_later(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_never_wait_past_the_deadline_and_overdue_batches_are_given_up() {
+        let hour = Duration::from_secs(3600);
+        let five_minutes = Duration::from_secs(300);
+        // Submitted 24h58m ago with a 25h deadline: the next check comes in 2 minutes.
+        let submitted = 0;
+        let now = (24 * 3600 + 58 * 60) * 1000;
+        assert_eq!(
+            capped_delay(five_minutes, submitted, now, 25 * hour),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            capped_delay(five_minutes, submitted, 0, 25 * hour),
+            five_minutes
+        );
+        assert!(!overdue(submitted, now, 25 * hour));
+        assert!(overdue(submitted, 25 * 3600 * 1000, 25 * hour));
+        // At the deadline the check is not delayed for nothing, but not a busy loop either.
+        assert_eq!(
+            capped_delay(five_minutes, submitted, 25 * 3600 * 1000, 25 * hour),
+            Duration::from_secs(1)
+        );
+    }
 
     #[test]
     fn delay_follows_the_schedule_then_repeats_the_last() {

@@ -38,6 +38,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         providers: Providers::from_settings(&settings)?,
         schedule: settings.poller.schedule()?,
         quota_wait: settings.quota.wait,
+        give_up_after: settings.poller.completion_window + settings.poller.grace,
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -321,3 +321,72 @@ async fn a_120k_row_openai_job_is_cut_at_the_provider_limit_into_three_shards() 
     assert_eq!(sizes, [50_000, 50_000, 20_000]);
     assert_eq!(job.counts.succeeded, 120_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_services_ride_out_a_nats_restart_and_the_job_completes() {
+    let mut stack = Stack::start_with(|settings| settings.sim.rows_per_second = 500.0).await;
+    let input = stack
+        .upload_input("restart.csv", to_csv(&awkward_rows(1500)))
+        .await;
+    let mut job_spec = spec("restart", &input, "description");
+    job_spec.options.max_requests_per_batch = 500;
+    stack.submit(&job_spec).await;
+    // Let the job get going, then restart the server (file storage keeps the streams).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack
+        .bus
+        .read::<rowsmith_shared::records::JobRecord>(&rowsmith_shared::records::job_key("restart"))
+        .await
+        .ok()
+        .flatten()
+        .is_none_or(|(job, _)| job.state != JobState::Running)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never started running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.nats.restart();
+    let job = stack
+        .wait_for_end("restart", Duration::from_secs(120))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let (_, enriched) = read_csv(
+        &stack
+            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
+            .await,
+    );
+    assert_eq!(enriched.len(), 1500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_pollers_share_the_work_and_each_batch_ends_once() {
+    let stack = Stack::start_services(
+        |settings| settings.sim.rows_per_second = 2000.0,
+        &[
+            "ingest",
+            "submitter",
+            "poller",
+            "poller",
+            "poller",
+            "merger",
+        ],
+    )
+    .await;
+    let input = stack
+        .upload_input("pollers.csv", to_csv(&awkward_rows(3000)))
+        .await;
+    let mut job_spec = spec("pollers", &input, "description");
+    job_spec.options.max_requests_per_batch = 300;
+    stack.submit(&job_spec).await;
+    let job = stack
+        .wait_for_end("pollers", Duration::from_secs(120))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        job.counts.shards_ended, job.counts.shards_total,
+        "every shard merged once"
+    );
+    assert_eq!(job.counts.succeeded, 2700);
+}

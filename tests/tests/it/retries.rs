@@ -197,3 +197,41 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
         "the 100 rows with empty targets are skipped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_past_its_completion_window_is_treated_as_expired_and_its_rows_retried() {
+    let stack = Stack::start_with(|settings| {
+        settings.sim.rows_per_second = 1.0;
+        settings.poller.completion_window = Duration::from_millis(600);
+        settings.poller.grace = Duration::ZERO;
+    })
+    .await;
+    let input = stack
+        .upload_input("slow.csv", to_csv(&awkward_rows(20)))
+        .await;
+    let mut job_spec = spec("overdue", &input, "description");
+    job_spec.options.max_attempts = 2;
+    stack.submit(&job_spec).await;
+    let job = stack.wait_for_end("overdue", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        job.shards_per_attempt.len(),
+        2,
+        "the overdue rows were retried once"
+    );
+    let (_, failures) = read_csv(
+        &stack
+            .read_text(job.outputs.failures_csv.as_deref().expect("failures"))
+            .await,
+    );
+    assert_eq!(
+        failures.len(),
+        18,
+        "no row finished at one row a second within 0.6 s"
+    );
+    assert!(
+        failures
+            .iter()
+            .all(|row| row[1] == "batch_expired" && row[3] == "2")
+    );
+}
