@@ -10,7 +10,7 @@ use crate::bus::{Bus, BusError, Cas, Delivery, Outcome, retry_delay};
 use crate::events::{Event, EventKind};
 use crate::messages::ShardKey;
 use crate::providers::ProviderError;
-use crate::records::{JobRecord, JobState, ShardRecord, job_key, shard_key};
+use crate::records::{JobRecord, JobState, job_key};
 use crate::storage::{StorageError, Store, layout};
 use crate::table::{self, FinalOutputs, TableError};
 
@@ -117,13 +117,44 @@ pub async fn fail_job(bus: &Bus, job_id: &str, reason: &str) -> Result<(), BusEr
     Ok(())
 }
 
+/// Reads a job's record; a job without one is an error of the step.
+pub async fn require_job(bus: &Bus, job_id: &str) -> Result<JobRecord, StepError> {
+    match bus.read::<JobRecord>(&job_key(job_id)).await? {
+        Some((job, _)) => Ok(job),
+        None => Err(StepError::Job(format!("job {job_id} has no record"))),
+    }
+}
+
+/// Local copies of the merged rows files of every shard of `attempts`.
+pub async fn fetch_rows_files(
+    store: &Store,
+    job: &JobRecord,
+    attempts: impl Iterator<Item = u32>,
+    scratch: &Path,
+) -> Result<Vec<std::path::PathBuf>, StepError> {
+    let mut files = Vec::new();
+    for attempt in attempts {
+        let shards = job
+            .shards_per_attempt
+            .get(attempt as usize - 1)
+            .copied()
+            .unwrap_or(0);
+        for shard in 0..shards {
+            let key = ShardKey {
+                job_id: job.spec.id().to_owned(),
+                attempt,
+                shard,
+            };
+            files.push(store.fetch_local(&layout::rows(&key), scratch).await?);
+        }
+    }
+    Ok(files)
+}
+
 /// Joins every merged shard's rows onto the indexed table, writes the outputs and the
 /// manifest, and marks the job completed. Re-running it rewrites the same files.
 pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), StepError> {
-    let (job, _) = bus
-        .read::<JobRecord>(&job_key(job_id))
-        .await?
-        .ok_or_else(|| StepError::Job(format!("job {job_id} has no record")))?;
+    let job = require_job(bus, job_id).await?;
     if job.state.is_terminal() {
         return Ok(());
     }
@@ -139,26 +170,10 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         "completed"
     };
     let scratch = tempfile::tempdir()?;
-    let indexed_key = job
-        .indexed_path
-        .clone()
-        .unwrap_or_else(|| layout::indexed(job_id));
+    let indexed_key = job.indexed_key();
     let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
-    let mut rows_files = Vec::new();
-    for (attempt_index, shards) in job.shards_per_attempt.iter().enumerate() {
-        for shard in 0..*shards {
-            let key = ShardKey {
-                job_id: job_id.to_owned(),
-                attempt: attempt_index as u32 + 1,
-                shard,
-            };
-            let record = bus.read::<ShardRecord>(&shard_key(&key)).await?;
-            let rows_path = record
-                .and_then(|(shard_record, _)| shard_record.rows_path)
-                .unwrap_or_else(|| layout::rows(&key));
-            rows_files.push(store.fetch_local(&rows_path, scratch.path()).await?);
-        }
-    }
+    let all_attempts = 1..=job.shards_per_attempt.len() as u32;
+    let rows_files = fetch_rows_files(store, &job, all_attempts, scratch.path()).await?;
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
     let csv_key = layout::output(job_id, "enriched.csv");
     let parquet_key = layout::output(job_id, "enriched.parquet");

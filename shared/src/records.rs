@@ -124,6 +124,13 @@ impl JobRecord {
         Ok(())
     }
 
+    /// Store key of the indexed table.
+    pub fn indexed_key(&self) -> String {
+        self.indexed_path
+            .clone()
+            .unwrap_or_else(|| crate::storage::layout::indexed(self.spec.id()))
+    }
+
     pub fn shards_in_attempt(&self) -> u32 {
         let index = self.attempt.saturating_sub(1) as usize;
         self.shards_per_attempt.get(index).copied().unwrap_or(0)

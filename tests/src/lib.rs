@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rowsmith_shared::bus::Bus;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use futures::StreamExt;
+use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
 use rowsmith_shared::config::Settings;
+use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::records::{JobRecord, job_key};
 use rowsmith_shared::spec::JobSpec;
@@ -223,6 +226,40 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("job {job_id} did not end within {timeout:?}; last record: {last:#?}");
+    }
+
+    /// The job's events from its first, until one of `kind` (failing the test after 30 s).
+    pub async fn events_until(&self, job_id: &str, kind: EventKind) -> Vec<Event> {
+        let stream = self
+            .bus
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .expect("events stream");
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: format!("{}.{job_id}.>", subjects::EVENTS_PREFIX),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .expect("events consumer");
+        let mut messages = consumer.messages().await.expect("events");
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, messages.next()).await {
+            let event: Event =
+                serde_json::from_slice(&message.expect("event").payload).expect("event json");
+            let found = event.kind == kind;
+            events.push(event);
+            if found {
+                return events;
+            }
+        }
+        panic!(
+            "no {kind:?} event for {job_id}; saw {:?}",
+            events.iter().map(|e| e.kind).collect::<Vec<_>>()
+        );
     }
 
     /// The simulator's counters (`/sim/stats`).

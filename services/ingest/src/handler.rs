@@ -2,7 +2,7 @@
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, settle};
+use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, require_job, settle};
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, job_key};
 use rowsmith_shared::shards::{
@@ -172,11 +172,7 @@ async fn accept(ingest: &Ingest, spec: &JobSpec) -> Result<Accepted, StepError> 
             .await;
         return Ok(Accepted::New);
     }
-    let (existing, _) = ingest
-        .bus
-        .read::<JobRecord>(&job_key(job_id))
-        .await?
-        .ok_or_else(|| StepError::Internal("job record vanished".into()))?;
+    let existing = require_job(&ingest.bus, job_id).await?;
     if existing.spec != *spec {
         return Ok(Accepted::Conflict);
     }

@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{StepError, finalize_job, settle};
-use rowsmith_shared::messages::{BatchEnded, ShardKey};
+use rowsmith_shared::jobs::{StepError, fetch_rows_files, finalize_job, require_job, settle};
+use rowsmith_shared::messages::BatchEnded;
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
 use rowsmith_shared::render::row_index_of;
@@ -126,10 +126,7 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
         Next::Finalize => finalize_job(bus, &merger.store, &key.job_id).await,
         Next::Retry => start_retry(merger, &job.spec, attempt).await,
         Next::Announce => {
-            let (job, _) = bus
-                .read::<JobRecord>(&job_key(&key.job_id))
-                .await?
-                .ok_or_else(|| StepError::Internal("job record vanished".into()))?;
+            let job = require_job(bus, &key.job_id).await?;
             let spec = job.spec.for_attempt(job.attempt);
             announce_shards(bus, &spec, job.attempt, job.shards_in_attempt()).await
         }
@@ -142,29 +139,12 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     let bus = &merger.bus;
     let store = &merger.store;
     let job_id = spec.id();
-    let (job, _) = bus
-        .read::<JobRecord>(&job_key(job_id))
-        .await?
-        .ok_or_else(|| StepError::Internal("job record vanished".into()))?;
+    let job = require_job(bus, job_id).await?;
     let scratch = tempfile::tempdir()?;
-    let indexed_key = job
-        .indexed_path
-        .clone()
-        .unwrap_or_else(|| layout::indexed(job_id));
-    let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
-    let mut rows_files = Vec::new();
-    for shard in 0..job.shards_in_attempt() {
-        let key = ShardKey {
-            job_id: job_id.to_owned(),
-            attempt,
-            shard,
-        };
-        rows_files.push(
-            store
-                .fetch_local(&layout::rows(&key), scratch.path())
-                .await?,
-        );
-    }
+    let indexed = store
+        .fetch_local(&job.indexed_key(), scratch.path())
+        .await?;
+    let rows_files = fetch_rows_files(store, &job, attempt..=attempt, scratch.path()).await?;
     let indexed_for_task = indexed.clone();
     let columns =
         tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task)).await??;

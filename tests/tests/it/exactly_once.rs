@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 
 use rowsmith_shared::bus::Delivery;
 use rowsmith_shared::config::Settings;
@@ -142,7 +141,9 @@ async fn the_same_job_id_is_accepted_once_and_a_different_spec_under_it_is_refus
         .publish(subjects::JOBS_SUBMIT, "once-other", &other)
         .await
         .expect("publish");
-    let events = events_until(&stack, "once", "refused").await;
+    let events = stack
+        .events_until("once", rowsmith_shared::events::EventKind::Refused)
+        .await;
     let refused = events.last().expect("refused event");
     assert!(
         refused
@@ -163,44 +164,6 @@ async fn the_same_job_id_is_accepted_once_and_a_different_spec_under_it_is_refus
         stack.sim_stats().await["batches_created"],
         1,
         "the repeat created no batch"
-    );
-}
-
-async fn events_until(
-    stack: &Stack,
-    job_id: &str,
-    kind: &str,
-) -> Vec<rowsmith_shared::events::Event> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    let stream = stack
-        .bus
-        .js
-        .get_stream(rowsmith_shared::bus::EVENTS_STREAM)
-        .await
-        .expect("stream");
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: format!("rowsmith.events.{job_id}.>"),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, messages.next()).await {
-        let event: rowsmith_shared::events::Event =
-            serde_json::from_slice(&message.expect("event").payload).expect("json");
-        let done = event.kind.as_str() == kind;
-        events.push(event);
-        if done {
-            return events;
-        }
-    }
-    panic!(
-        "no {kind} event for {job_id}; saw {:?}",
-        events.iter().map(|e| e.kind).collect::<Vec<_>>()
     );
 }
 

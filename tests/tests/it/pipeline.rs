@@ -2,11 +2,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use futures::StreamExt;
 use serde_json::Value;
 
-use rowsmith_shared::events::{Event, EventKind};
+use rowsmith_shared::events::EventKind;
 use rowsmith_shared::records::JobState;
 use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
 use rowsmith_tests::Stack;
@@ -218,36 +216,6 @@ async fn a_job_over_the_request_cap_makes_three_batches_and_one_table() {
     );
 }
 
-async fn events_until_final(stack: &Stack, job_id: &str) -> Vec<Event> {
-    let stream = stack
-        .bus
-        .js
-        .get_stream(rowsmith_shared::bus::EVENTS_STREAM)
-        .await
-        .expect("events stream");
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: format!("rowsmith.events.{job_id}.>"),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("events consumer");
-    let mut messages = consumer.messages().await.expect("events");
-    let mut events = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, messages.next()).await {
-        let event: Event =
-            serde_json::from_slice(&message.expect("event").payload).expect("event json");
-        let done = event.kind.is_final();
-        events.push(event);
-        if done {
-            break;
-        }
-    }
-    events
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_target_column_fails_the_job_with_the_columns_and_the_next_job_completes() {
     let stack = Stack::start().await;
@@ -260,7 +228,7 @@ async fn a_missing_target_column_fails_the_job_with_the_columns_and_the_next_job
     let expected =
         "target column \"descripton\" not found; columns are: sku, name, price, description, notes";
     assert_eq!(failed.error.as_deref(), Some(expected));
-    let events = events_until_final(&stack, "typo").await;
+    let events = stack.events_until("typo", EventKind::Failed).await;
     let last = events.last().expect("events");
     assert_eq!(last.kind, EventKind::Failed);
     assert!(last.message.contains(expected), "{}", last.message);
