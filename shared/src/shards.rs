@@ -11,7 +11,7 @@ use crate::records::{ShardRecord, ShardState, shard_key};
 use crate::render::RequestTemplate;
 use crate::spec::JobSpec;
 use crate::storage::{Store, layout};
-use crate::table::{self, RenderStats, Shard, ShardLimits};
+use crate::table::{self, RenderStats, ShardLimits};
 
 /// Requests and bytes of one rendered shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,39 +43,90 @@ pub async fn prepare_shards(
     limits: ShardLimits,
     attempt: u32,
     retry_of: Option<Vec<PathBuf>>,
-    shard_path: impl Fn(&ShardKey) -> String,
+    shard_path: impl Fn(&ShardKey) -> String + Send + 'static,
 ) -> Result<(RenderStats, Vec<ShardSize>), StepError> {
     let job_id = spec.id().to_owned();
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Shard>(1);
+    let scratch = tempfile::tempdir().map_err(StepError::from)?;
+    // The render thread writes each shard straight to a local file (the object itself on a
+    // file store) and hands finished ones over to be stored; memory stays flat.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<FinishedShard>(2);
     let template = RequestTemplate::new(spec, columns);
     let indexed = indexed.to_owned();
+    let store_for_sink = store.clone();
+    let scratch_path = scratch.path().to_owned();
+    let shard_key_of = {
+        let job_id = job_id.clone();
+        move |number: u32| ShardKey { job_id: job_id.clone(), attempt, shard: number }
+    };
     let render = tokio::task::spawn_blocking(move || {
-        table::render_shards(&indexed, &template, limits, retry_of.as_deref(), |shard| {
-            sender
-                .blocking_send(shard)
-                .map_err(|_| table::TableError::Duckdb {
-                    what: "render",
-                    message: "the shard writer stopped".into(),
-                })
-        })
+        let mut sink = FileShardSink {
+            store: store_for_sink,
+            scratch: scratch_path,
+            object_key: Box::new(move |number| shard_path(&shard_key_of(number))),
+            open: None,
+            sender,
+        };
+        table::render_shards(&indexed, &template, limits, retry_of.as_deref(), &mut sink)
     });
     let mut sizes = Vec::new();
-    while let Some(shard) = receiver.recv().await {
-        let key = ShardKey {
-            job_id: job_id.clone(),
-            attempt,
-            shard: shard.number,
-        };
-        sizes.push(ShardSize {
-            requests: shard.requests,
-            bytes: shard.lines.len() as u64,
-        });
-        store
-            .put_bytes(&shard_path(&key), shard.lines.into())
-            .await?;
+    while let Some(finished) = receiver.recv().await {
+        store.commit_local(&finished.object_key, &finished.path).await?;
+        sizes.push(ShardSize { requests: finished.requests, bytes: finished.bytes });
     }
     let stats = render.await??;
+    drop(scratch);
     Ok((stats, sizes))
+}
+
+/// A shard file the render thread has closed.
+#[derive(Debug)]
+struct FinishedShard {
+    object_key: String,
+    path: PathBuf,
+    requests: u64,
+    bytes: u64,
+}
+
+/// Writes shards to local files: the objects themselves on a file store, else scratch files
+/// that the async side uploads.
+struct FileShardSink {
+    store: Store,
+    scratch: PathBuf,
+    object_key: Box<dyn Fn(u32) -> String + Send>,
+    open: Option<(u32, String, PathBuf, std::io::BufWriter<std::fs::File>)>,
+    sender: tokio::sync::mpsc::Sender<FinishedShard>,
+}
+
+impl FileShardSink {
+    fn io(error: impl std::fmt::Display) -> table::TableError {
+        table::TableError::Duckdb { what: "write shard", message: error.to_string() }
+    }
+}
+
+impl table::ShardSink for FileShardSink {
+    fn write_line(&mut self, shard: u32, line: &[u8]) -> Result<(), table::TableError> {
+        use std::io::Write;
+        if self.open.as_ref().is_none_or(|(open, ..)| *open != shard) {
+            let object_key = (self.object_key)(shard);
+            let path = self.store.local_target(&object_key, &self.scratch).map_err(Self::io)?;
+            let file = std::fs::File::create(&path).map_err(Self::io)?;
+            self.open = Some((shard, object_key, path, std::io::BufWriter::with_capacity(1 << 20, file)));
+        }
+        let (_, _, _, writer) = self.open.as_mut().ok_or_else(|| Self::io("no shard open"))?;
+        writer.write_all(line).map_err(Self::io)
+    }
+
+    fn finish(&mut self, shard: u32, requests: u64, bytes: u64) -> Result<(), table::TableError> {
+        use std::io::Write;
+        let Some((open, object_key, path, mut writer)) = self.open.take() else {
+            return Err(Self::io(format!("shard {shard} was never opened")));
+        };
+        debug_assert_eq!(open, shard);
+        writer.flush().map_err(Self::io)?;
+        self.sender
+            .blocking_send(FinishedShard { object_key, path, requests, bytes })
+            .map_err(|_| Self::io("the shard uploader stopped"))
+    }
 }
 
 /// Creates the `ready` records of an attempt's shards (existing ones are kept).

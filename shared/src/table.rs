@@ -104,7 +104,7 @@ pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError
     }
     let sql = format!(
         "COPY (SELECT row_number() OVER () - 1 AS {ROW_INDEX}, * FROM {reader}) TO {} \
-         (FORMAT parquet, COMPRESSION zstd)",
+         (FORMAT parquet, COMPRESSION snappy)",
         path_literal(indexed)
     );
     connection
@@ -160,12 +160,20 @@ pub struct ShardLimits {
     pub max_bytes: u64,
 }
 
-/// One shard's request lines.
-#[derive(Debug)]
-pub struct Shard {
-    pub number: u32,
-    pub lines: Vec<u8>,
-    pub requests: u64,
+/// Where rendered request lines go: one shard at a time, in order.
+pub trait ShardSink {
+    /// Appends one request line to shard `shard` (opening it on its first line).
+    fn write_line(&mut self, shard: u32, line: &[u8]) -> Result<(), TableError>;
+    /// Shard `shard` is complete with `requests` lines of `bytes` bytes.
+    fn finish(&mut self, shard: u32, requests: u64, bytes: u64) -> Result<(), TableError>;
+}
+
+/// One shard as it is being filled.
+#[derive(Debug, Default)]
+struct OpenShard {
+    number: u32,
+    requests: u64,
+    bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -177,15 +185,15 @@ pub struct RenderStats {
     pub bytes: u64,
 }
 
-/// Renders the rows of `indexed` into shards within `limits`, handing each finished shard to
-/// `emit` in order. With `retry_of`, only the rows that failed retryably in those rows files
+/// Renders the rows of `indexed` into shards within `limits`, writing them to `sink` in
+/// order. With `retry_of`, only the rows that failed retryably in those rows files
 /// (the previous attempt's) are rendered.
 pub fn render_shards(
     indexed: &Path,
     template: &RequestTemplate,
     limits: ShardLimits,
     retry_of: Option<&[PathBuf]>,
-    mut emit: impl FnMut(Shard) -> Result<(), TableError>,
+    sink: &mut impl ShardSink,
 ) -> Result<RenderStats, TableError> {
     let connection = connect()?;
     let filter = match retry_of {
@@ -209,11 +217,7 @@ pub fn render_shards(
     let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
     let mut stats = RenderStats::default();
     let (mut scratch, mut escaped, mut line) = (String::new(), Vec::new(), Vec::new());
-    let mut shard = Shard {
-        number: 0,
-        lines: Vec::new(),
-        requests: 0,
-    };
+    let mut shard = OpenShard::default();
     for batch in batches {
         let (row_indexes, cells) = batch_columns(&batch)?;
         for row in 0..batch.num_rows() {
@@ -233,24 +237,21 @@ pub fn render_shards(
                 });
             }
             let full = shard.requests >= limits.max_requests
-                || (shard.lines.len() + line.len()) as u64 > limits.max_bytes;
+                || shard.bytes + line.len() as u64 > limits.max_bytes;
             if full {
-                let next = Shard {
-                    number: shard.number + 1,
-                    lines: Vec::new(),
-                    requests: 0,
-                };
-                emit(std::mem::replace(&mut shard, next))?;
+                sink.finish(shard.number, shard.requests, shard.bytes)?;
+                shard = OpenShard { number: shard.number + 1, ..OpenShard::default() };
             }
-            shard.lines.extend_from_slice(&line);
+            sink.write_line(shard.number, &line)?;
             shard.requests += 1;
+            shard.bytes += line.len() as u64;
             stats.requests += 1;
             stats.bytes += line.len() as u64;
         }
     }
     if shard.requests > 0 {
         stats.shards = shard.number + 1;
-        emit(shard)?;
+        sink.finish(shard.number, shard.requests, shard.bytes)?;
     }
     Ok(stats)
 }

@@ -34,6 +34,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let info =
         tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
             .await??;
+    let indexed_seconds = started.elapsed().as_secs_f64();
     spec.validate_columns(&info.columns)?;
     let providers = Providers::from_settings(&settings)?;
     let limits = shard_limits(&spec, providers.get(&spec.provider)?.limits());
@@ -57,14 +58,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("{}", out_dir.join(format!("a1-s{shard}.jsonl")).display());
     }
     eprintln!(
-        "rendered {} rows ({} skipped) into {} requests, {} shards, {} bytes in {:.2}s ({:.0} rows/s)",
+        "rendered {} rows ({} skipped) into {} requests, {} shards, {} bytes in {:.2}s ({:.0} rows/s; indexing took {:.2}s)",
         stats.rows,
         stats.skipped,
         stats.requests,
         stats.shards,
         stats.bytes,
         seconds,
-        stats.rows as f64 / seconds.max(1e-9)
+        stats.rows as f64 / seconds.max(1e-9),
+        indexed_seconds
     );
     Ok(ExitCode::SUCCESS)
 }
