@@ -56,7 +56,11 @@ pub async fn prepare_shards(
     let scratch_path = scratch.path().to_owned();
     let shard_key_of = {
         let job_id = job_id.clone();
-        move |number: u32| ShardKey { job_id: job_id.clone(), attempt, shard: number }
+        move |number: u32| ShardKey {
+            job_id: job_id.clone(),
+            attempt,
+            shard: number,
+        }
     };
     let render = tokio::task::spawn_blocking(move || {
         let mut sink = FileShardSink {
@@ -70,8 +74,13 @@ pub async fn prepare_shards(
     });
     let mut sizes = Vec::new();
     while let Some(finished) = receiver.recv().await {
-        store.commit_local(&finished.object_key, &finished.path).await?;
-        sizes.push(ShardSize { requests: finished.requests, bytes: finished.bytes });
+        store
+            .commit_local(&finished.object_key, &finished.path)
+            .await?;
+        sizes.push(ShardSize {
+            requests: finished.requests,
+            bytes: finished.bytes,
+        });
     }
     let stats = render.await??;
     drop(scratch);
@@ -99,7 +108,10 @@ struct FileShardSink {
 
 impl FileShardSink {
     fn io(error: impl std::fmt::Display) -> table::TableError {
-        table::TableError::Duckdb { what: "write shard", message: error.to_string() }
+        table::TableError::Duckdb {
+            what: "write shard",
+            message: error.to_string(),
+        }
     }
 }
 
@@ -108,11 +120,22 @@ impl table::ShardSink for FileShardSink {
         use std::io::Write;
         if self.open.as_ref().is_none_or(|(open, ..)| *open != shard) {
             let object_key = (self.object_key)(shard);
-            let path = self.store.local_target(&object_key, &self.scratch).map_err(Self::io)?;
+            let path = self
+                .store
+                .local_target(&object_key, &self.scratch)
+                .map_err(Self::io)?;
             let file = std::fs::File::create(&path).map_err(Self::io)?;
-            self.open = Some((shard, object_key, path, std::io::BufWriter::with_capacity(1 << 20, file)));
+            self.open = Some((
+                shard,
+                object_key,
+                path,
+                std::io::BufWriter::with_capacity(1 << 20, file),
+            ));
         }
-        let (_, _, _, writer) = self.open.as_mut().ok_or_else(|| Self::io("no shard open"))?;
+        let (_, _, _, writer) = self
+            .open
+            .as_mut()
+            .ok_or_else(|| Self::io("no shard open"))?;
         writer.write_all(line).map_err(Self::io)
     }
 
@@ -124,7 +147,12 @@ impl table::ShardSink for FileShardSink {
         debug_assert_eq!(open, shard);
         writer.flush().map_err(Self::io)?;
         self.sender
-            .blocking_send(FinishedShard { object_key, path, requests, bytes })
+            .blocking_send(FinishedShard {
+                object_key,
+                path,
+                requests,
+                bytes,
+            })
             .map_err(|_| Self::io("the shard uploader stopped"))
     }
 }

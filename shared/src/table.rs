@@ -240,7 +240,10 @@ pub fn render_shards(
                 || shard.bytes + line.len() as u64 > limits.max_bytes;
             if full {
                 sink.finish(shard.number, shard.requests, shard.bytes)?;
-                shard = OpenShard { number: shard.number + 1, ..OpenShard::default() };
+                shard = OpenShard {
+                    number: shard.number + 1,
+                    ..OpenShard::default()
+                };
             }
             sink.write_line(shard.number, &line)?;
             shard.requests += 1;

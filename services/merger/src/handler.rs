@@ -1,25 +1,20 @@
 //! Handling one `rowsmith.batches.ended`: merge the shard's rows, and finish the job when it
 //! was the last shard. Re-running it over the same files gives the same rows.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use serde::Deserialize;
-
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fetch_rows_files, finalize_job, require_job, settle};
 use rowsmith_shared::messages::BatchEnded;
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
-use rowsmith_shared::render::row_index_of;
 use rowsmith_shared::shards::{
     announce_shards, create_shard_records, prepare_shards, shard_limits,
 };
 use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::{StorageError, Store, layout};
-use rowsmith_shared::table::{self, RowFailure, RowResult};
+use rowsmith_shared::table;
 
-use crate::validate::{LineFormat, LineResult};
+use crate::merge::ShardTally;
 
 #[derive(Debug, Clone)]
 pub struct Merger {
@@ -204,20 +199,6 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     Ok(())
 }
 
-/// Rows of one shard attempt by outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct ShardTally {
-    succeeded: u64,
-    failed: u64,
-    /// Of `failed`, those another attempt may fix.
-    retryable: u64,
-}
-
-#[derive(Deserialize)]
-struct RequestId {
-    custom_id: String,
-}
-
 /// Validates the shard's result lines into a rows file; returns (succeeded, failed).
 async fn merge_shard(
     merger: &Merger,
@@ -227,105 +208,37 @@ async fn merge_shard(
     let key = &ended.key;
     let store = &merger.store;
     let requests = store.get_bytes(&layout::requests(key)).await?;
-    let mut expected = Vec::new();
-    for line in requests.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let id: RequestId = serde_json::from_slice(line).map_err(|e| {
+    let mut result_files = Vec::new();
+    for path in [&ended.output_path, &ended.errors_path]
+        .into_iter()
+        .flatten()
+    {
+        match store.get_bytes(path).await {
+            Ok(bytes) => result_files.push(bytes),
+            Err(StorageError::NotFound { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let files: Vec<&[u8]> = result_files.iter().map(|b| b.as_ref()).collect();
+    let outcome =
+        crate::merge::merge_lines(&requests, &files, ended, &job.spec.fields).map_err(|e| {
             StepError::Internal(format!(
                 "request file of shard {} is corrupt: {e}",
                 key.dotted()
             ))
         })?;
-        if let Some(row_index) = row_index_of(&id.custom_id) {
-            expected.push(row_index);
-        }
+    if outcome.ignored > 0 {
+        tracing::warn!(job_id = %key.job_id, shard = key.shard, ignored = outcome.ignored, "result lines without a known custom_id were ignored");
     }
-    let wanted: BTreeSet<i64> = expected.iter().copied().collect();
-    let fields = &job.spec.fields;
-    let format = LineFormat::of_provider(&ended.provider);
-    let mut results: BTreeMap<i64, LineResult> = BTreeMap::new();
-    let mut ignored = 0u64;
-    for path in [&ended.output_path, &ended.errors_path]
-        .into_iter()
-        .flatten()
-    {
-        let bytes = match store.get_bytes(path).await {
-            Ok(bytes) => bytes,
-            Err(StorageError::NotFound { .. }) => continue,
-            Err(error) => return Err(error.into()),
-        };
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            match format.parse(line, fields) {
-                Some((row_index, result)) if wanted.contains(&row_index) => {
-                    // A duplicated custom_id keeps its first answer.
-                    results.entry(row_index).or_insert(result);
-                }
-                _ => ignored += 1,
-            }
-        }
-    }
-    if ignored > 0 {
-        tracing::warn!(job_id = %key.job_id, shard = key.shard, ignored, "result lines without a known custom_id were ignored");
-    }
-    let missing = match (&ended.failure, ended.status.as_str()) {
-        (Some(failure), _) => RowFailure {
-            reason: "batch_failed".into(),
-            message: failure.clone(),
-            retryable: true,
-        },
-        (None, "expired") => RowFailure {
-            reason: "batch_expired".into(),
-            message: "the batch expired before this row was done".into(),
-            retryable: true,
-        },
-        (None, "cancelled") => RowFailure {
-            reason: "cancelled".into(),
-            message: "the batch was cancelled before this row was done".into(),
-            retryable: true,
-        },
-        _ => RowFailure {
-            reason: "no_result".into(),
-            message: "the provider returned no line for this row".into(),
-            retryable: true,
-        },
-    };
-    let mut rows = Vec::with_capacity(expected.len());
-    let (mut succeeded, mut failed, mut retryable) = (0u64, 0u64, 0u64);
-    for row_index in expected {
-        let row = match results.remove(&row_index) {
-            Some(Ok(values)) => {
-                succeeded += 1;
-                RowResult {
-                    row_index,
-                    failure: None,
-                    values: values.into_iter().map(Some).collect(),
-                }
-            }
-            Some(Err(failure)) => {
-                failed += 1;
-                retryable += u64::from(failure.retryable);
-                RowResult {
-                    row_index,
-                    failure: Some(failure),
-                    values: Vec::new(),
-                }
-            }
-            None => {
-                failed += 1;
-                retryable += u64::from(missing.retryable);
-                RowResult {
-                    row_index,
-                    failure: Some(missing.clone()),
-                    values: Vec::new(),
-                }
-            }
-        };
-        rows.push(row);
-    }
+    let (rows, tally) = (outcome.rows, outcome.tally);
+    let ShardTally {
+        succeeded, failed, ..
+    } = tally;
     let rows_key = layout::rows(key);
     let attempt = key.attempt;
     let scratch = tempfile::tempdir()?;
     let target = store.local_target(&rows_key, scratch.path())?;
-    let (target_for_task, fields) = (target.clone(), fields.clone());
+    let (target_for_task, fields) = (target.clone(), job.spec.fields.clone());
     tokio::task::spawn_blocking(move || {
         table::write_rows(&target_for_task, &fields, attempt, &rows)
     })
@@ -366,9 +279,5 @@ async fn merge_shard(
         )
         .await;
     tracing::info!(job_id = %key.job_id, shard = key.shard, succeeded, failed, "shard merged");
-    Ok(ShardTally {
-        succeeded,
-        failed,
-        retryable,
-    })
+    Ok(tally)
 }
