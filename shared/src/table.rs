@@ -56,8 +56,20 @@ fn path_literal(path: &Path) -> String {
     literal(&path.to_string_lossy())
 }
 
+/// Memory DuckDB may use before it spills to disk: the joins and sorts of the final outputs
+/// run out of core, so a 10M-row table does not need 10M rows of memory.
+pub const DUCKDB_MEMORY_LIMIT: &str = "600MB";
+
 pub fn connect() -> Result<Connection, TableError> {
-    Connection::open_in_memory().map_err(duck("open"))
+    let connection = Connection::open_in_memory().map_err(duck("open"))?;
+    let spill = std::env::temp_dir().join("rowsmith-duckdb");
+    connection
+        .execute_batch(&format!(
+            "SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'; SET temp_directory = {};",
+            path_literal(&spill)
+        ))
+        .map_err(duck("configure"))?;
+    Ok(connection)
 }
 
 /// What ingest learned of the table.

@@ -4,6 +4,7 @@
 //! message content is the JSON answer), an HTTP error (`error: null`, the error in
 //! `response.body.error`), or a line-level error (`response: null`, top-level `error`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -53,9 +54,130 @@ fn permanent(reason: &str, message: impl Into<String>) -> RowFailure {
 
 /// Parses one line; `None` when the line names no row (it is then logged and ignored).
 pub fn parse_line(line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)> {
+    if let Ok(fast) = serde_json::from_slice::<FastLine>(line) {
+        let row_index = row_index_of(fast.custom_id.as_deref()?)?;
+        return Some((row_index, fast_result(fast, fields)));
+    }
+    // Lines of an unusual shape (an error given as a string, a body that is not an object)
+    // go the tolerant way.
     let parsed: ResultLine = serde_json::from_slice(line).ok()?;
     let row_index = row_index_of(parsed.custom_id.as_deref()?)?;
     Some((row_index, line_result(parsed, fields)))
+}
+
+/// The common shapes of an OpenAI result line, borrowed from the line: no tree is built.
+#[derive(Deserialize)]
+struct FastLine<'a> {
+    #[serde(default, borrow)]
+    custom_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    response: Option<FastResponse<'a>>,
+    #[serde(default, borrow)]
+    error: Option<FastError<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FastResponse<'a> {
+    #[serde(default)]
+    status_code: u16,
+    #[serde(default, borrow)]
+    body: Option<FastBody<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FastBody<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<FastChoice<'a>>,
+    #[serde(default, borrow)]
+    error: Option<FastError<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FastChoice<'a> {
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<FastMessage<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FastMessage<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct FastError<'a> {
+    #[serde(default, borrow)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+}
+
+fn fast_result(line: FastLine<'_>, fields: &[FieldSpec]) -> LineResult {
+    if let Some(error) = line.error {
+        let code = match error.code.as_deref().unwrap_or("error") {
+            "batch_cancelled" => "cancelled",
+            code => code,
+        };
+        return Err(failure(code, error.message.as_deref().unwrap_or("")));
+    }
+    let Some(response) = line.response else {
+        return Err(failure(
+            "no_result",
+            "the line has neither a response nor an error",
+        ));
+    };
+    let body = response.body.unwrap_or(FastBody {
+        choices: Vec::new(),
+        error: None,
+    });
+    if response.status_code != 200 {
+        let message = body
+            .error
+            .as_ref()
+            .and_then(|e| e.message.as_deref())
+            .unwrap_or("no message");
+        let text = format!("HTTP {}: {message}", response.status_code);
+        return Err(match response.status_code {
+            408 | 409 | 429 | 500..=599 => failure("http_error", text),
+            _ => permanent("http_error", text),
+        });
+    }
+    let Some(choice) = body.choices.into_iter().next() else {
+        return Err(failure("invalid_json", "the response has no choices"));
+    };
+    let message = choice.message.unwrap_or(FastMessage {
+        content: None,
+        refusal: None,
+    });
+    if let Some(refusal) = message.refusal {
+        return Err(permanent("refusal", refusal));
+    }
+    match choice.finish_reason.as_deref() {
+        Some("content_filter") => {
+            return Err(permanent(
+                "content_filter",
+                "the provider's content filter withheld the answer",
+            ));
+        }
+        Some("length") => {
+            return Err(failure(
+                "truncated",
+                "the answer was cut off at the token limit (finish_reason: length)",
+            ));
+        }
+        _ => {}
+    }
+    let Some(content) = message.content else {
+        return Err(failure(
+            "invalid_json",
+            "the response has no message content",
+        ));
+    };
+    validate_answer(&content, fields)
 }
 
 /// The result-line format of a provider.
