@@ -208,6 +208,13 @@ pub fn render_shards(
     sink: &mut impl ShardSink,
 ) -> Result<RenderStats, TableError> {
     let connection = connect()?;
+    // The indexed table is stored in row order and a scan keeps it (preserve_insertion_order);
+    // only the semi-join of a retry needs sorting, and its rows are few.
+    let order = if retry_of.is_some() {
+        format!(" ORDER BY {ROW_INDEX}")
+    } else {
+        String::new()
+    };
     let filter = match retry_of {
         Some([]) => " WHERE false".to_owned(),
         Some(files) => format!(
@@ -222,7 +229,7 @@ pub fn render_shards(
         None => String::new(),
     };
     let sql = format!(
-        "SELECT * FROM read_parquet({}){filter} ORDER BY {ROW_INDEX}",
+        "SELECT * FROM read_parquet({}){filter}{order}",
         path_literal(indexed)
     );
     let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
