@@ -49,6 +49,9 @@ impl EventKind {
 pub struct Counts {
     pub rows_total: u64,
     pub rows_skipped: u64,
+    /// Rows whose request repeats an earlier row's: sent once, answered alike.
+    #[serde(default)]
+    pub rows_deduplicated: u64,
     pub succeeded: u64,
     pub failed: u64,
     pub pending: u64,

@@ -174,6 +174,11 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
     let all_attempts = 1..=job.shards_per_attempt.len() as u32;
     let rows_files = fetch_rows_files(store, &job, all_attempts, scratch.path()).await?;
+    let duplicates_key = layout::duplicates(job_id);
+    let duplicates = match store.exists(&duplicates_key).await? {
+        true => Some(store.fetch_local(&duplicates_key, scratch.path()).await?),
+        false => None,
+    };
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
     let csv_key = layout::output(job_id, "enriched.csv");
     let parquet_key = layout::output(job_id, "enriched.parquet");
@@ -191,7 +196,13 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     let fields = job.spec.fields.clone();
     let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());
     let counts = tokio::task::spawn_blocking(move || {
-        table::finalize(&indexed_for_task, &rows_files, &fields, &targets_for_task)
+        table::finalize(
+            &indexed_for_task,
+            &rows_files,
+            duplicates.as_deref(),
+            &fields,
+            &targets_for_task,
+        )
     })
     .await??;
     let mut outputs = crate::records::Outputs::default();
@@ -215,6 +226,7 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         "rows": {
             "total": job.counts.rows_total,
             "skipped": job.counts.rows_skipped,
+            "deduplicated": job.counts.rows_deduplicated,
             "succeeded": job.counts.succeeded,
             "failed": counts.failed_rows,
             "in_enriched": counts.enriched_rows,
@@ -252,6 +264,11 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
                     .map_err(|e| StepError::Job(e.to_string()))?;
                 record.outputs = outputs.clone();
                 record.counts.failed = counts.failed_rows;
+                // Every row sent or answered alike: all but the skipped and the failed.
+                record.counts.succeeded = record
+                    .counts
+                    .rows_total
+                    .saturating_sub(record.counts.rows_skipped + counts.failed_rows);
                 record.counts.pending = 0;
                 Ok(Cas::Write(Some(record.clone())))
             },

@@ -178,8 +178,9 @@ impl RequestTemplate {
         }
     }
 
-    /// Appends the request line of one row to `out`; `false` (nothing appended) when every
-    /// target cell is empty. `cell(i)` gives the row's value in column `i`.
+    /// Appends the request line of one row to `out` and returns a hash of its body (equal
+    /// bodies, equal hashes: the row's text is all that differs within a job); `None`, with
+    /// nothing appended, when every target cell is empty. `cell(i)` gives column `i`'s value.
     pub fn render<'a>(
         &self,
         row_index: i64,
@@ -187,13 +188,13 @@ impl RequestTemplate {
         scratch: &mut String,
         escaped: &mut Vec<u8>,
         out: &mut Vec<u8>,
-    ) -> bool {
+    ) -> Option<u128> {
         if self
             .targets
             .iter()
             .all(|(i, _)| cell(*i).is_none_or(str::is_empty))
         {
-            return false;
+            return None;
         }
         scratch.clear();
         for (i, name) in &self.targets {
@@ -214,8 +215,9 @@ impl RequestTemplate {
             scratch.push_str(": ");
             scratch.push_str(value);
         }
-        scratch.push_str("\nRow index: ");
-        scratch.push_str(&row_index.to_string());
+        // No row index in the text: identical rows make identical requests, sent once; the
+        // custom id carries the row.
+        scratch.push('\n');
         escaped.clear();
         // Writing a &str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *escaped, scratch.as_str());
@@ -224,7 +226,7 @@ impl RequestTemplate {
         out.extend_from_slice(&self.middle);
         out.extend_from_slice(&escaped[1..]);
         out.extend_from_slice(&self.tail);
-        true
+        Some(xxhash_rust::xxh3::xxh3_128(escaped))
     }
 }
 
@@ -267,7 +269,8 @@ mod tests {
         let template = RequestTemplate::new(&spec(), &columns);
         let cells = [Some("00501"), Some("A \"red\" ball,\nround ✓"), None];
         let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
-        assert!(template.render(7, |i| cells[i], &mut scratch, &mut escaped, &mut out));
+        let hash = template.render(7, |i| cells[i], &mut scratch, &mut escaped, &mut out);
+        assert!(hash.is_some());
         assert_eq!(out.last(), Some(&b'\n'));
         let line: Value = serde_json::from_slice(&out).expect("valid json");
         assert_eq!(line["custom_id"], "r7");
@@ -293,11 +296,19 @@ mod tests {
         );
         assert!(user.contains("- category (one of: toys, tools)"));
         assert!(user.contains("description: A \"red\" ball,\nround ✓\n"));
-        assert!(
-            user.contains("Row context: sku: 00501\nRow index: 7"),
-            "{user}"
-        );
+        assert!(user.ends_with("Row context: sku: 00501\n"), "{user}");
         assert_eq!(line["body"]["messages"][0]["content"], SYSTEM_MESSAGE);
+        // The same row text elsewhere in the table is the same request: same hash.
+        let mut again = Vec::new();
+        assert_eq!(
+            template.render(9, |i| cells[i], &mut scratch, &mut escaped, &mut again),
+            hash
+        );
+        let other = [Some("00502"), Some("A \"red\" ball,\nround ✓"), None];
+        assert_ne!(
+            template.render(9, |i| other[i], &mut scratch, &mut escaped, &mut again),
+            hash
+        );
     }
 
     #[test]
@@ -305,8 +316,16 @@ mod tests {
         let columns = vec!["description".to_owned()];
         let template = RequestTemplate::new(&spec(), &columns);
         let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
-        assert!(!template.render(0, |_| None, &mut scratch, &mut escaped, &mut out));
-        assert!(!template.render(1, |_| Some(""), &mut scratch, &mut escaped, &mut out));
+        assert!(
+            template
+                .render(0, |_| None, &mut scratch, &mut escaped, &mut out)
+                .is_none()
+        );
+        assert!(
+            template
+                .render(1, |_| Some(""), &mut scratch, &mut escaped, &mut out)
+                .is_none()
+        );
         assert!(out.is_empty());
         assert_eq!(row_index_of("r42"), Some(42));
         assert_eq!(row_index_of("x42"), None);

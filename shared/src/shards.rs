@@ -44,7 +44,7 @@ pub async fn prepare_shards(
     attempt: u32,
     retry_of: Option<Vec<PathBuf>>,
     shard_path: impl Fn(&ShardKey) -> String + Send + 'static,
-) -> Result<(RenderStats, Vec<ShardSize>), StepError> {
+) -> Result<PreparedShards, StepError> {
     let job_id = spec.id().to_owned();
     let scratch = tempfile::tempdir().map_err(StepError::from)?;
     // The render thread writes each shard straight to a local file (the object itself on a
@@ -69,8 +69,11 @@ pub async fn prepare_shards(
             object_key: Box::new(move |number| shard_path(&shard_key_of(number))),
             open: None,
             sender,
+            duplicates: Vec::new(),
         };
-        table::render_shards(&indexed, &template, limits, retry_of.as_deref(), &mut sink)
+        let stats =
+            table::render_shards(&indexed, &template, limits, retry_of.as_deref(), &mut sink)?;
+        Ok::<_, table::TableError>((stats, sink.duplicates))
     });
     let mut sizes = Vec::new();
     while let Some(finished) = receiver.recv().await {
@@ -82,9 +85,38 @@ pub async fn prepare_shards(
             bytes: finished.bytes,
         });
     }
-    let stats = render.await??;
+    let (stats, duplicates) = render.await??;
     drop(scratch);
-    Ok((stats, sizes))
+    Ok(PreparedShards {
+        stats,
+        sizes,
+        duplicates,
+    })
+}
+
+/// What rendering an attempt produced.
+#[derive(Debug)]
+pub struct PreparedShards {
+    pub stats: RenderStats,
+    pub sizes: Vec<ShardSize>,
+    /// `(row, first row with the same request)` for rows not sent.
+    pub duplicates: Vec<(i64, i64)>,
+}
+
+/// Stores the duplicate rows of a job (read again when the outputs are written).
+pub async fn store_duplicates(
+    store: &Store,
+    job_id: &str,
+    duplicates: Vec<(i64, i64)>,
+) -> Result<(), StepError> {
+    let key = layout::duplicates(job_id);
+    let scratch = tempfile::tempdir()?;
+    let target = store.local_target(&key, scratch.path())?;
+    let target_for_task = target.clone();
+    tokio::task::spawn_blocking(move || table::write_duplicates(&target_for_task, &duplicates))
+        .await??;
+    store.commit_local(&key, &target).await?;
+    Ok(())
 }
 
 /// A shard file the render thread has closed.
@@ -104,6 +136,7 @@ struct FileShardSink {
     object_key: Box<dyn Fn(u32) -> String + Send>,
     open: Option<(u32, String, PathBuf, std::io::BufWriter<std::fs::File>)>,
     sender: tokio::sync::mpsc::Sender<FinishedShard>,
+    duplicates: Vec<(i64, i64)>,
 }
 
 impl FileShardSink {
@@ -154,6 +187,11 @@ impl table::ShardSink for FileShardSink {
                 bytes,
             })
             .map_err(|_| Self::io("the shard uploader stopped"))
+    }
+
+    fn duplicate(&mut self, row_index: i64, first: i64) -> Result<(), table::TableError> {
+        self.duplicates.push((row_index, first));
+        Ok(())
     }
 }
 

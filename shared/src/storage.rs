@@ -236,6 +236,9 @@ pub mod layout {
             key.file_stem()
         )
     }
+    pub fn duplicates(job_id: &str) -> String {
+        format!("jobs/{job_id}/duplicates.parquet")
+    }
     pub fn rows(key: &ShardKey) -> String {
         format!("jobs/{}/rows/{}.parquet", key.job_id, key.file_stem())
     }

@@ -178,6 +178,8 @@ pub trait ShardSink {
     fn write_line(&mut self, shard: u32, line: &[u8]) -> Result<(), TableError>;
     /// Shard `shard` is complete with `requests` lines of `bytes` bytes.
     fn finish(&mut self, shard: u32, requests: u64, bytes: u64) -> Result<(), TableError>;
+    /// Row `row_index` makes the same request as row `first`, and is not sent.
+    fn duplicate(&mut self, row_index: i64, first: i64) -> Result<(), TableError>;
 }
 
 /// One shard as it is being filled.
@@ -192,6 +194,8 @@ struct OpenShard {
 pub struct RenderStats {
     pub rows: u64,
     pub skipped: u64,
+    /// Rows whose request is identical to an earlier row's (not sent; they share its answer).
+    pub duplicates: u64,
     pub requests: u64,
     pub shards: u32,
     pub bytes: u64,
@@ -237,6 +241,8 @@ pub fn render_shards(
     let mut stats = RenderStats::default();
     let (mut scratch, mut escaped, mut line) = (String::new(), Vec::new(), Vec::new());
     let mut shard = OpenShard::default();
+    let mut first_with_body: std::collections::HashMap<u128, i64> =
+        std::collections::HashMap::new();
     for batch in batches {
         let (row_indexes, cells) = batch_columns(&batch)?;
         for row in 0..batch.num_rows() {
@@ -244,9 +250,23 @@ pub fn render_shards(
             let row_index = row_indexes.value(row);
             let cell = |column: usize| -> Option<&str> { cells[column].get(row) };
             line.clear();
-            if !template.render(row_index, cell, &mut scratch, &mut escaped, &mut line) {
+            let Some(body_hash) =
+                template.render(row_index, cell, &mut scratch, &mut escaped, &mut line)
+            else {
                 stats.skipped += 1;
                 continue;
+            };
+            // Pay once: a request identical to an earlier row's is not sent; the row takes
+            // that row's answer.
+            match first_with_body.entry(body_hash) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    stats.duplicates += 1;
+                    sink.duplicate(row_index, *first.get())?;
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(row_index);
+                }
             }
             if line.len() as u64 > limits.max_bytes {
                 return Err(TableError::RowTooLarge {
@@ -350,6 +370,33 @@ fn rows_table_sql(table: &str, fields: &[FieldSpec]) -> String {
     sql
 }
 
+/// Writes the rows that repeat an earlier row's request: `(row, first row with that request)`.
+pub fn write_duplicates(path: &Path, pairs: &[(i64, i64)]) -> Result<(), TableError> {
+    let connection = connect()?;
+    connection
+        .execute_batch(&format!(
+            "CREATE TABLE duplicates ({ROW_INDEX} BIGINT, _first BIGINT)"
+        ))
+        .map_err(duck("duplicates table"))?;
+    {
+        let mut appender = connection
+            .appender("duplicates")
+            .map_err(duck("append duplicates"))?;
+        for (row, first) in pairs {
+            appender
+                .append_row([*row, *first])
+                .map_err(duck("append duplicates"))?;
+        }
+        appender.flush().map_err(duck("append duplicates"))?;
+    }
+    connection
+        .execute_batch(&format!(
+            "COPY duplicates TO {} (FORMAT parquet)",
+            path_literal(path)
+        ))
+        .map_err(duck("write duplicates"))
+}
+
 /// Writes one shard attempt's merged rows as Parquet.
 pub fn write_rows(
     path: &Path,
@@ -419,6 +466,7 @@ pub struct FinalCounts {
 pub fn finalize(
     indexed: &Path,
     rows_files: &[PathBuf],
+    duplicates: Option<&Path>,
     fields: &[FieldSpec],
     outputs: &FinalOutputs,
 ) -> Result<FinalCounts, TableError> {
@@ -434,6 +482,16 @@ pub fn finalize(
                 files.join(", ")
             ))
             .map_err(duck("read results"))?;
+    }
+    if let Some(duplicates) = duplicates {
+        // A row that repeated an earlier row's request shares that row's answers.
+        connection
+            .execute_batch(&format!(
+                "INSERT INTO attempts BY NAME SELECT d.{ROW_INDEX} AS {ROW_INDEX}, a.* EXCLUDE ({ROW_INDEX}) \
+                 FROM read_parquet({}) d JOIN attempts a ON a.{ROW_INDEX} = d._first",
+                path_literal(duplicates)
+            ))
+            .map_err(duck("read duplicates"))?;
     }
     // A row's result is its latest attempt's; `_attempts` counts how often it was sent.
     connection

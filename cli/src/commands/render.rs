@@ -42,7 +42,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&args.out_dir)?;
     let store = Store::from_url(&out_dir.to_string_lossy())?;
-    let (stats, _) = prepare_shards(
+    let prepared = prepare_shards(
         &store,
         &spec,
         &info.columns,
@@ -53,14 +53,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         |key| format!("{}.jsonl", key.file_stem()),
     )
     .await?;
+    let stats = prepared.stats;
     let seconds = started.elapsed().as_secs_f64();
     for shard in 0..stats.shards {
         println!("{}", out_dir.join(format!("a1-s{shard}.jsonl")).display());
     }
     eprintln!(
-        "rendered {} rows ({} skipped) into {} requests, {} shards, {} bytes in {:.2}s ({:.0} rows/s; indexing took {:.2}s)",
+        "rendered {} rows ({} skipped, {} duplicates of another row's request) into {} requests, {} shards, {} bytes in {:.2}s ({:.0} rows/s; indexing took {:.2}s)",
         stats.rows,
         stats.skipped,
+        stats.duplicates,
         stats.requests,
         stats.shards,
         stats.bytes,

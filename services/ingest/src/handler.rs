@@ -6,7 +6,7 @@ use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, requ
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, job_key};
 use rowsmith_shared::shards::{
-    announce_shards, create_shard_records, prepare_shards, shard_limits,
+    announce_shards, create_shard_records, prepare_shards, shard_limits, store_duplicates,
 };
 use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::{Store, layout};
@@ -203,7 +203,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
 
     let provider = ingest.providers.get(&spec.provider)?;
     let limits = shard_limits(spec, provider.limits());
-    let (stats, sizes) = prepare_shards(
+    let prepared = prepare_shards(
         &ingest.store,
         spec,
         &info.columns,
@@ -214,10 +214,15 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         layout::requests,
     )
     .await?;
+    let (stats, sizes) = (prepared.stats, prepared.sizes);
+    if !prepared.duplicates.is_empty() {
+        store_duplicates(&ingest.store, job_id, prepared.duplicates).await?;
+    }
     create_shard_records(&ingest.bus, spec, 1, &sizes).await?;
     let counts = Counts {
         rows_total: stats.rows,
         rows_skipped: stats.skipped,
+        rows_deduplicated: stats.duplicates,
         pending: stats.requests,
         shards_total: u64::from(stats.shards),
         ..Counts::default()
@@ -241,8 +246,8 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         )
         .await?;
     let message = format!(
-        "ingested {} rows ({} skipped: empty targets) into {} requests in {} shards",
-        stats.rows, stats.skipped, stats.requests, stats.shards
+        "ingested {} rows ({} skipped: empty targets; {} repeat another row's request) into {} requests in {} shards",
+        stats.rows, stats.skipped, stats.duplicates, stats.requests, stats.shards
     );
     tracing::info!(
         job_id,

@@ -86,7 +86,7 @@ async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
         max_requests: 50_000,
         max_bytes: 200 * 1024 * 1024,
     };
-    let (stats, _) = prepare_shards(
+    let prepared = prepare_shards(
         &store,
         &spec(),
         &info.columns,
@@ -105,6 +105,7 @@ async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
         }
         out.flush()?;
     }
+    let stats = prepared.stats;
     eprintln!(
         "prepared {} rows, {} requests in {} shards",
         stats.rows, stats.requests, stats.shards
@@ -177,6 +178,7 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
     let counts = table::finalize(
         &dir.join("indexed.parquet"),
         &rows_files,
+        None,
         &spec.fields,
         &outputs,
     )?;

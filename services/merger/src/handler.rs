@@ -148,7 +148,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     let attempt_spec = spec.for_attempt(next_attempt);
     let spec = &attempt_spec;
     let limits = shard_limits(spec, merger.providers.get(&spec.provider)?.limits());
-    let (stats, sizes) = prepare_shards(
+    let prepared = prepare_shards(
         store,
         spec,
         &columns,
@@ -159,6 +159,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         layout::requests,
     )
     .await?;
+    let (stats, sizes) = (prepared.stats, prepared.sizes);
     create_shard_records(bus, spec, next_attempt, &sizes).await?;
     let moved = bus
         .modify(

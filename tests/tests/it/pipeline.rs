@@ -358,3 +358,57 @@ async fn several_pollers_share_the_work_and_each_batch_ends_once() {
     );
     assert_eq!(job.counts.succeeded, 2700);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_rows_are_sent_once_and_share_the_answer() {
+    let stack = Stack::start().await;
+    let distinct: Vec<Vec<String>> = awkward_rows(700)
+        .into_iter()
+        .map(|mut row| {
+            row[3] = format!("{} described", row[1]);
+            row
+        })
+        .collect();
+    // 30% of the table repeats earlier rows exactly.
+    let mut rows = distinct.clone();
+    for i in 0..300 {
+        rows.insert((i * 7 + 5) % rows.len(), distinct[(i * 13) % 700].clone());
+    }
+    let input = stack.upload_input("dups.csv", to_csv(&rows)).await;
+    stack.submit(&spec("dups", &input, "description")).await;
+    let job = stack.wait_for_end("dups", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let stats = stack.sim_stats().await;
+    assert_eq!(
+        stats["requests_answered"], 700,
+        "requests sent = distinct rows: {stats}"
+    );
+    assert_eq!(job.counts.rows_deduplicated, 300);
+    assert_eq!(job.counts.succeeded, 1000);
+    let (_, enriched) = read_csv(
+        &stack
+            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
+            .await,
+    );
+    assert_eq!(enriched.len(), 1000);
+    let mut answer_of = std::collections::HashMap::new();
+    for (input_row, output_row) in rows.iter().zip(&enriched) {
+        assert_eq!(&output_row[..5], &input_row[..]);
+        assert!(!output_row[5].is_empty());
+        let first = answer_of
+            .entry(input_row.clone())
+            .or_insert_with(|| output_row[5..].to_vec());
+        assert_eq!(
+            first,
+            &output_row[5..].to_vec(),
+            "a repeated row has its first's answer"
+        );
+    }
+    let manifest: serde_json::Value = serde_json::from_str(
+        &stack
+            .read_text(job.outputs.manifest.as_deref().expect("manifest"))
+            .await,
+    )
+    .expect("manifest");
+    assert_eq!(manifest["rows"]["deduplicated"], 300);
+}
