@@ -26,28 +26,30 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("rows", type=int)
     parser.add_argument("out")
-    parser.add_argument("--duplicates", type=float, default=0.0, help="fraction of rows that repeat an earlier row's description")
+    parser.add_argument("--duplicates", type=float, default=0.0, help="fraction of rows that repeat an earlier row exactly")
     args = parser.parse_args()
     rng = random.Random(args.rows)
-    descriptions = []
+    earlier = []
     with open(args.out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["sku", "name", "brand", "category", "price", "description"])
         for i in range(args.rows):
+            if earlier and rng.random() < args.duplicates:
+                writer.writerow(rng.choice(earlier))
+                continue
             brand = rng.choice(BRANDS)
             noun = rng.choice(NOUNS)
             adj = rng.choice(ADJECTIVES)
-            if descriptions and rng.random() < args.duplicates:
-                description = rng.choice(descriptions)
-            elif rng.random() < 0.01:
+            if rng.random() < 0.01:
                 description = ""
             else:
                 picked = rng.sample(SENTENCES, rng.randint(2, 5))
                 description = f"Item {i}: " + " ".join(s.format(adj=adj, noun=noun, brand=brand) for s in picked)
-                if len(descriptions) < 10_000:
-                    descriptions.append(description)
-            writer.writerow([f"{i:08d}", f"{brand} {noun}", brand, rng.choice(CATEGORIES),
-                             f"{rng.randint(1, 500)}.{rng.choice(['00', '50', '99'])}", description])
+            row = [f"{i:08d}", f"{brand} {noun}", brand, rng.choice(CATEGORIES),
+                   f"{rng.randint(1, 500)}.{rng.choice(['00', '50', '99'])}", description]
+            if args.duplicates and len(earlier) < 50_000:
+                earlier.append(row)
+            writer.writerow(row)
 
 
 if __name__ == "__main__":

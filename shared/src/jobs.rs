@@ -182,6 +182,7 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
     let csv_key = layout::output(job_id, "enriched.csv");
     let parquet_key = layout::output(job_id, "enriched.parquet");
+    let jsonl_key = layout::output(job_id, "enriched.jsonl");
     let failures_key = layout::output(job_id, "failures.csv");
     let manifest_key = layout::output(job_id, "manifest.json");
     let targets = FinalOutputs {
@@ -190,6 +191,9 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
             .transpose()?,
         enriched_parquet: wants("parquet")
             .then(|| store.local_target(&parquet_key, scratch.path()))
+            .transpose()?,
+        enriched_jsonl: wants("jsonl")
+            .then(|| store.local_target(&jsonl_key, scratch.path()))
             .transpose()?,
         failures_csv: store.local_target(&failures_key, scratch.path())?,
     };
@@ -213,6 +217,10 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
     if let Some(path) = &targets.enriched_parquet {
         store.commit_local(&parquet_key, path).await?;
         outputs.enriched_parquet = Some(parquet_key.clone());
+    }
+    if let Some(path) = &targets.enriched_jsonl {
+        store.commit_local(&jsonl_key, path).await?;
+        outputs.enriched_jsonl = Some(jsonl_key.clone());
     }
     store
         .commit_local(&failures_key, &targets.failures_csv)
@@ -238,6 +246,7 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
         "files": {
             "enriched_csv": outputs.enriched_csv,
             "enriched_parquet": outputs.enriched_parquet,
+            "enriched_jsonl": outputs.enriched_jsonl,
             "failures_csv": outputs.failures_csv,
             "indexed": indexed_key,
         },

@@ -56,6 +56,8 @@ impl JobState {
 pub struct Outputs {
     pub enriched_csv: Option<String>,
     pub enriched_parquet: Option<String>,
+    #[serde(default)]
+    pub enriched_jsonl: Option<String>,
     pub failures_csv: Option<String>,
     pub manifest: Option<String>,
 }

@@ -118,7 +118,7 @@ impl Default for JobOptions {
 pub struct SpecError(pub String);
 
 const PROVIDERS: [&str; 3] = ["openai", "anthropic", "sim"];
-const OUTPUT_FORMATS: [&str; 2] = ["csv", "parquet"];
+const OUTPUT_FORMATS: [&str; 3] = ["csv", "parquet", "jsonl"];
 
 /// Whether `id` is a valid job id: `[A-Za-z0-9_-]{1,64}`.
 pub fn is_valid_job_id(id: &str) -> bool {

@@ -19,7 +19,7 @@ pub const ROW_INDEX: &str = "_row_index";
 pub enum TableError {
     #[error("the input could not be read as a table: {0}")]
     Read(String),
-    #[error("input format of {0:?} is not supported: use .csv, .csv.gz, .tsv or .parquet")]
+    #[error("input format of {0:?} is not supported: use .csv, .csv.gz, .tsv, .parquet or .jsonl")]
     Format(String),
     #[error("the table has a column named {ROW_INDEX:?}, which rowsmith adds itself; rename it")]
     ReservedColumn,
@@ -65,7 +65,8 @@ pub fn connect() -> Result<Connection, TableError> {
     let spill = std::env::temp_dir().join("rowsmith-duckdb");
     connection
         .execute_batch(&format!(
-            "SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'; SET temp_directory = {};",
+            "SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'; SET temp_directory = {}; \
+             SET autoinstall_known_extensions = false;",
             path_literal(&spill)
         ))
         .map_err(duck("configure"))?;
@@ -89,6 +90,11 @@ fn reader_sql(input: &Path) -> Result<String, TableError> {
     if name.ends_with(".parquet") {
         return Ok(format!(
             "(SELECT COLUMNS(*)::VARCHAR FROM read_parquet({path}))"
+        ));
+    }
+    if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".jsonl.gz") {
+        return Ok(format!(
+            "(SELECT COLUMNS(*)::VARCHAR FROM read_json({path}, format = 'newline_delimited'))"
         ));
     }
     if name.ends_with(".csv")
@@ -451,6 +457,8 @@ fn text_value(text: Option<&str>) -> duckdb::types::Value {
 pub struct FinalOutputs {
     pub enriched_csv: Option<PathBuf>,
     pub enriched_parquet: Option<PathBuf>,
+    /// One JSON object per line.
+    pub enriched_jsonl: Option<PathBuf>,
     pub failures_csv: PathBuf,
 }
 
@@ -520,6 +528,12 @@ pub fn finalize(
                 FieldType::Boolean => {
                     format!("TRY_CAST({column} AS BOOLEAN) AS {}", ident(&f.name))
                 }
+                FieldType::Array => {
+                    format!(
+                        "TRY_CAST(TRY_CAST({column} AS JSON) AS VARCHAR[]) AS {}",
+                        ident(&f.name)
+                    )
+                }
                 _ => column,
             }
         })
@@ -548,6 +562,15 @@ pub fn finalize(
                 path_literal(parquet)
             ))
             .map_err(duck("write enriched parquet"))?;
+    }
+    if let Some(jsonl) = &outputs.enriched_jsonl {
+        connection
+            .execute_batch(&format!(
+                "COPY ({}) TO {} (FORMAT json)",
+                enriched(&typed_fields),
+                path_literal(jsonl)
+            ))
+            .map_err(duck("write enriched jsonl"))?;
     }
     connection
         .execute_batch(&format!(
@@ -610,6 +633,43 @@ mod tests {
             )
             .expect("query");
         assert_eq!(mismatches, 0);
+    }
+
+    #[test]
+    fn gzipped_csv_and_jsonl_inputs_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gz = dir.path().join("in.csv.gz");
+        let connection = connect().expect("connect");
+        connection
+            .execute_batch(&format!(
+                "COPY (SELECT '00' || i AS zip, 'text ' || i AS description FROM range(5) t(i)) TO {} (FORMAT csv, HEADER true, COMPRESSION gzip)",
+                path_literal(&gz)
+            ))
+            .expect("write gz");
+        let info = index_input(&gz, &dir.path().join("a.parquet")).expect("index gz");
+        assert_eq!(
+            (info.rows, info.columns.clone()),
+            (5, vec!["zip".to_owned(), "description".to_owned()])
+        );
+        let jsonl = dir.path().join("in.jsonl");
+        std::fs::write(&jsonl, "{\"sku\":\"00501\",\"description\":\"a ball\"}\n{\"sku\":\"00502\",\"description\":null}\n")
+            .expect("write jsonl");
+        let info = index_input(&jsonl, &dir.path().join("b.parquet")).expect("index jsonl");
+        assert_eq!(
+            (info.rows, info.columns),
+            (2, vec!["sku".to_owned(), "description".to_owned()])
+        );
+        let sku: String = connection
+            .query_row(
+                &format!(
+                    "SELECT sku FROM read_parquet({}) WHERE {ROW_INDEX} = 0",
+                    path_literal(&dir.path().join("b.parquet"))
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .expect("sku");
+        assert_eq!(sku, "00501");
     }
 
     #[test]

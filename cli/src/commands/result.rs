@@ -59,6 +59,12 @@ pub async fn write_result(
                 .as_ref()
                 .context("the job wrote no Parquet (see options.output_formats)")?,
         ),
+        "jsonl" => Some(
+            outputs
+                .enriched_jsonl
+                .as_ref()
+                .context("the job wrote no JSONL (see options.output_formats)")?,
+        ),
         _ => None,
     };
     let mut written = Vec::new();
@@ -73,6 +79,7 @@ pub async fn write_result(
     let all = [
         &outputs.enriched_csv,
         &outputs.enriched_parquet,
+        &outputs.enriched_jsonl,
         &outputs.failures_csv,
         &outputs.manifest,
     ];

@@ -173,6 +173,7 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
     let outputs = FinalOutputs {
         enriched_csv: Some(dir.join("enriched.csv")),
         enriched_parquet: Some(dir.join("enriched.parquet")),
+        enriched_jsonl: None,
         failures_csv: dir.join("failures.csv"),
     };
     let counts = table::finalize(

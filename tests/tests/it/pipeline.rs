@@ -412,3 +412,51 @@ async fn identical_rows_are_sent_once_and_share_the_answer() {
     .expect("manifest");
     assert_eq!(manifest["rows"]["deduplicated"], 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jsonl_and_parquet_outputs_carry_typed_new_columns() {
+    let stack = Stack::start().await;
+    let input = stack
+        .upload_input("formats.csv", to_csv(&awkward_rows(30)))
+        .await;
+    let mut job_spec = spec("formats", &input, "description");
+    job_spec.options.output_formats = vec!["csv".into(), "parquet".into(), "jsonl".into()];
+    stack.submit(&job_spec).await;
+    let job = stack.wait_for_end("formats", Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let jsonl = stack
+        .read_text(job.outputs.enriched_jsonl.as_deref().expect("jsonl output"))
+        .await;
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 30);
+    let enriched = lines
+        .iter()
+        .find(|l| !l["seo_title"].is_null())
+        .expect("an enriched row");
+    assert!(
+        enriched["tags"].is_array()
+            && enriched["price_eur"].is_number()
+            && enriched["in_stock"].is_boolean(),
+        "{enriched}"
+    );
+    assert_eq!(lines[0]["sku"], "00000", "original cells stay text");
+    let parquet = stack
+        .store
+        .local_path(job.outputs.enriched_parquet.as_deref().expect("parquet"))
+        .expect("local");
+    let connection = rowsmith_shared::table::connect().expect("duckdb");
+    let types: String = connection
+        .query_row(
+            &format!(
+                "SELECT typeof(tags) || ',' || typeof(price_eur) || ',' || typeof(in_stock) || ',' || typeof(sku) FROM read_parquet('{}') WHERE seo_title IS NOT NULL LIMIT 1",
+                parquet.display()
+            ),
+            [],
+            |row| row.get(0),
+        )
+        .expect("types");
+    assert_eq!(types, "VARCHAR[],DOUBLE,BOOLEAN,VARCHAR");
+}
