@@ -21,8 +21,8 @@ pub enum TableError {
     Read(String),
     #[error("input format of {0:?} is not supported: use .csv, .csv.gz, .tsv, .parquet or .jsonl")]
     Format(String),
-    #[error("the table has a column named {ROW_INDEX:?}, which rowsmith adds itself; rename it")]
-    ReservedColumn,
+    #[error("the table has a column named {0:?}, which rowsmith uses itself; rename it")]
+    ReservedColumn(String),
     #[error(
         "row {row_index}'s request is {bytes} bytes, more than the batch limit of {limit} bytes"
     )]
@@ -110,19 +110,36 @@ fn reader_sql(input: &Path) -> Result<String, TableError> {
     Err(TableError::Format(name))
 }
 
-/// Reads `input` (dialect sniffed, header required) and writes it to `indexed` as Parquet with
-/// `_row_index` first, in input order.
+/// Column names rowsmith uses itself.
+const RESERVED_COLUMNS: [&str; 2] = [ROW_INDEX, "file_row_number"];
+
+/// The indexed table as a relation with `_row_index` first: the row's position in the file,
+/// which the copy of the input kept in input order.
+pub fn indexed_relation(indexed: &Path) -> String {
+    format!(
+        "(SELECT file_row_number AS {ROW_INDEX}, * EXCLUDE (file_row_number) \
+         FROM read_parquet({}, file_row_number = true))",
+        path_literal(indexed)
+    )
+}
+
+/// Reads `input` (dialect sniffed, header required) and copies it, in input order and every
+/// cell as text, to `indexed` (Parquet). Rows are numbered by their position in that file
+/// ([`indexed_relation`]): numbering them in SQL would serialize the copy.
 pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError> {
     let connection = connect()?;
     let reader = reader_sql(input)?;
     let columns = describe(&connection, &format!("SELECT * FROM {reader}"))
         .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
-    if columns.iter().any(|c| c == ROW_INDEX) {
-        return Err(TableError::ReservedColumn);
+    if let Some(reserved) = columns
+        .iter()
+        .find(|c| RESERVED_COLUMNS.contains(&c.as_str()))
+    {
+        return Err(TableError::ReservedColumn(reserved.clone()));
     }
+    // preserve_insertion_order (on by default) keeps the parallel copy in input order.
     let sql = format!(
-        "COPY (SELECT row_number() OVER () - 1 AS {ROW_INDEX}, * FROM {reader}) TO {} \
-         (FORMAT parquet, COMPRESSION snappy)",
+        "COPY (SELECT * FROM {reader}) TO {} (FORMAT parquet, COMPRESSION snappy)",
         path_literal(indexed)
     );
     connection
@@ -165,7 +182,7 @@ pub fn indexed_columns(indexed: &Path) -> Result<Vec<String>, TableError> {
     let connection = connect()?;
     let columns = describe(
         &connection,
-        &format!("SELECT * FROM read_parquet({})", path_literal(indexed)),
+        &format!("SELECT * FROM {}", indexed_relation(indexed)),
     )
     .map_err(duck("describe"))?;
     Ok(columns.into_iter().filter(|c| c != ROW_INDEX).collect())
@@ -238,10 +255,7 @@ pub fn render_shards(
         ),
         None => String::new(),
     };
-    let sql = format!(
-        "SELECT * FROM read_parquet({}){filter}{order}",
-        path_literal(indexed)
-    );
+    let sql = format!("SELECT * FROM {}{filter}{order}", indexed_relation(indexed));
     let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
     let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
     let mut stats = RenderStats::default();
@@ -511,8 +525,8 @@ pub fn finalize(
         .map_err(duck("latest results"))?;
     connection
         .execute_batch(&format!(
-            "CREATE VIEW input AS SELECT * FROM read_parquet({})",
-            path_literal(indexed)
+            "CREATE VIEW input AS SELECT * FROM {}",
+            indexed_relation(indexed)
         ))
         .map_err(duck("read input"))?;
     let text_fields: Vec<String> = fields
@@ -624,9 +638,9 @@ mod tests {
         let mismatches: i64 = connection
             .query_row(
                 &format!(
-                    "SELECT count(*) FROM read_parquet({}) WHERE CAST(id AS BIGINT) <> {ROW_INDEX} \
+                    "SELECT count(*) FROM {} WHERE CAST(id AS BIGINT) <> {ROW_INDEX} \
                      OR price <> '1.50' OR NOT starts_with(zip, '00')",
-                    path_literal(&indexed)
+                    indexed_relation(&indexed)
                 ),
                 [],
                 |r| r.get(0),
@@ -662,8 +676,8 @@ mod tests {
         let sku: String = connection
             .query_row(
                 &format!(
-                    "SELECT sku FROM read_parquet({}) WHERE {ROW_INDEX} = 0",
-                    path_literal(&dir.path().join("b.parquet"))
+                    "SELECT sku FROM {} WHERE {ROW_INDEX} = 0",
+                    indexed_relation(&dir.path().join("b.parquet"))
                 ),
                 [],
                 |r| r.get(0),
