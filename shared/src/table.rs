@@ -256,13 +256,25 @@ pub fn render_shards(
         None => String::new(),
     };
     let sql = format!("SELECT * FROM {}{filter}{order}", indexed_relation(indexed));
+    // The duplicate map is sized once for every row (counted before the streaming query,
+    // which must have the connection to itself): growing it would briefly hold two tables.
+    let rows_in_table: i64 = connection
+        .query_row(
+            &format!(
+                "SELECT count(*) FROM read_parquet({})",
+                path_literal(indexed)
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(duck("count rows"))?;
     let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
     let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
     let mut stats = RenderStats::default();
     let (mut scratch, mut escaped, mut line) = (String::new(), Vec::new(), Vec::new());
     let mut shard = OpenShard::default();
     let mut first_with_body: std::collections::HashMap<u128, i64> =
-        std::collections::HashMap::new();
+        std::collections::HashMap::with_capacity(usize::try_from(rows_in_table).unwrap_or(0));
     for batch in batches {
         let (row_indexes, cells) = batch_columns(&batch)?;
         for row in 0..batch.num_rows() {

@@ -16,6 +16,14 @@ pub struct Args {
     pub sim_listen: Option<String>,
 }
 
+/// A service's future, ending with its name.
+async fn named(
+    name: &'static str,
+    service: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> (&'static str, anyhow::Result<()>) {
+    (name, service.await)
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut settings = super::settings()?;
     rowsmith_shared::telemetry::init(&settings.log);
@@ -31,28 +39,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("the simulator cannot listen on {}", settings.sim.listen))?;
         settings.provider.sim.base_url = format!("http://{address}/v1");
         eprintln!("provider simulator listening on http://{address}");
-        services.spawn(async move {
-            (
-                "provider-sim",
-                task.await.map_err(anyhow::Error::from).and_then(|r| r),
-            )
-        });
+        services.spawn(named("provider-sim", async move { task.await? }));
     }
     // Connect once first so that a missing NATS is one clear error, not four.
     super::connect(&settings).await?;
-    let service_list: [(&str, fn(_, _) -> _); 4] = [
-        ("ingest", |s, c| {
-            Box::pin(rowsmith_ingest::run(s, c))
-                as futures::future::BoxFuture<'static, anyhow::Result<()>>
-        }),
-        ("submitter", |s, c| Box::pin(rowsmith_submitter::run(s, c))),
-        ("poller", |s, c| Box::pin(rowsmith_poller::run(s, c))),
-        ("merger", |s, c| Box::pin(rowsmith_merger::run(s, c))),
-    ];
-    for (name, start) in service_list {
-        let future = start(settings.clone(), shutdown.clone());
-        services.spawn(async move { (name, future.await) });
-    }
+    let (s, c) = (&settings, &shutdown);
+    services.spawn(named("ingest", rowsmith_ingest::run(s.clone(), c.clone())));
+    services.spawn(named(
+        "submitter",
+        rowsmith_submitter::run(s.clone(), c.clone()),
+    ));
+    services.spawn(named("poller", rowsmith_poller::run(s.clone(), c.clone())));
+    services.spawn(named("merger", rowsmith_merger::run(s.clone(), c.clone())));
     eprintln!(
         "rowsmith up: ingest, submitter, poller, merger running (NATS {}, store {}); Ctrl-C stops",
         settings.nats.url, settings.store.url
