@@ -571,32 +571,29 @@ pub fn finalize(
             select_fields.join(", ")
         )
     };
-    if let Some(csv) = &outputs.enriched_csv {
+    // CSV keeps every value as text; Parquet and JSON lines type the new columns.
+    let formats = [
+        (
+            &outputs.enriched_csv,
+            "FORMAT csv, HEADER true",
+            &text_fields,
+        ),
+        (
+            &outputs.enriched_parquet,
+            "FORMAT parquet, COMPRESSION zstd",
+            &typed_fields,
+        ),
+        (&outputs.enriched_jsonl, "FORMAT json", &typed_fields),
+    ];
+    for (target, options, select_fields) in formats {
+        let Some(path) = target else { continue };
         connection
             .execute_batch(&format!(
-                "COPY ({}) TO {} (FORMAT csv, HEADER true)",
-                enriched(&text_fields),
-                path_literal(csv)
+                "COPY ({}) TO {} ({options})",
+                enriched(select_fields),
+                path_literal(path)
             ))
-            .map_err(duck("write enriched csv"))?;
-    }
-    if let Some(parquet) = &outputs.enriched_parquet {
-        connection
-            .execute_batch(&format!(
-                "COPY ({}) TO {} (FORMAT parquet, COMPRESSION zstd)",
-                enriched(&typed_fields),
-                path_literal(parquet)
-            ))
-            .map_err(duck("write enriched parquet"))?;
-    }
-    if let Some(jsonl) = &outputs.enriched_jsonl {
-        connection
-            .execute_batch(&format!(
-                "COPY ({}) TO {} (FORMAT json)",
-                enriched(&typed_fields),
-                path_literal(jsonl)
-            ))
-            .map_err(duck("write enriched jsonl"))?;
+            .map_err(duck("write enriched output"))?;
     }
     connection
         .execute_batch(&format!(
