@@ -12,7 +12,7 @@ use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_job_keeps_finished_rows_and_lists_the_rest_as_cancelled() {
-    let stack = Stack::start_with(|settings| settings.sim.rows_per_second = 400.0).await;
+    let stack = Stack::start_with(|settings| settings.sim.rows_per_second = 100.0).await;
     let rows: Vec<Vec<String>> = awkward_rows(2000)
         .into_iter()
         .map(|mut row| {

@@ -43,6 +43,8 @@ async fn batches_refused_for_the_token_quota_are_sent_again_and_the_job_complete
     let stack = Stack::start_with(|settings| {
         // One batch at a time fits the provider's quota; the submitter does not know it.
         settings.sim.faults.enqueued_token_quota = Some(1);
+        // Batches that run half a second overlap for sure.
+        settings.sim.rows_per_second = 2000.0;
         settings.quota.wait = Duration::from_millis(200);
     })
     .await;
@@ -58,6 +60,8 @@ async fn batches_refused_for_the_token_quota_are_sent_again_and_the_job_complete
 async fn a_submitter_that_knows_the_quota_holds_shards_back_and_is_never_refused() {
     let stack = Stack::start_with(|settings| {
         settings.sim.faults.enqueued_token_quota = Some(1);
+        // Batches that run half a second overlap for sure.
+        settings.sim.rows_per_second = 2000.0;
         settings
             .quota
             .enqueued_tokens

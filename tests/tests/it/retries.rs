@@ -201,7 +201,7 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_past_its_completion_window_is_treated_as_expired_and_its_rows_retried() {
     let stack = Stack::start_with(|settings| {
-        settings.sim.rows_per_second = 1.0;
+        settings.sim.rows_per_second = 0.1;
         settings.poller.completion_window = Duration::from_millis(600);
         settings.poller.grace = Duration::ZERO;
     })
@@ -227,7 +227,7 @@ async fn a_batch_past_its_completion_window_is_treated_as_expired_and_its_rows_r
     assert_eq!(
         failures.len(),
         18,
-        "no row finished at one row a second within 0.6 s"
+        "no row finished at one row in ten seconds within 0.6 s"
     );
     assert!(
         failures
