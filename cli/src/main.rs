@@ -43,6 +43,8 @@ enum Command {
     Render(commands::render::Args),
     /// Cancel a job: running batches are cancelled, finished rows kept.
     Cancel(commands::cancel::Args),
+    /// Print a job's events (or every job's), oldest first; --follow to keep tailing.
+    Events(commands::events::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
             Command::Result(args) => commands::result::run(args).await,
             Command::Render(args) => commands::render::run(args).await,
             Command::Cancel(args) => commands::cancel::run(args).await,
+            Command::Events(args) => commands::events::run(args).await,
         }
     });
     match result {

@@ -1,0 +1,141 @@
+//! The `rowsmith` binary as a user runs it, against a real nats-server and the services.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use rowsmith_tests::Stack;
+
+/// `rowsmith ARGS` aimed at the test stack.
+fn command(stack: &Stack, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_rowsmith"));
+    command
+        .args(args)
+        .env("ROWSMITH_NATS__URL", stack.nats.url())
+        .env("ROWSMITH_STORE__URL", &stack.settings.store.url)
+        .env(
+            "ROWSMITH_PROVIDER__SIM__BASE_URL",
+            &stack.settings.provider.sim.base_url,
+        )
+        .env_remove("ROWSMITH_CONFIG");
+    command
+}
+
+fn rowsmith(stack: &Stack, args: &[&str]) -> Output {
+    command(stack, args).output().expect("run rowsmith")
+}
+
+fn write_table(dir: &Path) -> String {
+    let path = dir.join("products.csv");
+    let mut writer = csv::Writer::from_path(&path).expect("csv");
+    writer.write_record(["sku", "description"]).expect("header");
+    for i in 0..40 {
+        writer
+            .write_record([format!("{i:05}"), format!("A \"fine\" item, number {i}")])
+            .expect("row");
+    }
+    writer.flush().expect("flush");
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrich_status_events_and_render_work_from_the_command_line() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = write_table(dir.path());
+    let out = dir.path().join("out");
+    let job = [
+        "--instructions",
+        "Write a title.",
+        "--target",
+        "description",
+        "--field",
+        "title:string:a title",
+        "--field",
+        "shelf:enum(toys|tools)",
+    ];
+    let mut enrich = vec![
+        "enrich",
+        table.as_str(),
+        "--job-id",
+        "cli-job",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    enrich.extend_from_slice(&job);
+    // enrich waits for the job: off the runtime's threads, which run the services.
+    let mut enrich_command = command(&stack, &enrich);
+    let result =
+        tokio::task::spawn_blocking(move || enrich_command.output().expect("run rowsmith"))
+            .await
+            .expect("join");
+    assert!(
+        result.status.success(),
+        "enrich failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let printed = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        printed.contains("enriched.csv") && printed.contains("failures.csv"),
+        "{printed}"
+    );
+    let enriched = std::fs::read_to_string(out.join("enriched.csv")).expect("enriched.csv");
+    assert_eq!(enriched.lines().next(), Some("sku,description,title,shelf"));
+    assert!(enriched.contains("00039"));
+
+    let status = rowsmith(&stack, &["status", "cli-job", "--json"]);
+    let record: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(record["state"], "completed");
+    assert_eq!(record["counts"]["succeeded"], 40);
+
+    let events = rowsmith(&stack, &["events", "cli-job", "--json"]);
+    let kinds: Vec<String> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("event")["kind"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("accepted"));
+    assert_eq!(kinds.last().map(String::as_str), Some("completed"));
+
+    let shards = dir.path().join("shards");
+    let mut render = vec![
+        "render",
+        table.as_str(),
+        "--out-dir",
+        shards.to_str().expect("utf-8"),
+    ];
+    render.extend_from_slice(&job);
+    let rendered = rowsmith(&stack, &render);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let lines = std::fs::read_to_string(shards.join("a1-s0.jsonl")).expect("shard file");
+    assert_eq!(lines.lines().count(), 40);
+
+    let bad = rowsmith(
+        &stack,
+        &[
+            "submit",
+            table.as_str(),
+            "--instructions",
+            "x",
+            "--target",
+            "description",
+            "--field",
+            "n:text",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("types are: string, number, boolean, array, enum(a|b|c)")
+    );
+    let missing = rowsmith(&stack, &["status", "no-such-job"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no job \"no-such-job\""));
+}
