@@ -72,12 +72,16 @@ impl Default for NatsSettings {
 pub struct StoreSettings {
     /// `file:///abs/dir`, a plain directory path, or `memory://`.
     pub url: String,
+    /// Where a job may read its input: store-key prefixes (`inputs/`, where the CLI uploads)
+    /// or `file:///dir/` prefixes. Anything else is refused before it is read.
+    pub allowed_inputs: Vec<String>,
 }
 
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             url: "rowsmith-data".into(),
+            allowed_inputs: vec!["inputs/".into()],
         }
     }
 }
@@ -365,6 +369,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("poller.schedule")
+                .with_list_parse_key("store.allowed_inputs")
                 .try_parsing(true)
                 .source(Some(rowsmith_env)),
         );

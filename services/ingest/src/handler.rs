@@ -18,6 +18,8 @@ pub struct Ingest {
     pub bus: Bus,
     pub store: Store,
     pub providers: Providers,
+    /// `store.allowed_inputs`.
+    pub allowed_inputs: Vec<String>,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -190,7 +192,13 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let job_id = spec.id();
     set_state(&ingest.bus, job_id, JobState::Ingesting).await?;
     let scratch = tempfile::tempdir()?;
-    let input = local_input(&ingest.store, &spec.input, scratch.path()).await?;
+    let input = local_input(
+        &ingest.store,
+        &spec.input,
+        &ingest.allowed_inputs,
+        scratch.path(),
+    )
+    .await?;
     let indexed_key = layout::indexed(job_id);
     let indexed = ingest.store.local_target(&indexed_key, scratch.path())?;
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());

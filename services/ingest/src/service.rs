@@ -34,6 +34,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         bus: bus.clone(),
         store: Store::from_url(&settings.store.url)?,
         providers: Providers::from_settings(&settings)?,
+        allowed_inputs: settings.store.allowed_inputs.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -3,6 +3,7 @@
 mod cancel;
 mod exactly_once;
 mod http_faults;
+mod inputs;
 mod pipeline;
 mod quota;
 mod retries;
