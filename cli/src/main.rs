@@ -45,6 +45,8 @@ enum Command {
     Cancel(commands::cancel::Args),
     /// Print a job's events (or every job's), oldest first; --follow to keep tailing.
     Events(commands::events::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,16 @@ fn main() -> ExitCode {
             Command::Render(args) => commands::render::run(args).await,
             Command::Cancel(args) => commands::cancel::run(args).await,
             Command::Events(args) => commands::events::run(args).await,
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "rowsmith",
+                    &mut std::io::stdout(),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {

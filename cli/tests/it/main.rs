@@ -135,6 +135,13 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
         String::from_utf8_lossy(&bad.stderr)
             .contains("types are: string, number, boolean, array, enum(a|b|c)")
     );
+    let completions = rowsmith(&stack, &["completions", "bash"]);
+    assert!(completions.status.success());
+    assert!(
+        String::from_utf8_lossy(&completions.stdout).contains("rowsmith__enrich"),
+        "a bash completion script"
+    );
+
     let missing = rowsmith(&stack, &["status", "no-such-job"]);
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no job \"no-such-job\""));
