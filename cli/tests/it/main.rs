@@ -138,7 +138,7 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
     let completions = rowsmith(&stack, &["completions", "bash"]);
     assert!(completions.status.success());
     assert!(
-        String::from_utf8_lossy(&completions.stdout).contains("rowsmith__enrich"),
+        String::from_utf8_lossy(&completions.stdout).contains("rowsmith,enrich)"),
         "a bash completion script"
     );
 
