@@ -145,20 +145,22 @@ pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError
     connection
         .execute_batch(&sql)
         .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
+    Ok(TableInfo {
+        columns,
+        rows: parquet_rows(&connection, indexed)?,
+    })
+}
+
+/// Rows of a Parquet file (from its metadata).
+fn parquet_rows(connection: &Connection, path: &Path) -> Result<u64, TableError> {
     let rows: i64 = connection
         .query_row(
-            &format!(
-                "SELECT count(*) FROM read_parquet({})",
-                path_literal(indexed)
-            ),
+            &format!("SELECT count(*) FROM read_parquet({})", path_literal(path)),
             [],
             |r| r.get(0),
         )
         .map_err(duck("count rows"))?;
-    Ok(TableInfo {
-        columns,
-        rows: u64::try_from(rows).unwrap_or(0),
-    })
+    Ok(u64::try_from(rows).unwrap_or(0))
 }
 
 fn strip_duckdb_noise(message: &str) -> String {
@@ -258,16 +260,7 @@ pub fn render_shards(
     let sql = format!("SELECT * FROM {}{filter}{order}", indexed_relation(indexed));
     // The duplicate map is sized once for every row (counted before the streaming query,
     // which must have the connection to itself): growing it would briefly hold two tables.
-    let rows_in_table: i64 = connection
-        .query_row(
-            &format!(
-                "SELECT count(*) FROM read_parquet({})",
-                path_literal(indexed)
-            ),
-            [],
-            |r| r.get(0),
-        )
-        .map_err(duck("count rows"))?;
+    let rows_in_table = parquet_rows(&connection, indexed)?;
     let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
     let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
     let mut stats = RenderStats::default();

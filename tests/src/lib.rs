@@ -282,6 +282,18 @@ impl Stack {
         String::from_utf8(bytes.to_vec()).expect("utf-8")
     }
 
+    /// A finished job's `enriched.csv` and `failures.csv` as (header, rows) each.
+    pub async fn output_tables(&self, job: &JobRecord) -> (CsvTable, CsvTable) {
+        let read = |key: Option<String>| async move {
+            let key = key.expect("the job has this output");
+            parse_csv(&self.read_text(&key).await)
+        };
+        (
+            read(job.outputs.enriched_csv.clone()).await,
+            read(job.outputs.failures_csv.clone()).await,
+        )
+    }
+
     /// Puts a local file into the store under `inputs/` and returns its key.
     pub async fn upload_input(&self, name: &str, bytes: Vec<u8>) -> String {
         let key = format!("inputs/{name}");
@@ -297,4 +309,23 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// A CSV file's header and rows.
+pub type CsvTable = (Vec<String>, Vec<Vec<String>>);
+
+/// Parses CSV text.
+pub fn parse_csv(text: &str) -> CsvTable {
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let header = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let rows = reader
+        .records()
+        .map(|r| r.expect("record").iter().map(str::to_owned).collect())
+        .collect();
+    (header, rows)
 }

@@ -8,7 +8,7 @@ use rowsmith_shared::messages::ShardKey;
 use rowsmith_shared::records::{JobState, ShardRecord, ShardState, shard_key};
 use rowsmith_tests::Stack;
 
-use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
+use crate::pipeline::{awkward_rows, spec, to_csv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_job_keeps_finished_rows_and_lists_the_rest_as_cancelled() {
@@ -51,16 +51,7 @@ async fn a_cancelled_job_keeps_finished_rows_and_lists_the_rest_as_cancelled() {
         .wait_for_end("cancel-me", Duration::from_secs(60))
         .await;
     assert_eq!(job.state, JobState::Cancelled, "{:?}", job.error);
-    let (_, enriched) = read_csv(
-        &stack
-            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
-            .await,
-    );
-    let (_, failures) = read_csv(
-        &stack
-            .read_text(job.outputs.failures_csv.as_deref().expect("failures"))
-            .await,
-    );
+    let ((_, enriched), (_, failures)) = stack.output_tables(&job).await;
     assert_eq!(
         enriched.len() + failures.len(),
         2000,

@@ -74,20 +74,7 @@ pub fn to_csv(rows: &[Vec<String>]) -> Vec<u8> {
     writer.into_inner().expect("csv bytes")
 }
 
-pub fn read_csv(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
-    let mut reader = csv::Reader::from_reader(text.as_bytes());
-    let header = reader
-        .headers()
-        .expect("header")
-        .iter()
-        .map(str::to_owned)
-        .collect();
-    let rows = reader
-        .records()
-        .map(|r| r.expect("record").iter().map(str::to_owned).collect())
-        .collect();
-    (header, rows)
-}
+pub use rowsmith_tests::parse_csv as read_csv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_awkward_rows_come_back_whole_in_order_with_typed_new_columns() {

@@ -176,16 +176,7 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
         (50..=150).contains(&retried),
         "{retried} rows in the fallback attempt"
     );
-    let (_, enriched) = read_csv(
-        &stack
-            .read_text(job.outputs.enriched_csv.as_deref().expect("csv"))
-            .await,
-    );
-    let (_, failures) = read_csv(
-        &stack
-            .read_text(job.outputs.failures_csv.as_deref().expect("failures"))
-            .await,
-    );
+    let ((_, enriched), (_, failures)) = stack.output_tables(&job).await;
     assert_eq!(
         enriched.len() + failures.len(),
         1000,
