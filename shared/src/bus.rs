@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::NatsSettings;
 use crate::events::Event;
@@ -35,6 +36,8 @@ pub enum BusError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("NATS credentials or TLS files could not be used: {0}")]
+    Auth(String),
     #[error("JetStream set-up failed ({what}): {message}")]
     Topology { what: String, message: String },
     #[error("publish to {subject} failed: {message}")]
@@ -62,6 +65,59 @@ impl BusError {
             message: error.to_string(),
         }
     }
+}
+
+/// Connection options carrying the configured authentication and TLS.
+async fn connect_options(settings: &NatsSettings) -> Result<async_nats::ConnectOptions, BusError> {
+    use secrecy::ExposeSecret;
+    let mut options = match &settings.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| BusError::Auth(format!("creds file {}: {e}", path.display())))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
+        options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.expose_secret().to_owned());
+    }
+    if let Some(path) = &settings.nkey_seed_file {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| BusError::Auth(format!("nkey seed file {}: {e}", path.display())))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(ca) = &settings.tls_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if settings.tls_required {
+        options = options.require_tls(true);
+    }
+    if let Some(prefix) = &settings.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    Ok(options)
+}
+
+/// A plain client for health probes: connects in the background and keeps trying, so a
+/// probe can report NATS as down instead of the process failing to start.
+pub async fn probe_client(
+    settings: &NatsSettings,
+    name: &str,
+) -> Result<async_nats::Client, BusError> {
+    connect_options(settings)
+        .await?
+        .name(name)
+        .retry_on_initial_connect()
+        .connect(settings.url.as_str())
+        .await
+        .map_err(|source| BusError::Connect {
+            url: settings.url.clone(),
+            source,
+        })
 }
 
 /// A connection to NATS with the JetStream context and the jobs KV bucket.
@@ -95,7 +151,8 @@ pub enum Cas<R> {
 impl Bus {
     /// Connects and ensures the streams and the KV bucket exist.
     pub async fn connect(settings: &NatsSettings, name: &str) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        let client = connect_options(settings)
+            .await?
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(settings.request_timeout))
@@ -180,8 +237,11 @@ impl Bus {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }
+            let mut headers = async_nats::HeaderMap::new();
+            crate::telemetry::inject_context(&mut headers);
             let message = jetstream::message::PublishMessage::build()
                 .payload(body.clone())
+                .headers(headers)
                 .message_id(msg_id);
             match self.js.send_publish(subject.to_owned(), message).await {
                 Ok(ack) => match ack.await {
@@ -434,6 +494,11 @@ where
         .await
         .map_err(|e| BusError::topology(format!("pull from {}", spec.durable), e))?;
     tracing::info!(consumer = spec.durable, concurrency, "worker started");
+    tokio::spawn(report_backlog(
+        consumer.clone(),
+        spec.durable,
+        shutdown.clone(),
+    ));
     loop {
         while in_flight.try_join_next().is_some() {}
         let permit = tokio::select! {
@@ -467,8 +532,19 @@ where
         };
         let handler = handler.clone();
         let durable = spec.durable;
+        let span = handle_span(&delivery, message.headers.as_ref());
         in_flight.spawn(async move {
-            let outcome = handler(delivery).await;
+            let started = std::time::Instant::now();
+            let outcome = handler(delivery).instrument(span).await;
+            metrics::histogram!("rowsmith_handle_seconds", "consumer" => durable)
+                .record(started.elapsed().as_secs_f64());
+            let label = match &outcome {
+                Outcome::Done => "done",
+                Outcome::Retry { .. } => "retry",
+                Outcome::Terminate { .. } => "terminate",
+            };
+            metrics::counter!("rowsmith_messages_total", "consumer" => durable, "outcome" => label)
+                .increment(1);
             let ack = match &outcome {
                 Outcome::Done => AckKind::Ack,
                 Outcome::Retry { after } => AckKind::Nak(Some(*after)),
@@ -490,6 +566,49 @@ where
     );
     while in_flight.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The span a message is handled in: a child of the trace context the message carries,
+/// with the job, shard and attempt when the payload names them.
+fn handle_span(delivery: &Delivery, headers: Option<&async_nats::HeaderMap>) -> tracing::Span {
+    #[derive(serde::Deserialize)]
+    struct Names {
+        job_id: Option<String>,
+        key: Option<crate::messages::ShardKey>,
+    }
+    let names: Option<Names> = serde_json::from_slice(&delivery.payload).ok();
+    let (job_id, key) = names.map(|n| (n.job_id, n.key)).unwrap_or_default();
+    let job_id = job_id.or_else(|| key.as_ref().map(|k| k.job_id.clone()));
+    let span = tracing::info_span!(
+        "handle",
+        subject = %delivery.subject,
+        delivered = delivery.delivered,
+        job_id = job_id.as_deref().unwrap_or(""),
+        shard = key.as_ref().map(|k| k.shard),
+        attempt = key.as_ref().map(|k| k.attempt),
+    );
+    crate::telemetry::set_parent_from(&span, headers);
+    span
+}
+
+/// Publishes the consumer's backlog as gauges every 10 s.
+async fn report_backlog(
+    mut consumer: jetstream::consumer::Consumer<pull::Config>,
+    durable: &'static str,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            metrics::gauge!("rowsmith_consumer_pending", "consumer" => durable)
+                .set(info.num_pending as f64);
+            metrics::gauge!("rowsmith_consumer_ack_pending", "consumer" => durable)
+                .set(info.num_ack_pending as f64);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,72 @@ pub struct Settings {
     pub sim: SimSettings,
     pub log: LogSettings,
     pub quota: QuotaSettings,
+    pub ops: OpsSettings,
+    pub telemetry: TelemetrySettings,
+    pub limits: LimitsSettings,
+    pub output: OutputSettings,
+}
+
+/// The operations endpoint of a service process: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsSettings {
+    /// `host:port` to serve on (`0.0.0.0:9090` in containers); empty = not served.
+    pub listen: String,
+}
+
+/// Trace export.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP endpoint (`http://collector:4318`); unset = spans are not exported, but
+    /// trace context still travels with every message.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// What a job may ask of the services; each limit is refused with its own message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSettings {
+    /// Input file size, after decompression for `.gz`.
+    pub max_input_bytes: u64,
+    pub max_rows: u64,
+    /// Bytes of one cell of a target or context column.
+    pub max_cell_bytes: u64,
+    pub max_columns: usize,
+    pub max_fields: usize,
+    pub max_instruction_bytes: usize,
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Self {
+            max_input_bytes: 20 * 1024 * 1024 * 1024,
+            max_rows: 50_000_000,
+            max_cell_bytes: 1024 * 1024,
+            max_columns: 2_000,
+            max_fields: 100,
+            max_instruction_bytes: 100 * 1024,
+        }
+    }
+}
+
+/// How outputs are written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSettings {
+    /// In CSV outputs, prefix a generated cell that a spreadsheet would run as a formula
+    /// (`=`, `+`, `-`, `@`, tab, CR first, and not a number) with `'`. The input's own cells
+    /// are never changed.
+    pub csv_formula_escape: bool,
+}
+
+impl Default for OutputSettings {
+    fn default() -> Self {
+        Self {
+            csv_formula_escape: true,
+        }
+    }
 }
 
 /// The providers' enqueued-token quota: how many input tokens may wait in batches at once,
@@ -56,6 +122,30 @@ pub struct NatsSettings {
     /// How long a JetStream request (publish ack, KV op) may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// User and password authentication; the password from `ROWSMITH_NATS__PASSWORD` or,
+    /// better, `password_file`.
+    pub user: Option<String>,
+    #[serde(skip_serializing)]
+    pub password: Option<SecretString>,
+    pub password_file: Option<PathBuf>,
+    /// Token authentication (`ROWSMITH_NATS__TOKEN` or `token_file`).
+    #[serde(skip_serializing)]
+    pub token: Option<SecretString>,
+    pub token_file: Option<PathBuf>,
+    /// A file holding an NKey seed (`SU…`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and NKey seed) for decentralised auth.
+    pub creds_file: Option<PathBuf>,
+    /// TLS: the CA that signed the server's certificate; setting it requires TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// TLS client certificate and key (mutual TLS).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Require TLS even without a CA file (the system roots are used).
+    pub tls_required: bool,
+    /// Reply subjects start with this instead of `_INBOX`, so that server permissions can
+    /// give each service its own inbox space (`_INBOX_ingest.>`).
+    pub inbox_prefix: Option<String>,
 }
 
 impl Default for NatsSettings {
@@ -63,6 +153,18 @@ impl Default for NatsSettings {
         Self {
             url: "nats://127.0.0.1:4222".into(),
             request_timeout: Duration::from_secs(10),
+            user: None,
+            password: None,
+            password_file: None,
+            token: None,
+            token_file: None,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            inbox_prefix: None,
         }
     }
 }
@@ -70,8 +172,11 @@ impl Default for NatsSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSettings {
-    /// `file:///abs/dir`, a plain directory path, or `memory://`.
+    /// `file:///abs/dir`, a plain directory path, `s3://bucket[/prefix]` or `memory://`.
     pub url: String,
+    /// S3: endpoint, region and addressing; credentials and anything not set here come
+    /// from the usual `AWS_*` environment variables.
+    pub s3: S3Settings,
     /// Where a job may read its input: store-key prefixes (`inputs/`, where the CLI uploads)
     /// or `file:///dir/` prefixes. Anything else is refused before it is read.
     pub allowed_inputs: Vec<String>,
@@ -81,9 +186,28 @@ impl Default for StoreSettings {
     fn default() -> Self {
         Self {
             url: "rowsmith-data".into(),
+            s3: S3Settings::default(),
             allowed_inputs: vec!["inputs/".into()],
         }
     }
+}
+
+/// S3 options of the store; each overrides its `AWS_*` variable.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    /// `http://minio:9000` for an S3-compatible server (`AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub path_style: Option<bool>,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: Option<bool>,
+    /// Static credentials; usually `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, a web
+    /// identity or the instance role are the better source.
+    pub access_key_id: Option<String>,
+    #[serde(skip_serializing)]
+    pub secret_access_key: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -390,6 +514,16 @@ impl Settings {
                     .map(|key| SecretString::from(key.clone())),
             };
         }
+        if settings.nats.password.is_none()
+            && let Some(path) = &settings.nats.password_file
+        {
+            settings.nats.password = Some(read_secret_file(path)?);
+        }
+        if settings.nats.token.is_none()
+            && let Some(path) = &settings.nats.token_file
+        {
+            settings.nats.token = Some(read_secret_file(path)?);
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -430,6 +564,16 @@ impl Settings {
         if !self.sim.rows_per_second.is_finite() || self.sim.rows_per_second <= 0.0 {
             return Err(ConfigError::Invalid(
                 "sim.rows_per_second must be positive".into(),
+            ));
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return Err(ConfigError::Invalid(
+                "nats.user and nats.password (or nats.password_file) go together".into(),
+            ));
+        }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "nats.tls_cert_file and nats.tls_key_file go together".into(),
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod events;
 pub mod jobs;
 pub mod messages;
+pub mod ops;
 pub mod proto;
 pub mod providers;
 pub mod records;
@@ -40,12 +41,13 @@ where
         return Ok(());
     }
     let settings = config::Settings::from_env()?;
-    telemetry::init(&settings.log);
+    let _telemetry = telemetry::init(&settings.log, &settings.telemetry, name);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(shutdown_on_signals(shutdown.clone()));
         tracing::info!(service = name, "starting");
+        ops::serve(&settings, name, shutdown.clone()).await?;
         let result = run(settings, shutdown).await;
         match &result {
             Ok(()) => tracing::info!(service = name, "stopped"),

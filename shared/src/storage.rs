@@ -8,7 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
+use object_store::prefix::PrefixStore;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::{S3Settings, StoreSettings};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -17,7 +24,9 @@ use crate::messages::ShardKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("store url {url:?} is not supported: use file:///dir, a directory path or memory://")]
+    #[error(
+        "store url {url:?} is not supported: use file:///dir, a directory path, s3://bucket[/prefix] or memory://"
+    )]
     UnsupportedUrl { url: String },
     #[error("store {url:?} could not be opened: {source}")]
     Open {
@@ -47,6 +56,9 @@ pub enum StorageError {
     },
 }
 
+/// Part size of uploads; files larger than this go up as a multipart upload.
+const UPLOAD_PART: usize = 16 * 1024 * 1024;
+
 /// The configured object store.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -57,8 +69,63 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens the store of `settings`: see [`Store::from_url`]; `s3://` takes `settings.s3`.
+    pub fn open(settings: &StoreSettings) -> Result<Self, StorageError> {
+        if settings.url.starts_with("s3://") {
+            return Self::s3(&settings.url, &settings.s3);
+        }
+        Self::from_url(&settings.url)
+    }
+
+    /// `s3://bucket[/prefix]`; the endpoint, region, addressing style and credentials from
+    /// `s3` over the `AWS_*` environment.
+    fn s3(url: &str, s3: &S3Settings) -> Result<Self, StorageError> {
+        let rest = url.trim_start_matches("s3://");
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(StorageError::UnsupportedUrl { url: url.into() });
+        }
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &s3.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(path_style) = s3.path_style {
+            builder = builder.with_virtual_hosted_style_request(!path_style);
+        }
+        if let Some(allow_http) = s3.allow_http {
+            builder = builder.with_allow_http(allow_http);
+        }
+        if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+            use secrecy::ExposeSecret;
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret.expose_secret());
+        }
+        let s3_store = builder.build().map_err(|source| StorageError::Open {
+            url: url.into(),
+            source,
+        })?;
+        let prefix = prefix.trim_matches('/');
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3_store)
+        } else {
+            Arc::new(PrefixStore::new(s3_store, Self::path(prefix)?))
+        };
+        Ok(Self {
+            inner,
+            local_root: None,
+            url: url.into(),
+        })
+    }
+
     /// Opens `file:///abs/dir`, a plain directory path (made absolute) or `memory://`.
     pub fn from_url(url: &str) -> Result<Self, StorageError> {
+        if url.starts_with("s3://") {
+            return Self::s3(url, &S3Settings::default());
+        }
         if url == "memory://" || url == "memory:" {
             return Ok(Self {
                 inner: Arc::new(InMemory::new()),
@@ -168,15 +235,65 @@ impl Store {
             }
             return Ok(path);
         }
-        let bytes = self.get_bytes(key).await?;
         let path = scratch.join(key.replace('/', "_"));
-        tokio::fs::write(&path, &bytes)
-            .await
-            .map_err(|source| StorageError::Io {
-                path: path.clone(),
-                source,
-            })?;
+        self.download(key, &path).await?;
         Ok(path)
+    }
+
+    /// Streams object `key` into the local file `path`, never holding it in memory.
+    pub async fn download(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        let object_error = |source| StorageError::Object {
+            key: key.into(),
+            source,
+        };
+        let io_error = |source| StorageError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let result = self
+            .inner
+            .get(&Self::path(key)?)
+            .await
+            .map_err(|source| match source {
+                object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
+                source => object_error(source),
+            })?;
+        let mut file = tokio::fs::File::create(path).await.map_err(io_error)?;
+        let mut chunks = result.into_stream();
+        while let Some(chunk) = chunks.next().await {
+            file.write_all(&chunk.map_err(object_error)?)
+                .await
+                .map_err(io_error)?;
+        }
+        file.flush().await.map_err(io_error)?;
+        Ok(())
+    }
+
+    /// Streams the local file `path` into object `key`, in parts (multipart upload on S3)
+    /// for large files.
+    pub async fn upload(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        let io_error = |source| StorageError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
+        let mut writer =
+            BufWriter::with_capacity(self.inner.clone(), Self::path(key)?, UPLOAD_PART);
+        let copied = tokio::io::copy(&mut file, &mut writer).await;
+        let finished = match copied {
+            Ok(_) => writer.shutdown().await,
+            Err(error) => {
+                let _ = writer.abort().await;
+                Err(error)
+            }
+        };
+        finished.map_err(|source| StorageError::Object {
+            key: key.into(),
+            source: object_store::Error::Generic {
+                store: "upload",
+                source: Box::new(source),
+            },
+        })
     }
 
     /// Where to write a file that is to become object `key`: the object's own path on a file
@@ -199,13 +316,7 @@ impl Store {
         if self.local_path(key).as_deref() == Some(written) {
             return Ok(());
         }
-        let bytes = tokio::fs::read(written)
-            .await
-            .map_err(|source| StorageError::Io {
-                path: written.to_owned(),
-                source,
-            })?;
-        self.put_bytes(key, Bytes::from(bytes)).await
+        self.upload(key, written).await
     }
 }
 

@@ -19,13 +19,21 @@ use rowsmith_shared::storage::Store;
 use tokio_util::sync::CancellationToken;
 
 /// Logs go to the test output only when `TEST_LOG` is set.
+/// Spans (and so trace context in message headers) are recorded either way, as in a service.
 pub fn init_logging() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("info")
-            .with_test_writer()
-            .try_init();
-    }
+    static TELEMETRY: std::sync::OnceLock<rowsmith_shared::telemetry::Guard> =
+        std::sync::OnceLock::new();
+    TELEMETRY.get_or_init(|| {
+        let log = rowsmith_shared::config::LogSettings {
+            level: match std::env::var_os("TEST_LOG") {
+                Some(_) => "info".into(),
+                None => "off".into(),
+            },
+            ..Default::default()
+        };
+        rowsmith_shared::telemetry::init(&log, &Default::default(), "rowsmith-tests")
+    });
+    rowsmith_shared::ops::metrics();
 }
 
 /// The nats-server binary: `ROWSMITH_NATS_SERVER`, else `.tools/bin/nats-server` (what
@@ -113,6 +121,15 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Stops the server until [`NatsServer::resume`].
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    pub fn resume(&mut self) {
+        self.spawn();
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -124,6 +141,92 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A tool the bootstrap installs into `.tools/venv/bin`, else the same name on PATH.
+pub fn venv_tool(name: &str) -> PathBuf {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/venv/bin")
+        .join(name);
+    if tools.exists() {
+        return tools;
+    }
+    PathBuf::from(name)
+}
+
+/// An S3-compatible server (`moto_server`, from `moto[server]` in
+/// scripts/tools-requirements.txt) on a free loopback port with one bucket, killed on drop.
+#[derive(Debug)]
+pub struct S3Server {
+    child: Child,
+    port: u16,
+    pub bucket: String,
+}
+
+impl S3Server {
+    pub async fn start(bucket: &str) -> Self {
+        let binary = venv_tool("moto_server");
+        let port = free_port();
+        let child = Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot start moto_server ({}): {error}. Run scripts/bootstrap, which                      installs it into .tools/venv",
+                    binary.display()
+                )
+            });
+        let mut server = Self {
+            child,
+            port,
+            bucket: bucket.into(),
+        };
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("moto_server exited at start with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not accept connections within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // moto accepts any credentials; a bucket is made by a plain PUT.
+        let created = reqwest::Client::new()
+            .put(format!("{}/{bucket}", server.endpoint()))
+            .send()
+            .await
+            .expect("create the bucket");
+        assert!(created.status().is_success(), "create bucket: {created:?}");
+        server.bucket = bucket.into();
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Points `settings` at this server (`s3://bucket/prefix`, path style, plain HTTP).
+    pub fn configure(&self, settings: &mut Settings, prefix: &str) {
+        settings.store.url = format!("s3://{}/{prefix}", self.bucket);
+        settings.store.s3.endpoint = Some(self.endpoint());
+        settings.store.s3.region = Some("us-east-1".into());
+        settings.store.s3.path_style = Some(true);
+        settings.store.s3.allow_http = Some(true);
+        settings.store.s3.access_key_id = Some("rowsmith-test".into());
+        settings.store.s3.secret_access_key = Some("rowsmith-test-secret".to_owned().into());
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -187,7 +290,7 @@ impl Stack {
                 other => panic!("no service {other}"),
             }
         }
-        let store = Store::from_url(&settings.store.url).expect("store");
+        let store = Store::open(&settings.store).expect("store");
         Self {
             nats,
             settings,

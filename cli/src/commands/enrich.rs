@@ -19,7 +19,7 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let bus = super::connect(&settings).await?;
-    let store = Store::from_url(&settings.store.url)?;
+    let store = Store::open(&settings.store)?;
     let job_id = super::submit::submit_job(&bus, &store, &args.job).await?;
     let code = super::watch::watch_job(&bus, &job_id).await?;
     let job = super::read_job(&bus, &job_id).await?;

@@ -20,7 +20,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let bus = super::connect(&settings).await?;
     let job = super::read_job(&bus, &args.job_id).await?;
-    let store = Store::from_url(&settings.store.url)?;
+    let store = Store::open(&settings.store)?;
     for path in write_result(&store, &job, &args.out).await? {
         println!("{}", path.display());
     }

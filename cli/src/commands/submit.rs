@@ -16,7 +16,7 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let bus = super::connect(&settings).await?;
-    let job_id = submit_job(&bus, &Store::from_url(&settings.store.url)?, &args.job).await?;
+    let job_id = submit_job(&bus, &Store::open(&settings.store)?, &args.job).await?;
     println!("{job_id}");
     Ok(ExitCode::SUCCESS)
 }

@@ -26,7 +26,8 @@ async fn named(
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut settings = super::settings()?;
-    rowsmith_shared::telemetry::init(&settings.log);
+    let _telemetry =
+        rowsmith_shared::telemetry::init(&settings.log, &settings.telemetry, "rowsmith");
     let shutdown = CancellationToken::new();
     tokio::spawn(rowsmith_shared::shutdown_on_signals(shutdown.clone()));
     let mut services = JoinSet::new();
@@ -40,6 +41,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         settings.provider.sim.base_url = format!("http://{address}/v1");
         eprintln!("provider simulator listening on http://{address}");
         services.spawn(named("provider-sim", async move { task.await? }));
+    }
+    if let Some(address) =
+        rowsmith_shared::ops::serve(&settings, "rowsmith", shutdown.clone()).await?
+    {
+        eprintln!("metrics and health on http://{address} (/metrics, /healthz, /readyz)");
     }
     // Connect once first so that a missing NATS is one clear error, not four.
     super::connect(&settings).await?;

@@ -32,7 +32,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await?;
     let ingest = Arc::new(Ingest {
         bus: bus.clone(),
-        store: Store::from_url(&settings.store.url)?,
+        store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
         allowed_inputs: settings.store.allowed_inputs.clone(),
     });

@@ -61,7 +61,11 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
     }
     let current = job.attempt == key.attempt;
     let tally = if current && !job.merged_shards.contains(&key.shard) {
-        merge_shard(merger, &job, ended).await?
+        let tally = merge_shard(merger, &job, ended).await?;
+        metrics::counter!("rowsmith_rows_total", "outcome" => "succeeded")
+            .increment(tally.succeeded);
+        metrics::counter!("rowsmith_rows_total", "outcome" => "failed").increment(tally.failed);
+        tally
     } else {
         ShardTally::default()
     };

@@ -32,7 +32,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await?;
     let merger = Arc::new(Merger {
         bus: bus.clone(),
-        store: Store::from_url(&settings.store.url)?,
+        store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
     });
     let spec = consumer_spec(&settings);

@@ -142,6 +142,8 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, treated as expired");
         return Ok(Check::Ended);
     }
+    metrics::counter!("rowsmith_batch_checks_total", "state" => status.state.as_str().to_owned())
+        .increment(1);
     if !status.state.is_terminal() {
         let message = format!(
             "batch {} of shard {} is {}: {}/{} done, {} failed",
@@ -169,6 +171,8 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         resubmit_later(poller, submitted, &job).await?;
         return Ok(Check::Ended);
     }
+    metrics::counter!("rowsmith_batches_ended_total", "state" => status.state.as_str().to_owned())
+        .increment(1);
     let files = provider.download(key, &status, &poller.store).await?;
     let batch_status = status.state.as_str().to_owned();
     bus.modify(

@@ -34,7 +34,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await?;
     let poller = Arc::new(Poller {
         bus: bus.clone(),
-        store: Store::from_url(&settings.store.url)?,
+        store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
         schedule: settings.poller.schedule()?,
         quota_wait: settings.quota.wait,

@@ -14,7 +14,11 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut settings = rowsmith_shared::config::Settings::from_env()?;
-    rowsmith_shared::telemetry::init(&settings.log);
+    let _telemetry = rowsmith_shared::telemetry::init(
+        &settings.log,
+        &settings.telemetry,
+        "rowsmith-provider-sim",
+    );
     if let Some(listen) = args.listen {
         settings.sim.listen = listen;
     }

@@ -34,7 +34,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await?;
     let submitter = Arc::new(Submitter {
         bus: bus.clone(),
-        store: Store::from_url(&settings.store.url)?,
+        store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
         quota: settings.quota.clone(),
         chaos_crash_after_create: settings.submitter.chaos_crash_after_create,

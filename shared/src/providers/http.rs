@@ -57,7 +57,17 @@ impl Http {
         let mut tries = 0;
         loop {
             tries += 1;
-            let (error, should_retry, wait) = match build().send().await {
+            let started = std::time::Instant::now();
+            let sent = build().send().await;
+            let status_label = match &sent {
+                Ok(response) => response.status().as_u16().to_string(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics::histogram!("rowsmith_provider_request_seconds", "provider" => self.name.clone(), "operation" => operation)
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("rowsmith_provider_requests_total", "provider" => self.name.clone(), "operation" => operation, "status" => status_label)
+                .increment(1);
+            let (error, should_retry, wait) = match sent {
                 Ok(response) if response.status().is_success() => return Ok(response),
                 Ok(response) => {
                     let status = response.status().as_u16();

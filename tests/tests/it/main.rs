@@ -4,6 +4,7 @@ mod cancel;
 mod exactly_once;
 mod http_faults;
 mod inputs;
+mod ops;
 mod pipeline;
 mod quota;
 mod retries;
