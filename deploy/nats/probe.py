@@ -398,9 +398,12 @@ def ordered_config(filter_subject: str, deliver_subject: str | None = None, **ex
 # --------------------------------------------------------------------------- scenario
 
 async def refused_connect(url: str, **kwargs) -> tuple[bool, str]:
+    async def quiet(_e: Exception) -> None:
+        pass
+
     try:
         nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0,
-                                **kwargs)
+                                error_cb=quiet, **kwargs)
     except Exception as e:  # noqa: BLE001
         return True, f"{type(e).__name__}: {e}"
     await nc.close()

@@ -17,6 +17,8 @@ pub enum EventKind {
     Completed,
     Failed,
     Cancelled,
+    /// Something the user should know that did not stop the job (odd result lines).
+    Warning,
 }
 
 impl EventKind {
@@ -32,6 +34,7 @@ impl EventKind {
             EventKind::Completed => "completed",
             EventKind::Failed => "failed",
             EventKind::Cancelled => "cancelled",
+            EventKind::Warning => "warning",
         }
     }
 

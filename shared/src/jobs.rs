@@ -153,7 +153,12 @@ pub async fn fetch_rows_files(
 
 /// Joins every merged shard's rows onto the indexed table, writes the outputs and the
 /// manifest, and marks the job completed. Re-running it rewrites the same files.
-pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), StepError> {
+pub async fn finalize_job(
+    bus: &Bus,
+    store: &Store,
+    output: &crate::config::OutputSettings,
+    job_id: &str,
+) -> Result<(), StepError> {
     let job = require_job(bus, job_id).await?;
     if job.state.is_terminal() {
         return Ok(());
@@ -196,6 +201,7 @@ pub async fn finalize_job(bus: &Bus, store: &Store, job_id: &str) -> Result<(), 
             .then(|| store.local_target(&jsonl_key, scratch.path()))
             .transpose()?,
         failures_csv: store.local_target(&failures_key, scratch.path())?,
+        csv_formula_escape: output.csv_formula_escape,
     };
     let fields = job.spec.fields.clone();
     let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());

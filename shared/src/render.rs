@@ -178,6 +178,32 @@ impl RequestTemplate {
         }
     }
 
+    /// Checks the cells a request is made of: none larger than `max_cell_bytes`, none with
+    /// a NUL byte (a sign of a binary or mis-encoded file).
+    pub fn check_cells<'a>(
+        &self,
+        cell: &impl Fn(usize) -> Option<&'a str>,
+        max_cell_bytes: u64,
+    ) -> Result<(), String> {
+        for (i, name) in self.targets.iter().chain(&self.context) {
+            let Some(value) = cell(*i) else { continue };
+            if value.len() as u64 > max_cell_bytes {
+                return Err(format!(
+                    "column {name:?} holds {} bytes, more than limits.max_cell_bytes \
+                     ({max_cell_bytes}); shorten it or leave the column out of the request",
+                    value.len()
+                ));
+            }
+            if memchr::memchr(0, value.as_bytes()).is_some() {
+                return Err(format!(
+                    "column {name:?} contains a NUL byte: the file is binary or mis-encoded; \
+                     remove NULs (e.g. `tr -d '\\000'`) or export the table again"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Appends the request line of one row to `out` and returns a hash of its body (equal
     /// bodies, equal hashes: the row's text is all that differs within a job); `None`, with
     /// nothing appended, when every target cell is empty. `cell(i)` gives column `i`'s value.

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::bus::Bus;
+use crate::config::LimitsSettings;
 use crate::jobs::StepError;
 use crate::messages::{ShardKey, ShardReady, subjects};
 use crate::providers::Limits;
@@ -21,13 +22,14 @@ pub struct ShardSize {
 }
 
 /// The job's own caps, never above the provider's.
-pub fn shard_limits(spec: &JobSpec, provider: Limits) -> ShardLimits {
+pub fn shard_limits(spec: &JobSpec, provider: Limits, limits: &LimitsSettings) -> ShardLimits {
     ShardLimits {
         max_requests: spec
             .options
             .max_requests_per_batch
             .min(provider.max_requests),
         max_bytes: spec.options.max_batch_bytes.min(provider.max_bytes),
+        max_cell_bytes: limits.max_cell_bytes,
     }
 }
 

@@ -156,6 +156,26 @@ impl JobSpec {
         self.job_id.as_deref().unwrap_or_default()
     }
 
+    /// Checks the spec against the deployment's limits (`[limits]`).
+    pub fn validate_limits(&self, limits: &crate::config::LimitsSettings) -> Result<(), SpecError> {
+        if self.instructions.len() > limits.max_instruction_bytes {
+            return Err(SpecError(format!(
+                "instructions are {} bytes, more than limits.max_instruction_bytes ({}); they \
+                 go into every request: shorten them",
+                self.instructions.len(),
+                limits.max_instruction_bytes
+            )));
+        }
+        if self.fields.len() > limits.max_fields {
+            return Err(SpecError(format!(
+                "{} fields, more than limits.max_fields ({}); split them over several jobs",
+                self.fields.len(),
+                limits.max_fields
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks what can be checked without reading the table.
     pub fn validate(&self) -> Result<(), SpecError> {
         let fail = |message: String| Err(SpecError(message));
@@ -227,7 +247,10 @@ impl JobSpec {
                     ));
                 }
                 (FieldType::Enum, Some(values)) if values.iter().all(|v| v.is_empty()) => {
-                    return fail(format!("enum field {:?} has no values", field.name));
+                    return fail(format!(
+                        "enum field {:?} has no values: give them as enum(a|b|c)",
+                        field.name
+                    ));
                 }
                 (other, Some(_)) if other != FieldType::Enum => {
                     return fail(format!(

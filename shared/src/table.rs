@@ -9,6 +9,7 @@ use duckdb::arrow::array::{Array, AsArray, Int64Array};
 use duckdb::arrow::datatypes::DataType;
 use duckdb::arrow::record_batch::RecordBatch;
 
+use crate::config::LimitsSettings;
 use crate::render::RequestTemplate;
 use crate::spec::{FieldSpec, FieldType};
 
@@ -19,10 +20,17 @@ pub const ROW_INDEX: &str = "_row_index";
 pub enum TableError {
     #[error("the input could not be read as a table: {0}")]
     Read(String),
+    /// The input breaks a rule or a limit; the text says what and what to do.
+    #[error("{0}")]
+    Input(String),
     #[error("input format of {0:?} is not supported: use .csv, .csv.gz, .tsv, .parquet or .jsonl")]
     Format(String),
     #[error("the table has a column named {0:?}, which rowsmith uses itself; rename it")]
     ReservedColumn(String),
+    #[error(
+        "data row {} (line {} of a CSV without line breaks in cells): {message}", row_index + 1, row_index + 2
+    )]
+    Cell { row_index: i64, message: String },
     #[error(
         "row {row_index}'s request is {bytes} bytes, more than the batch limit of {limit} bytes"
     )]
@@ -81,33 +89,328 @@ pub struct TableInfo {
     pub rows: u64,
 }
 
-fn reader_sql(input: &Path) -> Result<String, TableError> {
+/// The input kinds ingest reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Csv { gzip: bool, tab: bool },
+    Parquet,
+    Jsonl,
+}
+
+fn input_kind(input: &Path) -> Result<InputKind, TableError> {
     let name = input
         .file_name()
         .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
-    let path = path_literal(input);
     if name.ends_with(".parquet") {
-        return Ok(format!(
-            "(SELECT COLUMNS(*)::VARCHAR FROM read_parquet({path}))"
-        ));
+        return Ok(InputKind::Parquet);
     }
     if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".jsonl.gz") {
-        return Ok(format!(
-            "(SELECT COLUMNS(*)::VARCHAR FROM read_json({path}, format = 'newline_delimited'))"
-        ));
+        return Ok(InputKind::Jsonl);
     }
-    if name.ends_with(".csv")
-        || name.ends_with(".csv.gz")
-        || name.ends_with(".tsv")
-        || name.ends_with(".txt")
-    {
-        // Every cell as text: the user's values come out exactly as they went in.
-        return Ok(format!(
-            "read_csv({path}, all_varchar = true, header = true)"
-        ));
+    if name.ends_with(".csv") || name.ends_with(".txt") || name.ends_with(".csv.gz") {
+        return Ok(InputKind::Csv {
+            gzip: name.ends_with(".gz"),
+            tab: false,
+        });
+    }
+    if name.ends_with(".tsv") || name.ends_with(".tsv.gz") {
+        return Ok(InputKind::Csv {
+            gzip: name.ends_with(".gz"),
+            tab: true,
+        });
     }
     Err(TableError::Format(name))
+}
+
+/// What a CSV's first record says: its delimiter and column names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CsvHeader {
+    delimiter: u8,
+    columns: Vec<String>,
+}
+
+/// How much of a CSV is read to find its header and first row.
+const HEAD_BYTES: usize = 1 << 20;
+
+/// Checks a CSV before DuckDB reads it, where DuckDB would guess or fail obscurely: empty
+/// file, size (after decompression), a gzip stream that ends early, the header's columns
+/// (count, duplicates) and at least one data row. Returns the dialect to read it with.
+fn preflight_csv(
+    input: &Path,
+    gzip: bool,
+    tab: bool,
+    limits: &LimitsSettings,
+) -> Result<CsvHeader, TableError> {
+    use std::io::Read;
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fail = |message: String| Err(TableError::Input(format!("{name}: {message}")));
+    let file = std::fs::File::open(input)
+        .map_err(|e| TableError::Input(format!("{name} cannot be opened: {e}")))?;
+    let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if on_disk == 0 {
+        return fail(
+            "the file is empty (0 bytes): a header row and at least one data row are needed".into(),
+        );
+    }
+    let mut head = Vec::with_capacity(HEAD_BYTES.min(on_disk as usize * 4));
+    let size = if gzip {
+        // DuckDB reads a gzip stream cut short without complaint, losing rows: read it to
+        // its trailer here, counting what it expands to.
+        let mut decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let read = match decoder.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => read,
+                Err(error) => {
+                    return fail(format!(
+                        "not a complete gzip file ({error}): it may be truncated or not gzip at \
+                         all; check it with `gzip -t` and fetch it again"
+                    ));
+                }
+            };
+            total += read as u64;
+            if total > limits.max_input_bytes {
+                return fail(format!(
+                    "expands to more than {} bytes (limits.max_input_bytes); split the table \
+                     or raise the limit",
+                    limits.max_input_bytes
+                ));
+            }
+            if head.len() < HEAD_BYTES {
+                let take = read.min(HEAD_BYTES - head.len());
+                head.extend_from_slice(&buffer[..take]);
+            }
+        }
+        total
+    } else {
+        file.take(HEAD_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| TableError::Input(format!("{name} cannot be read: {e}")))?;
+        on_disk
+    };
+    if size > limits.max_input_bytes {
+        return fail(format!(
+            "{size} bytes is more than limits.max_input_bytes ({}); split the table or raise \
+             the limit",
+            limits.max_input_bytes
+        ));
+    }
+    let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+    if text.iter().all(|b| b.is_ascii_whitespace()) {
+        return fail(
+            "the file holds no text: a header row and at least one data row are needed".into(),
+        );
+    }
+    let candidates: &[u8] = if tab { b"\t" } else { b",;\t|" };
+    let mut best: Option<(u8, csv::StringRecord)> = None;
+    for &delimiter in candidates {
+        let mut reader = csv::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(text);
+        let mut record = csv::StringRecord::new();
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) if matches!(error.kind(), csv::ErrorKind::Utf8 { .. }) => {
+                return fail(
+                    "the header is not UTF-8 text: save the file as UTF-8 (e.g. `iconv -f \
+                     latin1 -t utf-8 in.csv > out.csv`)"
+                        .into(),
+                );
+            }
+            Err(_) => continue,
+        }
+        if best.as_ref().is_none_or(|(_, b)| record.len() > b.len()) {
+            best = Some((delimiter, record));
+        }
+    }
+    let Some((delimiter, header)) = best else {
+        return fail("the header row could not be read".into());
+    };
+    if header.len() > limits.max_columns {
+        return fail(format!(
+            "{} columns, more than limits.max_columns ({}); keep only the columns the job needs",
+            header.len(),
+            limits.max_columns
+        ));
+    }
+    let columns: Vec<String> = header
+        .iter()
+        .enumerate()
+        .map(|(i, name)| match name.trim() {
+            "" => format!("column{i}"),
+            _ => name.to_owned(),
+        })
+        .collect();
+    let mut seen = std::collections::HashMap::new();
+    for (i, column) in columns.iter().enumerate() {
+        if let Some(first) = seen.insert(column.as_str(), i) {
+            return fail(format!(
+                "the column name {column:?} appears twice in the header (columns {} and {}); \
+                 rename one",
+                first + 1,
+                i + 1
+            ));
+        }
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(text);
+    let mut record = csv::ByteRecord::new();
+    let has_row = loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(true) if record.iter().all(|f| f.is_empty()) => continue,
+            Ok(true) => break true,
+            Ok(false) => break false,
+            // Cut at the end of what was read: more follows.
+            Err(_) => break true,
+        }
+    };
+    if !has_row {
+        return fail(format!(
+            "a header ({}) but no data rows",
+            columns.join(", ")
+        ));
+    }
+    Ok(CsvHeader { delimiter, columns })
+}
+
+/// Turns DuckDB's read errors into what the user should know and do.
+fn explain_read_error(name: &str, message: &str) -> String {
+    let line = message
+        .split("Line: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|n| !n.is_empty())
+        .map(|n| format!(" (line {n})"))
+        .unwrap_or_default();
+    let lower = message.to_lowercase();
+    if lower.contains("invalid unicode") || lower.contains("utf-8") || lower.contains("utf8") {
+        return format!(
+            "{name} is not UTF-8 text{line}: save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 \
+             in.csv > out.csv`"
+        );
+    }
+    if lower.contains("maximum line size") || lower.contains("max_line_size") {
+        return format!(
+            "{name} has a line longer than rowsmith reads{line}: a cell is far above \
+             limits.max_cell_bytes, or a quote is never closed"
+        );
+    }
+    if lower.contains("unterminated quote") {
+        return format!(
+            "{name}: a quoted cell is never closed{line}; every `\"` that opens a cell needs a \
+             closing `\"` (a quote inside a cell is written `\"\"`)"
+        );
+    }
+    if lower.contains("expected number of columns") {
+        let found = message
+            .split("Found: ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .unwrap_or("?");
+        let expected = message
+            .split("Expected Number of Columns: ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .unwrap_or("?");
+        return format!(
+            "{name}: a row has {found} fields where the header has {expected}{line}; quote \
+             cells that contain the delimiter, or fix the row"
+        );
+    }
+    if lower.contains("no magic bytes") || lower.contains("not a parquet file") {
+        return format!(
+            "{name} is not a Parquet file: export it again as Parquet, or give it the name of \
+             its real format (.csv, .jsonl)"
+        );
+    }
+    if lower.contains("out of memory") {
+        return format!(
+            "{name} is too large for ingest's memory (too many columns or very large cells): \
+             keep only the columns the job needs"
+        );
+    }
+    if lower.contains("maximum_object_size") {
+        return format!(
+            "{name} has a JSON line larger than rowsmith reads{line}: a cell is far above \
+             limits.max_cell_bytes"
+        );
+    }
+    let mut text = strip_duckdb_noise(message);
+    if text.len() > 400 {
+        let mut cut = 400;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    format!("{name} could not be read as a table: {text}")
+}
+
+/// How ingest reads an input: the SQL relation, given DuckDB's CSV strict mode.
+struct Reader {
+    path: String,
+    kind: InputKind,
+    header: Option<CsvHeader>,
+    max_line: u64,
+}
+
+impl Reader {
+    fn new(input: &Path, limits: &LimitsSettings) -> Result<Self, TableError> {
+        let kind = input_kind(input)?;
+        let header = match kind {
+            InputKind::Csv { gzip, tab } => Some(preflight_csv(input, gzip, tab, limits)?),
+            _ => None,
+        };
+        Ok(Self {
+            path: path_literal(input),
+            kind,
+            header,
+            max_line: limits.max_cell_bytes.saturating_mul(4).max(2 * 1024 * 1024),
+        })
+    }
+
+    fn sql(&self, strict: bool) -> String {
+        let path = &self.path;
+        match (&self.kind, &self.header) {
+            // The dialect is fixed from the header rather than sniffed: on a malformed file
+            // DuckDB's sniffer settles on another dialect instead of failing. Every cell is
+            // text, so values come out exactly as they went in.
+            (InputKind::Csv { .. }, Some(header)) => {
+                let columns = header
+                    .columns
+                    .iter()
+                    .map(|c| format!("{}: 'VARCHAR'", literal(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "read_csv({path}, delim = {}, quote = '\"', escape = '\"', header = true, \
+                     auto_detect = false, strict_mode = {strict}, max_line_size = {}, \
+                     columns = {{{columns}}})",
+                    literal(&(header.delimiter as char).to_string()),
+                    self.max_line
+                )
+            }
+            (InputKind::Parquet, _) => {
+                format!("(SELECT COLUMNS(*)::VARCHAR FROM read_parquet({path}))")
+            }
+            _ => format!(
+                "(SELECT COLUMNS(*)::VARCHAR FROM read_json({path}, format = 'newline_delimited'))"
+            ),
+        }
+    }
 }
 
 /// Column names rowsmith uses itself.
@@ -126,11 +429,29 @@ pub fn indexed_relation(indexed: &Path) -> String {
 /// Reads `input` (dialect sniffed, header required) and copies it, in input order and every
 /// cell as text, to `indexed` (Parquet). Rows are numbered by their position in that file
 /// ([`indexed_relation`]): numbering them in SQL would serialize the copy.
-pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError> {
+pub fn index_input(
+    input: &Path,
+    indexed: &Path,
+    limits: &LimitsSettings,
+) -> Result<TableInfo, TableError> {
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let unreadable =
+        |e: duckdb::Error| TableError::Input(explain_read_error(&name, &e.to_string()));
     let connection = connect()?;
-    let reader = reader_sql(input)?;
-    let columns = describe(&connection, &format!("SELECT * FROM {reader}"))
-        .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
+    let reader = Reader::new(input, limits)?;
+    let columns = describe(&connection, &format!("SELECT * FROM {}", reader.sql(true)))
+        .map_err(unreadable)?;
+    if columns.len() > limits.max_columns {
+        return Err(TableError::Input(format!(
+            "{name}: {} columns, more than limits.max_columns ({}); keep only the columns the \
+             job needs",
+            columns.len(),
+            limits.max_columns
+        )));
+    }
     if let Some(reserved) = columns
         .iter()
         .find(|c| RESERVED_COLUMNS.contains(&c.as_str()))
@@ -138,17 +459,36 @@ pub fn index_input(input: &Path, indexed: &Path) -> Result<TableInfo, TableError
         return Err(TableError::ReservedColumn(reserved.clone()));
     }
     // preserve_insertion_order (on by default) keeps the parallel copy in input order.
-    let sql = format!(
-        "COPY (SELECT * FROM {reader}) TO {} (FORMAT parquet, COMPRESSION snappy)",
-        path_literal(indexed)
-    );
-    connection
-        .execute_batch(&sql)
-        .map_err(|e| TableError::Read(strip_duckdb_noise(&e.to_string())))?;
-    Ok(TableInfo {
-        columns,
-        rows: parquet_rows(&connection, indexed)?,
-    })
+    let copy = |strict: bool| {
+        connection.execute_batch(&format!(
+            "COPY (SELECT * FROM {}) TO {} (FORMAT parquet, COMPRESSION snappy)",
+            reader.sql(strict),
+            path_literal(indexed)
+        ))
+    };
+    // Strict first: it catches quotes that never close. A file that mixes \r\n and \n line
+    // endings fails strict parsing as a whole and is read again leniently (ragged rows are
+    // still errors then).
+    match copy(true) {
+        Err(error) if error.to_string().contains("reached an invalid state") => copy(false),
+        other => other,
+    }
+    .map_err(unreadable)?;
+    let rows = parquet_rows(&connection, indexed)?;
+    if rows > limits.max_rows {
+        return Err(TableError::Input(format!(
+            "{name}: {rows} rows, more than limits.max_rows ({}); split the table into several \
+             jobs or raise the limit",
+            limits.max_rows
+        )));
+    }
+    if rows == 0 {
+        return Err(TableError::Input(format!(
+            "{name}: no data rows, only a header ({})",
+            columns.join(", ")
+        )));
+    }
+    Ok(TableInfo { columns, rows })
 }
 
 /// Rows of a Parquet file (from its metadata).
@@ -195,6 +535,8 @@ pub fn indexed_columns(indexed: &Path) -> Result<Vec<String>, TableError> {
 pub struct ShardLimits {
     pub max_requests: u64,
     pub max_bytes: u64,
+    /// Bytes of one cell that goes into a request.
+    pub max_cell_bytes: u64,
 }
 
 /// Where rendered request lines go: one shard at a time, in order.
@@ -274,6 +616,9 @@ pub fn render_shards(
             stats.rows += 1;
             let row_index = row_indexes.value(row);
             let cell = |column: usize| -> Option<&str> { cells[column].get(row) };
+            template
+                .check_cells(&cell, limits.max_cell_bytes)
+                .map_err(|message| TableError::Cell { row_index, message })?;
             line.clear();
             let Some(body_hash) =
                 template.render(row_index, cell, &mut scratch, &mut escaped, &mut line)
@@ -479,6 +824,8 @@ pub struct FinalOutputs {
     /// One JSON object per line.
     pub enriched_jsonl: Option<PathBuf>,
     pub failures_csv: PathBuf,
+    /// `output.csv_formula_escape`.
+    pub csv_formula_escape: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -534,9 +881,24 @@ pub fn finalize(
             indexed_relation(indexed)
         ))
         .map_err(duck("read input"))?;
+    // Generated text is untrusted (a row can steer the model): in CSV, a cell a spreadsheet
+    // would run as a formula is prefixed with `'`. Numbers (`-3`) are left alone.
     let text_fields: Vec<String> = fields
         .iter()
-        .map(|f| format!("r.{}", ident(&f.name)))
+        .map(|f| {
+            let column = format!("r.{}", ident(&f.name));
+            match outputs.csv_formula_escape
+                && !matches!(f.field_type, FieldType::Number | FieldType::Boolean)
+            {
+                true => format!(
+                    "CASE WHEN regexp_matches({column}, '^[=+\\-@\t\r]') \
+                     AND TRY_CAST({column} AS DOUBLE) IS NULL \
+                     THEN '''' || {column} ELSE {column} END AS {}",
+                    ident(&f.name)
+                ),
+                false => column,
+            }
+        })
         .collect();
     let typed_fields: Vec<String> = fields
         .iter()
@@ -633,7 +995,7 @@ mod tests {
         }
         drop(file);
         let indexed = dir.path().join("indexed.parquet");
-        let info = index_input(&input, &indexed).expect("index");
+        let info = index_input(&input, &indexed, &Default::default()).expect("index");
         assert_eq!(info.rows, rows);
         assert_eq!(info.columns, ["id", "zip", "price", "description"]);
         let connection = connect().expect("connect");
@@ -662,7 +1024,8 @@ mod tests {
                 path_literal(&gz)
             ))
             .expect("write gz");
-        let info = index_input(&gz, &dir.path().join("a.parquet")).expect("index gz");
+        let info =
+            index_input(&gz, &dir.path().join("a.parquet"), &Default::default()).expect("index gz");
         assert_eq!(
             (info.rows, info.columns.clone()),
             (5, vec!["zip".to_owned(), "description".to_owned()])
@@ -670,7 +1033,8 @@ mod tests {
         let jsonl = dir.path().join("in.jsonl");
         std::fs::write(&jsonl, "{\"sku\":\"00501\",\"description\":\"a ball\"}\n{\"sku\":\"00502\",\"description\":null}\n")
             .expect("write jsonl");
-        let info = index_input(&jsonl, &dir.path().join("b.parquet")).expect("index jsonl");
+        let info = index_input(&jsonl, &dir.path().join("b.parquet"), &Default::default())
+            .expect("index jsonl");
         assert_eq!(
             (info.rows, info.columns),
             (2, vec!["sku".to_owned(), "description".to_owned()])
@@ -690,7 +1054,12 @@ mod tests {
 
     #[test]
     fn unsupported_input_says_which_formats_work() {
-        let error = index_input(Path::new("/x/table.xlsx"), Path::new("/x/o.parquet")).unwrap_err();
+        let error = index_input(
+            Path::new("/x/table.xlsx"),
+            Path::new("/x/o.parquet"),
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains(".csv"), "{error}");
     }
 }

@@ -20,7 +20,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let bus = super::connect(&settings).await?;
     let store = Store::open(&settings.store)?;
-    let job_id = super::submit::submit_job(&bus, &store, &args.job).await?;
+    let job_id = super::submit::submit_job(&bus, &store, &settings, &args.job).await?;
     let code = super::watch::watch_job(&bus, &job_id).await?;
     let job = super::read_job(&bus, &job_id).await?;
     eprintln!("{}", crate::output::summary(&job));

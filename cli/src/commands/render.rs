@@ -25,19 +25,26 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let spec = args.job.to_spec()?;
+    spec.validate_limits(&settings.limits)?;
     let input = PathBuf::from(spec.input.strip_prefix("file://").unwrap_or(&spec.input));
     anyhow::ensure!(input.is_file(), "input {} is not a file", input.display());
     let scratch = tempfile::tempdir()?;
     let indexed = scratch.path().join("input.indexed.parquet");
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
     let started = std::time::Instant::now();
-    let info =
-        tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
-            .await??;
+    let input_limits = settings.limits.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        table::index_input(&input_for_task, &indexed_for_task, &input_limits)
+    })
+    .await??;
     let indexed_seconds = started.elapsed().as_secs_f64();
     spec.validate_columns(&info.columns)?;
     let providers = Providers::from_settings(&settings)?;
-    let limits = shard_limits(&spec, providers.get(&spec.provider)?.limits());
+    let limits = shard_limits(
+        &spec,
+        providers.get(&spec.provider)?.limits(),
+        &settings.limits,
+    );
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&args.out_dir)?;

@@ -1,6 +1,7 @@
 //! `rowsmith submit`: stage the input, publish the JobSpec, print the job id.
 
 use rowsmith_shared::bus::Bus;
+use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::storage::Store;
 use std::process::ExitCode;
@@ -16,14 +17,20 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let bus = super::connect(&settings).await?;
-    let job_id = submit_job(&bus, &Store::open(&settings.store)?, &args.job).await?;
+    let job_id = submit_job(&bus, &Store::open(&settings.store)?, &settings, &args.job).await?;
     println!("{job_id}");
     Ok(ExitCode::SUCCESS)
 }
 
 /// Validates, stages the input and publishes; returns the job id.
-pub async fn submit_job(bus: &Bus, store: &Store, job: &JobArgs) -> anyhow::Result<String> {
+pub async fn submit_job(
+    bus: &Bus,
+    store: &Store,
+    settings: &Settings,
+    job: &JobArgs,
+) -> anyhow::Result<String> {
     let mut spec = job.to_spec()?;
+    spec.validate_limits(&settings.limits)?;
     let job_id = spec.id().to_owned();
     spec.input = stage_input(store, &job_id, &spec.input).await?;
     bus.publish(subjects::JOBS_SUBMIT, &job_id, &spec).await?;

@@ -1,6 +1,7 @@
 //! Handling one JobSpec.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
+use rowsmith_shared::config::{LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, require_job, settle};
 use rowsmith_shared::providers::{BatchProvider, Providers};
@@ -20,6 +21,8 @@ pub struct Ingest {
     pub providers: Providers,
     /// `store.allowed_inputs`.
     pub allowed_inputs: Vec<String>,
+    pub limits: LimitsSettings,
+    pub output: OutputSettings,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -31,7 +34,10 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
     if spec.job_id.is_none() {
         spec.job_id = Some(format!("job-{}", nuid::next()));
     }
-    if let Err(error) = spec.validate() {
+    if let Err(error) = spec
+        .validate()
+        .and_then(|()| spec.validate_limits(&ingest.limits))
+    {
         let job_id = spec.id().to_owned();
         if !rowsmith_shared::spec::is_valid_job_id(&job_id) {
             return Outcome::Terminate {
@@ -52,7 +58,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
             };
         }
         Ok(Accepted::Finalize) => {
-            return match finalize_job(&ingest.bus, &ingest.store, &job_id).await {
+            return match finalize_job(&ingest.bus, &ingest.store, &ingest.output, &job_id).await {
                 Ok(()) => Outcome::Done,
                 Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
             };
@@ -92,16 +98,12 @@ async fn refuse_undecodable(ingest: &Ingest, delivery: &Delivery, reason: String
         })
         .filter(|id| rowsmith_shared::spec::is_valid_job_id(id));
     if let Some(job_id) = job_id {
-        let message = format!("job refused: the JobSpec is invalid: {reason}");
-        ingest
-            .bus
-            .emit(&Event::new(
-                &job_id,
-                EventKind::Failed,
-                message,
-                Counts::default(),
-            ))
-            .await;
+        // Recorded as a failed job, so `status` and `watch` say why.
+        let message = format!(
+            "job refused: the JobSpec is invalid: {reason}; fix it (proto/job-spec.schema.json \
+             describes every field) and submit again"
+        );
+        refuse(ingest, &job_id, &message).await;
     }
     Outcome::Terminate { reason }
 }
@@ -202,15 +204,17 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let indexed_key = layout::indexed(job_id);
     let indexed = ingest.store.local_target(&indexed_key, scratch.path())?;
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
-    let info: TableInfo =
-        tokio::task::spawn_blocking(move || table::index_input(&input_for_task, &indexed_for_task))
-            .await??;
+    let limits = ingest.limits.clone();
+    let info: TableInfo = tokio::task::spawn_blocking(move || {
+        table::index_input(&input_for_task, &indexed_for_task, &limits)
+    })
+    .await??;
     ingest.store.commit_local(&indexed_key, &indexed).await?;
     spec.validate_columns(&info.columns)
         .map_err(|e| StepError::Job(e.to_string()))?;
 
     let provider = ingest.providers.get(&spec.provider)?;
-    let limits = shard_limits(spec, provider.limits());
+    let limits = shard_limits(spec, provider.limits(), &ingest.limits);
     let prepared = prepare_shards(
         &ingest.store,
         spec,
@@ -271,7 +275,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     if stats.shards == 0 {
         // Nothing to send: the outputs are the table as it is.
         set_state(&ingest.bus, job_id, JobState::Merging).await?;
-        return finalize_job(&ingest.bus, &ingest.store, job_id).await;
+        return finalize_job(&ingest.bus, &ingest.store, &ingest.output, job_id).await;
     }
     announce_shards(&ingest.bus, spec, 1, stats.shards).await?;
     Ok(())

@@ -35,6 +35,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
         allowed_inputs: settings.store.allowed_inputs.clone(),
+        limits: settings.limits.clone(),
+        output: settings.output.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -80,11 +80,12 @@ fn answer_line(request: &str, out: &mut impl Write) -> anyhow::Result<()> {
 async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("requests"))?;
     let indexed = dir.join("indexed.parquet");
-    let info = table::index_input(input, &indexed)?;
+    let info = table::index_input(input, &indexed, &Default::default())?;
     let store = Store::from_url(&dir.join("requests").to_string_lossy())?;
     let limits = ShardLimits {
         max_requests: 50_000,
         max_bytes: 200 * 1024 * 1024,
+        max_cell_bytes: 1024 * 1024,
     };
     let prepared = prepare_shards(
         &store,
@@ -175,6 +176,7 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
         enriched_parquet: Some(dir.join("enriched.parquet")),
         enriched_jsonl: None,
         failures_csv: dir.join("failures.csv"),
+        csv_formula_escape: true,
     };
     let counts = table::finalize(
         &dir.join("indexed.parquet"),

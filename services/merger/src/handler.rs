@@ -2,6 +2,7 @@
 //! was the last shard. Re-running it over the same files gives the same rows.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
+use rowsmith_shared::config::{LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fetch_rows_files, finalize_job, require_job, settle};
 use rowsmith_shared::messages::BatchEnded;
@@ -22,6 +23,8 @@ pub struct Merger {
     pub store: Store,
     /// For the providers' batch limits when cutting retry shards.
     pub providers: Providers,
+    pub limits: LimitsSettings,
+    pub output: OutputSettings,
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
@@ -122,7 +125,7 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
         .await?;
     match next {
         Next::Wait => Ok(()),
-        Next::Finalize => finalize_job(bus, &merger.store, &key.job_id).await,
+        Next::Finalize => finalize_job(bus, &merger.store, &merger.output, &key.job_id).await,
         Next::Retry => start_retry(merger, &job.spec, attempt).await,
         Next::Announce => {
             let job = require_job(bus, &key.job_id).await?;
@@ -151,7 +154,11 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     // The last attempt may go to the fallback provider and model.
     let attempt_spec = spec.for_attempt(next_attempt);
     let spec = &attempt_spec;
-    let limits = shard_limits(spec, merger.providers.get(&spec.provider)?.limits());
+    let limits = shard_limits(
+        spec,
+        merger.providers.get(&spec.provider)?.limits(),
+        &merger.limits,
+    );
     let prepared = prepare_shards(
         store,
         spec,
@@ -232,8 +239,21 @@ async fn merge_shard(
                 key.dotted()
             ))
         })?;
-    if outcome.ignored > 0 {
-        tracing::warn!(job_id = %key.job_id, shard = key.shard, ignored = outcome.ignored, "result lines without a known custom_id were ignored");
+    if !outcome.anomalies.is_empty() {
+        let message = format!(
+            "shard {} (batch {}): {}",
+            key.dotted(),
+            ended.batch_id,
+            outcome.anomalies.describe()
+        );
+        tracing::warn!(job_id = %key.job_id, %message, "odd result lines");
+        merger
+            .bus
+            .emit(
+                &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
+                    .with_shard(key.clone()),
+            )
+            .await;
     }
     let (rows, tally) = (outcome.rows, outcome.tally);
     let ShardTally {

@@ -27,8 +27,66 @@ pub struct MergedShard {
     /// One row per request, in request order.
     pub rows: Vec<RowResult>,
     pub tally: ShardTally,
-    /// Result lines that named no request of the shard (or could not be read).
-    pub ignored: u64,
+    pub anomalies: Anomalies,
+}
+
+/// Result lines that did not fit the requests: reported, never fatal.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Anomalies {
+    /// Lines that are not JSON (a row they still name fails as `invalid_json`).
+    pub unreadable: u64,
+    /// Lines whose custom_id is not a request of the shard (ignored).
+    pub unknown: u64,
+    /// Further lines for a custom_id that already had one (the first is kept).
+    pub duplicates: u64,
+    /// A few of the offending custom ids, for the message.
+    pub examples: Vec<String>,
+}
+
+impl Anomalies {
+    pub fn is_empty(&self) -> bool {
+        self.unreadable + self.unknown + self.duplicates == 0
+    }
+
+    fn example(&mut self, id: String) {
+        if self.examples.len() < 5 {
+            self.examples.push(id);
+        }
+    }
+
+    /// What a user reads in the job's events.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.unreadable > 0 {
+            parts.push(format!("{} not valid JSON", self.unreadable));
+        }
+        if self.unknown > 0 {
+            parts.push(format!(
+                "{} with a custom_id the shard never sent (ignored)",
+                self.unknown
+            ));
+        }
+        if self.duplicates > 0 {
+            parts.push(format!(
+                "{} repeating a custom_id (the first answer kept)",
+                self.duplicates
+            ));
+        }
+        let examples = match self.examples.is_empty() {
+            true => String::new(),
+            false => format!("; e.g. {}", self.examples.join(", ")),
+        };
+        format!("result lines: {}{examples}", parts.join(", "))
+    }
+}
+
+/// The custom id of a line that is not JSON, if it still shows one.
+fn salvage_custom_id(line: &[u8]) -> Option<i64> {
+    let text = std::str::from_utf8(line).ok()?;
+    let start = text.find("\"custom_id\"")? + "\"custom_id\"".len();
+    let rest = text[start..].trim_start().strip_prefix(':')?.trim_start();
+    let id = rest.strip_prefix('"')?.split('"').next()?;
+    row_index_of(id)
 }
 
 #[derive(Deserialize)]
@@ -54,17 +112,41 @@ pub fn merge_lines(
     let mut results: HashMap<i64, Option<LineResult>> =
         expected.iter().map(|i| (*i, None)).collect();
     let format = LineFormat::of_provider(&ended.provider);
-    let mut ignored = 0u64;
+    let mut anomalies = Anomalies::default();
     for file in result_files {
         for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            match format.parse(line, fields) {
-                Some((row_index, result)) => match results.get_mut(&row_index) {
-                    // A duplicated custom_id keeps its first answer.
-                    Some(slot @ None) => *slot = Some(result),
-                    Some(Some(_)) => {}
-                    None => ignored += 1,
-                },
-                None => ignored += 1,
+            let (row_index, result) = match format.parse(line, fields) {
+                Some(parsed) => parsed,
+                None if serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok() => {
+                    anomalies.unknown += 1;
+                    continue;
+                }
+                None => {
+                    anomalies.unreadable += 1;
+                    let Some(row_index) = salvage_custom_id(line) else {
+                        continue;
+                    };
+                    anomalies.example(format!("r{row_index}"));
+                    let failure = RowFailure {
+                        reason: "invalid_json".to_owned(),
+                        message: "the provider's result line for this row is not valid JSON"
+                            .to_owned(),
+                        retryable: true,
+                    };
+                    (row_index, Err(failure))
+                }
+            };
+            match results.get_mut(&row_index) {
+                Some(slot @ None) => *slot = Some(result),
+                // A duplicated custom_id keeps its first answer.
+                Some(Some(_)) => {
+                    anomalies.duplicates += 1;
+                    anomalies.example(format!("r{row_index}"));
+                }
+                None => {
+                    anomalies.unknown += 1;
+                    anomalies.example(format!("r{row_index}"));
+                }
             }
         }
     }
@@ -105,7 +187,7 @@ pub fn merge_lines(
     Ok(MergedShard {
         rows,
         tally,
-        ignored,
+        anomalies,
     })
 }
 
@@ -196,7 +278,49 @@ mod tests {
                 retryable: 1
             }
         );
-        assert_eq!(merged.ignored, 1);
+        assert_eq!(merged.anomalies.unknown, 1);
+        assert_eq!(merged.anomalies.duplicates, 1);
+    }
+
+    #[test]
+    fn unreadable_unknown_and_repeated_lines_are_counted_and_named() {
+        let fields = vec![parse_field("title:string").expect("field")];
+        let requests = b"{\"custom_id\":\"r0\"}\n{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r2\"}\n";
+        let output = [
+            answer("r0", "zero"),
+            "{\"custom_id\": \"r1\", \"response\": {\"status_code\": 200, \"bo".to_owned(),
+            answer("r99999", "stray"),
+            answer("r2", "two"),
+            answer("r2", "again"),
+        ]
+        .join("\n");
+        let merged = merge_lines(requests, &[output.as_bytes()], &ended("completed"), &fields)
+            .expect("merge");
+        assert_eq!(merged.rows[0].values, [Some("zero".to_owned())]);
+        let failure = merged.rows[1].failure.as_ref().expect("r1 failed");
+        assert_eq!(failure.reason, "invalid_json");
+        assert!(failure.retryable);
+        assert_eq!(merged.rows[2].values, [Some("two".to_owned())]);
+        let anomalies = &merged.anomalies;
+        assert_eq!(
+            (
+                anomalies.unreadable,
+                anomalies.unknown,
+                anomalies.duplicates
+            ),
+            (1, 1, 1)
+        );
+        let text = anomalies.describe();
+        for part in [
+            "1 not valid JSON",
+            "r1",
+            "r99999",
+            "r2",
+            "never sent",
+            "first answer kept",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         bus: bus.clone(),
         store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
+        limits: settings.limits.clone(),
+        output: settings.output.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -1,5 +1,6 @@
 //! End-to-end tests: real nats-server per test, all four services and the simulator.
 
+mod bad_input;
 mod cancel;
 mod exactly_once;
 mod http_faults;
