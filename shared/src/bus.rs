@@ -59,6 +59,12 @@ pub enum BusError {
 }
 
 impl BusError {
+    /// The server refused the credentials.
+    pub fn is_authorization(&self) -> bool {
+        matches!(self, BusError::Connect { source, .. }
+            if source.kind() == async_nats::ConnectErrorKind::AuthorizationViolation)
+    }
+
     fn topology(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
         BusError::Topology {
             what: what.into(),
@@ -96,10 +102,21 @@ async fn connect_options(settings: &NatsSettings) -> Result<async_nats::ConnectO
     if settings.tls_required {
         options = options.require_tls(true);
     }
-    if let Some(prefix) = &settings.inbox_prefix {
-        options = options.custom_inbox_prefix(prefix);
+    // With server permissions, each user gets its own inbox space (`_INBOX_<user>.>`).
+    match (&settings.inbox_prefix, &settings.user) {
+        (Some(prefix), _) => options = options.custom_inbox_prefix(prefix),
+        (None, Some(user)) => options = options.custom_inbox_prefix(format!("_INBOX_{user}")),
+        (None, None) => {}
     }
-    Ok(options)
+    Ok(options.event_callback(|event| async move {
+        match event {
+            // A publish or subscribe the server's permissions refuse arrives only this way.
+            async_nats::Event::ServerError(error) => {
+                tracing::error!(%error, "NATS server error (permissions or authorization)");
+            }
+            event => tracing::info!(%event, "nats connection event"),
+        }
+    }))
 }
 
 /// A plain client for health probes: connects in the background and keeps trying, so a
@@ -156,9 +173,6 @@ impl Bus {
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(settings.request_timeout))
-            .event_callback(|event| async move {
-                tracing::info!(%event, "nats connection event");
-            })
             .connect(settings.url.as_str())
             .await
             .map_err(|source| BusError::Connect {
@@ -182,6 +196,10 @@ impl Bus {
         loop {
             match Self::connect(settings, name).await {
                 Ok(bus) => return Ok(bus),
+                // Wrong credentials do not fix themselves: fail at once.
+                Err(error @ BusError::Connect { .. }) if error.is_authorization() => {
+                    return Err(error);
+                }
                 Err(error)
                     if tokio::time::Instant::now() < deadline && !shutdown.is_cancelled() =>
                 {

@@ -55,6 +55,8 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store_dir: tempfile::TempDir,
+    /// A server config file (`-c`) and the environment it reads (passwords).
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 fn free_port() -> u16 {
@@ -64,11 +66,26 @@ fn free_port() -> u16 {
 
 impl NatsServer {
     pub fn start() -> Self {
+        Self::start_configured(None)
+    }
+
+    /// Starts the server with a config file (e.g. deploy/nats/rowsmith-auth.conf) and the
+    /// environment variables it refers to.
+    pub fn start_with_config(config: &Path, env: &[(&str, &str)]) -> Self {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_configured(Some((config.to_owned(), env)))
+    }
+
+    fn start_configured(config: Option<(PathBuf, Vec<(String, String)>)>) -> Self {
         let store_dir = tempfile::tempdir().expect("temp dir for JetStream");
         let mut server = Self {
             child: None,
             port: free_port(),
             store_dir,
+            config,
         };
         server.spawn();
         server
@@ -76,7 +93,11 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let binary = nats_server_binary();
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if let Some((config, env)) = &self.config {
+            command.arg("-c").arg(config).envs(env.iter().cloned());
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",
@@ -255,8 +276,18 @@ impl Stack {
 
     /// Starts nats-server, the simulator and only the named services.
     pub async fn start_services(configure: impl FnOnce(&mut Settings), services: &[&str]) -> Self {
+        Self::start_on(NatsServer::start(), configure, services, |_, _| {}).await
+    }
+
+    /// Starts the simulator and the named services against `nats`; `per_service` adjusts each
+    /// service's own settings (its NATS user, say), `configure` everyone's, the test's too.
+    pub async fn start_on(
+        nats: NatsServer,
+        configure: impl FnOnce(&mut Settings),
+        services: &[&str],
+        per_service: impl Fn(&str, &mut Settings),
+    ) -> Self {
         init_logging();
-        let nats = NatsServer::start();
         let store_dir = tempfile::tempdir().expect("temp store");
         let mut settings = Settings::default();
         settings.nats.url = nats.url();
@@ -281,7 +312,8 @@ impl Stack {
             .await
             .expect("connect to nats");
         for service in services {
-            let (settings, shutdown) = (settings.clone(), shutdown.clone());
+            let (mut settings, shutdown) = (settings.clone(), shutdown.clone());
+            per_service(service, &mut settings);
             match *service {
                 "ingest" => drop(tokio::spawn(rowsmith_ingest::run(settings, shutdown))),
                 "submitter" => drop(tokio::spawn(rowsmith_submitter::run(settings, shutdown))),

@@ -5,6 +5,7 @@ mod cancel;
 mod exactly_once;
 mod http_faults;
 mod inputs;
+mod nats_auth;
 mod ops;
 mod pipeline;
 mod quota;

@@ -1,0 +1,144 @@
+//! Least privilege on NATS (issue 7): the services run against a nats-server configured with
+//! deploy/nats/rowsmith-auth.conf, each as its own user; a job completes; a client without
+//! credentials is refused; a service cannot publish on a subject that is not its own.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rowsmith_shared::bus::Bus;
+use rowsmith_shared::config::NatsSettings;
+use rowsmith_shared::records::JobState;
+use rowsmith_tests::{NatsServer, Stack};
+
+use crate::pipeline::{awkward_rows, spec, to_csv};
+
+const USERS: [&str; 6] = ["ingest", "submitter", "poller", "merger", "cli", "admin"];
+
+fn password(user: &str) -> String {
+    format!("p{user}-{}", nuid::next().to_string().to_lowercase())
+}
+
+fn as_user(nats: &NatsSettings, user: &str, passwords: &[(String, String)]) -> NatsSettings {
+    let mut settings = nats.clone();
+    settings.user = Some(user.to_owned());
+    let password = passwords
+        .iter()
+        .find(|(u, _)| u == user)
+        .expect("user")
+        .1
+        .clone();
+    settings.password = Some(password.into());
+    settings.request_timeout = Duration::from_secs(3);
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_run_as_their_own_users_and_nothing_more() {
+    let passwords: Vec<(String, String)> =
+        USERS.iter().map(|u| (u.to_string(), password(u))).collect();
+    let env: Vec<(String, String)> = passwords
+        .iter()
+        .map(|(u, p)| (format!("{}_PASSWORD", u.to_uppercase()), p.clone()))
+        .collect();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/rowsmith-auth.conf");
+    let nats = NatsServer::start_with_config(&config, &env_refs);
+    let url = nats.url();
+
+    // Nobody gets in without credentials, or with another user's password.
+    let anonymous = NatsSettings {
+        url: url.clone(),
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let error = Bus::connect(&anonymous, "anonymous")
+        .await
+        .expect_err("refused");
+    assert!(error.is_authorization(), "{error}");
+    let mut wrong = as_user(&anonymous, "ingest", &passwords);
+    wrong.password = Some(passwords[1].1.clone().into());
+    let error = Bus::connect_retrying(
+        &wrong,
+        "wrong",
+        &tokio_util::sync::CancellationToken::new(),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect_err("refused");
+    assert!(error.is_authorization(), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "bad credentials must fail fast, took {:?}",
+        started.elapsed()
+    );
+
+    // Each service as its own user; the test itself acts as the CLI user.
+    let stack = Stack::start_on(
+        nats,
+        |settings| settings.nats = as_user(&anonymous, "cli", &passwords),
+        &["ingest", "submitter", "poller", "merger"],
+        |service, settings| settings.nats = as_user(&anonymous, service, &passwords),
+    )
+    .await;
+    let rows = awkward_rows(300);
+    let input = stack.upload_input("auth.csv", to_csv(&rows)).await;
+    stack
+        .submit(&spec("least-privilege", &input, "description"))
+        .await;
+    let job = stack
+        .wait_for_end("least-privilege", Duration::from_secs(120))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        job.counts.succeeded + job.counts.rows_skipped,
+        rows.len() as u64
+    );
+
+    // ingest may publish shards.ready, not batches.ended: the server refuses the publish.
+    let (sender, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let ingest = as_user(&anonymous, "ingest", &passwords);
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("ingest".into(), passwords[0].1.clone())
+            .custom_inbox_prefix("_INBOX_ingest")
+            .request_timeout(Some(Duration::from_secs(2)))
+            .event_callback(move |event| {
+                let sender = sender.clone();
+                async move {
+                    if let async_nats::Event::ServerError(error) = event {
+                        let _ = sender.send(error.to_string());
+                    }
+                }
+            })
+            .connect(&ingest.url)
+            .await
+            .expect("ingest connects");
+    client
+        .publish("rowsmith.batches.ended", "{}".into())
+        .await
+        .expect("sent");
+    client.flush().await.expect("flush");
+    let refused = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .expect("a permissions error within 10 s")
+        .expect("error");
+    assert!(
+        refused.contains("Permissions Violation") && refused.contains("rowsmith.batches.ended"),
+        "{refused}"
+    );
+    // ...while its own subjects are allowed.
+    let js = async_nats::jetstream::new(client.clone());
+    let ack = js
+        .publish("rowsmith.events.least-privilege.warning", "{}".into())
+        .await
+        .expect("publish")
+        .await;
+    assert!(ack.is_ok(), "ingest may publish events: {ack:?}");
+    // And it cannot read another service's work: the merger's durable is not its own.
+    let pulled = client
+        .request(
+            "$JS.API.CONSUMER.MSG.NEXT.ROWSMITH_WORK.merger",
+            "{\"batch\":1,\"no_wait\":true}".into(),
+        )
+        .await;
+    assert!(pulled.is_err(), "ingest pulled from merger's consumer");
+}
