@@ -42,6 +42,10 @@ pub struct JobArgs {
     /// Requests per batch, at most the provider's own limit.
     #[arg(long)]
     pub max_requests_per_batch: Option<u64>,
+    /// Refuse the job, before any batch is sent, when its estimated cost at batch price is
+    /// over this many US dollars (see `rowsmith estimate`).
+    #[arg(long)]
+    pub budget_usd: Option<f64>,
 }
 
 impl JobArgs {
@@ -96,6 +100,9 @@ impl JobArgs {
             spec.context_columns = Some(Vec::new());
         } else if let Some(context) = &self.context {
             spec.context_columns = Some(context.clone());
+        }
+        if let Some(budget) = self.budget_usd {
+            spec.options.budget_usd = Some(budget);
         }
         if let Some(max) = self.max_requests_per_batch {
             spec.options.max_requests_per_batch = max;

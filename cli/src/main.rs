@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
     name = "rowsmith",
     version,
     about = "Enrich every row of a large table with an LLM through the providers' batch APIs",
-    after_help = "Examples:\n  rowsmith up --sim\n  rowsmith enrich examples/products.csv \\\n      --instructions 'Write an SEO title and pick a category' --target description \\\n      --field 'seo_title:string:SEO title' --field 'category:enum(toys|tools|garden)' \\\n      --out enriched.csv\n  rowsmith render examples/products.csv --instructions @prompt.txt --target description \\\n      --field 'tags:array' --out-dir /tmp/shards\n\nExit codes: 0 success, 1 the job failed or was cancelled, 2 error."
+    after_help = "Examples:\n  rowsmith up --sim\n  rowsmith enrich examples/products.csv \\\n      --instructions 'Write an SEO title and pick a category' --target description \\\n      --field 'seo_title:string:SEO title' --field 'category:enum(toys|tools|garden)' \\\n      --out enriched.csv\n  rowsmith estimate examples/products.csv --instructions @prompt.txt --target description \\\n      --field 'seo_title:string' --model gpt-4o-mini --budget-usd 5\n  rowsmith render examples/products.csv --instructions @prompt.txt --target description \\\n      --field 'tags:array' --out-dir /tmp/shards\n\nExit codes: 0 success, 1 the job failed or was cancelled, 2 error."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +41,9 @@ enum Command {
     Result(commands::result::Args),
     /// Write the request shards ingest would send, offline (no NATS needed).
     Render(commands::render::Args),
+    /// Estimate rows, requests, shards, tokens and cost (batch vs. synchronous); nothing is
+    /// submitted. Exit 1 when over --budget-usd.
+    Estimate(commands::estimate::Args),
     /// Cancel a job: running batches are cancelled, finished rows kept.
     Cancel(commands::cancel::Args),
     /// Print a job's events (or every job's), oldest first; --follow to keep tailing.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             Command::List(args) => commands::list::run(args).await,
             Command::Result(args) => commands::result::run(args).await,
             Command::Render(args) => commands::render::run(args).await,
+            Command::Estimate(args) => commands::estimate::run(args).await,
             Command::Cancel(args) => commands::cancel::run(args).await,
             Command::Events(args) => commands::events::run(args).await,
             Command::Completions { shell } => {

@@ -11,7 +11,7 @@ use humantime_serde::re::humantime;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub nats: NatsSettings,
@@ -28,6 +28,90 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub limits: LimitsSettings,
     pub output: OutputSettings,
+    /// USD prices per model, for `rowsmith estimate` and `options.budget_usd`. A model is
+    /// priced by its entry or by the longest entry its name starts with
+    /// (`gpt-4o-mini-2024-07-18` takes `gpt-4o-mini`).
+    pub prices: std::collections::BTreeMap<String, Price>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            nats: Default::default(),
+            store: Default::default(),
+            provider: Default::default(),
+            ingest: Default::default(),
+            submitter: Default::default(),
+            poller: Default::default(),
+            merger: Default::default(),
+            sim: Default::default(),
+            log: Default::default(),
+            quota: Default::default(),
+            ops: Default::default(),
+            telemetry: Default::default(),
+            limits: Default::default(),
+            output: Default::default(),
+            prices: default_prices(),
+        }
+    }
+}
+
+/// A model's price in USD per million tokens at the synchronous rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// Cached input tokens (prompt caching), when the provider offers it.
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<f64>,
+    /// The batch price as a fraction of the synchronous one (both providers: 0.5).
+    #[serde(default = "half")]
+    pub batch_factor: f64,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+/// List prices at the time of writing (USD per million tokens); set `[prices]` to yours.
+pub fn default_prices() -> std::collections::BTreeMap<String, Price> {
+    let price = |input: f64, output: f64, cached: f64| Price {
+        input_per_mtok: input,
+        output_per_mtok: output,
+        cached_input_per_mtok: Some(cached),
+        batch_factor: 0.5,
+    };
+    [
+        ("gpt-4o-mini", price(0.15, 0.60, 0.075)),
+        ("gpt-4o", price(2.50, 10.00, 1.25)),
+        ("claude-3-5-haiku", price(0.80, 4.00, 0.08)),
+        ("claude-sonnet-4", price(3.00, 15.00, 0.30)),
+    ]
+    .into_iter()
+    .map(|(model, price)| (model.to_owned(), price))
+    .collect()
+}
+
+impl Settings {
+    /// The price of `model`: its own entry, else the longest entry it starts with.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        find_price(&self.prices, model)
+    }
+}
+
+/// The price of `model` in `prices`: its own entry, else the longest entry it starts with.
+pub fn find_price<'a>(
+    prices: &'a std::collections::BTreeMap<String, Price>,
+    model: &str,
+) -> Option<&'a Price> {
+    prices.get(model).or_else(|| {
+        prices
+            .iter()
+            .filter(|(name, _)| model.starts_with(name.as_str()))
+            .max_by_key(|(name, _)| name.len())
+            .map(|(_, price)| price)
+    })
 }
 
 /// The operations endpoint of a service process: `/metrics`, `/healthz`, `/readyz`.

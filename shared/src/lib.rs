@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod config;
+pub mod estimate;
 pub mod events;
 pub mod jobs;
 pub mod messages;

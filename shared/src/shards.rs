@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bus::Bus;
 use crate::config::LimitsSettings;
+use crate::estimate::Sampler;
 use crate::jobs::StepError;
 use crate::messages::{ShardKey, ShardReady, subjects};
 use crate::providers::Limits;
@@ -72,10 +73,11 @@ pub async fn prepare_shards(
             open: None,
             sender,
             duplicates: Vec::new(),
+            sample: Sampler::default(),
         };
         let stats =
             table::render_shards(&indexed, &template, limits, retry_of.as_deref(), &mut sink)?;
-        Ok::<_, table::TableError>((stats, sink.duplicates))
+        Ok::<_, table::TableError>((stats, sink.duplicates, sink.sample))
     });
     let mut sizes = Vec::new();
     while let Some(finished) = receiver.recv().await {
@@ -87,12 +89,13 @@ pub async fn prepare_shards(
             bytes: finished.bytes,
         });
     }
-    let (stats, duplicates) = render.await??;
+    let (stats, duplicates, sample) = render.await??;
     drop(scratch);
     Ok(PreparedShards {
         stats,
         sizes,
         duplicates,
+        sample,
     })
 }
 
@@ -103,6 +106,8 @@ pub struct PreparedShards {
     pub sizes: Vec<ShardSize>,
     /// `(row, first row with the same request)` for rows not sent.
     pub duplicates: Vec<(i64, i64)>,
+    /// A uniform sample of the request lines, for the cost estimate.
+    pub sample: Sampler,
 }
 
 /// Stores the duplicate rows of a job (read again when the outputs are written).
@@ -139,6 +144,7 @@ struct FileShardSink {
     open: Option<(u32, String, PathBuf, std::io::BufWriter<std::fs::File>)>,
     sender: tokio::sync::mpsc::Sender<FinishedShard>,
     duplicates: Vec<(i64, i64)>,
+    sample: Sampler,
 }
 
 impl FileShardSink {
@@ -171,6 +177,7 @@ impl table::ShardSink for FileShardSink {
             .open
             .as_mut()
             .ok_or_else(|| Self::io("no shard open"))?;
+        self.sample.offer(line);
         writer.write_all(line).map_err(Self::io)
     }
 

@@ -2,6 +2,7 @@
 
 pub mod cancel;
 pub mod enrich;
+pub mod estimate;
 pub mod events;
 pub mod list;
 pub mod render;

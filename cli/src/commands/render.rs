@@ -1,13 +1,15 @@
 //! `rowsmith render`: the exact request shards ingest would send, written offline by the
 //! same code as the ingest service.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 
+use rowsmith_shared::config::Settings;
 use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::shards::{prepare_shards, shard_limits};
+use rowsmith_shared::shards::{PreparedShards, prepare_shards, shard_limits};
+use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::Store;
 use rowsmith_shared::table;
 
@@ -25,41 +27,11 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let spec = args.job.to_spec()?;
-    spec.validate_limits(&settings.limits)?;
-    let input = PathBuf::from(spec.input.strip_prefix("file://").unwrap_or(&spec.input));
-    anyhow::ensure!(input.is_file(), "input {} is not a file", input.display());
-    let scratch = tempfile::tempdir()?;
-    let indexed = scratch.path().join("input.indexed.parquet");
-    let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
-    let started = std::time::Instant::now();
-    let input_limits = settings.limits.clone();
-    let info = tokio::task::spawn_blocking(move || {
-        table::index_input(&input_for_task, &indexed_for_task, &input_limits)
-    })
-    .await??;
-    let indexed_seconds = started.elapsed().as_secs_f64();
-    spec.validate_columns(&info.columns)?;
-    let providers = Providers::from_settings(&settings)?;
-    let limits = shard_limits(
-        &spec,
-        providers.get(&spec.provider)?.limits(),
-        &settings.limits,
-    );
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&args.out_dir)?;
-    let store = Store::from_url(&out_dir.to_string_lossy())?;
-    let prepared = prepare_shards(
-        &store,
-        &spec,
-        &info.columns,
-        &indexed,
-        limits,
-        1,
-        None,
-        |key| format!("{}.jsonl", key.file_stem()),
-    )
-    .await?;
+    let started = std::time::Instant::now();
+    let (prepared, indexed_seconds) = render_offline(&settings, &spec, &out_dir).await?;
     let stats = prepared.stats;
     let seconds = started.elapsed().as_secs_f64();
     for shard in 0..stats.shards {
@@ -78,4 +50,46 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         indexed_seconds
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Indexes a local input and renders its request shards into `out_dir` with the ingest
+/// service's code; returns them and how long indexing took.
+pub async fn render_offline(
+    settings: &Settings,
+    spec: &JobSpec,
+    out_dir: &Path,
+) -> anyhow::Result<(PreparedShards, f64)> {
+    spec.validate_limits(&settings.limits)?;
+    let input = PathBuf::from(spec.input.strip_prefix("file://").unwrap_or(&spec.input));
+    anyhow::ensure!(input.is_file(), "input {} is not a file", input.display());
+    let scratch = tempfile::tempdir()?;
+    let indexed = scratch.path().join("input.indexed.parquet");
+    let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
+    let started = std::time::Instant::now();
+    let input_limits = settings.limits.clone();
+    let info = tokio::task::spawn_blocking(move || {
+        table::index_input(&input_for_task, &indexed_for_task, &input_limits)
+    })
+    .await??;
+    let indexed_seconds = started.elapsed().as_secs_f64();
+    spec.validate_columns(&info.columns)?;
+    let providers = Providers::from_settings(settings)?;
+    let limits = shard_limits(
+        spec,
+        providers.get(&spec.provider)?.limits(),
+        &settings.limits,
+    );
+    let store = Store::from_url(&out_dir.to_string_lossy())?;
+    let prepared = prepare_shards(
+        &store,
+        spec,
+        &info.columns,
+        &indexed,
+        limits,
+        1,
+        None,
+        |key| format!("{}.jsonl", key.file_stem()),
+    )
+    .await?;
+    Ok((prepared, indexed_seconds))
 }

@@ -146,3 +146,86 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no job \"no-such-job\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn estimate_counts_tokens_and_prices_and_budget_refuses_before_any_batch() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = write_table(dir.path());
+    let job = [
+        "--instructions",
+        "Write a title.",
+        "--target",
+        "description",
+        "--field",
+        "title:string:a title",
+        "--model",
+        "gpt-4o-mini",
+    ];
+    let mut estimate = vec!["estimate", table.as_str(), "--json"];
+    estimate.extend_from_slice(&job);
+    let output = rowsmith(&stack, &estimate);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("estimate json");
+    assert_eq!(json["rows"], 40);
+    assert_eq!(json["requests"], 40);
+    assert_eq!(json["shards"], 1);
+    assert_eq!(
+        json["sampled_requests"], 40,
+        "a small job is counted exactly"
+    );
+    let input_tokens = json["input_tokens"].as_u64().expect("tokens");
+    // Each request carries a system message, the instructions, the schema and one row.
+    assert!(
+        (40 * 60..40 * 600).contains(&input_tokens),
+        "{input_tokens}"
+    );
+    let batch = json["cost_batch_usd"].as_f64().expect("priced");
+    let sync = json["cost_sync_usd"].as_f64().expect("priced");
+    assert!(
+        batch > 0.0 && (sync - 2.0 * batch).abs() < 1e-9,
+        "{batch} {sync}"
+    );
+
+    // The table form, and a budget it is over: exit 1 and say so.
+    let mut over = vec!["estimate", table.as_str(), "--budget-usd", "0.000001"];
+    over.extend_from_slice(&job);
+    let output = rowsmith(&stack, &over);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("cost at batch price"), "{text}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("over budget"));
+
+    // Submitted with that budget, the job fails at ingest, before any batch exists.
+    let mut enrich = vec![
+        "enrich",
+        table.as_str(),
+        "--job-id",
+        "over-budget",
+        "--budget-usd",
+        "0.000001",
+        "--out",
+    ];
+    let out = dir.path().join("out").display().to_string();
+    enrich.push(&out);
+    enrich.extend_from_slice(&job);
+    let output = rowsmith(&stack, &enrich);
+    assert_eq!(output.status.code(), Some(1), "the job failed");
+    let job = stack
+        .wait_for_end("over-budget", std::time::Duration::from_secs(30))
+        .await;
+    let error = job.error.expect("reason");
+    assert!(
+        error.contains("over options.budget_usd")
+            && error.contains("input")
+            && error.contains("at batch price"),
+        "{error}"
+    );
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 0, "{stats}");
+    assert_eq!(stats["files_uploaded"], 0, "{stats}");
+}

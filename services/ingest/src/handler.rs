@@ -1,7 +1,8 @@
 //! Handling one JobSpec.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{LimitsSettings, OutputSettings};
+use rowsmith_shared::config::{LimitsSettings, OutputSettings, Price, find_price};
+use rowsmith_shared::estimate::Estimate;
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, require_job, settle};
 use rowsmith_shared::providers::{BatchProvider, Providers};
@@ -23,6 +24,7 @@ pub struct Ingest {
     pub allowed_inputs: Vec<String>,
     pub limits: LimitsSettings,
     pub output: OutputSettings,
+    pub prices: std::collections::BTreeMap<String, Price>,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -227,6 +229,31 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
+    let estimate = Estimate::new(
+        spec,
+        &stats,
+        &prepared.sample,
+        find_price(&ingest.prices, &spec.model),
+    );
+    if let Some(budget) = spec.options.budget_usd {
+        // Refused before any batch is created: nothing has been sent to the provider.
+        let over = match estimate.cost_batch_usd {
+            Some(cost) if cost > budget => Some(format!(
+                "the estimated cost ${cost:.2} is over options.budget_usd (${budget:.2}): {}; \
+                 raise the budget, or send fewer rows or fields",
+                estimate.summary()
+            )),
+            Some(_) => None,
+            None => Some(format!(
+                "options.budget_usd is set but model {:?} has no price; add [prices.\"{}\"] \
+                 to the configuration",
+                spec.model, spec.model
+            )),
+        };
+        if let Some(message) = over {
+            return Err(StepError::Job(message));
+        }
+    }
     if !prepared.duplicates.is_empty() {
         store_duplicates(&ingest.store, job_id, prepared.duplicates).await?;
     }
@@ -258,8 +285,13 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         )
         .await?;
     let message = format!(
-        "ingested {} rows ({} skipped: empty targets; {} repeat another row's request) into {} requests in {} shards",
-        stats.rows, stats.skipped, stats.duplicates, stats.requests, stats.shards
+        "ingested {} rows ({} skipped: empty targets; {} repeat another row's request) into {} requests in {} shards; estimate: {}",
+        stats.rows,
+        stats.skipped,
+        stats.duplicates,
+        stats.requests,
+        stats.shards,
+        estimate.summary()
     );
     tracing::info!(
         job_id,

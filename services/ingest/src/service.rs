@@ -37,6 +37,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         allowed_inputs: settings.store.allowed_inputs.clone(),
         limits: settings.limits.clone(),
         output: settings.output.clone(),
+        prices: settings.prices.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -68,3 +68,48 @@ async fn the_official_anthropic_sdk_works_against_the_simulator() {
     run_check("check_anthropic.py", format!("http://{address}")).await;
     shutdown.cancel();
 }
+
+/// A JobSpec published by the official NATS Python client (nats-py, with `Nats-Msg-Id`)
+/// runs to `completed`; publishing it twice is deduplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_published_with_the_official_nats_python_client_completes() {
+    use rowsmith_shared::events::{Event, EventKind};
+    use rowsmith_shared::records::JobState;
+
+    let stack = rowsmith_tests::Stack::start().await;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let csv = std::fs::read(root.join("../examples/products.csv")).expect("examples/products.csv");
+    let input = stack.upload_input("py/products.csv", csv).await;
+    let script = root.join("sdk/nats_submit.py");
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python())
+            .arg(&script)
+            .args(["--nats", &stack.nats.url(), "--input", &input])
+            .args(["--job-id", "py-nats", "--timeout", "90"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the NATS client finished in time")
+    .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{} failed ({}):\n{stdout}\n{}",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The event the script printed reads as our own Event type.
+    let event: Event =
+        serde_json::from_str(stdout.lines().last().expect("the final event")).expect("event json");
+    assert_eq!(
+        (event.job_id.as_str(), event.kind),
+        ("py-nats", EventKind::Completed)
+    );
+    let job = stack.wait_for_end("py-nats", Duration::from_secs(10)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(job.counts.rows_total, event.counts.rows_total);
+    assert!(job.counts.succeeded > 100, "{:?}", job.counts);
+}

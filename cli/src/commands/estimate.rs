@@ -1,0 +1,55 @@
+//! `rowsmith estimate`: what a job would cost, from the same rendering ingest does; nothing
+//! is submitted.
+
+use std::process::ExitCode;
+
+use rowsmith_shared::estimate::Estimate;
+
+use crate::job_args::JobArgs;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Print the estimate as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let settings = super::settings()?;
+    let spec = args.job.to_spec()?;
+    let scratch = tempfile::tempdir()?;
+    let (prepared, _) = super::render::render_offline(&settings, &spec, scratch.path()).await?;
+    let estimate = Estimate::new(
+        &spec,
+        &prepared.stats,
+        &prepared.sample,
+        settings.price(&spec.model),
+    );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&estimate)?);
+    } else {
+        print!("{}", estimate.table());
+    }
+    if let Some(budget) = spec.options.budget_usd {
+        match estimate.cost_batch_usd {
+            Some(cost) if cost > budget => {
+                eprintln!(
+                    "over budget: ${cost:.2} at batch price is more than --budget-usd ${budget:.2}; \
+                     the job would be refused"
+                );
+                return Ok(ExitCode::from(1));
+            }
+            Some(cost) => eprintln!("within budget: ${cost:.2} of ${budget:.2}"),
+            None => {
+                eprintln!(
+                    "no price for model {:?}: add [prices.\"{}\"] to check a budget",
+                    spec.model, spec.model
+                );
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
