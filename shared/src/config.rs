@@ -28,6 +28,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub limits: LimitsSettings,
     pub output: OutputSettings,
+    pub cache: CacheSettings,
     /// USD prices per model, for `rowsmith estimate` and `options.budget_usd`. A model is
     /// priced by its entry or by the longest entry its name starts with
     /// (`gpt-4o-mini-2024-07-18` takes `gpt-4o-mini`).
@@ -51,6 +52,7 @@ impl Default for Settings {
             telemetry: Default::default(),
             limits: Default::default(),
             output: Default::default(),
+            cache: Default::default(),
             prices: default_prices(),
         }
     }
@@ -155,6 +157,21 @@ impl Default for LimitsSettings {
             max_fields: 100,
             max_instruction_bytes: 100 * 1024,
         }
+    }
+}
+
+/// The result cache: answers of completed jobs, by request body, in the store's `cache/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// A request identical to one a completed job was answered for (same provider, model,
+    /// parameters, messages and schema) is not sent again; the answer is reused.
+    pub enabled: bool,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self { enabled: true }
     }
 }
 

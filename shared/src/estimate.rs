@@ -145,6 +145,14 @@ pub fn expected_output_tokens(spec: &JobSpec) -> u64 {
         .sum::<u64>()
 }
 
+/// Dollars with cents, or four decimals under a dollar.
+pub fn dollars(value: f64) -> String {
+    match value < 1.0 {
+        true => format!("${value:.4}"),
+        false => format!("${value:.2}"),
+    }
+}
+
 /// The estimate of one job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
@@ -154,6 +162,8 @@ pub struct Estimate {
     pub skipped_rows: u64,
     /// Rows whose request repeats an earlier row's (sent once).
     pub duplicate_rows: u64,
+    /// Rows the result cache answers: not sent, free.
+    pub cached_rows: u64,
     pub requests: u64,
     pub shards: u32,
     pub request_bytes: u64,
@@ -222,6 +232,7 @@ impl Estimate {
             rows: stats.rows,
             skipped_rows: stats.skipped,
             duplicate_rows: stats.duplicates,
+            cached_rows: stats.cached,
             requests: stats.requests,
             shards: stats.shards,
             request_bytes: stats.bytes,
@@ -255,7 +266,7 @@ impl Estimate {
 
     /// The table `rowsmith estimate` prints.
     pub fn table(&self) -> String {
-        let money = |v: Option<f64>| v.map_or("no price".to_owned(), |v| format!("${v:.2}"));
+        let money = |v: Option<f64>| v.map_or("no price".to_owned(), dollars);
         let sampled = if self.sampled_requests < self.requests {
             format!(" (from {} sampled requests)", self.sampled_requests)
         } else {
@@ -269,6 +280,10 @@ impl Estimate {
             ("rows", self.rows.to_string()),
             ("skipped (empty targets)", self.skipped_rows.to_string()),
             ("repeats of another row", self.duplicate_rows.to_string()),
+            (
+                "answered from the cache",
+                format!("{} (free)", self.cached_rows),
+            ),
             ("requests", self.requests.to_string()),
             ("shards", self.shards.to_string()),
             ("request bytes", self.request_bytes.to_string()),
@@ -284,7 +299,7 @@ impl Estimate {
             (
                 "prompt-cache savings (sync)",
                 match self.prompt_cache_savings_usd {
-                    Some(v) => format!("up to ${v:.2}"),
+                    Some(v) => format!("up to {}", dollars(v)),
                     None => format!(
                         "none (prefix under {PROMPT_CACHE_MIN_TOKENS} tokens or not priced)"
                     ),

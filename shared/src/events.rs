@@ -22,6 +22,20 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    pub const ALL: [EventKind; 11] = [
+        EventKind::Accepted,
+        EventKind::Refused,
+        EventKind::Ingested,
+        EventKind::ShardSubmitted,
+        EventKind::BatchProgress,
+        EventKind::ShardEnded,
+        EventKind::Retrying,
+        EventKind::Completed,
+        EventKind::Failed,
+        EventKind::Cancelled,
+        EventKind::Warning,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Accepted => "accepted",
@@ -55,6 +69,9 @@ pub struct Counts {
     /// Rows whose request repeats an earlier row's: sent once, answered alike.
     #[serde(default)]
     pub rows_deduplicated: u64,
+    /// Rows answered from the result cache of earlier jobs: not sent.
+    #[serde(default)]
+    pub rows_cached: u64,
     pub succeeded: u64,
     pub failed: u64,
     pub pending: u64,

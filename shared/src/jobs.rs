@@ -157,6 +157,7 @@ pub async fn finalize_job(
     bus: &Bus,
     store: &Store,
     output: &crate::config::OutputSettings,
+    cache: &crate::config::CacheSettings,
     job_id: &str,
 ) -> Result<(), StepError> {
     let job = require_job(bus, job_id).await?;
@@ -184,6 +185,27 @@ pub async fn finalize_job(
         true => Some(store.fetch_local(&duplicates_key, scratch.path()).await?),
         false => None,
     };
+    let cached_key = layout::cached_rows(job_id);
+    let cached = match store.exists(&cached_key).await? {
+        true => Some(store.fetch_local(&cached_key, scratch.path()).await?),
+        false => None,
+    };
+    // The job's answers join the result cache of its request template (when it kept hashes,
+    // which it does while the cache is on).
+    let hashes_key = layout::hashes(job_id);
+    let hashes = match cache.enabled && store.exists(&hashes_key).await? {
+        true => Some(store.fetch_local(&hashes_key, scratch.path()).await?),
+        false => None,
+    };
+    let segment_key = match hashes {
+        Some(_) => {
+            let columns = table::indexed_columns(&indexed)?;
+            let fingerprint = crate::render::RequestTemplate::new(&job.spec, &columns)
+                .fingerprint(&job.spec.provider);
+            Some(layout::cache_segment(&fingerprint, job_id))
+        }
+        None => None,
+    };
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
     let csv_key = layout::output(job_id, "enriched.csv");
     let parquet_key = layout::output(job_id, "enriched.parquet");
@@ -202,6 +224,10 @@ pub async fn finalize_job(
             .transpose()?,
         failures_csv: store.local_target(&failures_key, scratch.path())?,
         csv_formula_escape: output.csv_formula_escape,
+        cache_segment: segment_key
+            .as_ref()
+            .map(|key| store.local_target(key, scratch.path()))
+            .transpose()?,
     };
     let fields = job.spec.fields.clone();
     let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());
@@ -210,6 +236,8 @@ pub async fn finalize_job(
             &indexed_for_task,
             &rows_files,
             duplicates.as_deref(),
+            cached.as_deref(),
+            hashes.as_deref(),
             &fields,
             &targets_for_task,
         )
@@ -231,6 +259,9 @@ pub async fn finalize_job(
     store
         .commit_local(&failures_key, &targets.failures_csv)
         .await?;
+    if let (Some(key), Some(path)) = (&segment_key, &targets.cache_segment) {
+        store.commit_local(key, path).await?;
+    }
     outputs.failures_csv = Some(failures_key.clone());
     outputs.manifest = Some(manifest_key.clone());
     let finished_at_ms = crate::now_unix_ms();

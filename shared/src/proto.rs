@@ -96,6 +96,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn asyncapi_yaml_lists_every_subject_and_its_schemas_exist() {
+        use crate::messages::subjects;
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+        let text = std::fs::read_to_string(dir.join("asyncapi.yaml")).expect("asyncapi.yaml");
+        for subject in [
+            subjects::JOBS_SUBMIT,
+            subjects::SHARDS_READY,
+            subjects::BATCHES_SUBMITTED,
+            subjects::BATCHES_ENDED,
+        ] {
+            assert!(
+                text.contains(&format!("address: {subject}\n")),
+                "{subject} is not a channel address in proto/asyncapi.yaml"
+            );
+        }
+        let events = format!("address: {}.{{job_id}}.{{kind}}", subjects::EVENTS_PREFIX);
+        assert!(text.contains(&events), "no {events}");
+        for kind in crate::events::EventKind::ALL {
+            assert!(text.contains(kind.as_str()), "event kind {} missing", kind.as_str());
+        }
+        let mut referenced = 0;
+        for part in text.split("$ref: './").skip(1) {
+            let file = part.split('\'').next().expect("file name");
+            if file.ends_with(".json") {
+                referenced += 1;
+                assert!(dir.join(file).exists(), "proto/{file} is referenced but missing");
+            }
+        }
+        assert!(referenced >= 5, "only {referenced} schema references");
+    }
+
+    #[test]
     fn committed_proto_files_match_the_types() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
         let update = std::env::var_os("ROWSMITH_UPDATE_PROTO").is_some();

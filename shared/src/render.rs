@@ -178,6 +178,22 @@ impl RequestTemplate {
         }
     }
 
+    /// Identifies everything of a request but the row's text (provider, model, parameters,
+    /// system message, instructions, schema, column names): rows of two jobs with the same
+    /// fingerprint and the same body hash make the same request.
+    pub fn fingerprint(&self, provider: &str) -> String {
+        let mut bytes = provider.as_bytes().to_vec();
+        bytes.push(0);
+        bytes.extend_from_slice(&self.middle);
+        bytes.push(0);
+        bytes.extend_from_slice(&self.tail);
+        for (_, name) in self.targets.iter().chain(&self.context) {
+            bytes.push(0);
+            bytes.extend_from_slice(name.as_bytes());
+        }
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    }
+
     /// Checks the cells a request is made of: none larger than `max_cell_bytes`, none with
     /// a NUL byte (a sign of a binary or mis-encoded file).
     pub fn check_cells<'a>(

@@ -46,6 +46,7 @@ pub async fn prepare_shards(
     limits: ShardLimits,
     attempt: u32,
     retry_of: Option<Vec<PathBuf>>,
+    cache: Option<CacheUse>,
     shard_path: impl Fn(&ShardKey) -> String + Send + 'static,
 ) -> Result<PreparedShards, StepError> {
     let job_id = spec.id().to_owned();
@@ -66,6 +67,16 @@ pub async fn prepare_shards(
         }
     };
     let render = tokio::task::spawn_blocking(move || {
+        let (keys, hits) = match cache {
+            Some(cache) => {
+                use std::io::Write;
+                let file = std::fs::File::create(&cache.hits).map_err(FileShardSink::io)?;
+                let mut writer = std::io::BufWriter::new(file);
+                writeln!(writer, "{},h_hi,h_lo", table::ROW_INDEX).map_err(FileShardSink::io)?;
+                (Some(cache.keys), Some(writer))
+            }
+            None => (None, None),
+        };
         let mut sink = FileShardSink {
             store: store_for_sink,
             scratch: scratch_path,
@@ -74,10 +85,21 @@ pub async fn prepare_shards(
             sender,
             duplicates: Vec::new(),
             sample: Sampler::default(),
+            hits,
         };
-        let stats =
-            table::render_shards(&indexed, &template, limits, retry_of.as_deref(), &mut sink)?;
-        Ok::<_, table::TableError>((stats, sink.duplicates, sink.sample))
+        let rendered = table::render_shards(
+            &indexed,
+            &template,
+            limits,
+            retry_of.as_deref(),
+            keys.as_deref(),
+            &mut sink,
+        )?;
+        if let Some(mut hits) = sink.hits.take() {
+            use std::io::Write;
+            hits.flush().map_err(FileShardSink::io)?;
+        }
+        Ok::<_, table::TableError>((rendered, sink.duplicates, sink.sample))
     });
     let mut sizes = Vec::new();
     while let Some(finished) = receiver.recv().await {
@@ -89,13 +111,14 @@ pub async fn prepare_shards(
             bytes: finished.bytes,
         });
     }
-    let (stats, duplicates, sample) = render.await??;
+    let (rendered, duplicates, sample) = render.await??;
     drop(scratch);
     Ok(PreparedShards {
-        stats,
+        stats: rendered.stats,
         sizes,
         duplicates,
         sample,
+        first_with_body: rendered.first_with_body,
     })
 }
 
@@ -108,6 +131,54 @@ pub struct PreparedShards {
     pub duplicates: Vec<(i64, i64)>,
     /// A uniform sample of the request lines, for the cost estimate.
     pub sample: Sampler,
+    /// Each distinct request's body hash and first row.
+    pub first_with_body: std::collections::HashMap<u128, i64>,
+}
+
+/// The result cache while rendering: the body hashes it can answer, and the local CSV file
+/// where the rows it answers are listed (`_row_index,h_hi,h_lo`).
+#[derive(Debug, Clone)]
+pub struct CacheUse {
+    pub keys: std::sync::Arc<table::CacheKeys>,
+    pub hits: PathBuf,
+}
+
+/// The result cache of one request template: its segments fetched into `scratch` and the
+/// body hashes they answer; `None` when there is none yet.
+pub async fn load_cache(
+    store: &Store,
+    fingerprint: &str,
+    scratch: &Path,
+) -> Result<Option<(std::sync::Arc<table::CacheKeys>, Vec<PathBuf>)>, StepError> {
+    let segments = store.list(&layout::cache_dir(fingerprint)).await?;
+    if segments.is_empty() {
+        return Ok(None);
+    }
+    let mut files = Vec::with_capacity(segments.len());
+    for key in &segments {
+        files.push(store.fetch_local(key, scratch).await?);
+    }
+    let files_for_task = files.clone();
+    let keys =
+        tokio::task::spawn_blocking(move || table::read_cache_keys(&files_for_task)).await??;
+    Ok(Some((std::sync::Arc::new(keys), files)))
+}
+
+/// Stores each distinct request's `(row, body hash)` of a job, from which its answers join
+/// the result cache when it completes.
+pub async fn store_hashes(
+    store: &Store,
+    job_id: &str,
+    first_with_body: std::collections::HashMap<u128, i64>,
+) -> Result<(), StepError> {
+    let key = layout::hashes(job_id);
+    let scratch = tempfile::tempdir()?;
+    let target = store.local_target(&key, scratch.path())?;
+    let target_for_task = target.clone();
+    tokio::task::spawn_blocking(move || table::write_hashes(&target_for_task, &first_with_body))
+        .await??;
+    store.commit_local(&key, &target).await?;
+    Ok(())
 }
 
 /// Stores the duplicate rows of a job (read again when the outputs are written).
@@ -145,6 +216,7 @@ struct FileShardSink {
     sender: tokio::sync::mpsc::Sender<FinishedShard>,
     duplicates: Vec<(i64, i64)>,
     sample: Sampler,
+    hits: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl FileShardSink {
@@ -201,6 +273,14 @@ impl table::ShardSink for FileShardSink {
     fn duplicate(&mut self, row_index: i64, first: i64) -> Result<(), table::TableError> {
         self.duplicates.push((row_index, first));
         Ok(())
+    }
+
+    fn cached(&mut self, row_index: i64, hash: u128) -> Result<(), table::TableError> {
+        use std::io::Write;
+        let Some(hits) = self.hits.as_mut() else {
+            return Err(Self::io("a cache hit without a cache"));
+        };
+        writeln!(hits, "{row_index},{},{}", (hash >> 64) as u64, hash as u64).map_err(Self::io)
     }
 }
 

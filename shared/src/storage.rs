@@ -215,6 +215,27 @@ impl Store {
         })
     }
 
+    /// The keys of the objects under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let prefix_path = Self::path(prefix.trim_end_matches('/'))?;
+        let mut listing = self.inner.list(Some(&prefix_path));
+        let mut keys = Vec::new();
+        while let Some(meta) = listing.next().await {
+            match meta {
+                Ok(meta) => keys.push(meta.location.to_string()),
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(source) => {
+                    return Err(StorageError::Object {
+                        key: prefix.into(),
+                        source,
+                    });
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
     pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
         match self.inner.head(&Self::path(key)?).await {
             Ok(_) => Ok(true),
@@ -358,6 +379,21 @@ pub mod layout {
     }
     pub fn upload(job_id: &str, file_name: &str) -> String {
         format!("inputs/{job_id}/{file_name}")
+    }
+    /// `(row, body hash)` of each distinct request a job sent or took from the cache.
+    pub fn hashes(job_id: &str) -> String {
+        format!("jobs/{job_id}/hashes.parquet")
+    }
+    /// The rows a job took from the result cache, as a rows file of attempt 0.
+    pub fn cached_rows(job_id: &str) -> String {
+        format!("jobs/{job_id}/cached.parquet")
+    }
+    /// The result cache of one request template (`fingerprint`): one segment per job.
+    pub fn cache_dir(fingerprint: &str) -> String {
+        format!("cache/{fingerprint}/")
+    }
+    pub fn cache_segment(fingerprint: &str, job_id: &str) -> String {
+        format!("cache/{fingerprint}/{job_id}.parquet")
     }
 }
 

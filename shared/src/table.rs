@@ -547,6 +547,19 @@ pub trait ShardSink {
     fn finish(&mut self, shard: u32, requests: u64, bytes: u64) -> Result<(), TableError>;
     /// Row `row_index` makes the same request as row `first`, and is not sent.
     fn duplicate(&mut self, row_index: i64, first: i64) -> Result<(), TableError>;
+    /// Row `row_index`'s request (body hash `hash`) has an answer in the result cache, and
+    /// is not sent.
+    fn cached(&mut self, row_index: i64, hash: u128) -> Result<(), TableError>;
+}
+
+/// Body hashes (of one request template) that the result cache can answer.
+pub type CacheKeys = std::collections::HashSet<u128>;
+
+/// What a render saw: counts, and each distinct request's body hash with its first row.
+#[derive(Debug, Default)]
+pub struct Rendered {
+    pub stats: RenderStats,
+    pub first_with_body: std::collections::HashMap<u128, i64>,
 }
 
 /// One shard as it is being filled.
@@ -563,6 +576,8 @@ pub struct RenderStats {
     pub skipped: u64,
     /// Rows whose request is identical to an earlier row's (not sent; they share its answer).
     pub duplicates: u64,
+    /// Rows answered from the result cache (not sent).
+    pub cached: u64,
     pub requests: u64,
     pub shards: u32,
     pub bytes: u64,
@@ -576,8 +591,9 @@ pub fn render_shards(
     template: &RequestTemplate,
     limits: ShardLimits,
     retry_of: Option<&[PathBuf]>,
+    cache: Option<&CacheKeys>,
     sink: &mut impl ShardSink,
-) -> Result<RenderStats, TableError> {
+) -> Result<Rendered, TableError> {
     let connection = connect()?;
     // The indexed table is stored in row order and a scan keeps it (preserve_insertion_order);
     // only the semi-join of a retry needs sorting, and its rows are few.
@@ -638,6 +654,12 @@ pub fn render_shards(
                     slot.insert(row_index);
                 }
             }
+            // Pay once across jobs: an answer to this very request is in the cache.
+            if cache.is_some_and(|keys| keys.contains(&body_hash)) {
+                stats.cached += 1;
+                sink.cached(row_index, body_hash)?;
+                continue;
+            }
             if line.len() as u64 > limits.max_bytes {
                 return Err(TableError::RowTooLarge {
                     row_index,
@@ -665,7 +687,113 @@ pub fn render_shards(
         stats.shards = shard.number + 1;
         sink.finish(shard.number, shard.requests, shard.bytes)?;
     }
-    Ok(stats)
+    Ok(Rendered {
+        stats,
+        first_with_body,
+    })
+}
+
+/// The two halves of a body hash as DuckDB UBIGINTs.
+fn halves(hash: u128) -> (u64, u64) {
+    ((hash >> 64) as u64, hash as u64)
+}
+
+/// Reads the body hashes of the result-cache segments `files`.
+pub fn read_cache_keys(files: &[PathBuf]) -> Result<CacheKeys, TableError> {
+    let mut keys = CacheKeys::new();
+    if files.is_empty() {
+        return Ok(keys);
+    }
+    let connection = connect()?;
+    let sql = format!(
+        "SELECT h_hi, h_lo FROM read_parquet([{}])",
+        files
+            .iter()
+            .map(|p| path_literal(p))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut statement = connection.prepare(&sql).map_err(duck("read cache"))?;
+    let mut rows = statement.query([]).map_err(duck("read cache"))?;
+    while let Some(row) = rows.next().map_err(duck("read cache"))? {
+        let hi: u64 = row.get(0).map_err(duck("read cache"))?;
+        let lo: u64 = row.get(1).map_err(duck("read cache"))?;
+        keys.insert((u128::from(hi) << 64) | u128::from(lo));
+    }
+    Ok(keys)
+}
+
+/// Writes `(row, body hash)` of every distinct request of a job, streaming (no table in
+/// memory), for the cache segment the job adds when it completes.
+pub fn write_hashes(
+    path: &Path,
+    first_with_body: &std::collections::HashMap<u128, i64>,
+) -> Result<(), TableError> {
+    use std::io::Write;
+    let csv = path.with_extension("csv");
+    let io = |e: std::io::Error| TableError::Duckdb {
+        what: "write hashes",
+        message: e.to_string(),
+    };
+    {
+        let mut writer = std::io::BufWriter::new(std::fs::File::create(&csv).map_err(io)?);
+        writeln!(writer, "{ROW_INDEX},h_hi,h_lo").map_err(io)?;
+        for (hash, row) in first_with_body {
+            let (hi, lo) = halves(*hash);
+            writeln!(writer, "{row},{hi},{lo}").map_err(io)?;
+        }
+        writer.flush().map_err(io)?;
+    }
+    let connection = connect()?;
+    connection
+        .execute_batch(&format!(
+            "COPY (SELECT * FROM read_csv({}, header = true, columns = {{'{ROW_INDEX}': 'BIGINT', \
+             'h_hi': 'UBIGINT', 'h_lo': 'UBIGINT'}})) TO {} (FORMAT parquet)",
+            path_literal(&csv),
+            path_literal(path)
+        ))
+        .map_err(duck("write hashes"))?;
+    std::fs::remove_file(&csv).map_err(io)
+}
+
+/// Writes the rows served from the cache as a rows file (attempt 0): `hits` is a CSV of
+/// `_row_index,h_hi,h_lo` (what the render sink wrote), `segments` the cache files.
+/// Returns how many rows it wrote.
+pub fn write_cached_rows(
+    hits: &Path,
+    segments: &[PathBuf],
+    fields: &[FieldSpec],
+    out: &Path,
+) -> Result<u64, TableError> {
+    let connection = connect()?;
+    let columns: Vec<String> = fields
+        .iter()
+        .map(|f| format!("c.{}", ident(&f.name)))
+        .collect();
+    let segments = segments
+        .iter()
+        .map(|p| path_literal(p))
+        .collect::<Vec<_>>()
+        .join(", ");
+    connection
+        .execute_batch(&format!(
+            "CREATE TABLE cached AS SELECT h.{ROW_INDEX}, 0 AS _attempt, true AS _ok, \
+             false AS _retryable, NULL::VARCHAR AS _reason, NULL::VARCHAR AS _message, {} \
+             FROM read_csv({}, header = true, columns = {{'{ROW_INDEX}': 'BIGINT', \
+             'h_hi': 'UBIGINT', 'h_lo': 'UBIGINT'}}) h \
+             JOIN (SELECT * FROM read_parquet([{segments}], union_by_name = true) \
+                   QUALIFY row_number() OVER (PARTITION BY h_hi, h_lo) = 1) c \
+             USING (h_hi, h_lo); \
+             COPY cached TO {} (FORMAT parquet)",
+            columns.join(", "),
+            path_literal(hits),
+            path_literal(out)
+        ))
+        .map_err(duck("write cached rows"))?;
+    let rows: i64 = connection
+        .query_row("SELECT count(*) FROM cached", [], |r| r.get(0))
+        .map_err(duck("count cached rows"))?;
+    Ok(u64::try_from(rows).unwrap_or(0))
 }
 
 /// A text column of an Arrow batch, whichever string layout DuckDB chose.
@@ -826,6 +954,8 @@ pub struct FinalOutputs {
     pub failures_csv: PathBuf,
     /// `output.csv_formula_escape`.
     pub csv_formula_escape: bool,
+    /// Where to write the result-cache segment of this job's answers (`hashes` given).
+    pub cache_segment: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -841,6 +971,8 @@ pub fn finalize(
     indexed: &Path,
     rows_files: &[PathBuf],
     duplicates: Option<&Path>,
+    cached: Option<&Path>,
+    hashes: Option<&Path>,
     fields: &[FieldSpec],
     outputs: &FinalOutputs,
 ) -> Result<FinalCounts, TableError> {
@@ -856,6 +988,15 @@ pub fn finalize(
                 files.join(", ")
             ))
             .map_err(duck("read results"))?;
+    }
+    if let Some(cached) = cached {
+        // Rows answered from the result cache: attempt 0, before any sent attempt.
+        connection
+            .execute_batch(&format!(
+                "INSERT INTO attempts BY NAME SELECT * FROM read_parquet({})",
+                path_literal(cached)
+            ))
+            .map_err(duck("read cached rows"))?;
     }
     if let Some(duplicates) = duplicates {
         // A row that repeated an earlier row's request shares that row's answers.
@@ -958,6 +1099,23 @@ pub fn finalize(
             path_literal(&outputs.failures_csv)
         ))
         .map_err(duck("write failures csv"))?;
+    if let (Some(hashes), Some(segment)) = (hashes, &outputs.cache_segment) {
+        // The answers this job paid for, by request body, for later jobs to reuse.
+        let columns: Vec<String> = fields
+            .iter()
+            .map(|f| format!("r.{}", ident(&f.name)))
+            .collect();
+        connection
+            .execute_batch(&format!(
+                "COPY (SELECT h.h_hi, h.h_lo, {} FROM results r \
+                 JOIN read_parquet({}) h USING ({ROW_INDEX}) WHERE r._ok AND r._attempt > 0) \
+                 TO {} (FORMAT parquet, COMPRESSION zstd)",
+                columns.join(", "),
+                path_literal(hashes),
+                path_literal(segment)
+            ))
+            .map_err(duck("write cache segment"))?;
+    }
     let count = |sql: &str| -> Result<u64, TableError> {
         let n: i64 = connection
             .query_row(sql, [], |r| r.get(0))

@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use rowsmith_shared::estimate::Estimate;
+use rowsmith_shared::estimate::{Estimate, dollars};
+use rowsmith_shared::storage::Store;
 
 use crate::job_args::JobArgs;
 
@@ -20,7 +21,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let settings = super::settings()?;
     let spec = args.job.to_spec()?;
     let scratch = tempfile::tempdir()?;
-    let (prepared, _) = super::render::render_offline(&settings, &spec, scratch.path()).await?;
+    // Rows the result cache can answer are free: look in the configured store.
+    let cache = match settings.cache.enabled {
+        true => match Store::open(&settings.store) {
+            Ok(store) => Some(store),
+            Err(error) => {
+                eprintln!("warning: the result cache is not consulted: {error}");
+                None
+            }
+        },
+        false => None,
+    };
+    let (prepared, _) =
+        super::render::render_offline(&settings, &spec, scratch.path(), cache.as_ref()).await?;
     let estimate = Estimate::new(
         &spec,
         &prepared.stats,
@@ -36,12 +49,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         match estimate.cost_batch_usd {
             Some(cost) if cost > budget => {
                 eprintln!(
-                    "over budget: ${cost:.2} at batch price is more than --budget-usd ${budget:.2}; \
-                     the job would be refused"
+                    "over budget: {} at batch price is more than --budget-usd {}; the job would \
+                     be refused",
+                    dollars(cost),
+                    dollars(budget)
                 );
                 return Ok(ExitCode::from(1));
             }
-            Some(cost) => eprintln!("within budget: ${cost:.2} of ${budget:.2}"),
+            Some(cost) => eprintln!("within budget: {} of {}", dollars(cost), dollars(budget)),
             None => {
                 eprintln!(
                     "no price for model {:?}: add [prices.\"{}\"] to check a budget",

@@ -8,7 +8,8 @@ use anyhow::Context;
 
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::shards::{PreparedShards, prepare_shards, shard_limits};
+use rowsmith_shared::render::RequestTemplate;
+use rowsmith_shared::shards::{CacheUse, PreparedShards, load_cache, prepare_shards, shard_limits};
 use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::Store;
 use rowsmith_shared::table;
@@ -31,7 +32,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let out_dir = std::fs::canonicalize(&args.out_dir)?;
     let started = std::time::Instant::now();
-    let (prepared, indexed_seconds) = render_offline(&settings, &spec, &out_dir).await?;
+    // The exact shards of a first ingest, with no result cache consulted.
+    let (prepared, indexed_seconds) = render_offline(&settings, &spec, &out_dir, None).await?;
     let stats = prepared.stats;
     let seconds = started.elapsed().as_secs_f64();
     for shard in 0..stats.shards {
@@ -58,6 +60,7 @@ pub async fn render_offline(
     settings: &Settings,
     spec: &JobSpec,
     out_dir: &Path,
+    cache: Option<&Store>,
 ) -> anyhow::Result<(PreparedShards, f64)> {
     spec.validate_limits(&settings.limits)?;
     let input = PathBuf::from(spec.input.strip_prefix("file://").unwrap_or(&spec.input));
@@ -79,6 +82,18 @@ pub async fn render_offline(
         providers.get(&spec.provider)?.limits(),
         &settings.limits,
     );
+    let cache = match cache {
+        Some(cache_store) => {
+            let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
+            load_cache(cache_store, &fingerprint, scratch.path())
+                .await?
+                .map(|(keys, _)| CacheUse {
+                    keys,
+                    hits: scratch.path().join("hits.csv"),
+                })
+        }
+        None => None,
+    };
     let store = Store::from_url(&out_dir.to_string_lossy())?;
     let prepared = prepare_shards(
         &store,
@@ -88,6 +103,7 @@ pub async fn render_offline(
         limits,
         1,
         None,
+        cache,
         |key| format!("{}.jsonl", key.file_stem()),
     )
     .await?;

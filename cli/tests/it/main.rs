@@ -117,6 +117,20 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
     let lines = std::fs::read_to_string(shards.join("a1-s0.jsonl")).expect("shard file");
     assert_eq!(lines.lines().count(), 40);
 
+    // The job just paid for these 40 requests: an estimate of the same job counts them as
+    // answered by the result cache, free.
+    let mut estimate = vec!["estimate", table.as_str(), "--json"];
+    estimate.extend_from_slice(&job);
+    let estimated = rowsmith(&stack, &estimate);
+    assert!(
+        estimated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&estimated.stderr)
+    );
+    let estimated: serde_json::Value = serde_json::from_slice(&estimated.stdout).expect("json");
+    assert_eq!(estimated["cached_rows"], 40, "{estimated}");
+    assert_eq!(estimated["requests"], 0, "{estimated}");
+
     let bad = rowsmith(
         &stack,
         &[

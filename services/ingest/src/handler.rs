@@ -1,14 +1,16 @@
 //! Handling one JobSpec.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{LimitsSettings, OutputSettings, Price, find_price};
-use rowsmith_shared::estimate::Estimate;
+use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings, Price, find_price};
+use rowsmith_shared::estimate::{Estimate, dollars};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, require_job, settle};
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, job_key};
+use rowsmith_shared::render::RequestTemplate;
 use rowsmith_shared::shards::{
-    announce_shards, create_shard_records, prepare_shards, shard_limits, store_duplicates,
+    CacheUse, announce_shards, create_shard_records, load_cache, prepare_shards, shard_limits,
+    store_duplicates, store_hashes,
 };
 use rowsmith_shared::spec::JobSpec;
 use rowsmith_shared::storage::{Store, layout};
@@ -25,6 +27,8 @@ pub struct Ingest {
     pub limits: LimitsSettings,
     pub output: OutputSettings,
     pub prices: std::collections::BTreeMap<String, Price>,
+    /// `cache.enabled`.
+    pub cache: bool,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -60,7 +64,17 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
             };
         }
         Ok(Accepted::Finalize) => {
-            return match finalize_job(&ingest.bus, &ingest.store, &ingest.output, &job_id).await {
+            return match finalize_job(
+                &ingest.bus,
+                &ingest.store,
+                &ingest.output,
+                &CacheSettings {
+                    enabled: ingest.cache,
+                },
+                &job_id,
+            )
+            .await
+            {
                 Ok(()) => Outcome::Done,
                 Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
             };
@@ -217,6 +231,12 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
 
     let provider = ingest.providers.get(&spec.provider)?;
     let limits = shard_limits(spec, provider.limits(), &ingest.limits);
+    let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
+    let cache = match ingest.cache {
+        true => load_cache(&ingest.store, &fingerprint, scratch.path()).await?,
+        false => None,
+    };
+    let hits = scratch.path().join("cache-hits.csv");
     let prepared = prepare_shards(
         &ingest.store,
         spec,
@@ -225,10 +245,27 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         limits,
         1,
         None,
+        cache.as_ref().map(|(keys, _)| CacheUse {
+            keys: keys.clone(),
+            hits: hits.clone(),
+        }),
         layout::requests,
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
+    if ingest.cache {
+        store_hashes(&ingest.store, job_id, prepared.first_with_body).await?;
+    }
+    if let Some((_, segments)) = cache.filter(|_| stats.cached > 0) {
+        let key = layout::cached_rows(job_id);
+        let target = ingest.store.local_target(&key, scratch.path())?;
+        let (target_for_task, fields) = (target.clone(), spec.fields.clone());
+        tokio::task::spawn_blocking(move || {
+            table::write_cached_rows(&hits, &segments, &fields, &target_for_task)
+        })
+        .await??;
+        ingest.store.commit_local(&key, &target).await?;
+    }
     let estimate = Estimate::new(
         spec,
         &stats,
@@ -239,8 +276,10 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         // Refused before any batch is created: nothing has been sent to the provider.
         let over = match estimate.cost_batch_usd {
             Some(cost) if cost > budget => Some(format!(
-                "the estimated cost ${cost:.2} is over options.budget_usd (${budget:.2}): {}; \
+                "the estimated cost {} is over options.budget_usd ({}): {}; \
                  raise the budget, or send fewer rows or fields",
+                dollars(cost),
+                dollars(budget),
                 estimate.summary()
             )),
             Some(_) => None,
@@ -262,6 +301,8 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         rows_total: stats.rows,
         rows_skipped: stats.skipped,
         rows_deduplicated: stats.duplicates,
+        rows_cached: stats.cached,
+        succeeded: stats.cached,
         pending: stats.requests,
         shards_total: u64::from(stats.shards),
         ..Counts::default()
@@ -285,10 +326,11 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         )
         .await?;
     let message = format!(
-        "ingested {} rows ({} skipped: empty targets; {} repeat another row's request) into {} requests in {} shards; estimate: {}",
+        "ingested {} rows ({} skipped: empty targets; {} repeat another row's request; {} answered from the result cache) into {} requests in {} shards; estimate: {}",
         stats.rows,
         stats.skipped,
         stats.duplicates,
+        stats.cached,
         stats.requests,
         stats.shards,
         estimate.summary()
@@ -307,7 +349,16 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     if stats.shards == 0 {
         // Nothing to send: the outputs are the table as it is.
         set_state(&ingest.bus, job_id, JobState::Merging).await?;
-        return finalize_job(&ingest.bus, &ingest.store, &ingest.output, job_id).await;
+        return finalize_job(
+            &ingest.bus,
+            &ingest.store,
+            &ingest.output,
+            &CacheSettings {
+                enabled: ingest.cache,
+            },
+            job_id,
+        )
+        .await;
     }
     announce_shards(&ingest.bus, spec, 1, stats.shards).await?;
     Ok(())

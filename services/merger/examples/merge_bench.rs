@@ -95,6 +95,7 @@ async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
         limits,
         1,
         None,
+        None,
         |key| format!("{}.jsonl", key.file_stem()),
     )
     .await?;
@@ -177,10 +178,13 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
         enriched_jsonl: None,
         failures_csv: dir.join("failures.csv"),
         csv_formula_escape: true,
+        cache_segment: None,
     };
     let counts = table::finalize(
         &dir.join("indexed.parquet"),
         &rows_files,
+        None,
+        None,
         None,
         &spec.fields,
         &outputs,

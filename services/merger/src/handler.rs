@@ -2,7 +2,7 @@
 //! was the last shard. Re-running it over the same files gives the same rows.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{LimitsSettings, OutputSettings};
+use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fetch_rows_files, finalize_job, require_job, settle};
 use rowsmith_shared::messages::BatchEnded;
@@ -25,6 +25,7 @@ pub struct Merger {
     pub providers: Providers,
     pub limits: LimitsSettings,
     pub output: OutputSettings,
+    pub cache: CacheSettings,
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
@@ -125,7 +126,16 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
         .await?;
     match next {
         Next::Wait => Ok(()),
-        Next::Finalize => finalize_job(bus, &merger.store, &merger.output, &key.job_id).await,
+        Next::Finalize => {
+            finalize_job(
+                bus,
+                &merger.store,
+                &merger.output,
+                &merger.cache,
+                &key.job_id,
+            )
+            .await
+        }
         Next::Retry => start_retry(merger, &job.spec, attempt).await,
         Next::Announce => {
             let job = require_job(bus, &key.job_id).await?;
@@ -167,6 +177,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         limits,
         next_attempt,
         Some(rows_files),
+        None,
         layout::requests,
     )
     .await?;

@@ -36,6 +36,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         providers: Providers::from_settings(&settings)?,
         limits: settings.limits.clone(),
         output: settings.output.clone(),
+        cache: settings.cache.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;
