@@ -114,14 +114,21 @@ mod tests {
         let events = format!("address: {}.{{job_id}}.{{kind}}", subjects::EVENTS_PREFIX);
         assert!(text.contains(&events), "no {events}");
         for kind in crate::events::EventKind::ALL {
-            assert!(text.contains(kind.as_str()), "event kind {} missing", kind.as_str());
+            assert!(
+                text.contains(kind.as_str()),
+                "event kind {} missing",
+                kind.as_str()
+            );
         }
         let mut referenced = 0;
         for part in text.split("$ref: './").skip(1) {
             let file = part.split('\'').next().expect("file name");
             if file.ends_with(".json") {
                 referenced += 1;
-                assert!(dir.join(file).exists(), "proto/{file} is referenced but missing");
+                assert!(
+                    dir.join(file).exists(),
+                    "proto/{file} is referenced but missing"
+                );
             }
         }
         assert!(referenced >= 5, "only {referenced} schema references");
