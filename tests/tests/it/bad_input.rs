@@ -322,18 +322,12 @@ async fn every_bad_input_fails_its_own_job_with_a_clear_message() {
         );
         report.push(format!("{:<22} {error}", case.job_id));
     }
-    for i in 0..good.len() {
+    for (i, name) in good.iter().enumerate() {
         let job = stack
             .wait_for_end(&format!("good-{i}"), Duration::from_secs(180))
             .await;
-        assert_eq!(
-            job.state,
-            JobState::Completed,
-            "{}: {:?}",
-            good[i],
-            job.error
-        );
-        assert!(job.counts.succeeded >= 3, "{}: {:?}", good[i], job.counts);
+        assert_eq!(job.state, JobState::Completed, "{}: {:?}", name, job.error);
+        assert!(job.counts.succeeded >= 3, "{}: {:?}", name, job.counts);
     }
     let keys = stack.bus.kv.keys().await.expect("keys");
     let keys: Vec<String> = futures::StreamExt::collect::<Vec<_>>(keys)
