@@ -151,7 +151,7 @@ impl Default for LimitsSettings {
     fn default() -> Self {
         Self {
             max_input_bytes: 20 * 1024 * 1024 * 1024,
-            max_rows: 50_000_000,
+            max_rows: 10_000_000,
             max_cell_bytes: 1024 * 1024,
             max_columns: 2_000,
             max_fields: 100,
