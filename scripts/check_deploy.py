@@ -5,8 +5,12 @@ docker-compose.yml and every YAML under deploy/.
 Run with the tools venv (it has PyYAML): `.tools/venv/bin/python scripts/check_deploy.py`.
 Checks, among others, that each command is a binary of the workspace, each ROWSMITH_* variable
 is a key of shared/src/config.rs `Settings`, the NATS image is the server version the tests
-pin, every Deployment has probes, resources and a PodDisruptionBudget, and the KEDA
-ScaledObject names the stream and consumer the poller uses. When `docker-compose` (or
+pin, every Deployment has probes, resources and a PodDisruptionBudget, the KEDA
+ScaledObject names the stream and consumer the poller uses, every `ROWSMITH_*_FILE` path is
+mounted, and the NATS identities fit deploy/nats: in the overlays of AUTHENTICATED_OVERLAYS
+each service connects as its own user of rowsmith-auth.conf with its own password file
+mounted read-only, with TLS and the CA helm-values.yaml names, and KEDA reads the account
+that holds those users (`$G` where no service has a user). When `docker-compose` (or
 `docker compose`) and `kubectl` (or `kustomize`) are on PATH it also runs
 `docker-compose config -q` and `kubectl kustomize` on every kustomization and checks the
 rendered manifests. Exits 1 listing every problem; prints one summary line on success.
@@ -36,6 +40,14 @@ OPS_PORT = 9090
 # Environment outside ROWSMITH_* that the binaries read.
 EXTRA_ENV = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "RUST_LOG", "RUST_BACKTRACE", "TMPDIR"}
 EXTRA_ENV_PREFIXES = ("AWS_",)
+# NATS security (deploy/nats): the server's users and permissions, and the chart values.
+AUTH_CONF = "deploy/nats/rowsmith-auth.conf"
+HELM_VALUES = "deploy/nats/helm-values.yaml"
+# Rendered overlays that must connect as the users of AUTH_CONF. The base stays open.
+AUTHENTICATED_OVERLAYS = ("deploy/overlays/production",)
+# The Secret, in the services' namespace, holding each service's plain NATS password under
+# the key <service> (deploy/nats/README.md, "Kubernetes").
+NATS_PASSWORD_SECRET = "rowsmith-nats-users"
 
 problems: list[str] = []
 
@@ -545,6 +557,266 @@ def check_workloads(label: str, docs: list, binaries: set[str], structs: dict, s
             problem(where, "minReplicaCount/maxReplicaCount are not a range")
 
 
+# --- NATS identities --------------------------------------------------------------------------
+
+
+def strip_conf_comments(text: str) -> str:
+    """nats-server config without `#` and `//` comments (quoted strings kept)."""
+    out, quote, i = [], None, 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            out.append(char)
+            if char == "\\" and i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 1
+            elif char == quote:
+                quote = None
+        elif char in "\"'":
+            quote = char
+            out.append(char)
+        elif char == "#" or text.startswith("//", i):
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        else:
+            out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def closing_brace(text: str, opening: int) -> int:
+    """Index of the `}` that closes the `{` at `opening` (comments already stripped)."""
+    depth, quote = 0, None
+    for i in range(opening, len(text)):
+        char = text[i]
+        if quote:
+            if char == quote and text[i - 1] != "\\":
+                quote = None
+        elif char in "\"'":
+            quote = char
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def auth_accounts() -> dict[str, set[str]]:
+    """Account -> its user names, from the `accounts { NAME { users: [...] } }` block of
+    rowsmith-auth.conf."""
+    path = ROOT / AUTH_CONF
+    if not path.exists():
+        problem(AUTH_CONF, "missing")
+        return {}
+    text = strip_conf_comments(path.read_text(encoding="utf-8"))
+    start = re.search(r"(?m)^\s*accounts\s*[:=]?\s*\{", text)
+    if not start:
+        problem(AUTH_CONF, "no `accounts { ... }` block")
+        return {}
+    end = closing_brace(text, start.end() - 1)
+    if end < 0:
+        problem(AUTH_CONF, "the accounts block is not closed")
+        return {}
+    accounts: dict[str, set[str]] = {}
+    entry = re.compile(r"[\s,]*\"?([A-Za-z0-9_$-]+)\"?\s*[:=]?\s*\{")
+    position = start.end()
+    while position < end:
+        match = entry.match(text, position)
+        if not match:
+            if text[position:end].strip(" \t\r\n,"):
+                problem(AUTH_CONF, f"cannot read the accounts block near {text[position:position + 40]!r}")
+            break
+        close = closing_brace(text, match.end() - 1)
+        if close < 0 or close > end:
+            problem(AUTH_CONF, f"account {match.group(1)} is not closed")
+            break
+        block = text[match.end():close]
+        accounts[match.group(1)] = set(re.findall(r"\buser\s*[:=]\s*\"?([A-Za-z0-9_.-]+)", block))
+        position = close + 1
+    if not accounts:
+        problem(AUTH_CONF, "the accounts block names no account")
+    return accounts
+
+
+def helm_nats_tls() -> tuple[bool, str | None, str | None]:
+    """(TLS on the client port, Secret of the CA, its key) from the chart values."""
+    docs = load_yaml_documents(ROOT / HELM_VALUES) if (ROOT / HELM_VALUES).exists() else []
+    values = docs[0] if docs and isinstance(docs[0], dict) else {}
+    tls = ((values.get("config") or {}).get("nats") or {}).get("tls") or {}
+    ca = values.get("tlsCA") or {}
+    if ca.get("enabled"):
+        return bool(tls.get("enabled")), ca.get("secretName"), ca.get("key") or "ca.crt"
+    return bool(tls.get("enabled")), tls.get("secretName"), "ca.crt"
+
+
+class FromElsewhere:
+    """An env value that comes from a Secret or a field reference, not a literal."""
+
+    def __repr__(self) -> str:
+        return "<valueFrom>"
+
+
+def effective_env(container: dict, docs: list) -> dict:
+    """The container's environment: ConfigMaps of envFrom (found among `docs`), then env."""
+    configmaps = {d["metadata"]["name"]: d.get("data") or {} for d in docs if d.get("kind") == "ConfigMap"}
+    env: dict = {}
+    for source in container.get("envFrom") or []:
+        ref = source.get("configMapRef") or {}
+        prefix = source.get("prefix") or ""
+        for key, value in configmaps.get(ref.get("name"), {}).items():
+            env[prefix + key] = value
+    for item in container.get("env") or []:
+        env[item["name"]] = item["value"] if "value" in item else FromElsewhere()
+    return env
+
+
+def mounted_file(pod: dict, container: dict, path: str) -> tuple[dict | None, dict | None, str]:
+    """The volume mount and volume that provide the file `path`, and the file's name inside
+    the volume; (None, None, why) when nothing provides it."""
+    mounts = sorted(container.get("volumeMounts") or [], key=lambda m: len(m.get("mountPath", "")), reverse=True)
+    for mount in mounts:
+        mount_path = mount.get("mountPath", "").rstrip("/")
+        if path == mount_path and mount.get("subPath"):
+            inner = mount["subPath"]
+        elif path.startswith(mount_path + "/") and not mount.get("subPath"):
+            inner = path[len(mount_path) + 1:]
+        else:
+            continue
+        volume = next((v for v in pod.get("volumes") or [] if v.get("name") == mount.get("name")), None)
+        if volume is None:
+            return None, None, f"volumeMount {mount.get('name')!r} has no volume"
+        return mount, volume, inner
+    return None, None, "no volumeMount covers it"
+
+
+def file_source(volume: dict, inner: str) -> tuple[str | None, str | None, str | None]:
+    """(kind, object name, key) of the Secret or ConfigMap key a mounted file comes from; the
+    key is None when the volume mounts every key and `inner` names none of them for sure;
+    kind is None when `inner` is not one of the volume's items."""
+    for kind, field, name_field in (("Secret", "secret", "secretName"), ("ConfigMap", "configMap", "name")):
+        source = volume.get(field)
+        if source is None:
+            continue
+        items = source.get("items")
+        if items is None:
+            return kind, source.get(name_field), inner
+        for item in items:
+            if item.get("path") == inner:
+                return kind, source.get(name_field), item.get("key")
+        return None, source.get(name_field), None
+    return "other", None, None
+
+
+def check_file_env(where: str, pod: dict, container: dict, env: dict) -> None:
+    """Every ROWSMITH_*_FILE with a literal path must be a file some volume provides."""
+    for key, value in env.items():
+        if not (key.startswith("ROWSMITH_") and key.endswith("_FILE")) or not isinstance(value, str):
+            continue
+        if not value.startswith("/"):
+            problem(where, f"{key}={value}: use an absolute path to a mounted file")
+            continue
+        mount, volume, inner = mounted_file(pod, container, value)
+        if volume is None:
+            problem(where, f"{key}={value}: no volume provides this file ({inner})")
+            continue
+        kind, name, _ = file_source(volume, inner)
+        if kind is None:
+            problem(where, f"{key}={value}: volume {volume['name']!r} ({name}) has no item with path {inner!r}")
+
+
+def check_nats_identity(label: str, docs: list, required: bool, accounts: dict[str, set[str]],
+                        helm_tls: tuple[bool, str | None, str | None]) -> None:
+    """Each service's NATS user, password file, inbox and TLS, and the KEDA account.
+
+    `required`: an overlay of AUTHENTICATED_OVERLAYS, where every service must connect as its
+    own user of rowsmith-auth.conf. Elsewhere a user, when set, must still fit."""
+    users: dict[str, str] = {}
+    for deployment in (d for d in docs if d.get("kind") == "Deployment"):
+        pod = deployment.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers") or []:
+            command = command_list(container.get("command")) or command_list(container.get("args"))
+            service = command[0].removeprefix("rowsmith-") if command else ""
+            where = f"{label}: Deployment {deployment['metadata']['name']} container {container.get('name')}"
+            env = effective_env(container, docs)
+            check_file_env(where, pod, container, env)
+            if service not in SERVICES:
+                continue
+            user = env.get("ROWSMITH_NATS__USER")
+            if user is None:
+                if required:
+                    problem(where, f"ROWSMITH_NATS__USER is not set: it should be {service!r}, its user in {AUTH_CONF}")
+                continue
+            if not isinstance(user, str):
+                problem(where, "ROWSMITH_NATS__USER should be a literal (the service name), not a valueFrom")
+                continue
+            users[service] = user
+            if user != service:
+                problem(where, f"ROWSMITH_NATS__USER={user}: the {service} service must connect as {service!r} (its permissions)")
+            if accounts and not any(user in members for members in accounts.values()):
+                problem(where, f"ROWSMITH_NATS__USER={user} is no user of {AUTH_CONF}")
+            prefix = env.get("ROWSMITH_NATS__INBOX_PREFIX")
+            if isinstance(prefix, str) and prefix != f"_INBOX_{user}":
+                problem(where, f"ROWSMITH_NATS__INBOX_PREFIX={prefix}: the permissions allow only _INBOX_{user} (leave it unset: that is the default)")
+            password_file = env.get("ROWSMITH_NATS__PASSWORD_FILE")
+            if not isinstance(password_file, str):
+                if required or "ROWSMITH_NATS__PASSWORD" not in env:
+                    problem(where, "ROWSMITH_NATS__PASSWORD_FILE should point at the mounted password "
+                                   f"(key {service!r} of Secret {NATS_PASSWORD_SECRET!r})")
+            else:
+                mount, volume, inner = mounted_file(pod, container, password_file)
+                if volume is not None:
+                    kind, name, key = file_source(volume, inner)
+                    if kind != "Secret":
+                        problem(where, f"ROWSMITH_NATS__PASSWORD_FILE={password_file} is not a file of a Secret volume")
+                    else:
+                        if required and name != NATS_PASSWORD_SECRET:
+                            problem(where, f"the password comes from Secret {name!r}, not {NATS_PASSWORD_SECRET!r}")
+                        if key != service:
+                            problem(where, f"ROWSMITH_NATS__PASSWORD_FILE={password_file} is key {key!r} of Secret {name!r}, not the service's key {service!r}")
+                        items = (volume.get("secret") or {}).get("items")
+                        if items is None or {item.get("key") for item in items} != {service}:
+                            problem(where, f"volume {volume['name']!r} should mount only key {service!r} of {name!r} (items), not other services' passwords")
+                    if not mount.get("readOnly"):
+                        problem(where, f"volumeMount {mount.get('name')!r} of the password should be readOnly: true")
+            tls_on, ca_secret, ca_key = helm_tls
+            if required and tls_on:
+                url = str(env.get("ROWSMITH_NATS__URL") or "")
+                ca_file = env.get("ROWSMITH_NATS__TLS_CA_FILE")
+                if not isinstance(ca_file, str):
+                    problem(where, f"{HELM_VALUES} serves TLS: set ROWSMITH_NATS__TLS_CA_FILE to the mounted {ca_key} of Secret {ca_secret!r}")
+                else:
+                    mount, volume, inner = mounted_file(pod, container, ca_file)
+                    if volume is not None:
+                        kind, name, key = file_source(volume, inner)
+                        if (kind, name, key) != ("Secret", ca_secret, ca_key):
+                            problem(where, f"ROWSMITH_NATS__TLS_CA_FILE={ca_file} is {kind} {name!r} key {key!r}, not key {ca_key!r} of Secret {ca_secret!r} ({HELM_VALUES})")
+                if not url.startswith(("tls://", "nats://")):
+                    problem(where, f"ROWSMITH_NATS__URL={url!r} should be tls:// (or nats://) to the chart's client port")
+    # KEDA reads the account that holds the services' users; "$G" when nobody logs in.
+    # Where a service has no user yet, count the user it should have.
+    wanted = set(users.values()) | (set(SERVICES) if required else set())
+    if wanted:
+        holders = sorted(name for name, members in accounts.items() if wanted <= members)
+        expected = holders[0] if len(holders) == 1 else None
+        if expected is None and accounts:
+            problem(label, f"no single account of {AUTH_CONF} holds the users {sorted(wanted)} (found {holders})")
+    else:
+        expected = "$G"
+    for scaled_object in (d for d in docs if d.get("kind") == "ScaledObject"):
+        for trigger in scaled_object.get("spec", {}).get("triggers") or []:
+            if trigger.get("type") != "nats-jetstream" or expected is None:
+                continue
+            account = (trigger.get("metadata") or {}).get("account")
+            if account != expected:
+                why = (f"the account of {AUTH_CONF} that holds the services' users" if expected != "$G"
+                       else "no service logs in as a user here, so the streams live in the global account")
+                problem(f"{label}: ScaledObject {scaled_object['metadata']['name']}",
+                        f"trigger account {account!r} should be {expected!r}: {why}")
+
+
 def example_secret_keys(base_docs: list) -> dict:
     keys: dict[str, set] = {}
     for doc in base_docs:
@@ -591,9 +863,17 @@ def main() -> int:
     base_docs = [doc for path, docs in all_docs.items() if path.parent == ROOT / "deploy/base" for doc in docs]
     secret_keys = example_secret_keys(base_docs)
     check_workloads("deploy/base", base_docs, binaries, structs, stream, durables, secret_keys)
+    accounts = auth_accounts()
+    helm_tls = helm_nats_tls()
+    check_nats_identity("deploy/base", base_docs, False, accounts, helm_tls)
     kustomize_tool, rendered = run_kustomize()
+    for overlay in AUTHENTICATED_OVERLAYS:
+        if kustomize_tool and ROOT / overlay not in rendered:
+            problem(overlay, "not rendered, so its NATS users were not checked")
     for directory, docs in rendered.items():
         check_workloads(f"{rel(directory)} (rendered)", docs, binaries, structs, stream, durables, secret_keys)
+        check_nats_identity(f"{rel(directory)} (rendered)", docs, rel(directory) in AUTHENTICATED_OVERLAYS,
+                            accounts, helm_tls)
         for doc in docs:
             if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"].startswith("rowsmith-config"):
                 check_env(f"{rel(directory)} (rendered) ConfigMap", doc.get("data") or {}, structs)
