@@ -54,6 +54,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `up` sets up its own; every other command records spans (a job's trace starts at
+    // `submit`) and logs warnings only.
+    let _telemetry = match &cli.command {
+        Command::Up(_) => None,
+        _ => {
+            let settings = rowsmith_shared::config::Settings::from_env().unwrap_or_default();
+            let log = rowsmith_shared::config::LogSettings {
+                level: "warn".into(),
+                ..settings.log
+            };
+            Some(rowsmith_shared::telemetry::init(
+                &log,
+                &settings.telemetry,
+                "rowsmith",
+            ))
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -5,6 +5,7 @@ use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::storage::Store;
 use std::process::ExitCode;
+use tracing::Instrument;
 
 use crate::job_args::{JobArgs, stage_input};
 
@@ -33,7 +34,11 @@ pub async fn submit_job(
     spec.validate_limits(&settings.limits)?;
     let job_id = spec.id().to_owned();
     spec.input = stage_input(store, &job_id, &spec.input).await?;
-    bus.publish(subjects::JOBS_SUBMIT, &job_id, &spec).await?;
+    // The job's trace starts here: ingest continues it from the message's traceparent.
+    let span = tracing::info_span!("submit", job_id = %job_id);
+    bus.publish(subjects::JOBS_SUBMIT, &job_id, &spec)
+        .instrument(span)
+        .await?;
     eprintln!(
         "submitted job {job_id} ({} via {}, model {})",
         job.input, spec.provider, spec.model

@@ -56,6 +56,7 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut check = tokio::time::interval(Duration::from_secs(2));
     let started = std::time::Instant::now();
+    let mut attempt = 1;
     loop {
         tokio::select! {
             next = events.next() => {
@@ -71,7 +72,18 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
                 let counts = event.counts;
                 bar.set_length(counts.rows_total.saturating_sub(counts.rows_skipped).max(1));
                 bar.set_position(counts.succeeded + counts.failed);
-                bar.set_message(format!("ok {} failed {} | {}", counts.succeeded, counts.failed, event.kind.as_str()));
+                if let Some(shard) = &event.shard {
+                    attempt = attempt.max(shard.attempt);
+                }
+                bar.set_message(format!(
+                    "ok {} failed {} pending {} | batches {} running, {} ended | attempt {attempt} | {}",
+                    counts.succeeded,
+                    counts.failed,
+                    counts.pending,
+                    counts.shards_total.saturating_sub(counts.shards_ended),
+                    counts.shards_ended,
+                    event.kind.as_str()
+                ));
                 if interactive {
                     bar.println(format!("{}: {}", event.kind.as_str(), event.message));
                 } else {

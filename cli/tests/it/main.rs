@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use futures::StreamExt;
 use rowsmith_tests::Stack;
 
 /// `rowsmith ARGS` aimed at the test stack.
@@ -62,6 +63,12 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
         out.to_str().expect("utf-8"),
     ];
     enrich.extend_from_slice(&job);
+    let mut work = stack
+        .bus
+        .client
+        .subscribe("rowsmith.>")
+        .await
+        .expect("subscribe");
     // enrich waits for the job: off the runtime's threads, which run the services.
     let mut enrich_command = command(&stack, &enrich);
     let result =
@@ -72,6 +79,36 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
         result.status.success(),
         "enrich failed: {}",
         String::from_utf8_lossy(&result.stderr)
+    );
+    // The job's trace starts at the CLI's submit and runs through every service.
+    let mut traces = std::collections::BTreeMap::new();
+    while let Ok(Some(message)) =
+        tokio::time::timeout(std::time::Duration::from_millis(300), work.next()).await
+    {
+        if !String::from_utf8_lossy(&message.payload).contains("\"cli-job\"") {
+            continue;
+        }
+        let parent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| panic!("{} carries no traceparent", message.subject));
+        let trace = parent.split('-').nth(1).expect("trace id").to_owned();
+        traces
+            .entry(trace)
+            .or_insert_with(Vec::new)
+            .push(message.subject.to_string());
+    }
+    assert_eq!(traces.len(), 1, "one trace per job: {traces:?}");
+    let subjects = traces.values().next().expect("trace");
+    assert!(
+        subjects.iter().any(|s| s == "rowsmith.jobs.submit"),
+        "{subjects:?}"
+    );
+    assert!(
+        subjects.iter().any(|s| s == "rowsmith.batches.ended"),
+        "{subjects:?}"
     );
     let printed = String::from_utf8_lossy(&result.stdout);
     assert!(

@@ -142,3 +142,129 @@ async fn services_run_as_their_own_users_and_nothing_more() {
         .await;
     assert!(pulled.is_err(), "ingest pulled from merger's consumer");
 }
+
+/// Writes `text` to `dir/name` and returns the path.
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_nkey_authentication_connect_and_wrong_ones_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let user = nkeys::KeyPair::new_user();
+    let seed = write(dir.path(), "user.nk", &user.seed().expect("seed"));
+    let token = format!("t{}", nuid::next());
+    let config = write(
+        dir.path(),
+        "auth.conf",
+        &format!("authorization {{\n  token: \"{token}\"\n}}\n"),
+    );
+    let nats = NatsServer::start_with_config(&config, &[]);
+    let mut settings = NatsSettings {
+        url: nats.url(),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    settings.token = Some(token.clone().into());
+    Bus::connect(&settings, "token")
+        .await
+        .expect("the token is accepted");
+    settings.token = Some("t-wrong".to_owned().into());
+    let error = Bus::connect(&settings, "wrong-token")
+        .await
+        .expect_err("refused");
+    assert!(error.is_authorization(), "{error}");
+
+    let config = write(
+        dir.path(),
+        "nkey.conf",
+        &format!(
+            "authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n",
+            user.public_key()
+        ),
+    );
+    let nats = NatsServer::start_with_config(&config, &[]);
+    let settings = NatsSettings {
+        url: nats.url(),
+        nkey_seed_file: Some(seed),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    Bus::connect(&settings, "nkey")
+        .await
+        .expect("the nkey is accepted");
+    let other = write(
+        dir.path(),
+        "other.nk",
+        &nkeys::KeyPair::new_user().seed().expect("seed"),
+    );
+    let settings = NatsSettings {
+        nkey_seed_file: Some(other),
+        ..settings
+    };
+    let error = Bus::connect(&settings, "other-nkey")
+        .await
+        .expect_err("refused");
+    assert!(error.is_authorization(), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_connects_with_the_client_certificate_and_not_without() {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issue = |names: Vec<String>, purpose: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue(
+        vec!["localhost".into(), "127.0.0.1".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) =
+        issue(vec!["ingest".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    let ca_file = write(dir.path(), "ca.pem", &ca_cert.pem());
+    let server_cert = write(dir.path(), "server.pem", &server_cert);
+    let server_key = write(dir.path(), "server-key.pem", &server_key);
+    let config = write(
+        dir.path(),
+        "tls.conf",
+        &format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}\n",
+            server_cert.display(),
+            server_key.display(),
+            ca_file.display()
+        ),
+    );
+    let nats = NatsServer::start_with_config(&config, &[]);
+    let url = nats.url().replace("127.0.0.1", "localhost");
+    let mut settings = NatsSettings {
+        url,
+        tls_ca_file: Some(ca_file),
+        tls_cert_file: Some(write(dir.path(), "client.pem", &client_cert)),
+        tls_key_file: Some(write(dir.path(), "client-key.pem", &client_key)),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let bus = Bus::connect(&settings, "mtls")
+        .await
+        .expect("mutual TLS connects");
+    bus.kv
+        .put("tls-check", "ok".into())
+        .await
+        .expect("a KV write over TLS");
+    settings.tls_cert_file = None;
+    settings.tls_key_file = None;
+    assert!(
+        Bus::connect(&settings, "no-client-cert").await.is_err(),
+        "a client without its certificate must be refused"
+    );
+}
