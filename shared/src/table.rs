@@ -372,7 +372,21 @@ impl Reader {
         let kind = input_kind(input)?;
         let header = match kind {
             InputKind::Csv { gzip, tab } => Some(preflight_csv(input, gzip, tab, limits)?),
-            _ => None,
+            _ => {
+                let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+                if size > limits.max_input_bytes {
+                    return Err(TableError::Input(format!(
+                        "{}: {size} bytes is more than limits.max_input_bytes ({}); split the \
+                         table or raise the limit",
+                        input
+                            .file_name()
+                            .map(|n| n.to_string_lossy())
+                            .unwrap_or_default(),
+                        limits.max_input_bytes
+                    )));
+                }
+                None
+            }
         };
         Ok(Self {
             path: path_literal(input),
@@ -1219,5 +1233,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains(".csv"), "{error}");
+    }
+
+    #[test]
+    fn the_input_size_limit_holds_for_every_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = LimitsSettings {
+            max_input_bytes: 100,
+            ..Default::default()
+        };
+        let jsonl = dir.path().join("big.jsonl");
+        let line = "{\"sku\": \"00501\", \"description\": \"a sturdy thing\"}\n";
+        std::fs::write(&jsonl, line.repeat(10)).expect("write");
+        let error = index_input(&jsonl, &dir.path().join("o.parquet"), &limits).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("more than limits.max_input_bytes (100)"),
+            "{error}"
+        );
+        let csv = dir.path().join("big.csv");
+        std::fs::write(&csv, format!("sku,description\n{}", "1,abc\n".repeat(50))).expect("write");
+        let error = index_input(&csv, &dir.path().join("p.parquet"), &limits).unwrap_err();
+        assert!(
+            error.to_string().contains("limits.max_input_bytes"),
+            "{error}"
+        );
     }
 }

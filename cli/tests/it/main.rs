@@ -280,3 +280,97 @@ async fn estimate_counts_tokens_and_prices_and_budget_refuses_before_any_batch()
     assert_eq!(stats["batches_created"], 0, "{stats}");
     assert_eq!(stats["files_uploaded"], 0, "{stats}");
 }
+
+/// Accepts one HTTP request on a free port and hands over its request line and headers.
+fn one_http_request() -> (String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    let handle = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("a request");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut head = String::new();
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read");
+            if let Some(value) = line.to_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+            if line.trim().is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).expect("body");
+        let mut stream = stream;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        head
+    });
+    (address, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_are_exported_over_otlp_when_an_endpoint_is_set_and_limits_apply_to_the_cli() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = write_table(dir.path());
+    let (endpoint, request) = one_http_request();
+    let args = [
+        "submit",
+        table.as_str(),
+        "--job-id",
+        "traced-cli",
+        "--instructions",
+        "Write a title.",
+        "--target",
+        "description",
+        "--field",
+        "title:string",
+    ];
+    let mut submit = command(&stack, &args);
+    submit.env("ROWSMITH_TELEMETRY__OTLP_ENDPOINT", &endpoint);
+    let output = tokio::task::spawn_blocking(move || submit.output().expect("run rowsmith"))
+        .await
+        .expect("join");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let head = tokio::task::spawn_blocking(move || request.join().expect("server"))
+        .await
+        .expect("join");
+    assert!(head.starts_with("POST /v1/traces "), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: application/x-protobuf"),
+        "{head}"
+    );
+
+    // Instructions over limits.max_instruction_bytes are refused by the CLI before anything
+    // is uploaded or published (a JobSpec must also fit NATS's 1 MB message limit).
+    let instructions = dir.path().join("long.txt");
+    std::fs::write(&instructions, "x".repeat(1024 * 1024)).expect("write");
+    let at_file = format!("@{}", instructions.display());
+    let long = rowsmith(
+        &stack,
+        &[
+            "submit",
+            table.as_str(),
+            "--instructions",
+            &at_file,
+            "--target",
+            "description",
+            "--field",
+            "title:string",
+        ],
+    );
+    assert_eq!(long.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        stderr.contains("1048576 bytes, more than limits.max_instruction_bytes"),
+        "{stderr}"
+    );
+}
