@@ -167,6 +167,11 @@ def main():
                 "Input: scripts/benchmark/make_products.py (sku, name, brand, category, price, description of 2-5 "
                 "sentences with quotes, commas, newlines, unicode; 1% empty). The seed is "
                 "../shared/bench/seed_ingest.py on the same 1M-row file.\n")
+        # What the numbers mean (profiles, misses, history) is kept by hand next to this script.
+        notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
+        if os.path.exists(notes):
+            with open(notes) as n:
+                f.write("\n" + n.read())
 
 
 if __name__ == "__main__":

@@ -251,7 +251,11 @@ impl Estimate {
     pub fn summary(&self) -> String {
         let cost = match (self.cost_batch_usd, self.cost_sync_usd) {
             (Some(batch), Some(sync)) => {
-                format!("${batch:.2} at batch price (${sync:.2} synchronous)")
+                format!(
+                    "{} at batch price ({} synchronous)",
+                    dollars(batch),
+                    dollars(sync)
+                )
             }
             _ => format!(
                 "no price for model {:?} (add [prices.\"{}\"])",

@@ -274,7 +274,12 @@ impl RequestTemplate {
 
 /// The row index of a custom id (`r<row_index>`).
 pub fn row_index_of(custom_id: &str) -> Option<i64> {
-    custom_id.strip_prefix('r')?.parse().ok()
+    let digits = custom_id.strip_prefix('r')?;
+    // Exactly what `r{row_index}` writes: no sign, no leading zero.
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    canonical.then(|| digits.parse().ok()).flatten()
 }
 
 #[cfg(test)]
@@ -371,5 +376,9 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(row_index_of("r42"), Some(42));
         assert_eq!(row_index_of("x42"), None);
+        assert_eq!(row_index_of("r0"), Some(0));
+        for odd in ["r+5", "r05", "r", "r-1", "r 5"] {
+            assert_eq!(row_index_of(odd), None, "{odd}");
+        }
     }
 }

@@ -115,6 +115,7 @@ pub fn merge_lines(
     let mut anomalies = Anomalies::default();
     for file in result_files {
         for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let mut readable = true;
             let (row_index, result) = match format.parse(line, fields) {
                 Some(parsed) => parsed,
                 None if serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok() => {
@@ -123,6 +124,7 @@ pub fn merge_lines(
                 }
                 None => {
                     anomalies.unreadable += 1;
+                    readable = false;
                     let Some(row_index) = salvage_custom_id(line) else {
                         continue;
                     };
@@ -138,6 +140,8 @@ pub fn merge_lines(
             };
             match results.get_mut(&row_index) {
                 Some(slot @ None) => *slot = Some(result),
+                // An unreadable line is counted once, as unreadable.
+                _ if !readable => {}
                 // A duplicated custom_id keeps its first answer.
                 Some(Some(_)) => {
                     anomalies.duplicates += 1;
@@ -321,6 +325,20 @@ mod tests {
         ] {
             assert!(text.contains(part), "{part}: {text}");
         }
+        // An unreadable line naming an already answered row counts once, as unreadable.
+        let again = format!("{output}\n{{\"custom_id\": \"r0\", \"resp");
+        let merged = merge_lines(requests, &[again.as_bytes()], &ended("completed"), &fields)
+            .expect("merge");
+        let anomalies = &merged.anomalies;
+        assert_eq!(
+            (
+                anomalies.unreadable,
+                anomalies.unknown,
+                anomalies.duplicates
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!(merged.rows[0].values, [Some("zero".to_owned())]);
     }
 
     #[test]
