@@ -48,6 +48,9 @@ enum Command {
     Cancel(commands::cancel::Args),
     /// Print a job's events (or every job's), oldest first; --follow to keep tailing.
     Events(commands::events::Args),
+    /// Create or update the NATS streams and KV bucket (for services run with
+    /// nats.ensure_topology = false).
+    Setup(commands::setup::Args),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Command::Estimate(args) => commands::estimate::run(args).await,
             Command::Cancel(args) => commands::cancel::run(args).await,
             Command::Events(args) => commands::events::run(args).await,
+            Command::Setup(args) => commands::setup::run(args).await,
             Command::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(

@@ -180,7 +180,7 @@ impl Bus {
                 source,
             })?;
         let js = jetstream::new(client.clone());
-        let kv = ensure_topology(&js).await?;
+        let kv = ensure_topology(&js, settings).await?;
         Ok(Self { client, js, kv })
     }
 
@@ -404,7 +404,32 @@ impl Bus {
     }
 }
 
-async fn ensure_topology(js: &jetstream::Context) -> Result<kv::Store, BusError> {
+/// The streams and the KV bucket: created or updated (`nats.ensure_topology`, the default),
+/// else only looked up, failing clearly when a set-up step has not made them.
+async fn ensure_topology(
+    js: &jetstream::Context,
+    settings: &NatsSettings,
+) -> Result<kv::Store, BusError> {
+    if !settings.ensure_topology {
+        for name in [WORK_STREAM, EVENTS_STREAM] {
+            js.get_stream(name).await.map_err(|e| {
+                BusError::topology(
+                    name,
+                    format!(
+                        "{e}; with nats.ensure_topology = false the streams must exist: run \
+                         `rowsmith setup` once as a user allowed to create them"
+                    ),
+                )
+            })?;
+        }
+        return js.get_key_value(BUCKET).await.map_err(|e| {
+            BusError::topology(
+                format!("KV bucket {BUCKET}"),
+                format!("{e}; run `rowsmith setup` once"),
+            )
+        });
+    }
+    let replicas = settings.replicas.max(1);
     js.create_or_update_stream(stream::Config {
         name: WORK_STREAM.into(),
         description: Some("rowsmith work: jobs, shards, batches".into()),
@@ -416,6 +441,7 @@ async fn ensure_topology(js: &jetstream::Context) -> Result<kv::Store, BusError>
         ],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         duplicate_window: Duration::from_secs(600),
         ..Default::default()
     })
@@ -428,6 +454,7 @@ async fn ensure_topology(js: &jetstream::Context) -> Result<kv::Store, BusError>
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
+        num_replicas: replicas,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     })
@@ -441,6 +468,7 @@ async fn ensure_topology(js: &jetstream::Context) -> Result<kv::Store, BusError>
         description: "rowsmith job and shard records".into(),
         history: 5,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     };
     match js.create_key_value(config).await {

@@ -247,6 +247,12 @@ pub struct NatsSettings {
     /// Reply subjects start with this instead of `_INBOX`, so that server permissions can
     /// give each service its own inbox space (`_INBOX_ingest.>`).
     pub inbox_prefix: Option<String>,
+    /// Create or update the streams and the KV bucket at start (the default). Off, a process
+    /// only looks them up, so its NATS user needs no right to change them; `rowsmith setup`
+    /// creates them once.
+    pub ensure_topology: bool,
+    /// Replicas of the streams and the KV bucket (3 on a three-node JetStream cluster).
+    pub replicas: usize,
 }
 
 impl Default for NatsSettings {
@@ -266,6 +272,8 @@ impl Default for NatsSettings {
             tls_key_file: None,
             tls_required: false,
             inbox_prefix: None,
+            ensure_topology: true,
+            replicas: 1,
         }
     }
 }

@@ -41,7 +41,17 @@ async fn services_run_as_their_own_users_and_nothing_more() {
         .map(|(u, p)| (format!("{}_PASSWORD", u.to_uppercase()), p.clone()))
         .collect();
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // The strict variant: no service may create or change the streams; `rowsmith setup`
+    // (the admin user) makes them once.
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats/rowsmith-auth.conf");
+    let strict: String = std::fs::read_to_string(&config)
+        .expect("rowsmith-auth.conf")
+        .lines()
+        .filter(|line| !line.trim_end().ends_with("# topology"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write(dir.path(), "rowsmith-auth-strict.conf", &strict);
     let nats = NatsServer::start_with_config(&config, &env_refs);
     let url = nats.url();
 
@@ -72,12 +82,32 @@ async fn services_run_as_their_own_users_and_nothing_more() {
         started.elapsed()
     );
 
+    // Without the set-up step a service says what to do.
+    let mut ingest = as_user(&anonymous, "ingest", &passwords);
+    ingest.ensure_topology = false;
+    let error = Bus::connect(&ingest, "ingest")
+        .await
+        .expect_err("no streams yet");
+    assert!(error.to_string().contains("rowsmith setup"), "{error}");
+    // ...and may not create them itself.
+    ingest.ensure_topology = true;
+    assert!(Bus::connect(&ingest, "ingest").await.is_err());
+    Bus::connect(&as_user(&anonymous, "admin", &passwords), "setup")
+        .await
+        .expect("admin creates the topology");
+
     // Each service as its own user; the test itself acts as the CLI user.
     let stack = Stack::start_on(
         nats,
-        |settings| settings.nats = as_user(&anonymous, "cli", &passwords),
+        |settings| {
+            settings.nats = as_user(&anonymous, "cli", &passwords);
+            settings.nats.ensure_topology = false;
+        },
         &["ingest", "submitter", "poller", "merger"],
-        |service, settings| settings.nats = as_user(&anonymous, service, &passwords),
+        |service, settings| {
+            settings.nats = as_user(&anonymous, service, &passwords);
+            settings.nats.ensure_topology = false;
+        },
     )
     .await;
     let rows = awkward_rows(300);
