@@ -228,6 +228,10 @@ pub async fn finalize_job(
             .as_ref()
             .map(|key| store.local_target(key, scratch.path()))
             .transpose()?,
+        cache_last_attempt: match &job.spec.fallback {
+            Some(_) => job.spec.options.max_attempts.saturating_sub(1),
+            None => u32::MAX,
+        },
     };
     let fields = job.spec.fields.clone();
     let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());

@@ -970,6 +970,9 @@ pub struct FinalOutputs {
     pub csv_formula_escape: bool,
     /// Where to write the result-cache segment of this job's answers (`hashes` given).
     pub cache_segment: Option<PathBuf>,
+    /// The last attempt sent with the job's own provider and model: answers of a fallback
+    /// attempt came from another request and are not cached under this one.
+    pub cache_last_attempt: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1122,10 +1125,12 @@ pub fn finalize(
         connection
             .execute_batch(&format!(
                 "COPY (SELECT h.h_hi, h.h_lo, {} FROM results r \
-                 JOIN read_parquet({}) h USING ({ROW_INDEX}) WHERE r._ok AND r._attempt > 0) \
+                 JOIN read_parquet({}) h USING ({ROW_INDEX}) \
+                 WHERE r._ok AND r._attempt > 0 AND r._attempt <= {}) \
                  TO {} (FORMAT parquet, COMPRESSION zstd)",
                 columns.join(", "),
                 path_literal(hashes),
+                outputs.cache_last_attempt,
                 path_literal(segment)
             ))
             .map_err(duck("write cache segment"))?;

@@ -179,6 +179,7 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
         failures_csv: dir.join("failures.csv"),
         csv_formula_escape: true,
         cache_segment: None,
+        cache_last_attempt: u32::MAX,
     };
     let counts = table::finalize(
         &dir.join("indexed.parquet"),

@@ -187,6 +187,14 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
         900,
         "the 100 rows with empty targets are skipped"
     );
+    // The result cache keeps only the answers to the job's own requests, not the fallback's.
+    let segments = stack.store.list("cache/").await.expect("list");
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    let path = stack.store.local_path(&segments[0]).expect("a file store");
+    let keys = rowsmith_shared::table::read_cache_keys(&[path]).expect("segment");
+    // Every row answered in attempt 1 (those not retried); none of the fallback's answers.
+    assert_eq!(keys.len() as u64, 900 - retried as u64);
+    assert!((keys.len() as u64) < job.counts.succeeded);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
