@@ -206,13 +206,86 @@ struct FinishedShard {
     bytes: u64,
 }
 
+/// A file written by its own thread: the render loop hands over filled 4 MiB buffers and
+/// goes on rendering while the kernel copies the previous ones (on two cores this overlaps
+/// the request lines' page-cache writes with their rendering).
+struct BackgroundWriter {
+    buffer: Vec<u8>,
+    sender: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+const WRITE_CHUNK: usize = 4 << 20;
+
+impl BackgroundWriter {
+    fn new(mut file: std::fs::File) -> Self {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            for chunk in receiver {
+                file.write_all(&chunk)?;
+            }
+            file.flush()
+        });
+        Self {
+            buffer: Vec::with_capacity(WRITE_CHUNK),
+            sender: Some(sender),
+            thread: Some(thread),
+        }
+    }
+
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_CHUNK));
+        let sent = self.sender.as_ref().map(|sender| sender.send(chunk));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The thread stopped: its error is what `finish` reports.
+            _ => self.finish(),
+        }
+    }
+
+    /// Writes what is left and waits for the file to be complete.
+    fn finish(&mut self) -> std::io::Result<()> {
+        if !self.buffer.is_empty() && self.sender.is_some() {
+            let chunk = std::mem::take(&mut self.buffer);
+            if let Some(sender) = &self.sender {
+                let _ = sender.send(chunk);
+            }
+        }
+        self.sender = None;
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| std::io::Error::other("the shard writer thread panicked"))?,
+            None => Err(std::io::Error::other("the shard writer already stopped")),
+        }
+    }
+}
+
+impl std::io::Write for BackgroundWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= WRITE_CHUNK {
+            self.hand_over()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.hand_over()
+    }
+}
+
 /// Writes shards to local files: the objects themselves on a file store, else scratch files
 /// that the async side uploads.
 struct FileShardSink {
     store: Store,
     scratch: PathBuf,
     object_key: Box<dyn Fn(u32) -> String + Send>,
-    open: Option<(u32, String, PathBuf, std::io::BufWriter<std::fs::File>)>,
+    open: Option<(u32, String, PathBuf, BackgroundWriter)>,
     sender: tokio::sync::mpsc::Sender<FinishedShard>,
     duplicates: Vec<(i64, i64)>,
     sample: Sampler,
@@ -238,12 +311,7 @@ impl table::ShardSink for FileShardSink {
                 .local_target(&object_key, &self.scratch)
                 .map_err(Self::io)?;
             let file = std::fs::File::create(&path).map_err(Self::io)?;
-            self.open = Some((
-                shard,
-                object_key,
-                path,
-                std::io::BufWriter::with_capacity(1 << 20, file),
-            ));
+            self.open = Some((shard, object_key, path, BackgroundWriter::new(file)));
         }
         let (_, _, _, writer) = self
             .open
@@ -260,6 +328,7 @@ impl table::ShardSink for FileShardSink {
         };
         debug_assert_eq!(open, shard);
         writer.flush().map_err(Self::io)?;
+        writer.finish().map_err(Self::io)?;
         self.sender
             .blocking_send(FinishedShard {
                 object_key,
