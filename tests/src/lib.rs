@@ -165,6 +165,37 @@ impl Drop for NatsServer {
     }
 }
 
+/// The trace ids of the messages of job `job_id` that `subscriber` has received (until it
+/// has been quiet for 500 ms), each with the subjects seen in it; panics on a message of the
+/// job that carries no `traceparent`.
+pub async fn job_traces(
+    subscriber: &mut async_nats::Subscriber,
+    job_id: &str,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut traces = std::collections::BTreeMap::new();
+    let quoted = format!("\"{job_id}\"");
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), subscriber.next()).await
+    {
+        if !String::from_utf8_lossy(&message.payload).contains(&quoted) {
+            continue;
+        }
+        let parent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("traceparent"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| panic!("{} carries no traceparent", message.subject));
+        let trace = parent.split('-').nth(1).expect("trace id").to_owned();
+        assert_ne!(trace, "0".repeat(32), "an empty trace id");
+        traces
+            .entry(trace)
+            .or_insert_with(Vec::new)
+            .push(message.subject.to_string());
+    }
+    traces
+}
+
 /// A tool the bootstrap installs into `.tools/venv/bin`, else the same name on PATH.
 pub fn venv_tool(name: &str) -> PathBuf {
     let tools = Path::new(env!("CARGO_MANIFEST_DIR"))

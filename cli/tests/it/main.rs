@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use futures::StreamExt;
 use rowsmith_tests::Stack;
 
 /// `rowsmith ARGS` aimed at the test stack.
@@ -23,6 +22,19 @@ fn command(stack: &Stack, args: &[&str]) -> Command {
 
 fn rowsmith(stack: &Stack, args: &[&str]) -> Output {
     command(stack, args).output().expect("run rowsmith")
+}
+
+/// `rowsmith estimate TABLE --json JOB...`, which must succeed, as JSON.
+fn estimate_json(stack: &Stack, table: &str, job: &[&str]) -> serde_json::Value {
+    let mut args = vec!["estimate", table, "--json"];
+    args.extend_from_slice(job);
+    let output = rowsmith(stack, &args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("estimate json")
 }
 
 fn write_table(dir: &Path) -> String {
@@ -81,25 +93,7 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
         String::from_utf8_lossy(&result.stderr)
     );
     // The job's trace starts at the CLI's submit and runs through every service.
-    let mut traces = std::collections::BTreeMap::new();
-    while let Ok(Some(message)) =
-        tokio::time::timeout(std::time::Duration::from_millis(300), work.next()).await
-    {
-        if !String::from_utf8_lossy(&message.payload).contains("\"cli-job\"") {
-            continue;
-        }
-        let parent = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("traceparent"))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_else(|| panic!("{} carries no traceparent", message.subject));
-        let trace = parent.split('-').nth(1).expect("trace id").to_owned();
-        traces
-            .entry(trace)
-            .or_insert_with(Vec::new)
-            .push(message.subject.to_string());
-    }
+    let traces = rowsmith_tests::job_traces(&mut work, "cli-job").await;
     assert_eq!(traces.len(), 1, "one trace per job: {traces:?}");
     let subjects = traces.values().next().expect("trace");
     assert!(
@@ -156,15 +150,7 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
 
     // The job just paid for these 40 requests: an estimate of the same job counts them as
     // answered by the result cache, free.
-    let mut estimate = vec!["estimate", table.as_str(), "--json"];
-    estimate.extend_from_slice(&job);
-    let estimated = rowsmith(&stack, &estimate);
-    assert!(
-        estimated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&estimated.stderr)
-    );
-    let estimated: serde_json::Value = serde_json::from_slice(&estimated.stdout).expect("json");
+    let estimated = estimate_json(&stack, &table, &job);
     assert_eq!(estimated["cached_rows"], 40, "{estimated}");
     assert_eq!(estimated["requests"], 0, "{estimated}");
 
@@ -213,15 +199,7 @@ async fn estimate_counts_tokens_and_prices_and_budget_refuses_before_any_batch()
         "--model",
         "gpt-4o-mini",
     ];
-    let mut estimate = vec!["estimate", table.as_str(), "--json"];
-    estimate.extend_from_slice(&job);
-    let output = rowsmith(&stack, &estimate);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("estimate json");
+    let json = estimate_json(&stack, &table, &job);
     assert_eq!(json["rows"], 40);
     assert_eq!(json["requests"], 40);
     assert_eq!(json["shards"], 1);

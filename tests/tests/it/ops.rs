@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use rowsmith_shared::records::JobState;
 use rowsmith_tests::{S3Server, Stack};
@@ -166,34 +165,27 @@ async fn a_job_is_one_trace_across_services() {
         .expect("subscribe");
     let rows = awkward_rows(400);
     let input = stack.upload_input("trace.csv", to_csv(&rows)).await;
-    stack.submit(&spec("traced", &input, "description")).await;
+    // Submitted inside a span, as the CLI does: the trace starts at the submitter's side.
+    {
+        use tracing::Instrument;
+        let span = tracing::info_span!("submit", job_id = "traced");
+        stack
+            .submit(&spec("traced", &input, "description"))
+            .instrument(span)
+            .await;
+    }
     let job = stack.wait_for_end("traced", Duration::from_secs(120)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert!(job.attempt >= 2, "expected a retry attempt");
 
-    let mut traces = BTreeSet::new();
-    let mut subjects = BTreeSet::new();
-    while let Ok(Some(message)) =
-        tokio::time::timeout(Duration::from_millis(500), work.next()).await
-    {
-        let subject = message.subject.to_string();
-        if subject == "rowsmith.jobs.submit"
-            || !String::from_utf8_lossy(&message.payload).contains("\"traced\"")
-        {
-            continue;
-        }
-        let parent = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("traceparent"))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_else(|| panic!("{subject} carries no traceparent"));
-        let trace_id = parent.split('-').nth(1).expect("trace id").to_owned();
-        assert_ne!(trace_id, "0".repeat(32));
-        traces.insert(trace_id);
-        subjects.insert(subject.split('.').take(3).collect::<Vec<_>>().join("."));
-    }
+    let traces = rowsmith_tests::job_traces(&mut work, "traced").await;
+    let subjects: BTreeSet<String> = traces
+        .values()
+        .flatten()
+        .map(|s| s.split('.').take(3).collect::<Vec<_>>().join("."))
+        .collect();
     for subject in [
+        "rowsmith.jobs.submit",
         "rowsmith.shards.ready",
         "rowsmith.batches.submitted",
         "rowsmith.batches.ended",
