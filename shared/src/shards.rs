@@ -349,7 +349,8 @@ impl table::ShardSink for FileShardSink {
         let Some(hits) = self.hits.as_mut() else {
             return Err(Self::io("a cache hit without a cache"));
         };
-        writeln!(hits, "{row_index},{},{}", (hash >> 64) as u64, hash as u64).map_err(Self::io)
+        let (hi, lo) = table::halves(hash);
+        writeln!(hits, "{row_index},{hi},{lo}").map_err(Self::io)
     }
 }
 

@@ -708,7 +708,7 @@ pub fn render_shards(
 }
 
 /// The two halves of a body hash as DuckDB UBIGINTs.
-fn halves(hash: u128) -> (u64, u64) {
+pub fn halves(hash: u128) -> (u64, u64) {
     ((hash >> 64) as u64, hash as u64)
 }
 

@@ -27,8 +27,7 @@ pub struct Ingest {
     pub limits: LimitsSettings,
     pub output: OutputSettings,
     pub prices: std::collections::BTreeMap<String, Price>,
-    /// `cache.enabled`.
-    pub cache: bool,
+    pub cache: CacheSettings,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -68,9 +67,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
                 &ingest.bus,
                 &ingest.store,
                 &ingest.output,
-                &CacheSettings {
-                    enabled: ingest.cache,
-                },
+                &ingest.cache,
                 &job_id,
             )
             .await
@@ -232,7 +229,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let provider = ingest.providers.get(&spec.provider)?;
     let limits = shard_limits(spec, provider.limits(), &ingest.limits);
     let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
-    let cache = match ingest.cache {
+    let cache = match ingest.cache.enabled {
         true => load_cache(&ingest.store, &fingerprint, scratch.path()).await?,
         false => None,
     };
@@ -253,7 +250,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
-    if ingest.cache {
+    if ingest.cache.enabled {
         store_hashes(&ingest.store, job_id, prepared.first_with_body).await?;
     }
     if let Some((_, segments)) = cache.filter(|_| stats.cached > 0) {
@@ -353,9 +350,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
             &ingest.bus,
             &ingest.store,
             &ingest.output,
-            &CacheSettings {
-                enabled: ingest.cache,
-            },
+            &ingest.cache,
             job_id,
         )
         .await;

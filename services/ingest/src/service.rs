@@ -38,7 +38,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         limits: settings.limits.clone(),
         output: settings.output.clone(),
         prices: settings.prices.clone(),
-        cache: settings.cache.enabled,
+        cache: settings.cache.clone(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;
