@@ -501,6 +501,9 @@ pub struct Delivery {
     pub delivered: i64,
     /// Whether the consumer will not deliver this message again.
     pub last: bool,
+    /// The message's sequence in the work stream: the same on every redelivery, so a
+    /// handler can derive a stable name from it (0 when unknown, as in unit tests).
+    pub stream_sequence: u64,
 }
 
 /// Decodes a JSON payload; `Err` carries the reason a message is poison.
@@ -569,12 +572,16 @@ where
                 return Err(BusError::topology(spec.durable, "pull stream ended"));
             }
         };
-        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let (delivered, stream_sequence) = message
+            .info()
+            .map(|info| (info.delivered, info.stream_sequence))
+            .unwrap_or((1, 0));
         let delivery = Delivery {
             subject: message.subject.to_string(),
             payload: message.payload.clone(),
             delivered,
             last: spec.max_deliver > 0 && delivered >= spec.max_deliver,
+            stream_sequence,
         };
         let handler = handler.clone();
         let durable = spec.durable;

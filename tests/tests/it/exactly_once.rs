@@ -21,6 +21,7 @@ fn delivery<T: serde::Serialize>(subject: &str, message: &T) -> Delivery {
         payload: Bytes::from(serde_json::to_vec(message).expect("json")),
         delivered: 2,
         last: false,
+        stream_sequence: 0,
     }
 }
 
