@@ -99,6 +99,8 @@ def main():
         "ROWSMITH_MERGER__MAX_DELIVER": "50",
         "ROWSMITH_INGEST__MAX_DELIVER": "50",
         "ROWSMITH_SUBMITTER__CHAOS_CRASH_AFTER_CREATE": "0.3",
+        # A submitter killed holding a creation claim delays its shard by the lease.
+        "ROWSMITH_CREATION__LEASE": "3s",
         "ROWSMITH_SIM__ROWS_PER_SECOND": str(args.pace),
         "ROWSMITH_SIM__FAULTS__SERVER_ERROR_RATE": "0.01",
         "ROWSMITH_LOG__LEVEL": "info",

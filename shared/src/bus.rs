@@ -24,8 +24,6 @@ use crate::records::BUCKET;
 pub const WORK_STREAM: &str = "ROWSMITH_WORK";
 /// How long a starting service waits for NATS.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
-/// How long a stopping worker waits for the messages it is handling.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub const EVENTS_STREAM: &str = "ROWSMITH_EVENTS";
 
 #[derive(Debug, thiserror::Error)]
@@ -518,8 +516,16 @@ pub fn retry_delay(delivered: i64) -> Duration {
     Duration::from_secs(2u64.pow(exponent)).min(Duration::from_secs(30))
 }
 
+/// How long one pull waits for a first message.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
 /// Pulls from `consumer` until `shutdown`, handling at most `concurrency` messages at once.
-/// On shutdown it stops pulling and waits for the messages in flight.
+///
+/// It never asks for more messages than it has free permits, so no delivered message waits
+/// in a client buffer while its `ack_wait` runs; and while a handler works it sends an
+/// in-progress ack every third of `ack_wait`, so a slow handler is not handed to a second
+/// worker. On shutdown it stops pulling, releases (NAKs) what it had pulled but not started,
+/// and waits for the messages in flight.
 pub async fn run_worker<H, Fut>(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     spec: ConsumerSpec,
@@ -534,83 +540,73 @@ where
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(concurrency));
     let mut in_flight = JoinSet::new();
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(10))
-        .messages()
-        .await
-        .map_err(|e| BusError::topology(format!("pull from {}", spec.durable), e))?;
     tracing::info!(consumer = spec.durable, concurrency, "worker started");
     tokio::spawn(report_backlog(
         consumer.clone(),
         spec.durable,
         shutdown.clone(),
     ));
-    loop {
+    'pull: loop {
         while in_flight.try_join_next().is_some() {}
-        let permit = tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.cancelled() => break,
             permit = permits.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
         };
-        let next = tokio::select! {
+        let free = 1 + permits.available_permits();
+        let pulled = tokio::select! {
             _ = shutdown.cancelled() => break,
-            next = messages.next() => next,
+            pulled = consumer.fetch().max_messages(free).expires(PULL_EXPIRES).messages() => pulled,
         };
-        let message = match next {
-            Some(Ok(message)) => message,
-            Some(Err(error)) => {
-                // Missing heartbeats and pull errors are transient; the stream goes on.
-                tracing::warn!(consumer = spec.durable, %error, "pull stream error");
-                continue;
-            }
-            None => {
-                return Err(BusError::topology(spec.durable, "pull stream ended"));
-            }
-        };
-        let (delivered, stream_sequence) = message
-            .info()
-            .map(|info| (info.delivered, info.stream_sequence))
-            .unwrap_or((1, 0));
-        let delivery = Delivery {
-            subject: message.subject.to_string(),
-            payload: message.payload.clone(),
-            delivered,
-            last: spec.max_deliver > 0 && delivered >= spec.max_deliver,
-            stream_sequence,
-        };
-        let handler = handler.clone();
-        let durable = spec.durable;
-        let span = handle_span(&delivery, message.headers.as_ref());
-        in_flight.spawn(async move {
-            let started = std::time::Instant::now();
-            let outcome = handler(delivery).instrument(span).await;
-            metrics::histogram!("rowsmith_handle_seconds", "consumer" => durable)
-                .record(started.elapsed().as_secs_f64());
-            let label = match &outcome {
-                Outcome::Done => "done",
-                Outcome::Retry { .. } => "retry",
-                Outcome::Terminate { .. } => "terminate",
-            };
-            metrics::counter!("rowsmith_messages_total", "consumer" => durable, "outcome" => label)
-                .increment(1);
-            let ack = match &outcome {
-                Outcome::Done => AckKind::Ack,
-                Outcome::Retry { after } => AckKind::Nak(Some(*after)),
-                Outcome::Terminate { reason } => {
-                    tracing::warn!(consumer = durable, reason, "message terminated");
-                    AckKind::Term
+        let mut batch = match pulled {
+            Ok(batch) => batch,
+            Err(error) => {
+                // A pull that fails (NATS restarting, say) is tried again shortly.
+                tracing::warn!(consumer = spec.durable, %error, "pull failed");
+                drop(first);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
-            };
-            if let Err(error) = message.ack_with(ack).await {
-                tracing::warn!(consumer = durable, %error, "ack failed; the message will be redelivered");
             }
-            drop(permit);
-        });
+        };
+        let mut held = Some(first);
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    release_pulled(&mut batch, spec.durable).await;
+                    break 'pull;
+                }
+                next = batch.next() => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => {
+                    tracing::warn!(consumer = spec.durable, %error, "pull stream error");
+                    continue;
+                }
+                None => continue 'pull,
+            };
+            // The pull asked for no more messages than there were free permits.
+            let permit = match held.take() {
+                Some(permit) => permit,
+                None => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        release(&message, spec.durable).await;
+                        continue;
+                    }
+                },
+            };
+            let handler = handler.clone();
+            let spec = spec.clone();
+            in_flight.spawn(async move {
+                handle_message(message, &spec, handler.as_ref()).await;
+                drop(permit);
+            });
+        }
     }
     tracing::info!(
         consumer = spec.durable,
@@ -619,6 +615,86 @@ where
     );
     while in_flight.join_next().await.is_some() {}
     Ok(())
+}
+
+/// NAKs whatever a pull still brings after shutdown, so another worker takes it at once.
+async fn release_pulled(batch: &mut pull::Batch, durable: &'static str) {
+    let drain = async {
+        while let Some(next) = batch.next().await {
+            if let Ok(message) = next {
+                release(&message, durable).await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+async fn release(message: &jetstream::Message, durable: &'static str) {
+    if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::warn!(consumer = durable, %error, "could not release a pulled message");
+    }
+}
+
+/// Runs the handler on one message, with in-progress acks while it works, and settles the
+/// message as the handler decided.
+async fn handle_message<H, Fut>(message: jetstream::Message, spec: &ConsumerSpec, handler: &H)
+where
+    H: Fn(Delivery) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
+    let durable = spec.durable;
+    let (delivered, stream_sequence) = message
+        .info()
+        .map(|info| (info.delivered, info.stream_sequence))
+        .unwrap_or((1, 0));
+    let delivery = Delivery {
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        delivered,
+        last: spec.max_deliver > 0 && delivered >= spec.max_deliver,
+        stream_sequence,
+    };
+    let span = handle_span(&delivery, message.headers.as_ref());
+    let started = std::time::Instant::now();
+    let handling = handler(delivery).instrument(span);
+    tokio::pin!(handling);
+    let mut progress = tokio::time::interval(progress_interval(spec.ack_wait));
+    progress.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut handling => break outcome,
+            _ = progress.tick() => {
+                if let Err(error) = message.ack_with(AckKind::Progress).await {
+                    tracing::warn!(consumer = durable, %error, "in-progress ack failed");
+                }
+            }
+        }
+    };
+    metrics::histogram!("rowsmith_handle_seconds", "consumer" => durable)
+        .record(started.elapsed().as_secs_f64());
+    let label = match &outcome {
+        Outcome::Done => "done",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Terminate { .. } => "terminate",
+    };
+    metrics::counter!("rowsmith_messages_total", "consumer" => durable, "outcome" => label)
+        .increment(1);
+    let ack = match &outcome {
+        Outcome::Done => AckKind::Ack,
+        Outcome::Retry { after } => AckKind::Nak(Some(*after)),
+        Outcome::Terminate { reason } => {
+            tracing::warn!(consumer = durable, reason, "message terminated");
+            AckKind::Term
+        }
+    };
+    if let Err(error) = message.ack_with(ack).await {
+        tracing::warn!(consumer = durable, %error, "ack failed; the message will be redelivered");
+    }
+}
+
+/// In-progress acks come every third of `ack_wait`, so two may be lost before it runs out.
+pub fn progress_interval(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(100))
 }
 
 /// The span a message is handled in: a child of the trace context the message carries,

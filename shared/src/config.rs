@@ -21,6 +21,8 @@ pub struct Settings {
     pub submitter: WorkerSettings,
     pub poller: PollerSettings,
     pub merger: WorkerSettings,
+    /// How the submitter claims a batch's creation (exactly once per shard attempt).
+    pub creation: CreationSettings,
     pub sim: SimSettings,
     pub log: LogSettings,
     pub quota: QuotaSettings,
@@ -45,6 +47,7 @@ impl Default for Settings {
             submitter: Default::default(),
             poller: Default::default(),
             merger: Default::default(),
+            creation: Default::default(),
             sim: Default::default(),
             log: Default::default(),
             quota: Default::default(),
@@ -421,6 +424,32 @@ impl Default for WorkerSettings {
     }
 }
 
+/// The creation claim: a submitter claims a shard attempt (compare-and-set) before it creates
+/// the batch, so two deliveries never both create, and one that finds an expired claim looks
+/// for the batch before creating another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CreationSettings {
+    /// How long a claim holds: longer than one create call can take (the provider's timeout
+    /// and its body upload). A submitter that dies holding it delays the shard this long.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// After a create that may have taken effect (timeout, dropped connection, 5xx), how long
+    /// to wait before looking for the batch: longer than the provider may still take to act
+    /// on a request the client gave up on.
+    #[serde(with = "humantime_serde")]
+    pub unconfirmed_wait: Duration,
+}
+
+impl Default for CreationSettings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(600),
+            unconfirmed_wait: Duration::from_secs(180),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PollerSettings {
@@ -529,6 +558,33 @@ pub struct SimFaults {
     pub http_500_every: Option<u64>,
     /// Batch creation is refused with 429 `insufficient_quota` (never worth retrying).
     pub insufficient_quota: bool,
+    /// Every n-th batch creation (either API) is carried out, and then its answer is lost
+    /// as `create_response_lost_as` says: the fault that makes a blind retry pay twice.
+    pub create_response_lost_every: Option<u64>,
+    pub create_response_lost_as: LostResponse,
+    /// How long the answer of a `slow` lost create is held back (longer than the client's
+    /// timeout, so that the client gives up while the batch exists).
+    #[serde(with = "humantime_serde")]
+    pub slow_create: Duration,
+    /// Added before every API answer (not `/sim/…`).
+    #[serde(with = "humantime_serde")]
+    pub response_delay: Duration,
+    /// Every n-th download (an OpenAI file's content, Anthropic results) is cut off half-way
+    /// by a dropped connection.
+    pub download_dropped_every: Option<u64>,
+}
+
+/// How a lost create answer is lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LostResponse {
+    /// HTTP 500 instead of the created batch.
+    #[default]
+    ServerError,
+    /// The connection drops before the body arrives.
+    Dropped,
+    /// The answer comes after `slow_create`.
+    Slow,
 }
 
 impl Default for SimFaults {
@@ -547,6 +603,11 @@ impl Default for SimFaults {
             http_429_every: None,
             http_500_every: None,
             insufficient_quota: false,
+            create_response_lost_every: None,
+            create_response_lost_as: LostResponse::ServerError,
+            slow_create: Duration::from_secs(5),
+            response_delay: Duration::ZERO,
+            download_dropped_every: None,
         }
     }
 }
@@ -664,6 +725,11 @@ impl Settings {
                     "{name}.max_deliver must be at least 1"
                 )));
             }
+        }
+        if self.creation.lease.is_zero() || self.creation.unconfirmed_wait.is_zero() {
+            return Err(ConfigError::Invalid(
+                "creation.lease and creation.unconfirmed_wait must be longer than 0s".into(),
+            ));
         }
         if self.poller.concurrency == 0 {
             return Err(ConfigError::Invalid(

@@ -192,7 +192,61 @@ pub struct ShardRecord {
     /// Not to be submitted before this time (Unix ms), after a quota refusal.
     #[serde(default)]
     pub not_before_ms: Option<i64>,
+    /// A submitter's claim on creating this shard attempt's batch; kept until the batch id
+    /// is recorded, so a later delivery that finds it knows a create may have happened.
+    #[serde(default)]
+    pub creating: Option<CreateClaim>,
+    /// Batches found for this shard attempt besides the recorded one: cancelled and
+    /// reported, never silent.
+    #[serde(default)]
+    pub orphan_batches: Vec<String>,
     pub updated_at_ms: i64,
+}
+
+/// Who is creating a shard's batch, since when, and until when the claim holds (Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CreateClaim {
+    pub owner: String,
+    pub since_ms: i64,
+    pub until_ms: i64,
+}
+
+impl CreateClaim {
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.until_ms > now_ms
+    }
+}
+
+/// `lease.create.<provider>`: for providers whose batches carry no shard key, one create at a
+/// time, so that a claim's time window holds no other shard's batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CreateMutex {
+    pub owner: String,
+    pub shard: String,
+    pub until_ms: i64,
+}
+
+pub fn create_mutex_key(provider: &str) -> String {
+    format!("lease.create.{provider}")
+}
+
+/// `batch.<provider>.<batch_id>`: the shard (`<job>.<attempt>.<n>`) a batch of a provider
+/// without shard keys is recorded for, so reconciliation never takes it for another shard.
+pub fn batch_owner_key(provider: &str, batch_id: &str) -> String {
+    format!("batch.{provider}.{}", key_token(batch_id))
+}
+
+/// `text` as one KV key token: characters other than letters, digits, `-` and `_` become `_`.
+fn key_token(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl ShardRecord {
@@ -203,17 +257,7 @@ impl ShardRecord {
 }
 
 pub fn quota_key(provider: &str, model: &str) -> String {
-    let safe: String = model
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("quota.{provider}.{safe}")
+    format!("quota.{provider}.{}", key_token(model))
 }
 
 /// Tokens reserved in a model's enqueued-token quota, by shard (`<job>.<attempt>.<shard>`).

@@ -384,6 +384,8 @@ pub async fn create_shard_records(
             failed: 0,
             resubmissions: 0,
             not_before_ms: None,
+            creating: None,
+            orphan_batches: Vec::new(),
             updated_at_ms: crate::now_unix_ms(),
         };
         bus.create(&shard_key(&key), &record).await?;

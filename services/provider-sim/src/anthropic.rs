@@ -56,6 +56,21 @@ struct Ended {
     results: Bytes,
 }
 
+impl AnthropicState {
+    /// Batches created.
+    pub(crate) fn created(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Batches a cancel was asked for.
+    pub(crate) fn cancelled(&self) -> usize {
+        self.batches
+            .values()
+            .filter(|b| b.cancel_requested.is_some())
+            .count()
+    }
+}
+
 fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -1,13 +1,19 @@
 //! HTTP-level faults on the API endpoints (not `/sim/…`): every n-th call answered 429 with
 //! `retry-after-ms` or 500 with `x-should-retry`, and batch creation refused for
-//! `insufficient_quota`. Rate-limit headers are set on every answer.
+//! `insufficient_quota` — all *before* the request is handled, so nothing happened. And the
+//! faults that come *after* the effect: a create carried out whose answer is then lost (a
+//! 500, a dropped connection, or an answer later than the client waits), a download cut off
+//! half-way, a delay on every answer. Rate-limit headers are set on every answer.
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+use rowsmith_shared::config::LostResponse;
 
 use crate::openai::{Shared, lock};
 
@@ -23,6 +29,13 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
     }
     let creates = request.method() == Method::POST
         && matches!(request.uri().path(), "/v1/batches" | "/v1/messages/batches");
+    let downloads = request.method() == Method::GET
+        && (request.uri().path().ends_with("/content")
+            || request.uri().path().ends_with("/results"));
+    let delay = lock(&state).settings.faults.response_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let fault = {
         let mut state = lock(&state);
         state.api_calls += 1;
@@ -51,7 +64,16 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
             .into_response()
     };
     let mut response = match fault {
-        None => next.run(request).await,
+        None => {
+            let response = next.run(request).await;
+            if creates && response.status().is_success() {
+                lose_create_answer(&state, response).await
+            } else if downloads && response.status().is_success() {
+                cut_download(&state, response).await
+            } else {
+                response
+            }
+        }
         Some(Fault::RateLimited) => {
             let mut response = error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -101,4 +123,91 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
     );
     headers.insert("x-request-id", HeaderValue::from_static("req_sim"));
     response
+}
+
+/// After a create was carried out: every n-th answer is lost as the faults say.
+async fn lose_create_answer(state: &Shared, response: Response) -> Response {
+    let (lost_as, slow) = {
+        let mut state = lock(state);
+        state.creates_seen += 1;
+        let faults = &state.settings.faults;
+        let lose = faults
+            .create_response_lost_every
+            .is_some_and(|n| n > 0 && state.creates_seen.is_multiple_of(n));
+        if !lose {
+            return response;
+        }
+        let how = (faults.create_response_lost_as, faults.slow_create);
+        state.create_responses_lost += 1;
+        how
+    };
+    tracing::info!(
+        ?lost_as,
+        "simulated fault: the batch was created, its answer is lost"
+    );
+    match lost_as {
+        LostResponse::ServerError => {
+            let mut response = (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": {"message": "The server had an error while processing your request.",
+                    "type": "server_error", "param": null, "code": "server_error"}})),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("true"));
+            response
+        }
+        LostResponse::Dropped => dropped_after(response, 0).await,
+        LostResponse::Slow => {
+            tokio::time::sleep(slow).await;
+            response
+        }
+    }
+}
+
+/// Every n-th download is cut off half-way.
+async fn cut_download(state: &Shared, response: Response) -> Response {
+    {
+        let mut state = lock(state);
+        state.downloads_seen += 1;
+        let cut = state
+            .settings
+            .faults
+            .download_dropped_every
+            .is_some_and(|n| n > 0 && state.downloads_seen.is_multiple_of(n));
+        if !cut {
+            return response;
+        }
+        state.downloads_dropped += 1;
+    }
+    tracing::info!("simulated fault: a download is cut off half-way");
+    dropped_after(response, 2).await
+}
+
+/// The response's status and headers, then `1/divisor` of its body (none for 0), then the
+/// connection drops: the client sees a transport error while reading the body.
+async fn dropped_after(response: Response, divisor: usize) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let keep = match divisor {
+        0 => 0,
+        n => bytes.len() / n,
+    };
+    let head = bytes.slice(..keep);
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = vec![
+        Ok(head),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "simulated dropped connection",
+        )),
+    ];
+    // The full length is announced, so the client knows the body was cut short.
+    parts.headers.insert(
+        axum::http::header::CONTENT_LENGTH,
+        HeaderValue::from(bytes.len().max(1)),
+    );
+    Response::from_parts(parts, Body::from_stream(futures::stream::iter(chunks)))
 }

@@ -42,6 +42,12 @@ pub struct SimState {
     /// API calls seen, for the every-n-th HTTP faults.
     pub(crate) api_calls: u64,
     pub(crate) http_faults_injected: u64,
+    /// Batch creations seen and answers of them lost after the batch was made.
+    pub(crate) creates_seen: u64,
+    pub(crate) create_responses_lost: u64,
+    /// Result downloads seen and cut off by a dropped connection.
+    pub(crate) downloads_seen: u64,
+    pub(crate) downloads_dropped: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +124,10 @@ impl SimState {
             token_limit_failures: 0,
             api_calls: 0,
             http_faults_injected: 0,
+            creates_seen: 0,
+            create_responses_lost: 0,
+            downloads_seen: 0,
+            downloads_dropped: 0,
         }
     }
 
@@ -494,6 +504,7 @@ pub fn router(state: Shared) -> Router {
             get(crate::anthropic::results),
         )
         .route("/sim/stats", get(stats))
+        .route("/sim/faults", post(set_faults))
         .route("/sim/faults/{job_id}", post(set_job_faults))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -821,15 +832,33 @@ async fn stats(State(state): State<Shared>) -> Response {
     let state = lock(&state);
     Json(json!({
         "files_uploaded": state.files_uploaded,
-        "batches_created": state.batch_order.len(),
+        "batches_created": state.batch_order.len() + state.anthropic.created(),
         "batches_per_shard": state.batches_per_shard,
         "requests_answered": state.requests_answered,
         "token_limit_failures": state.token_limit_failures,
         "api_calls": state.api_calls,
         "http_faults_injected": state.http_faults_injected,
+        "create_responses_lost": state.create_responses_lost,
+        "downloads_dropped": state.downloads_dropped,
+        "batches_cancelled": state.batches.values().filter(|b| b.cancel_requested.is_some()).count()
+            + state.anthropic.cancelled(),
         "permanent_failures": state.permanent_failures,
     }))
     .into_response()
+}
+
+/// Sets the faults of every job without faults of its own, while the simulator runs.
+async fn set_faults(
+    State(state): State<Shared>,
+    body: Result<Json<SimFaults>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    match body {
+        Ok(Json(faults)) => {
+            lock(&state).settings.faults = faults.clone();
+            Json(json!({"faults": faults})).into_response()
+        }
+        Err(rejection) => error(StatusCode::BAD_REQUEST, &rejection.body_text()),
+    }
 }
 
 /// Sets the faults of one job (by the job id in the batches' metadata).

@@ -1,22 +1,23 @@
 //! Handling one `rowsmith.shards.ready`.
 //!
 //! Exactly once: the uploaded file id is recorded (state `uploading`) before the batch is
-//! created, and the batch id after. A redelivery that finds a file id but no batch id first
-//! asks the provider for a batch carrying the shard key in its metadata.
+//! created; creating is claimed, reconciled and recorded as [`crate::creation`] says.
 
 use std::time::Duration;
 
 use rowsmith_shared::bus::Bus;
 use rowsmith_shared::bus::{Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::QuotaSettings;
+use rowsmith_shared::config::{CreationSettings, QuotaSettings};
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::jobs::{StepError, settle};
 use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
-use rowsmith_shared::providers::{BatchProvider, BatchRef, Providers};
+use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{
     JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
 use rowsmith_shared::storage::Store;
+
+use crate::creation::{Creation, ensure_batch};
 
 #[derive(Debug, Clone)]
 pub struct Submitter {
@@ -24,6 +25,7 @@ pub struct Submitter {
     pub store: Store,
     pub providers: Providers,
     pub quota: QuotaSettings,
+    pub creation: CreationSettings,
     /// Testing only: probability of aborting right after a batch is created.
     pub chaos_crash_after_create: f64,
 }
@@ -105,24 +107,25 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
         .await?
         .ok_or_else(|| StepError::Job(format!("shard {} has no record", key.dotted())))?;
     let provider = submitter.providers.get(&ready.provider)?;
+    // One name per delivery: a claim of this name is this delivery's own.
+    let owner = format!("{}-{}", key.dotted(), nuid::next());
     if job.cancel_requested && record.provider_batch_id.is_none() {
-        // Cancelled before it went out: its rows end as cancelled, no batch is created.
-        let ended = BatchEnded {
-            key: key.clone(),
-            provider: ready.provider.clone(),
-            batch_id: String::new(),
-            status: "cancelled".into(),
-            output_path: None,
-            errors_path: None,
-            failure: None,
+        // Cancelled before it went out, unless an earlier delivery's create took effect.
+        let found = match &record.creating {
+            None => Creation::NoneExists,
+            Some(_) => ensure_batch(submitter, provider, &record, &owner, false).await?,
         };
-        bus.publish(
-            subjects::BATCHES_ENDED,
-            &format!("ended.{}.cancelled", key.dotted()),
-            &ended,
-        )
-        .await?;
-        return Ok(Submitted::Done);
+        match found {
+            Creation::Recorded(batch_id) => {
+                // The poller cancels it at its first check and keeps what it finished.
+                return announce_submitted(submitter, ready, &record, &batch_id).await;
+            }
+            Creation::Later(after) => return Ok(Submitted::Later(after)),
+            Creation::NoneExists => {
+                publish_cancelled(submitter, ready).await?;
+                return Ok(Submitted::Done);
+            }
+        }
     }
     if record.provider_batch_id.is_none() {
         let now = rowsmith_shared::now_unix_ms();
@@ -138,7 +141,8 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
     }
 
     if record.provider_file_id.is_none() && record.provider_batch_id.is_none() {
-        let lines = submitter.store.get_bytes(&ready.requests_path).await?;
+        // The record's path, never the message's: a message names no file to send.
+        let lines = submitter.store.get_bytes(&record.requests_path).await?;
         let file_id = provider.upload(key, lines).await?;
         record = bus
             .modify(
@@ -160,46 +164,56 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
 
     let batch_id = match &record.provider_batch_id {
         Some(batch_id) => batch_id.clone(),
-        None => {
-            let file_id = record.provider_file_id.clone().unwrap_or_default();
-            let batch = match provider.find(key).await? {
-                Some(existing) => {
-                    tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %existing.id, "found the shard's batch, not creating another");
-                    existing
-                }
-                None => {
-                    let lines = submitter.store.get_bytes(&ready.requests_path).await?;
-                    let created = provider.create(key, &file_id, lines).await?;
-                    if submitter.chaos_crash_after_create > 0.0
-                        && rand::random::<f64>() < submitter.chaos_crash_after_create
-                    {
-                        tracing::error!(job_id = %key.job_id, shard = key.shard, batch_id = %created.id, "chaos: aborting between batch created and batch id recorded");
-                        std::process::abort();
-                    }
-                    created
-                }
-            };
-            let BatchRef { id } = batch;
-            bus.modify(
-                &record_key,
-                |shard: &mut ShardRecord| -> Result<Cas<String>, StepError> {
-                    if let Some(existing) = &shard.provider_batch_id {
-                        return Ok(Cas::Keep(existing.clone()));
-                    }
-                    shard
-                        .transition(ShardState::Submitted)
-                        .map_err(|e| StepError::Job(e.to_string()))?;
-                    shard.provider_batch_id = Some(id.clone());
-                    Ok(Cas::Write(id.clone()))
-                },
-            )
-            .await?
-        }
+        None => match ensure_batch(submitter, provider, &record, &owner, true).await? {
+            Creation::Recorded(batch_id) => batch_id,
+            Creation::Later(after) => return Ok(Submitted::Later(after)),
+            Creation::NoneExists => {
+                return Err(StepError::Internal(format!(
+                    "shard {} has no batch after creating one",
+                    key.dotted()
+                )));
+            }
+        },
     };
+    announce_submitted(submitter, ready, &record, &batch_id).await
+}
+
+/// A shard cancelled before any batch existed: its rows end as cancelled.
+async fn publish_cancelled(submitter: &Submitter, ready: &ShardReady) -> Result<(), StepError> {
+    let key = &ready.key;
+    let ended = BatchEnded {
+        key: key.clone(),
+        provider: ready.provider.clone(),
+        batch_id: String::new(),
+        status: "cancelled".into(),
+        output_path: None,
+        errors_path: None,
+        failure: None,
+    };
+    submitter
+        .bus
+        .publish(
+            subjects::BATCHES_ENDED,
+            &format!("ended.{}.cancelled", key.dotted()),
+            &ended,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Hands the recorded batch to the poller and says so on the job's events.
+async fn announce_submitted(
+    submitter: &Submitter,
+    ready: &ShardReady,
+    record: &ShardRecord,
+    batch_id: &str,
+) -> Result<Submitted, StepError> {
+    let bus = &submitter.bus;
+    let key = &ready.key;
     let submitted = BatchSubmitted {
         key: key.clone(),
         provider: ready.provider.clone(),
-        batch_id: batch_id.clone(),
+        batch_id: batch_id.to_owned(),
         submitted_at_ms: rowsmith_shared::now_unix_ms(),
     };
     bus.publish(

@@ -37,6 +37,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         store: Store::open(&settings.store)?,
         providers: Providers::from_settings(&settings)?,
         quota: settings.quota.clone(),
+        creation: settings.creation.clone(),
         chaos_crash_after_create: settings.submitter.chaos_crash_after_create,
     });
     let spec = consumer_spec(&settings);

@@ -11,7 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::http::Http;
-use super::{BatchProvider, BatchRef, BatchState, BatchStatus, Limits, ProviderError, ResultFiles};
+use super::{
+    BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
+    ResultFiles,
+};
 use crate::messages::ShardKey;
 use crate::storage::{Store, layout};
 
@@ -45,6 +48,19 @@ pub struct MessageBatch {
     pub ended_at: Option<String>,
     #[serde(default)]
     pub results_url: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
+impl MessageBatch {
+    /// `created_at` in Unix ms, when it is there and readable.
+    pub fn created_ms(&self) -> Option<i64> {
+        let text = self.created_at.as_deref()?;
+        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+        i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -116,20 +132,21 @@ impl AnthropicClient {
         format!("{}{path}", self.base_url)
     }
 
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        let request = request.header("anthropic-version", ANTHROPIC_VERSION);
+        match &self.api_key {
+            Some(key) => request.header("x-api-key", key.expose_secret()),
+            None => request,
+        }
+    }
+
     async fn send(
         &self,
         operation: &'static str,
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
         self.http
-            .send(operation, || {
-                let request =
-                    build(&self.http.client).header("anthropic-version", ANTHROPIC_VERSION);
-                match &self.api_key {
-                    Some(key) => request.header("x-api-key", key.expose_secret()),
-                    None => request,
-                }
-            })
+            .send(operation, || self.authorize(build(&self.http.client)))
             .await
     }
 
@@ -182,20 +199,81 @@ impl BatchProvider for AnthropicClient {
         let url = self.url("/v1/messages/batches");
         let body = Bytes::from(requests_array(&lines));
         let response = self
-            .send("create batch", |http| {
-                http.post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
+            .http
+            .send_unrepeatable("create batch", || {
+                self.authorize(
+                    self.http
+                        .client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone()),
+                )
             })
             .await?;
-        let batch: MessageBatch = self.http.json("create batch", response).await?;
+        // An answer that cannot be read may still stand for a created batch.
+        let batch: MessageBatch = self
+            .http
+            .json("create batch", response)
+            .await
+            .map_err(ProviderError::unconfirmed)?;
         Ok(BatchRef { id: batch.id })
     }
 
-    /// Anthropic batches carry no metadata, so a batch cannot be found by its shard key;
-    /// the submitter records the batch id right after creating it.
-    async fn find(&self, _key: &ShardKey) -> Result<Option<BatchRef>, ProviderError> {
-        Ok(None)
+    /// Anthropic batches carry no metadata. A batch may be the shard's when it was created in
+    /// the shard's claim window (on the provider's clock, measured from the `Date` header, to
+    /// within [`CreateWindow::MEASURED_SKEW_MS`]) and holds as many requests as the shard.
+    /// The submitter lets only one Anthropic create run at a time and skips batches already
+    /// recorded for another shard, so no other shard's batch of rowsmith's is taken. (A batch
+    /// made outside rowsmith with the same key, in the same seconds, with the same request
+    /// count, could still be: the README states this.)
+    async fn find(
+        &self,
+        _key: &ShardKey,
+        window: &CreateWindow,
+    ) -> Result<Vec<BatchRef>, ProviderError> {
+        let mut found = Vec::new();
+        let mut after: Option<String> = None;
+        let mut offset_ms = None;
+        loop {
+            let (page, page_offset) = self.list_page(after.as_deref()).await?;
+            // Without a measured clock offset a window cannot be told apart from its
+            // neighbours: fail the look (retryable) rather than guess.
+            let offset = offset_ms
+                .or(page_offset)
+                .ok_or_else(|| ProviderError::Decode {
+                    provider: "anthropic".into(),
+                    operation: "list batches",
+                    message: "the answer has no readable Date header to compare clocks with".into(),
+                })?;
+            offset_ms = Some(offset);
+            let mut past_window = false;
+            for batch in &page.data {
+                let Some(created_ms) = batch.created_ms() else {
+                    continue;
+                };
+                if window.is_before(created_ms - offset) {
+                    past_window = true;
+                    break;
+                }
+                if window.admits(created_ms, offset)
+                    && batch.to_status().total == window.request_count
+                {
+                    found.push(BatchRef {
+                        id: batch.id.clone(),
+                    });
+                }
+            }
+            match page.last_id {
+                Some(last) if page.has_more && !past_window => after = Some(last),
+                _ => break,
+            }
+        }
+        found.reverse();
+        Ok(found)
+    }
+
+    fn tags_batches(&self) -> bool {
+        false
     }
 
     async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
@@ -232,23 +310,20 @@ impl BatchProvider for AnthropicClient {
 }
 
 impl AnthropicClient {
-    /// Every batch, newest first (pages with `after_id`).
-    pub async fn list(&self) -> Result<Vec<MessageBatch>, ProviderError> {
-        let mut batches = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let mut url = self.url("/v1/messages/batches?limit=100");
-            if let Some(after) = &after {
-                url.push_str(&format!("&after_id={after}"));
-            }
-            let response = self.send("list batches", |http| http.get(&url)).await?;
-            let page: BatchList = self.http.json("list batches", response).await?;
-            batches.extend(page.data);
-            match page.last_id {
-                Some(last) if page.has_more => after = Some(last),
-                _ => return Ok(batches),
-            }
+    /// One page of batches, newest first, after `after`.
+    /// One page of batches, newest first, after `after`, and how far the provider's clock
+    /// runs ahead of ours (from the answer's `Date`).
+    async fn list_page(
+        &self,
+        after: Option<&str>,
+    ) -> Result<(BatchList, Option<i64>), ProviderError> {
+        let mut url = self.url("/v1/messages/batches?limit=100");
+        if let Some(after) = after {
+            url.push_str(&format!("&after_id={after}"));
         }
+        let response = self.send("list batches", |http| http.get(&url)).await?;
+        let offset = super::clock_offset_ms(&response, crate::now_unix_ms());
+        Ok((self.http.json("list batches", response).await?, offset))
     }
 }
 

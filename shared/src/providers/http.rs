@@ -1,7 +1,10 @@
 //! The HTTP policy shared by the provider clients: retry 408/409/429/5xx and transport
 //! errors with jittered exponential backoff, honour `retry-after-ms` / `retry-after` (up to a
 //! cap; longer waits are not retried) and `x-should-retry`, never retry `insufficient_quota`,
-//! a timeout on every call. Error messages never carry the request's headers (the API key).
+//! a timeout on every call. A call that creates something (a batch) is never retried blindly:
+//! only failures that prove nothing happened are retried, any other comes back as
+//! [`ProviderError::Unconfirmed`] for the caller to reconcile. Error messages never carry the
+//! request's headers (the API key).
 
 use std::time::Duration;
 
@@ -54,6 +57,29 @@ impl Http {
         operation: &'static str,
         build: impl Fn() -> RequestBuilder,
     ) -> Result<Response, ProviderError> {
+        self.send_as(operation, Repeat::Safe, build).await
+    }
+
+    /// Sends a request that must not take effect twice (creating a batch). Only a failure that
+    /// proves the request was not acted on is retried: the connection could not be made, or a
+    /// 429 rate limit. Any other failure (a timeout, a dropped connection, a 5xx) may have
+    /// taken effect and is returned as [`ProviderError::Unconfirmed`].
+    pub async fn send_unrepeatable(
+        &self,
+        operation: &'static str,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, ProviderError> {
+        self.send_as(operation, Repeat::OnlyIfNotActedOn, build)
+            .await
+            .map_err(ProviderError::unconfirmed)
+    }
+
+    async fn send_as(
+        &self,
+        operation: &'static str,
+        repeat: Repeat,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response, ProviderError> {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -67,7 +93,7 @@ impl Http {
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("rowsmith_provider_requests_total", "provider" => self.name.clone(), "operation" => operation, "status" => status_label)
                 .increment(1);
-            let (error, should_retry, wait) = match sent {
+            let (error, should_retry, wait, not_acted_on) = match sent {
                 Ok(response) if response.status().is_success() => return Ok(response),
                 Ok(response) => {
                     let status = response.status().as_u16();
@@ -90,18 +116,20 @@ impl Http {
                         status,
                         message,
                     };
-                    (error, should_retry, wait)
+                    (error, should_retry, wait, status == 429)
                 }
                 Err(error) => {
+                    let not_acted_on = error.is_connect();
                     let error = ProviderError::Transport {
                         provider: self.name.clone(),
                         operation,
                         message: error.without_url().to_string(),
                     };
-                    (error, None, None)
+                    (error, None, None, not_acted_on)
                 }
             };
-            let retry = should_retry.unwrap_or_else(|| error.is_retryable());
+            let retry = should_retry.unwrap_or_else(|| error.is_retryable())
+                && (repeat == Repeat::Safe || not_acted_on);
             let wait_too_long = wait.is_some_and(|w| w > self.max_retry_after);
             if !retry || wait_too_long || tries >= self.max_tries {
                 return Err(error);
@@ -144,6 +172,16 @@ impl Http {
             message: e.to_string(),
         })
     }
+}
+
+/// Whether a call may be sent again after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Reading, or an effect that is the same when repeated.
+    Safe,
+    /// An effect that must not happen twice: repeat only when the failure proves it did not
+    /// happen.
+    OnlyIfNotActedOn,
 }
 
 /// The wait a response asks for: `retry-after-ms`, else `retry-after` in seconds.

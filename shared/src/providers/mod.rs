@@ -24,6 +24,51 @@ pub struct Limits {
     pub max_bytes: u64,
 }
 
+/// The span in which a batch for one shard attempt may have been created (a creation claim's,
+/// in Unix ms on this side's clock), and what it holds: what reconciliation looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateWindow {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub request_count: u64,
+}
+
+impl CreateWindow {
+    /// How far the provider's clock may be off ours, when nothing measured it.
+    pub const CLOCK_SKEW_MS: i64 = 120_000;
+    /// How far off a measured offset may still be: the HTTP `Date` header counts whole
+    /// seconds, and the answer takes a while to arrive.
+    pub const MEASURED_SKEW_MS: i64 = 2_500;
+
+    /// Whether a batch the provider says was created at `created_ms` (its clock) falls in
+    /// the window, given the provider's clock runs `offset_ms` ahead of ours.
+    pub fn admits(&self, created_ms: i64, offset_ms: i64) -> bool {
+        let ours = created_ms - offset_ms;
+        ours >= self.since_ms - Self::MEASURED_SKEW_MS
+            && ours <= self.until_ms + Self::MEASURED_SKEW_MS
+    }
+
+    /// Whether a listing newest first has gone past the window (generous: it only decides
+    /// when to stop reading pages).
+    pub fn is_before(&self, created_ms: i64) -> bool {
+        created_ms < self.since_ms - Self::CLOCK_SKEW_MS
+    }
+}
+
+/// How far ahead of ours the provider's clock runs (ms), from a response's `Date` header.
+pub fn clock_offset_ms(response: &reqwest::Response, received_ms: i64) -> Option<i64> {
+    let date = response
+        .headers()
+        .get(reqwest::header::DATE)?
+        .to_str()
+        .ok()?;
+    let at =
+        time::OffsetDateTime::parse(date, &time::format_description::well_known::Rfc2822).ok()?;
+    let provider_ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()?;
+    // The header is cut to the second: its middle is the best guess.
+    Some(provider_ms + 500 - received_ms)
+}
+
 /// A provider batch, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRef {
@@ -108,6 +153,15 @@ pub enum ProviderError {
         operation: &'static str,
         message: String,
     },
+    /// A call that creates something failed in a way that does not say whether it took
+    /// effect (a timeout, a dropped connection, a 5xx, an unreadable answer): look before
+    /// trying again.
+    #[error("{provider} did not confirm {operation}; it may have taken effect: {message}")]
+    Unconfirmed {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
     #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic")]
     Unknown(String),
     #[error(transparent)]
@@ -124,9 +178,49 @@ impl ProviderError {
                 matches!(status, 408 | 409 | 429 | 500..=599)
                     && !message.contains("insufficient_quota")
             }
-            ProviderError::Transport { .. } | ProviderError::Storage(_) => true,
+            ProviderError::Transport { .. }
+            | ProviderError::Unconfirmed { .. }
+            | ProviderError::Storage(_) => true,
             ProviderError::Decode { .. } | ProviderError::Unknown(_) => false,
         }
+    }
+}
+
+impl ProviderError {
+    /// The same failure of a call that creates something, said as "may have taken effect"
+    /// unless it proves the call was refused (a 4xx other than 408).
+    pub fn unconfirmed(self) -> Self {
+        let (provider, operation, message) = match self {
+            ProviderError::Http {
+                provider,
+                operation,
+                status,
+                message,
+            } if status == 408 || status >= 500 => {
+                (provider, operation, format!("HTTP {status}: {message}"))
+            }
+            ProviderError::Transport {
+                provider,
+                operation,
+                message,
+            }
+            | ProviderError::Decode {
+                provider,
+                operation,
+                message,
+            } => (provider, operation, message),
+            other => return other,
+        };
+        ProviderError::Unconfirmed {
+            provider,
+            operation,
+            message,
+        }
+    }
+
+    /// Whether the failed call may have taken effect.
+    pub fn is_unconfirmed(&self) -> bool {
+        matches!(self, ProviderError::Unconfirmed { .. })
     }
 }
 
@@ -148,11 +242,18 @@ pub trait BatchProvider: Send + Sync {
         file_id: &str,
         lines: Bytes,
     ) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
-    /// Looks for a batch already created for this shard key.
+    /// The batches that may have been created for this shard attempt within `window`,
+    /// oldest first: by the shard key in their metadata where the provider keeps metadata,
+    /// else by creation time and request count (see the provider's own notes). Creation is
+    /// claimed so that only one create runs per window; see the submitter.
     fn find(
         &self,
         key: &ShardKey,
-    ) -> impl Future<Output = Result<Option<BatchRef>, ProviderError>> + Send;
+        window: &CreateWindow,
+    ) -> impl Future<Output = Result<Vec<BatchRef>, ProviderError>> + Send;
+    /// Whether batches carry the shard key (metadata); without it, one create at a time per
+    /// provider keeps reconciliation unambiguous.
+    fn tags_batches(&self) -> bool;
     fn status(
         &self,
         batch: &BatchRef,
@@ -201,8 +302,15 @@ impl BatchProvider for Provider {
     ) -> Result<BatchRef, ProviderError> {
         delegate!(self, client => client.create(key, file_id, lines).await)
     }
-    async fn find(&self, key: &ShardKey) -> Result<Option<BatchRef>, ProviderError> {
-        delegate!(self, client => client.find(key).await)
+    async fn find(
+        &self,
+        key: &ShardKey,
+        window: &CreateWindow,
+    ) -> Result<Vec<BatchRef>, ProviderError> {
+        delegate!(self, client => client.find(key, window).await)
+    }
+    fn tags_batches(&self) -> bool {
+        delegate!(self, client => client.tags_batches())
     }
     async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
         delegate!(self, client => client.status(batch).await)

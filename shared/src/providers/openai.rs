@@ -10,7 +10,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use super::http::Http;
-use super::{BatchProvider, BatchRef, BatchState, BatchStatus, Limits, ProviderError, ResultFiles};
+use super::{
+    BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
+    ResultFiles,
+};
 use crate::messages::ShardKey;
 use crate::storage::{Store, layout};
 
@@ -53,6 +56,9 @@ pub struct Batch {
     pub errors: Option<BatchErrors>,
     #[serde(default)]
     pub metadata: Option<HashMap<String, String>>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -142,6 +148,16 @@ impl OpenAiClient {
         self.http
             .send(operation, || self.authorize(build(&self.http.client)))
             .await
+    }
+
+    /// One page of batches, newest first, after `after`.
+    async fn list_page(&self, after: Option<&str>) -> Result<BatchList, ProviderError> {
+        let mut url = self.url("/batches?limit=100");
+        if let Some(after) = after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let response = self.send("list batches", |http| http.get(&url)).await?;
+        self.http.json("list batches", response).await
     }
 
     pub async fn retrieve(&self, batch_id: &str) -> Result<Batch, ProviderError> {
@@ -250,42 +266,61 @@ impl BatchProvider for OpenAiClient {
             },
         });
         let response = self
-            .send("create batch", |http| http.post(&url).json(&body))
+            .http
+            .send_unrepeatable("create batch", || {
+                self.authorize(self.http.client.post(&url).json(&body))
+            })
             .await?;
-        let batch: Batch = self.http.json("create batch", response).await?;
+        // An answer that cannot be read may still stand for a created batch.
+        let batch: Batch = self
+            .http
+            .json("create batch", response)
+            .await
+            .map_err(ProviderError::unconfirmed)?;
         Ok(BatchRef { id: batch.id })
     }
 
-    async fn find(&self, key: &ShardKey) -> Result<Option<BatchRef>, ProviderError> {
+    /// Pages newest first until the listing is past the window (no fixed page cap: an
+    /// organisation with many batches is read as far back as the claim), matching the shard
+    /// key in the metadata. A failed batch (refused for the token quota) is never one to keep.
+    async fn find(
+        &self,
+        key: &ShardKey,
+        window: &CreateWindow,
+    ) -> Result<Vec<BatchRef>, ProviderError> {
         let wanted = key.dotted();
+        let mut found = Vec::new();
         let mut after: Option<String> = None;
-        // Newest first; a shard's batch is recent, so a few pages are enough.
-        for _page in 0..20 {
-            let mut url = self.url("/batches?limit=100");
-            if let Some(after) = &after {
-                url.push_str(&format!("&after={after}"));
+        loop {
+            let page = self.list_page(after.as_deref()).await?;
+            let mut past_window = false;
+            for batch in &page.data {
+                if window.is_before(batch.created_at.saturating_mul(1000)) {
+                    past_window = true;
+                    break;
+                }
+                let tagged = batch
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.get(SHARD_METADATA_KEY))
+                    == Some(&wanted);
+                if tagged && batch.status != "failed" {
+                    found.push(BatchRef {
+                        id: batch.id.clone(),
+                    });
+                }
             }
-            let response = self.send("list batches", |http| http.get(&url)).await?;
-            let list: BatchList = self.http.json("list batches", response).await?;
-            // A failed batch (refused for the token quota) is never the one to keep.
-            if let Some(found) = list.data.iter().find(|batch| {
-                batch.status != "failed"
-                    && batch
-                        .metadata
-                        .as_ref()
-                        .and_then(|m| m.get(SHARD_METADATA_KEY))
-                        == Some(&wanted)
-            }) {
-                return Ok(Some(BatchRef {
-                    id: found.id.clone(),
-                }));
-            }
-            match list.data.last() {
-                Some(last) if list.has_more => after = Some(last.id.clone()),
-                _ => return Ok(None),
+            match page.data.last() {
+                Some(last) if page.has_more && !past_window => after = Some(last.id.clone()),
+                _ => break,
             }
         }
-        Ok(None)
+        found.reverse();
+        Ok(found)
+    }
+
+    fn tags_batches(&self) -> bool {
+        true
     }
 
     async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {

@@ -8,7 +8,9 @@ use rowsmith_shared::bus::Delivery;
 use rowsmith_shared::config::Settings;
 use rowsmith_shared::messages::{BatchEnded, ShardKey, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
+use rowsmith_shared::records::{
+    CreateClaim, JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key,
+};
 use rowsmith_shared::shards::{ShardSize, create_shard_records};
 use rowsmith_shared::storage::layout;
 use rowsmith_tests::Stack;
@@ -61,7 +63,8 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     .await
     .expect("shard record");
 
-    // First life: uploaded and recorded the file, created the batch, crashed before recording it.
+    // First life: uploaded and recorded the file, claimed the creation, created the batch,
+    // crashed before recording it; its claim has expired since.
     let providers = Providers::from_settings(&stack.settings).expect("providers");
     let sim = providers.get("sim").expect("sim");
     let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
@@ -72,6 +75,12 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
             |shard: &mut ShardRecord| -> Result<_, rowsmith_shared::bus::BusError> {
                 shard.state = ShardState::Uploading;
                 shard.provider_file_id = Some(file_id.clone());
+                let now = rowsmith_shared::now_unix_ms();
+                shard.creating = Some(CreateClaim {
+                    owner: "first-life".into(),
+                    since_ms: now - 1_000,
+                    until_ms: now - 1,
+                });
                 Ok(rowsmith_shared::bus::Cas::Write(()))
             },
         )
@@ -88,6 +97,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
         store: stack.store.clone(),
         providers: providers.clone(),
         quota: Default::default(),
+        creation: Default::default(),
         chaos_crash_after_create: 0.0,
     };
     let ready = ShardReady {

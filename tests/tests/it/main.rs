@@ -3,6 +3,7 @@
 mod bad_input;
 mod cache;
 mod cancel;
+mod creation;
 mod exactly_once;
 mod http_faults;
 mod inputs;

@@ -1,0 +1,349 @@
+//! A batch is created once per shard attempt under the faults that make real systems pay
+//! twice: a create whose answer is lost after the batch exists, two deliveries at once, a
+//! crash between create and record with a provider whose batches carry no shard key, and a
+//! handler slower than `ack_wait`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use rowsmith_shared::bus::{Bus, Cas, ConsumerSpec, Delivery, Outcome, run_worker};
+use rowsmith_shared::config::{LostResponse, Settings};
+use rowsmith_shared::messages::{ShardKey, ShardReady, subjects};
+use rowsmith_shared::providers::{BatchProvider, Providers};
+use rowsmith_shared::records::{
+    CreateClaim, JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key,
+};
+use rowsmith_shared::shards::{ShardSize, create_shard_records};
+use rowsmith_shared::storage::layout;
+use rowsmith_tests::{NatsServer, Stack};
+
+use crate::pipeline::{awkward_rows, spec, to_csv};
+
+/// A 300-row job in three shards on `provider` while every create's answer is lost as `how`:
+/// the job completes, every batch was created exactly once, none had to be cancelled.
+async fn every_create_answer_lost(provider: &str, how: LostResponse) {
+    let stack = Stack::start_with(|settings: &mut Settings| {
+        settings.sim.faults.create_response_lost_every = Some(1);
+        settings.sim.faults.create_response_lost_as = how;
+        settings.sim.faults.slow_create = Duration::from_millis(1500);
+        settings.provider.openai.timeout = Duration::from_millis(700);
+        settings.provider.anthropic.timeout = Duration::from_millis(700);
+        settings.creation.unconfirmed_wait = Duration::from_millis(1200);
+    })
+    .await;
+    let job_id = format!("lost-{provider}-{how:?}").to_lowercase();
+    let input = stack
+        .upload_input("lost.csv", to_csv(&awkward_rows(300)))
+        .await;
+    let mut job_spec = spec(&job_id, &input, "description");
+    job_spec.provider = provider.into();
+    job_spec.options.max_requests_per_batch = 100;
+    stack.submit(&job_spec).await;
+    let job = stack.wait_for_end(&job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let (enriched, failures) = stack.output_tables(&job).await;
+    assert_eq!(enriched.1.len(), 300, "every row is in enriched.csv");
+    assert!(failures.1.is_empty(), "{failures:?}");
+    let stats = stack.sim_stats().await;
+    assert!(
+        stats["create_responses_lost"].as_u64() >= Some(3),
+        "each create lost its answer: {stats}"
+    );
+    assert_eq!(stats["batches_created"], 3, "one batch per shard: {stats}");
+    assert_eq!(
+        stats["batches_cancelled"], 0,
+        "no orphan to cancel: {stats}"
+    );
+    for shard in 0..3 {
+        let key = ShardKey {
+            job_id: job_id.clone(),
+            attempt: 1,
+            shard,
+        };
+        let (record, _) = stack
+            .bus
+            .read::<ShardRecord>(&shard_key(&key))
+            .await
+            .expect("read")
+            .expect("shard");
+        assert!(record.orphan_batches.is_empty(), "{record:?}");
+        assert_eq!(record.creating, None, "the claim ends with the record");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_create_answered_500_after_the_batch_exists_makes_no_second_batch() {
+    every_create_answer_lost("sim", LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_create_whose_connection_drops_makes_no_second_batch() {
+    every_create_answer_lost("sim", LostResponse::Dropped).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openai_create_slower_than_the_client_timeout_makes_no_second_batch() {
+    every_create_answer_lost("sim", LostResponse::Slow).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_create_answered_500_after_the_batch_exists_makes_no_second_batch() {
+    every_create_answer_lost("anthropic", LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_create_slower_than_the_client_timeout_makes_no_second_batch() {
+    every_create_answer_lost("anthropic", LostResponse::Slow).await;
+}
+
+/// A job record and one shard of `lines`, ready to submit, with only NATS and the simulator.
+async fn one_ready_shard(stack: &Stack, job_id: &str, provider: &str) -> (ShardReady, Bytes) {
+    let mut job = spec(job_id, "inputs/none.csv", "description");
+    job.provider = provider.into();
+    let mut record = JobRecord::new(job.clone());
+    record.state = JobState::Running;
+    stack
+        .bus
+        .create(&job_key(job_id), &record)
+        .await
+        .expect("job record");
+    let key = ShardKey {
+        job_id: job_id.into(),
+        attempt: 1,
+        shard: 0,
+    };
+    let line = match provider {
+        "anthropic" => {
+            r#"{"custom_id":"r0","params":{"model":"m","max_tokens":64,"messages":[{"role":"user","content":"Row data to enhance:\ndescription: x\n\nRow context: "}]}}"#
+        }
+        _ => {
+            r#"{"custom_id":"r0","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"Row data to enhance:\ndescription: x\n\nRow context: "}]}}"#
+        }
+    };
+    let lines = Bytes::from(format!("{line}\n"));
+    stack
+        .store
+        .put_bytes(&layout::requests(&key), lines.clone())
+        .await
+        .expect("requests");
+    let size = ShardSize {
+        requests: 1,
+        bytes: lines.len() as u64,
+    };
+    create_shard_records(&stack.bus, &job, 1, &[size])
+        .await
+        .expect("shard record");
+    let ready = ShardReady {
+        key: key.clone(),
+        provider: provider.into(),
+        requests_path: layout::requests(&key),
+        request_count: 1,
+        bytes: lines.len() as u64,
+    };
+    (ready, lines)
+}
+
+fn submitter(stack: &Stack) -> rowsmith_submitter::Submitter {
+    rowsmith_submitter::Submitter {
+        bus: stack.bus.clone(),
+        store: stack.store.clone(),
+        providers: Providers::from_settings(&stack.settings).expect("providers"),
+        quota: Default::default(),
+        creation: stack.settings.creation.clone(),
+        chaos_crash_after_create: 0.0,
+    }
+}
+
+fn delivery(ready: &ShardReady) -> Delivery {
+    Delivery {
+        subject: subjects::SHARDS_READY.into(),
+        payload: Bytes::from(serde_json::to_vec(ready).expect("json")),
+        delivered: 1,
+        last: false,
+        stream_sequence: 0,
+    }
+}
+
+async fn shard_record(stack: &Stack, key: &ShardKey) -> ShardRecord {
+    stack
+        .bus
+        .read::<ShardRecord>(&shard_key(key))
+        .await
+        .expect("read")
+        .expect("shard")
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_deliveries_of_one_shard_at_once_create_one_batch() {
+    for provider in ["sim", "anthropic"] {
+        // Every answer takes a while, so both deliveries are inside the create at once.
+        let stack = Stack::start_services(
+            |settings: &mut Settings| {
+                settings.sim.faults.response_delay = Duration::from_millis(300)
+            },
+            &[],
+        )
+        .await;
+        let job_id = format!("twice-{provider}");
+        let (ready, _) = one_ready_shard(&stack, &job_id, provider).await;
+        let submitter = submitter(&stack);
+        let (first, second) = tokio::join!(
+            rowsmith_submitter::handle(&submitter, delivery(&ready)),
+            rowsmith_submitter::handle(&submitter, delivery(&ready)),
+        );
+        let outcomes = [first, second];
+        assert!(
+            outcomes.contains(&Outcome::Done),
+            "one delivery submitted: {outcomes:?}"
+        );
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Done | Outcome::Retry { .. })),
+            "the other waited for the claim or found the batch: {outcomes:?}"
+        );
+        // The one that waited comes back and finds the batch recorded.
+        for outcome in outcomes {
+            if let Outcome::Retry { .. } = outcome {
+                let again = rowsmith_submitter::handle(&submitter, delivery(&ready)).await;
+                assert_eq!(again, Outcome::Done);
+            }
+        }
+        let stats = stack.sim_stats().await;
+        assert_eq!(stats["batches_created"], 1, "{provider}: {stats}");
+        let record = shard_record(&stack, &ready.key).await;
+        assert_eq!(record.state, ShardState::Submitted);
+        assert!(record.orphan_batches.is_empty(), "{record:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_its_window() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let (ready, lines) = one_ready_shard(&stack, "crashed-a", "anthropic").await;
+    let key = ready.key.clone();
+    let providers = Providers::from_settings(&stack.settings).expect("providers");
+    let anthropic = providers.get("anthropic").expect("anthropic");
+    // An unrelated batch of another size, created just before: not to be taken for this one.
+    let mut other = String::from_utf8(lines.to_vec()).expect("utf8");
+    other.push_str(&other.replace("\"r0\"", "\"r1\""));
+    let other_key = ShardKey {
+        shard: 9,
+        ..key.clone()
+    };
+    let unrelated = anthropic
+        .create(&other_key, "", Bytes::from(other))
+        .await
+        .expect("unrelated batch");
+    // First life: claimed the creation, created the batch, died before recording it; its
+    // claim has expired since.
+    let claimed_at = rowsmith_shared::now_unix_ms();
+    stack
+        .bus
+        .modify(
+            &shard_key(&key),
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_shared::bus::BusError> {
+                shard.state = ShardState::Uploading;
+                shard.provider_file_id = Some(format!("inline:{}", key.dotted()));
+                shard.creating = Some(CreateClaim {
+                    owner: "first-life".into(),
+                    since_ms: claimed_at,
+                    until_ms: claimed_at + 2_000,
+                });
+                Ok(Cas::Write(()))
+            },
+        )
+        .await
+        .expect("claim");
+    let file_id = format!("inline:{}", key.dotted());
+    let lost = anthropic
+        .create(&key, &file_id, lines.clone())
+        .await
+        .expect("create");
+    assert_ne!(lost.id, unrelated.id);
+    // Second life, once the claim has expired.
+    let submitter = submitter(&stack);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        let outcome = rowsmith_submitter::handle(&submitter, delivery(&ready)).await;
+        if outcome == Outcome::Done || tokio::time::Instant::now() > deadline {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(outcome, Outcome::Done);
+    let record = shard_record(&stack, &key).await;
+    assert_eq!(record.provider_batch_id.as_deref(), Some(lost.id.as_str()));
+    let stats = stack.sim_stats().await;
+    assert_eq!(
+        stats["batches_created"], 2,
+        "no batch beyond the two: {stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_slower_than_ack_wait_runs_once_and_nothing_waits_in_a_client_buffer() {
+    let nats = NatsServer::start();
+    let mut settings = Settings::default();
+    settings.nats.url = nats.url();
+    let bus = Bus::connect(&settings.nats, "slow-handler-test")
+        .await
+        .expect("bus");
+    let spec = ConsumerSpec {
+        durable: "slow-test",
+        filter_subject: subjects::BATCHES_ENDED,
+        ack_wait: Duration::from_secs(2),
+        max_deliver: 5,
+        max_ack_pending: 100,
+    };
+    let consumer = bus.work_consumer(&spec).await.expect("consumer");
+    for n in 0..2 {
+        bus.publish(subjects::BATCHES_ENDED, &format!("slow-{n}"), &n)
+            .await
+            .expect("publish");
+    }
+    let runs: Arc<[AtomicU32; 2]> = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+    let done = Arc::new(AtomicU32::new(0));
+    let shutdown = CancellationToken::new();
+    let worker = {
+        let (runs, done) = (runs.clone(), done.clone());
+        tokio::spawn(run_worker(
+            consumer.clone(),
+            spec.clone(),
+            1,
+            shutdown.clone(),
+            move |delivery: Delivery| {
+                let (runs, done) = (runs.clone(), done.clone());
+                async move {
+                    let n: usize = serde_json::from_slice(&delivery.payload).expect("n");
+                    runs[n].fetch_add(1, Ordering::SeqCst);
+                    // Three times ack_wait.
+                    tokio::time::sleep(Duration::from_secs(6)).await;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Outcome::Done
+                }
+            },
+        ))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while done.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handlers did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut consumer = consumer;
+    let info = consumer.info().await.expect("consumer info").clone();
+    shutdown.cancel();
+    worker.await.expect("join").expect("worker");
+    let runs: Vec<u32> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+    assert_eq!(runs, [1, 1], "each message handled once");
+    assert_eq!(info.num_redelivered, 0, "the server redelivered nothing");
+    assert_eq!(info.num_ack_pending, 0);
+}
