@@ -151,15 +151,53 @@ pub async fn fetch_rows_files(
     Ok(files)
 }
 
+/// Claims writing a job's outputs for the message with work-stream sequence `by`; `false`
+/// when the job ended already or another message's handler is writing them (this one is a
+/// duplicate). Sequence 0 (unknown) always proceeds.
+async fn claim_finalize(bus: &Bus, job_id: &str, by: u64) -> Result<bool, StepError> {
+    bus.modify(
+        &job_key(job_id),
+        |job: &mut JobRecord| -> Result<Cas<bool>, StepError> {
+            if job.state.is_terminal() {
+                return Ok(Cas::Keep(false));
+            }
+            match job.finalizing_by {
+                _ if by == 0 => Ok(Cas::Keep(true)),
+                Some(holder) if holder == by => Ok(Cas::Keep(true)),
+                Some(holder) => {
+                    tracing::info!(
+                        job_id,
+                        holder,
+                        by,
+                        "outputs are being written for another message; nothing to do"
+                    );
+                    Ok(Cas::Keep(false))
+                }
+                None => {
+                    job.finalizing_by = Some(by);
+                    Ok(Cas::Write(true))
+                }
+            }
+        },
+    )
+    .await
+}
+
 /// Joins every merged shard's rows onto the indexed table, writes the outputs and the
-/// manifest, and marks the job completed. Re-running it rewrites the same files.
+/// manifest, and marks the job completed — once: `by` is the work-stream sequence of the
+/// message that asks (see [`claim_finalize`]). Re-running it rewrites the same files, each
+/// renamed into place whole.
 pub async fn finalize_job(
     bus: &Bus,
     store: &Store,
     output: &crate::config::OutputSettings,
     cache: &crate::config::CacheSettings,
     job_id: &str,
+    by: u64,
 ) -> Result<(), StepError> {
+    if !claim_finalize(bus, job_id, by).await? {
+        return Ok(());
+    }
     let job = require_job(bus, job_id).await?;
     if job.state.is_terminal() {
         return Ok(());

@@ -82,6 +82,11 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     /// Store key of the indexed table, once ingested.
     pub indexed_path: Option<String>,
+    /// The work-stream sequence of the message whose handler writes the outputs: another
+    /// message asking to finalize is a duplicate and does nothing; a redelivery of this one
+    /// means its handler died or stalled, and it takes over.
+    #[serde(default)]
+    pub finalizing_by: Option<u64>,
     pub outputs: Outputs,
     pub error: Option<String>,
     pub created_at_ms: i64,
@@ -102,6 +107,7 @@ impl JobRecord {
             retryable_failed: 0,
             cancel_requested: false,
             indexed_path: None,
+            finalizing_by: None,
             outputs: Outputs::default(),
             error: None,
             created_at_ms: now,

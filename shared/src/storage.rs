@@ -320,26 +320,50 @@ impl Store {
     /// Where to write a file that is to become object `key`: the object's own path on a file
     /// store (parents created), else a file in `scratch` to hand to [`Store::commit_local`].
     pub fn local_target(&self, key: &str, scratch: &Path) -> Result<PathBuf, StorageError> {
-        if let Some(path) = self.local_path(key) {
+        if let Some(root) = &self.local_root {
+            // A name of its own beside the store (same file system, so the rename that
+            // commits it is atomic), keeping the file's extension for DuckDB. Two writers never
+            // share it, and a reader never sees a half-written object.
+            let staging = root.join(STAGING_DIR);
+            std::fs::create_dir_all(&staging).map_err(|source| StorageError::Io {
+                path: staging.clone(),
+                source,
+            })?;
+            let name = key.rsplit('/').next().unwrap_or(key);
+            return Ok(staging.join(format!("{}-{name}", nuid::next())));
+        }
+        Ok(scratch.join(key.replace('/', "_")))
+    }
+
+    /// Makes the file written at a [`Store::local_target`] the object `key`: on the file
+    /// system a rename into place (atomic), elsewhere an upload. Returns where the object can
+    /// be read locally from then on.
+    pub async fn commit_local(&self, key: &str, written: &Path) -> Result<PathBuf, StorageError> {
+        let staged = self
+            .local_root
+            .as_ref()
+            .is_some_and(|root| written.parent() == Some(root.join(STAGING_DIR).as_path()));
+        if let (true, Some(path)) = (staged, self.local_path(key)) {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|source| StorageError::Io {
                     path: parent.to_owned(),
                     source,
                 })?;
             }
+            std::fs::rename(written, &path).map_err(|source| StorageError::Io {
+                path: path.clone(),
+                source,
+            })?;
             return Ok(path);
         }
-        Ok(scratch.join(key.replace('/', "_")))
-    }
-
-    /// Makes the file written at a [`Store::local_target`] the object `key`.
-    pub async fn commit_local(&self, key: &str, written: &Path) -> Result<(), StorageError> {
-        if self.local_path(key).as_deref() == Some(written) {
-            return Ok(());
-        }
-        self.upload(key, written).await
+        self.upload(key, written).await?;
+        Ok(written.to_owned())
     }
 }
+
+/// Where files written for the local store wait (under its root) until they are renamed into
+/// place; object listings never see it.
+const STAGING_DIR: &str = ".staging";
 
 /// Where a job's objects live (DESIGN.md §3).
 pub mod layout {
@@ -422,5 +446,39 @@ mod tests {
             Err(StorageError::NotFound { .. })
         ));
         assert!(Store::from_url("ftp://x").is_err());
+    }
+
+    #[tokio::test]
+    async fn local_writes_get_names_of_their_own_and_appear_whole_on_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::from_url(&format!("file://{}", dir.path().display())).expect("store");
+        let key = "jobs/j/output/enriched.csv";
+        store
+            .put_bytes(key, Bytes::from_static(b"old, complete\n"))
+            .await
+            .expect("put");
+        // Two writers of one object (two finalizes) never share a file.
+        let first = store.local_target(key, dir.path()).expect("target");
+        let second = store.local_target(key, dir.path()).expect("target");
+        assert_ne!(first, second);
+        assert_ne!(Some(first.clone()), store.local_path(key));
+        assert_eq!(first.extension(), Some(std::ffi::OsStr::new("csv")));
+        std::fs::write(&first, b"new, half").expect("write");
+        // Half-written: readers still see the old object whole, listings see no staged file.
+        assert_eq!(
+            store.get_bytes(key).await.expect("get"),
+            Bytes::from_static(b"old, complete\n")
+        );
+        assert_eq!(
+            store.list("jobs/").await.expect("list"),
+            vec![key.to_owned()]
+        );
+        std::fs::write(&first, b"new, complete\n").expect("write");
+        store.commit_local(key, &first).await.expect("commit");
+        assert_eq!(
+            store.get_bytes(key).await.expect("get"),
+            Bytes::from_static(b"new, complete\n")
+        );
+        assert!(!first.exists(), "renamed into place");
     }
 }

@@ -69,6 +69,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
                 &ingest.output,
                 &ingest.cache,
                 &job_id,
+                delivery.stream_sequence,
             )
             .await
             {
@@ -94,7 +95,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
         }
         Err(error) => return settle(&ingest.bus, &job_id, &delivery, error).await,
     }
-    match run_ingest(ingest, &spec).await {
+    match run_ingest(ingest, &spec, delivery.stream_sequence).await {
         Ok(()) => Outcome::Done,
         Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
     }
@@ -203,7 +204,8 @@ async fn accept(ingest: &Ingest, spec: &JobSpec) -> Result<Accepted, StepError> 
     })
 }
 
-async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
+/// `sequence` is the JobSpec message's, for the finalize claim of a job with nothing to send.
+async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<(), StepError> {
     let job_id = spec.id();
     set_state(&ingest.bus, job_id, JobState::Ingesting).await?;
     let scratch = tempfile::tempdir()?;
@@ -222,7 +224,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         table::index_input(&input_for_task, &indexed_for_task, &limits)
     })
     .await??;
-    ingest.store.commit_local(&indexed_key, &indexed).await?;
+    let indexed = ingest.store.commit_local(&indexed_key, &indexed).await?;
     spec.validate_columns(&info.columns)
         .map_err(|e| StepError::Job(e.to_string()))?;
 
@@ -352,6 +354,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
             &ingest.output,
             &ingest.cache,
             job_id,
+            sequence,
         )
         .await;
     }

@@ -34,7 +34,7 @@ pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
         Err(reason) => return Outcome::Terminate { reason },
     };
     let job_id = ended.key.job_id.clone();
-    match merge(merger, &ended).await {
+    match merge(merger, &ended, delivery.stream_sequence).await {
         Ok(()) => Outcome::Done,
         Err(error) => settle(&merger.bus, &job_id, &delivery, error).await,
     }
@@ -53,7 +53,7 @@ enum Next {
     Announce,
 }
 
-async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
+async fn merge(merger: &Merger, ended: &BatchEnded, sequence: u64) -> Result<(), StepError> {
     let bus = &merger.bus;
     let key = &ended.key;
     let (job, _) = bus
@@ -133,6 +133,7 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
                 &merger.output,
                 &merger.cache,
                 &key.job_id,
+                sequence,
             )
             .await
         }

@@ -272,3 +272,68 @@ async fn a_message_on_its_last_delivery_fails_the_job_with_a_readable_reason() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery_takes_over() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let job_id = "final-once";
+    // A job whose rows all had empty targets: nothing to send, only outputs to write.
+    let scratch = tempfile::tempdir().expect("scratch");
+    let csv = scratch.path().join("input.csv");
+    std::fs::write(&csv, "sku,description\n1,\n2,\n").expect("csv");
+    let indexed_key = layout::indexed(job_id);
+    let indexed = stack
+        .store
+        .local_target(&indexed_key, scratch.path())
+        .expect("target");
+    rowsmith_shared::table::index_input(&csv, &indexed, &stack.settings.limits).expect("index");
+    stack
+        .store
+        .commit_local(&indexed_key, &indexed)
+        .await
+        .expect("commit");
+    let mut record = JobRecord::new(spec(job_id, "inputs/none.csv", "description"));
+    record.state = JobState::Merging;
+    record.counts.rows_total = 2;
+    record.counts.rows_skipped = 2;
+    record.indexed_path = Some(indexed_key);
+    // The handler of message 7 is writing the outputs.
+    record.finalizing_by = Some(7);
+    stack
+        .bus
+        .create(&job_key(job_id), &record)
+        .await
+        .expect("job");
+    let finalize = |by: u64| {
+        rowsmith_shared::jobs::finalize_job(
+            &stack.bus,
+            &stack.store,
+            &stack.settings.output,
+            &stack.settings.cache,
+            job_id,
+            by,
+        )
+    };
+    let enriched = layout::output(job_id, "enriched.csv");
+    // Another message asking to finalize (a duplicate `batches.ended`): nothing happens.
+    finalize(9).await.expect("duplicate");
+    let (job, _) = stack
+        .bus
+        .read::<JobRecord>(&job_key(job_id))
+        .await
+        .expect("read")
+        .expect("job");
+    assert_eq!(job.state, JobState::Merging);
+    assert!(!stack.store.exists(&enriched).await.expect("exists"));
+    // Message 7 delivered again: its first handler died; this one writes the outputs.
+    finalize(7).await.expect("takeover");
+    let (job, _) = stack
+        .bus
+        .read::<JobRecord>(&job_key(job_id))
+        .await
+        .expect("read")
+        .expect("job");
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let text = stack.read_text(&enriched).await;
+    assert_eq!(text.lines().count(), 3, "{text}");
+}
