@@ -459,6 +459,7 @@ async fn ensure_topology(
     .await
     .map_err(|e| BusError::topology(EVENTS_STREAM, e))?;
     if let Ok(store) = js.get_key_value(BUCKET).await {
+        ensure_bucket_replicas(js, replicas).await?;
         return Ok(store);
     }
     let config = kv::Config {
@@ -477,6 +478,36 @@ async fn ensure_topology(
             .await
             .map_err(|_| BusError::topology(format!("KV bucket {BUCKET}"), create_error)),
     }
+}
+
+/// Gives an existing KV bucket the configured replica count (a bucket first made with one
+/// replica would otherwise keep every job's state on one node).
+async fn ensure_bucket_replicas(js: &jetstream::Context, replicas: usize) -> Result<(), BusError> {
+    let name = format!("KV_{BUCKET}");
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| BusError::topology(format!("KV bucket {BUCKET}"), e))?;
+    let mut config = stream
+        .info()
+        .await
+        .map_err(|e| BusError::topology(format!("KV bucket {BUCKET}"), e))?
+        .config
+        .clone();
+    if config.num_replicas == replicas {
+        return Ok(());
+    }
+    tracing::info!(
+        bucket = BUCKET,
+        from = config.num_replicas,
+        to = replicas,
+        "changing the KV bucket's replicas"
+    );
+    config.num_replicas = replicas;
+    js.update_stream(&config)
+        .await
+        .map(drop)
+        .map_err(|e| BusError::topology(format!("KV bucket {BUCKET} replicas"), e))
 }
 
 /// What a handler decided about one message; only the worker loop acks.

@@ -250,9 +250,9 @@ pub struct NatsSettings {
     /// Reply subjects start with this instead of `_INBOX`, so that server permissions can
     /// give each service its own inbox space (`_INBOX_ingest.>`).
     pub inbox_prefix: Option<String>,
-    /// Create or update the streams and the KV bucket at start (the default). Off, a process
-    /// only looks them up, so its NATS user needs no right to change them; `rowsmith setup`
-    /// creates them once.
+    /// Create or update the streams and the KV bucket at start (the default, for services).
+    /// Off, a process only looks them up, so its NATS user needs no right to change them;
+    /// `rowsmith setup` creates them once. The CLI's other commands always only look them up.
     pub ensure_topology: bool,
     /// Replicas of the streams and the KV bucket (3 on a three-node JetStream cluster).
     pub replicas: usize,

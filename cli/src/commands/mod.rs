@@ -23,8 +23,24 @@ pub fn settings() -> anyhow::Result<Settings> {
     Ok(Settings::from_env()?)
 }
 
+/// Connects as a client: the streams and the KV bucket are only looked up, never created or
+/// changed (a laptop's settings must not rewrite a production topology; `rowsmith setup`
+/// owns it).
 pub async fn connect(settings: &Settings) -> anyhow::Result<Bus> {
-    Bus::connect(&settings.nats, "rowsmith-cli").await.with_context(|| {
+    let mut nats = settings.nats.clone();
+    nats.ensure_topology = false;
+    connect_with(&nats).await
+}
+
+/// Connects and creates or updates the streams and the KV bucket (`setup`, `up`).
+pub async fn connect_and_set_up(settings: &Settings) -> anyhow::Result<Bus> {
+    let mut nats = settings.nats.clone();
+    nats.ensure_topology = true;
+    connect_with(&nats).await
+}
+
+async fn connect_with(nats: &rowsmith_shared::config::NatsSettings) -> anyhow::Result<Bus> {
+    Bus::connect(nats, "rowsmith-cli").await.with_context(|| {
         "is NATS running? start it and the services with `rowsmith up --sim`, or set ROWSMITH_NATS__URL"
     })
 }

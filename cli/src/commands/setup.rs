@@ -11,9 +11,8 @@ use rowsmith_shared::records::BUCKET;
 pub struct Args {}
 
 pub async fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    let mut settings = super::settings()?;
-    settings.nats.ensure_topology = true;
-    super::connect(&settings).await?;
+    let settings = super::settings()?;
+    super::connect_and_set_up(&settings).await?;
     println!(
         "streams {WORK_STREAM} and {EVENTS_STREAM} and KV bucket {BUCKET} are in place ({} replica(s))",
         settings.nats.replicas.max(1)

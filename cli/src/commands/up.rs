@@ -48,7 +48,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("metrics and health on http://{address} (/metrics, /healthz, /readyz)");
     }
     // Connect once first so that a missing NATS is one clear error, not four.
-    super::connect(&settings).await?;
+    super::connect_and_set_up(&settings).await?;
     let (s, c) = (&settings, &shutdown);
     services.spawn(named("ingest", rowsmith_ingest::run(s.clone(), c.clone())));
     services.spawn(named(

@@ -352,3 +352,53 @@ async fn spans_are_exported_over_otlp_when_an_endpoint_is_set_and_limits_apply_t
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_command_line_never_changes_the_topology_only_setup_makes_it() {
+    let nats = rowsmith_tests::NatsServer::start();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rowsmith"))
+            .args(args)
+            .env("ROWSMITH_NATS__URL", nats.url())
+            .env_remove("ROWSMITH_CONFIG")
+            .output()
+            .expect("run rowsmith")
+    };
+    // No streams yet: a client command says what to do and creates nothing.
+    let list = run(&["list"]);
+    assert!(!list.status.success());
+    let stderr = String::from_utf8_lossy(&list.stderr);
+    assert!(stderr.contains("rowsmith setup"), "{stderr}");
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    assert!(
+        js.get_stream(rowsmith_shared::bus::WORK_STREAM)
+            .await
+            .is_err()
+    );
+    // setup makes them; then a client command works and leaves their configuration alone.
+    let setup = run(&["setup"]);
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let mut work = js
+        .get_stream(rowsmith_shared::bus::WORK_STREAM)
+        .await
+        .expect("work stream");
+    let mut config = work.info().await.expect("info").config.clone();
+    config.description = Some("changed by the operator".into());
+    js.update_stream(&config).await.expect("update");
+    let list = run(&["list"]);
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let after = work.info().await.expect("info").config.clone();
+    assert_eq!(
+        after.description.as_deref(),
+        Some("changed by the operator")
+    );
+}
