@@ -121,16 +121,47 @@ impl JobArgs {
     }
 }
 
-/// Uploads a local input to the store (`inputs/<job_id>/<name>`) and returns the key to put in
-/// the spec; `file://` URLs and store keys pass through.
-pub async fn stage_input(store: &Store, job_id: &str, input: &str) -> anyhow::Result<String> {
+/// Where a job's input is to be found in the store, and the local file to upload there first
+/// (none for `file://` URLs and store keys, which pass through).
+#[derive(Debug)]
+pub struct StagedInput {
+    pub key: String,
+    local: Option<PathBuf>,
+}
+
+impl StagedInput {
+    /// Streams the local file to its key (multipart, never whole in memory), unless an object
+    /// of the same content is there already.
+    pub async fn upload(&self, store: &Store) -> anyhow::Result<()> {
+        let Some(path) = &self.local else {
+            return Ok(());
+        };
+        if store.exists(&self.key).await? {
+            return Ok(());
+        }
+        store
+            .upload(&self.key, path)
+            .await
+            .with_context(|| format!("cannot upload {}", path.display()))
+    }
+}
+
+/// Plans staging a local input under `inputs/<job_id>/<content hash>/<name>`; nothing is
+/// uploaded yet (see [`StagedInput::upload`]).
+pub async fn stage_input(store: &Store, job_id: &str, input: &str) -> anyhow::Result<StagedInput> {
     if input.contains("://") {
-        return Ok(input.to_owned());
+        return Ok(StagedInput {
+            key: input.to_owned(),
+            local: None,
+        });
     }
     let path = Path::new(input);
     if !path.is_file() {
         if store.exists(input).await.unwrap_or(false) {
-            return Ok(input.to_owned());
+            return Ok(StagedInput {
+                key: input.to_owned(),
+                local: None,
+            });
         }
         bail!(
             "input {input:?} is neither a file here nor a key in the store {}",
@@ -141,10 +172,25 @@ pub async fn stage_input(store: &Store, job_id: &str, input: &str) -> anyhow::Re
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "input.csv".into());
-    let key = layout::upload(job_id, &name);
-    let bytes = tokio::fs::read(path)
+    let hash = content_hash(path.to_owned())
         .await
         .with_context(|| format!("cannot read {input}"))?;
-    store.put_bytes(&key, bytes.into()).await?;
-    Ok(key)
+    Ok(StagedInput {
+        key: layout::upload(job_id, &hash, &name),
+        local: Some(path.to_owned()),
+    })
+}
+
+/// The first 16 hex digits of the file's SHA-256, read in a stream.
+async fn content_hash(path: PathBuf) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        let mut file = std::fs::File::open(&path)?;
+        std::io::copy(&mut file, &mut hasher)?;
+        let digest = hasher.finalize();
+        Ok(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }

@@ -244,6 +244,17 @@ impl Bus {
         msg_id: &str,
         payload: &T,
     ) -> Result<(), BusError> {
+        self.publish_once(subject, msg_id, payload).await.map(drop)
+    }
+
+    /// Like [`Bus::publish`]; `Ok(false)` when the stream had a message of that id already
+    /// (within its duplicate window) and dropped this one.
+    pub async fn publish_once<T: Serialize>(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: &T,
+    ) -> Result<bool, BusError> {
         let body = Bytes::from(serde_json::to_vec(payload).map_err(|e| BusError::Publish {
             subject: subject.into(),
             message: e.to_string(),
@@ -261,7 +272,8 @@ impl Bus {
                 .message_id(msg_id);
             match self.js.send_publish(subject.to_owned(), message).await {
                 Ok(ack) => match ack.await {
-                    Ok(_) => return Ok(()),
+                    // A retry of a publish whose ack was lost is a duplicate of our own.
+                    Ok(ack) => return Ok(!ack.duplicate || attempt > 0),
                     Err(error) => last_error = error.to_string(),
                 },
                 Err(error) => last_error = error.to_string(),

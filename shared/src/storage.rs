@@ -401,8 +401,10 @@ pub mod layout {
     pub fn output(job_id: &str, file: &str) -> String {
         format!("jobs/{job_id}/output/{file}")
     }
-    pub fn upload(job_id: &str, file_name: &str) -> String {
-        format!("inputs/{job_id}/{file_name}")
+    /// Where the CLI stages a local input: by job and content, so a second submission with
+    /// other content never overwrites the first's.
+    pub fn upload(job_id: &str, content_hash: &str, file_name: &str) -> String {
+        format!("inputs/{job_id}/{content_hash}/{file_name}")
     }
     /// `(row, body hash)` of each distinct request a job sent or took from the cache.
     pub fn hashes(job_id: &str) -> String {

@@ -92,12 +92,13 @@ pub async fn write_result(
     Ok(written)
 }
 
+/// Streams one output to `path` (never whole in memory).
 async fn copy_out(store: &Store, key: &str, path: &Path) -> anyhow::Result<()> {
-    let bytes = store.get_bytes(key).await?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(parent).await?;
     }
-    tokio::fs::write(path, &bytes)
+    store
+        .download(key, path)
         .await
         .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -402,3 +402,56 @@ async fn the_command_line_never_changes_the_topology_only_setup_makes_it() {
         Some("changed by the operator")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrich_again_under_a_taken_job_id_with_another_spec_is_refused_and_uploads_nothing() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = write_table(dir.path());
+    let out = dir.path().join("out");
+    let enrich = |instructions: &str| {
+        rowsmith(
+            &stack,
+            &[
+                "enrich",
+                table.as_str(),
+                "--job-id",
+                "taken",
+                "--out",
+                out.to_str().expect("utf-8"),
+                "--instructions",
+                instructions,
+                "--target",
+                "description",
+                "--field",
+                "title:string",
+            ],
+        )
+    };
+    let first = enrich("Write a title.");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let staged = stack.store.list("inputs/taken/").await.expect("list");
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let original = stack.store.get_bytes(&staged[0]).await.expect("input");
+    // The same id again, with other content and instructions.
+    std::fs::write(&table, "sku,description\n1,something else\n").expect("rewrite");
+    let second = enrich("Write a different title.");
+    assert_eq!(second.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("job id taken is taken by a job with a different spec"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stack.store.list("inputs/taken/").await.expect("list"),
+        staged
+    );
+    assert_eq!(
+        stack.store.get_bytes(&staged[0]).await.expect("input"),
+        original
+    );
+}

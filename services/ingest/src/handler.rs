@@ -37,7 +37,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
         Err(reason) => return refuse_undecodable(ingest, &delivery, reason).await,
     };
     if spec.job_id.is_none() {
-        spec.job_id = Some(format!("job-{}", nuid::next()));
+        spec.job_id = Some(derived_job_id(&delivery));
     }
     if let Err(error) = spec
         .validate()
@@ -122,22 +122,56 @@ async fn refuse_undecodable(ingest: &Ingest, delivery: &Delivery, reason: String
     Outcome::Terminate { reason }
 }
 
-/// Records a job whose spec cannot run as failed, so `status` and `watch` show why.
+/// The id of a JobSpec that names none: the same on every delivery of the message (its stream
+/// sequence and a hash of its body), so one message never becomes two jobs.
+fn derived_job_id(delivery: &Delivery) -> String {
+    let digest = xxhash_rust::xxh3::xxh3_64(&delivery.payload);
+    match delivery.stream_sequence {
+        0 => format!("job-{digest:016x}"),
+        sequence => format!("job-{sequence}-{:08x}", digest >> 32),
+    }
+}
+
+/// A spec that cannot run. A job of that id that does not exist yet is recorded as failed, so
+/// `status` and `watch` show why; an existing job is never touched by another message: the
+/// refusal is only an event on its subject.
 async fn refuse(ingest: &Ingest, job_id: &str, message: &str) -> Outcome {
     let outcome = Outcome::Terminate {
         reason: message.to_owned(),
     };
-    let _ = ingest
+    let created = ingest
         .bus
         .create(&job_key(job_id), &JobRecord::new(placeholder_spec(job_id)))
         .await;
-    match fail_job(&ingest.bus, job_id, message).await {
-        Ok(()) => outcome,
+    match created {
+        Ok(true) => {
+            if let Err(error) = fail_job(&ingest.bus, job_id, message).await {
+                tracing::error!(job_id, %error, "could not record the refused job");
+            }
+        }
+        Ok(false) => {
+            let message = format!(
+                "a message for job {job_id} was refused and did not change the job: {message}"
+            );
+            tracing::warn!(job_id, %message, "refused a message for an existing job");
+            ingest
+                .bus
+                .emit(&Event::new(
+                    job_id,
+                    EventKind::Refused,
+                    message,
+                    Counts::default(),
+                ))
+                .await;
+        }
         Err(error) => {
             tracing::error!(job_id, %error, "could not record the refused job");
-            outcome
+            return Outcome::Retry {
+                after: std::time::Duration::from_secs(5),
+            };
         }
     }
+    outcome
 }
 
 fn placeholder_spec(job_id: &str) -> JobSpec {

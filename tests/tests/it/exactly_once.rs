@@ -337,3 +337,106 @@ async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery
     let text = stack.read_text(&enriched).await;
     assert_eq!(text.lines().count(), 3, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_naming_a_running_job_never_change_it_they_are_refused_as_events() {
+    // Slow enough that the job is still running while the other messages arrive.
+    let stack = Stack::start_with(|settings: &mut Settings| {
+        settings.sim.rows_per_second = 200.0;
+    })
+    .await;
+    let input = stack
+        .upload_input("victim.csv", to_csv(&awkward_rows(400)))
+        .await;
+    let job = spec("victim-1", &input, "description");
+    stack.submit(&job).await;
+    stack
+        .events_until(
+            "victim-1",
+            rowsmith_shared::events::EventKind::ShardSubmitted,
+        )
+        .await;
+    // 21 bytes that are no JobSpec, an invalid spec, and a valid spec with a changed field,
+    // each under the running job's id.
+    let ack = stack
+        .bus
+        .js
+        .publish(
+            subjects::JOBS_SUBMIT,
+            Bytes::from_static(b"{\"job_id\":\"victim-1\"}"),
+        )
+        .await
+        .expect("publish");
+    ack.await.expect("stored");
+    let mut invalid = job.clone();
+    invalid.options.max_attempts = 0;
+    let mut changed = job.clone();
+    changed.instructions = "Something else.".into();
+    for (n, other) in [invalid, changed].iter().enumerate() {
+        stack
+            .bus
+            .publish(subjects::JOBS_SUBMIT, &format!("victim-other-{n}"), other)
+            .await
+            .expect("publish");
+    }
+    let ended = stack
+        .wait_for_end("victim-1", Duration::from_secs(120))
+        .await;
+    assert_eq!(ended.state, JobState::Completed, "{:?}", ended.error);
+    assert_eq!(ended.spec, job, "the job's own spec stays");
+    let (enriched, _) = stack.output_tables(&ended).await;
+    assert_eq!(enriched.1.len(), 400);
+    // Three refusals, each an event of the job, none its end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = stack
+            .events_until("victim-1", rowsmith_shared::events::EventKind::Completed)
+            .await;
+        let refused: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == rowsmith_shared::events::EventKind::Refused)
+            .collect();
+        if refused.len() == 3 {
+            assert!(
+                refused.iter().all(|e| e.message.contains("victim-1")),
+                "{refused:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refusals seen: {refused:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_jobspec_without_an_id_delivered_twice_is_one_job() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let input = stack
+        .upload_input("anonymous.csv", to_csv(&awkward_rows(20)))
+        .await;
+    let mut job = spec("unused", &input, "description");
+    job.job_id = None;
+    let ingest = rowsmith_ingest::Ingest {
+        bus: stack.bus.clone(),
+        store: stack.store.clone(),
+        providers: Providers::from_settings(&stack.settings).expect("providers"),
+        allowed_inputs: stack.settings.store.allowed_inputs.clone(),
+        limits: stack.settings.limits.clone(),
+        output: stack.settings.output.clone(),
+        prices: stack.settings.prices.clone(),
+        cache: stack.settings.cache.clone(),
+    };
+    // The same message (stream sequence 42) delivered again after its first handler died.
+    let mut message = delivery(subjects::JOBS_SUBMIT, &job);
+    message.stream_sequence = 42;
+    for _ in 0..2 {
+        let outcome = rowsmith_ingest::handle(&ingest, message.clone()).await;
+        assert_eq!(outcome, rowsmith_shared::bus::Outcome::Done);
+    }
+    let jobs = stack.bus.keys_with_prefix("job.").await.expect("keys");
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].starts_with("job.job-42-"), "{jobs:?}");
+}
