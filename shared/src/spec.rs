@@ -137,6 +137,9 @@ fn is_valid_field_name(name: &str) -> bool {
         && !name.starts_with("_row")
 }
 
+/// The most attempts a job may ask for.
+pub const MAX_ATTEMPTS: u32 = 10;
+
 impl JobSpec {
     /// The spec of attempt `attempt`: the fallback's provider and model on the last attempt.
     pub fn for_attempt(&self, attempt: u32) -> JobSpec {
@@ -263,8 +266,12 @@ impl JobSpec {
             }
         }
         let options = &self.options;
-        if options.max_attempts == 0 {
-            return fail("options.max_attempts must be at least 1".into());
+        if !(1..=MAX_ATTEMPTS).contains(&options.max_attempts) {
+            return fail(format!(
+                "options.max_attempts is {}; it must be 1 to {MAX_ATTEMPTS} (every attempt \
+                 re-sends the rows that failed, and each is paid for)",
+                options.max_attempts
+            ));
         }
         if options.max_requests_per_batch == 0 {
             return fail("options.max_requests_per_batch must be at least 1".into());
@@ -431,6 +438,21 @@ mod tests {
             error.0,
             "target column \"description\" not found; columns are: id, title"
         );
+    }
+
+    #[test]
+    fn attempts_are_bounded_because_each_is_paid_for() {
+        let mut s = spec();
+        s.options.max_attempts = MAX_ATTEMPTS;
+        assert!(s.validate().is_ok());
+        s.options.max_attempts = 1_000;
+        let error = s.validate().unwrap_err().0;
+        assert!(
+            error.contains("max_attempts is 1000; it must be 1 to 10"),
+            "{error}"
+        );
+        s.options.max_attempts = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct Poller {
     pub give_up_after: Duration,
 }
 
+/// How long an overdue batch's cancel may take to end before its rows are sent again without
+/// what it finished.
+pub const CANCEL_PATIENCE: Duration = Duration::from_secs(3600);
+
 /// The delay before the next check: the schedule's, but never past the batch's deadline
 /// (and at least a second).
 pub fn capped_delay(
@@ -60,12 +64,18 @@ pub async fn handle(poller: &Poller, delivery: Delivery) -> Outcome {
         Ok(message) => message,
         Err(reason) => return Outcome::Terminate { reason },
     };
-    let delay = capped_delay(
-        next_delay(&poller.schedule, delivery.delivered),
-        submitted.submitted_at_ms,
-        rowsmith_shared::now_unix_ms(),
-        poller.give_up_after,
-    );
+    let now = rowsmith_shared::now_unix_ms();
+    let schedule_delay = next_delay(&poller.schedule, delivery.delivered);
+    // Past the deadline the batch is being cancelled: check at the schedule's pace again.
+    let delay = match overdue(submitted.submitted_at_ms, now, poller.give_up_after) {
+        true => schedule_delay,
+        false => capped_delay(
+            schedule_delay,
+            submitted.submitted_at_ms,
+            now,
+            poller.give_up_after,
+        ),
+    };
     match check(poller, &submitted).await {
         Ok(Check::Ended) | Ok(Check::JobOver) => Outcome::Done,
         Ok(Check::Running) => Outcome::Retry { after: delay },
@@ -112,14 +122,43 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         provider.cancel(&batch).await?;
         tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch cancelled on request");
     }
-    let give_up = !status.state.is_terminal()
+    let now = rowsmith_shared::now_unix_ms();
+    let overdue_now = !status.state.is_terminal()
+        && overdue(submitted.submitted_at_ms, now, poller.give_up_after);
+    let hopeless = overdue_now
         && overdue(
             submitted.submitted_at_ms,
-            rowsmith_shared::now_unix_ms(),
-            poller.give_up_after,
+            now,
+            poller.give_up_after + CANCEL_PATIENCE,
         );
-    if give_up {
-        // The provider should have ended it by now; stop waiting and retry its rows.
+    if overdue_now && !hopeless {
+        // The provider should have ended it by now: cancel it, and keep checking until it
+        // has, so that the rows it finished (and billed) are collected; only the rest go
+        // into the next attempt.
+        if status.state != BatchState::Cancelling && !job.cancel_requested {
+            match provider.cancel(&batch).await {
+                Ok(()) => {
+                    let message = format!(
+                        "batch {} of shard {} is past its completion window: cancelled; its {} \
+                         finished rows are kept once it ends, the rest are sent again",
+                        batch.id, key.shard, status.completed
+                    );
+                    tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, cancelled to collect what it finished");
+                    bus.emit(
+                        &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
+                            .with_shard(key.clone()),
+                    )
+                    .await;
+                }
+                Err(error) => {
+                    tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch")
+                }
+            }
+        }
+        return Ok(Check::Running);
+    }
+    if hopeless {
+        // Cancelled long ago and still not ended: stop waiting and retry its rows.
         if let Err(error) = provider.cancel(&batch).await {
             tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch");
         }
@@ -139,7 +178,7 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
             &ended,
         )
         .await?;
-        tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, treated as expired");
+        tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue and its cancel never ended, treated as expired");
         return Ok(Check::Ended);
     }
     metrics::counter!("rowsmith_batch_checks_total", "state" => status.state.as_str().to_owned())

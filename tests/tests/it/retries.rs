@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rowsmith_shared::config::SimFaults;
-use rowsmith_shared::records::JobState;
+use rowsmith_shared::messages::ShardKey;
+use rowsmith_shared::records::{JobState, ShardRecord, shard_key};
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
@@ -233,4 +234,61 @@ async fn a_batch_past_its_completion_window_is_treated_as_expired_and_its_rows_r
             .iter()
             .all(|row| row[1] == "batch_expired" && row[3] == "2")
     );
+}
+
+/// A batch past its completion window is cancelled, and what it finished is kept: only the
+/// rest of its rows go into the next attempt, and no row is answered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overdue_batch_keeps_the_rows_it_finished_and_only_the_rest_are_resent() {
+    let stack = Stack::start_with(|settings| {
+        settings.sim.rows_per_second = 25.0;
+        settings.poller.completion_window = Duration::from_secs(1);
+        settings.poller.grace = Duration::from_secs(1);
+    })
+    .await;
+    let input = stack
+        .upload_input("overdue.csv", to_csv(&awkward_rows(100)))
+        .await;
+    let mut job_spec = spec("overdue", &input, "description");
+    job_spec.options.max_attempts = 6;
+    stack.submit(&job_spec).await;
+    let job = stack
+        .wait_for_end("overdue", Duration::from_secs(120))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let (enriched, failures) = stack.output_tables(&job).await;
+    assert_eq!(enriched.1.len(), 100);
+    assert!(failures.1.is_empty(), "{failures:?}");
+    assert!(job.attempt >= 2, "the first batch was overdue");
+    let first = shard(&stack, "overdue", 1).await;
+    let second = shard(&stack, "overdue", 2).await;
+    assert!(
+        first.succeeded > 0,
+        "the overdue batch finished some rows: {first:?}"
+    );
+    assert_eq!(
+        second.request_count,
+        first.request_count - first.succeeded,
+        "only the rows the overdue batch did not finish were sent again"
+    );
+    let stats = stack.sim_stats().await;
+    assert_eq!(
+        stats["requests_answered"], 90,
+        "no row answered twice: {stats}"
+    );
+}
+
+async fn shard(stack: &Stack, job_id: &str, attempt: u32) -> ShardRecord {
+    let key = ShardKey {
+        job_id: job_id.into(),
+        attempt,
+        shard: 0,
+    };
+    stack
+        .bus
+        .read::<ShardRecord>(&shard_key(&key))
+        .await
+        .expect("read")
+        .expect("shard")
+        .0
 }
