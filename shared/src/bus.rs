@@ -117,6 +117,15 @@ async fn connect_options(settings: &NatsSettings) -> Result<async_nats::ConnectO
     }))
 }
 
+/// `nats.url` as the list of servers it names: one URL, or several separated by commas (the
+/// nodes of a cluster; the client then also learns the others from the server).
+fn server_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 /// A plain client for health probes: connects in the background and keeps trying, so a
 /// probe can report NATS as down instead of the process failing to start.
 pub async fn probe_client(
@@ -127,7 +136,7 @@ pub async fn probe_client(
         .await?
         .name(name)
         .retry_on_initial_connect()
-        .connect(settings.url.as_str())
+        .connect(server_urls(&settings.url))
         .await
         .map_err(|source| BusError::Connect {
             url: settings.url.clone(),
@@ -171,7 +180,7 @@ impl Bus {
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(settings.request_timeout))
-            .connect(settings.url.as_str())
+            .connect(server_urls(&settings.url))
             .await
             .map_err(|source| BusError::Connect {
                 url: settings.url.clone(),

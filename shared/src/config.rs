@@ -221,7 +221,7 @@ impl Default for QuotaSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSettings {
-    /// `nats://host:port`.
+    /// `nats://host:port`, or several separated by commas (the nodes of a cluster).
     pub url: String,
     /// How long a JetStream request (publish ack, KV op) may take.
     #[serde(with = "humantime_serde")]
