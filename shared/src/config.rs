@@ -529,6 +529,9 @@ pub struct SimFaults {
     pub http_500_every: Option<u64>,
     /// Batch creation is refused with 429 `insufficient_quota` (never worth retrying).
     pub insufficient_quota: bool,
+    /// Batch status checks (`GET /v1/batches/<id>`) are answered 401, as after an API key
+    /// rotation; set per job and cleared again to "fix the key".
+    pub status_unauthorized: bool,
 }
 
 impl Default for SimFaults {
@@ -547,6 +550,7 @@ impl Default for SimFaults {
             http_429_every: None,
             http_500_every: None,
             insufficient_quota: false,
+            status_unauthorized: false,
         }
     }
 }
