@@ -48,6 +48,27 @@ async fn shard_record(stack: &Stack, job_id: &str, shard: u32) -> ShardRecord {
     record
 }
 
+/// Polls the record of shard 0 of attempt 1 of `job_id` until `done` holds.
+async fn wait_for_first_shard(stack: &Stack, job_id: &str, done: impl Fn(&ShardRecord) -> bool) {
+    let first = shard_key(&ShardKey {
+        job_id: job_id.into(),
+        attempt: 1,
+        shard: 0,
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let record = stack.bus.read::<ShardRecord>(&first).await.expect("read");
+        if record.is_some_and(|(record, _)| done(&record)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shard 0 of {job_id} never got there"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Requests in the job's shards that are not merged: the rows a partial output lists as
 /// `pending`.
 async fn unmerged_requests(stack: &Stack, job: &JobRecord) -> u64 {
@@ -196,25 +217,10 @@ async fn a_job_cancelled_while_holding_the_quota_gives_it_back_to_the_next_job()
     .await;
     submit_job(&stack, "holder", 1000, 1000).await;
     let quota = quota_key("sim", "gpt-4o-mini");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let first = shard_key(&ShardKey {
-        job_id: "holder".into(),
-        attempt: 1,
-        shard: 0,
-    });
-    while !stack
-        .bus
-        .read::<ShardRecord>(&first)
-        .await
-        .expect("read")
-        .is_some_and(|(record, _)| record.state == ShardState::Submitted)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the batch never went out"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_first_shard(&stack, "holder", |record| {
+        record.state == ShardState::Submitted
+    })
+    .await;
     let (held, _) = stack
         .bus
         .read::<QuotaRecord>(&quota)
@@ -252,4 +258,59 @@ async fn a_job_cancelled_while_holding_the_quota_gives_it_back_to_the_next_job()
     submit_job(&stack, "next", 100, 1000).await;
     let next = stack.wait_for_end("next", Duration::from_secs(30)).await;
     assert_eq!(next.state, JobState::Completed, "{:?}", next.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merger_killed_on_its_last_delivery_leaves_the_job_suspended_with_the_reason() {
+    let stack = Stack::start_services(
+        |settings| {
+            settings.merger.max_deliver = 2;
+            settings.merger.ack_wait = Duration::from_secs(1);
+        },
+        &["ingest", "submitter", "poller"],
+    )
+    .await;
+    submit_job(&stack, "killed", 100, 1000).await;
+    wait_for_first_shard(&stack, "killed", |record| record.batch_status.is_some()).await;
+    // The batch's end waits for the merger. Two mergers take it on the merger's own consumer
+    // and die before acking (killed, out of memory): nothing is acked or handled.
+    let spec = rowsmith_merger::service::consumer_spec(&stack.settings);
+    let consumer = stack.bus.work_consumer(&spec).await.expect("consumer");
+    for delivery in 1..=2 {
+        let mut pulled = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await
+            .expect("pull");
+        let message = futures::StreamExt::next(&mut pulled)
+            .await
+            .expect("a delivery")
+            .expect("message");
+        assert_eq!(message.info().expect("info").delivered, delivery);
+    }
+    // A merger that lives sees the delivery past the last: the dead letter, recorded.
+    stack.start_service("merger");
+    let job = stack
+        .wait_for("killed", Duration::from_secs(30), |job| {
+            job.state.is_stopped()
+        })
+        .await;
+    assert_eq!(job.state, JobState::Suspended, "{:?}", job.error);
+    let reason = job.error.clone().expect("a reason");
+    assert!(
+        reason.contains("gave up after 2 deliveries") && reason.contains("killed or out of memory"),
+        "{reason}"
+    );
+    // Resumed, the batch is watched again (not created again) and merged.
+    request_resume(&stack.bus, "killed")
+        .await
+        .expect("resume")
+        .expect("suspended");
+    let done = stack.wait_for_end("killed", Duration::from_secs(30)).await;
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 1, "{stats}");
+    assert_eq!(stats["requests_answered"], 90, "{stats}");
 }
