@@ -31,13 +31,13 @@ enum Command {
     Submit(commands::submit::Args),
     /// Submit, watch until the job ends, and write the enriched table.
     Enrich(commands::enrich::Args),
-    /// Show a job's progress until it ends; exit 0 only when it completed.
+    /// Show a job's progress until it ends or is suspended; exit 0 only when it completed.
     Watch(commands::watch::Args),
     /// Show a job's record.
     Status(commands::status::Args),
     /// List jobs.
     List(commands::list::Args),
-    /// Write a completed job's outputs to a file or directory.
+    /// Write a job's outputs to a file or directory (partial for a cancelled or suspended job).
     Result(commands::result::Args),
     /// Write the request shards ingest would send, offline (no NATS needed).
     Render(commands::render::Args),
@@ -46,6 +46,9 @@ enum Command {
     Estimate(commands::estimate::Args),
     /// Cancel a job: running batches are cancelled, finished rows kept.
     Cancel(commands::cancel::Args),
+    /// Continue a suspended job after fixing the cause its error names; nothing already
+    /// answered is sent again, batches still running are watched again.
+    Resume(commands::resume::Args),
     /// Print a job's events (or every job's), oldest first; --follow to keep tailing.
     Events(commands::events::Args),
     /// Create or update the NATS streams and KV bucket (for services run with
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             Command::Render(args) => commands::render::run(args).await,
             Command::Estimate(args) => commands::estimate::run(args).await,
             Command::Cancel(args) => commands::cancel::run(args).await,
+            Command::Resume(args) => commands::resume::run(args).await,
             Command::Events(args) => commands::events::run(args).await,
             Command::Setup(args) => commands::setup::run(args).await,
             Command::Completions { shell } => {

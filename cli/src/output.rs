@@ -31,5 +31,13 @@ pub fn summary(job: &JobRecord) -> String {
     if let Some(csv) = &job.outputs.enriched_csv {
         text.push_str(&format!("\n  enriched: {csv}"));
     }
+    if job.state == rowsmith_shared::records::JobState::Suspended {
+        text.push_str(&format!(
+            "\n  suspended: nothing new is sent; batches already out are still collected and \
+             every answer is kept; partial outputs: `rowsmith result {0} --out DIR`\n  \
+             fix the cause above, then `rowsmith resume {0}` (or `rowsmith cancel {0}`)",
+            job.spec.id()
+        ));
+    }
     text
 }

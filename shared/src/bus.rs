@@ -158,7 +158,9 @@ pub struct ConsumerSpec {
     pub durable: &'static str,
     pub filter_subject: &'static str,
     pub ack_wait: Duration,
-    /// `-1` for unlimited.
+    /// `-1` for unlimited. The consumer is created with one delivery more, which is never
+    /// handled: it records the dead letter of a handler that did not return
+    /// ([`Delivery::exhausted`]).
     pub max_deliver: i64,
     pub max_ack_pending: i64,
 }
@@ -237,7 +239,10 @@ impl Bus {
                 filter_subject: spec.filter_subject.to_owned(),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: spec.ack_wait,
-                max_deliver: spec.max_deliver,
+                max_deliver: match spec.max_deliver {
+                    counted if counted > 0 => counted + 1,
+                    unlimited => unlimited,
+                },
                 max_ack_pending: spec.max_ack_pending,
                 ..Default::default()
             })
@@ -457,6 +462,8 @@ async fn ensure_topology(
             subjects::SHARDS_READY.into(),
             subjects::BATCHES_SUBMITTED.into(),
             subjects::BATCHES_ENDED.into(),
+            subjects::JOBS_RESUME.into(),
+            subjects::JOBS_SUSPENDED.into(),
         ],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
@@ -549,8 +556,11 @@ pub struct Delivery {
     pub payload: Bytes,
     /// 1-based delivery count.
     pub delivered: i64,
-    /// Whether the consumer will not deliver this message again.
+    /// Whether this is the last delivery a handler gets.
     pub last: bool,
+    /// Past the last counted delivery: the handler of the last one never returned (killed,
+    /// out of memory). Not to be handled; see `lifecycle::dead_letter`.
+    pub exhausted: bool,
     /// The message's sequence in the work stream: the same on every redelivery, so a
     /// handler can derive a stable name from it (0 when unknown, as in unit tests).
     pub stream_sequence: u64,
@@ -704,6 +714,7 @@ where
         payload: message.payload.clone(),
         delivered,
         last: spec.max_deliver > 0 && delivered >= spec.max_deliver,
+        exhausted: spec.max_deliver > 0 && delivered > spec.max_deliver,
         stream_sequence,
     };
     let span = handle_span(&delivery, message.headers.as_ref());

@@ -572,6 +572,9 @@ pub struct SimFaults {
     /// Every n-th download (an OpenAI file's content, Anthropic results) is cut off half-way
     /// by a dropped connection.
     pub download_dropped_every: Option<u64>,
+    /// Batch status checks (`GET /v1/batches/<id>`) are answered 401, as after an API key
+    /// rotation; set per job and cleared again to "fix the key".
+    pub status_unauthorized: bool,
 }
 
 /// How a lost create answer is lost.
@@ -608,6 +611,7 @@ impl Default for SimFaults {
             slow_create: Duration::from_secs(5),
             response_delay: Duration::ZERO,
             download_dropped_every: None,
+            status_unauthorized: false,
         }
     }
 }

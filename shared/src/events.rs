@@ -19,10 +19,15 @@ pub enum EventKind {
     Cancelled,
     /// Something the user should know that did not stop the job (odd result lines).
     Warning,
+    /// An error after work was sent stopped the job; the message says why and what to do.
+    /// Running batches are still collected; `rowsmith resume` continues.
+    Suspended,
+    /// `rowsmith resume` moved a suspended job back to running.
+    Resumed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::Accepted,
         EventKind::Refused,
         EventKind::Ingested,
@@ -34,6 +39,8 @@ impl EventKind {
         EventKind::Failed,
         EventKind::Cancelled,
         EventKind::Warning,
+        EventKind::Suspended,
+        EventKind::Resumed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +56,8 @@ impl EventKind {
             EventKind::Failed => "failed",
             EventKind::Cancelled => "cancelled",
             EventKind::Warning => "warning",
+            EventKind::Suspended => "suspended",
+            EventKind::Resumed => "resumed",
         }
     }
 
@@ -58,6 +67,12 @@ impl EventKind {
             self,
             EventKind::Completed | EventKind::Failed | EventKind::Cancelled
         )
+    }
+
+    /// Whether nothing more happens after this event without the user: a final event, or
+    /// `suspended` (which waits for `rowsmith resume`).
+    pub fn stops_the_job(self) -> bool {
+        self.is_final() || self == EventKind::Suspended
     }
 }
 

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::bus::{Bus, BusError, Cas, Delivery, Outcome, retry_delay};
 use crate::events::{Event, EventKind};
+use crate::lifecycle::stop_job;
 use crate::messages::ShardKey;
 use crate::providers::ProviderError;
 use crate::records::{JobRecord, JobState, job_key};
@@ -58,7 +59,8 @@ impl From<std::io::Error> for StepError {
 }
 
 /// Turns a step's error into the message's fate: retry later when it may pass and
-/// deliveries remain, else mark the job failed with the reason and terminate the message.
+/// deliveries remain, else stop the job with the reason (failed while nothing was sent,
+/// suspended after) and terminate the message.
 pub async fn settle(bus: &Bus, job_id: &str, delivery: &Delivery, error: StepError) -> Outcome {
     if error.is_retryable() && !delivery.last {
         let after = retry_delay(delivery.delivered);
@@ -70,51 +72,16 @@ pub async fn settle(bus: &Bus, job_id: &str, delivery: &Delivery, error: StepErr
     } else {
         error.to_string()
     };
-    match fail_job(bus, job_id, &reason).await {
-        Ok(()) => Outcome::Terminate { reason },
+    match stop_job(bus, job_id, &reason).await {
+        Ok(_) => Outcome::Terminate { reason },
         // The failure could not be recorded: keep the message so that it is not lost.
         Err(record_error) => {
-            tracing::error!(job_id, %record_error, %reason, "could not mark the job failed");
+            tracing::error!(job_id, %record_error, %reason, "could not stop the job");
             Outcome::Retry {
                 after: Duration::from_secs(5),
             }
         }
     }
-}
-
-/// Marks a job failed with `reason` and emits the `failed` event.
-pub async fn fail_job(bus: &Bus, job_id: &str, reason: &str) -> Result<(), BusError> {
-    let changed = bus
-        .modify(
-            &job_key(job_id),
-            |job: &mut JobRecord| -> Result<Cas<Option<JobRecord>>, BusError> {
-                if job.state.is_terminal() {
-                    return Ok(Cas::Keep(None));
-                }
-                job.state = JobState::Failed;
-                job.error = Some(reason.to_owned());
-                job.updated_at_ms = crate::now_unix_ms();
-                job.finished_at_ms = Some(job.updated_at_ms);
-                Ok(Cas::Write(Some(job.clone())))
-            },
-        )
-        .await;
-    let counts = match changed {
-        Ok(Some(job)) => job.counts,
-        Ok(None) => return Ok(()),
-        // No record (the spec never got that far): the event still tells the user.
-        Err(BusError::NotFound { .. }) => Default::default(),
-        Err(error) => return Err(error),
-    };
-    tracing::warn!(job_id, reason, "job failed");
-    bus.emit(&Event::new(
-        job_id,
-        EventKind::Failed,
-        format!("job failed: {reason}"),
-        counts,
-    ))
-    .await;
-    Ok(())
 }
 
 /// Reads a job's record; a job without one is an error of the step.
@@ -184,9 +151,10 @@ async fn claim_finalize(bus: &Bus, job_id: &str, by: u64) -> Result<bool, StepEr
 }
 
 /// Joins every merged shard's rows onto the indexed table, writes the outputs and the
-/// manifest, and marks the job completed — once: `by` is the work-stream sequence of the
-/// message that asks (see [`claim_finalize`]). Re-running it rewrites the same files, each
-/// renamed into place whole.
+/// manifest, and marks the job completed (or cancelled, when that was asked for) — once:
+/// `by` is the work-stream sequence of the message that asks (see [`claim_finalize`]).
+/// Re-running it rewrites the same files, each renamed into place whole. A suspended job is
+/// finalized only by a cancel.
 pub async fn finalize_job(
     bus: &Bus,
     store: &Store,
@@ -199,7 +167,7 @@ pub async fn finalize_job(
         return Ok(());
     }
     let job = require_job(bus, job_id).await?;
-    if job.state.is_terminal() {
+    if job.state.is_terminal() || (job.state == JobState::Suspended && !job.cancel_requested) {
         return Ok(());
     }
     // A job whose cancel was asked for ends `cancelled`, with what it had done by then.
@@ -208,31 +176,106 @@ pub async fn finalize_job(
     } else {
         JobState::Completed
     };
-    let final_name = if job.cancel_requested {
-        "cancelled"
-    } else {
-        "completed"
+    let written = write_outputs(store, output, cache, &job, final_state).await?;
+    record_end(bus, &job, final_state, written).await
+}
+
+/// Writes a suspended job's partial outputs: `enriched` holds the rows answered so far,
+/// `failures` every other row, as `pending` or with its reason; its answers join the result
+/// cache. The job stays suspended. Rewritten when a shard merged meanwhile.
+pub async fn write_partial_outputs(
+    bus: &Bus,
+    store: &Store,
+    output: &crate::config::OutputSettings,
+    cache: &crate::config::CacheSettings,
+    job_id: &str,
+) -> Result<(), StepError> {
+    loop {
+        let job = require_job(bus, job_id).await?;
+        if job.state != JobState::Suspended {
+            return Ok(());
+        }
+        let written = write_outputs(store, output, cache, &job, JobState::Suspended).await?;
+        let merged = job.merged_shards.clone();
+        let recorded = bus
+            .modify(
+                &job_key(job_id),
+                |record: &mut JobRecord| -> Result<Cas<bool>, StepError> {
+                    if record.state != JobState::Suspended {
+                        return Ok(Cas::Keep(true));
+                    }
+                    if record.merged_shards != merged || record.attempt != job.attempt {
+                        return Ok(Cas::Keep(false));
+                    }
+                    record.outputs = written.outputs.clone();
+                    record.updated_at_ms = crate::now_unix_ms();
+                    Ok(Cas::Write(true))
+                },
+            )
+            .await?;
+        if recorded {
+            tracing::info!(
+                job_id,
+                enriched = written.counts.enriched_rows,
+                not_done = written.counts.failed_rows,
+                "partial outputs written"
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// The outputs [`write_outputs`] committed.
+struct Written {
+    outputs: crate::records::Outputs,
+    counts: table::FinalCounts,
+}
+
+/// The local inputs of [`table::finalize`] for a job.
+struct Answers {
+    indexed: std::path::PathBuf,
+    rows_files: Vec<std::path::PathBuf>,
+    duplicates: Option<std::path::PathBuf>,
+    cached: Option<std::path::PathBuf>,
+    hashes: Option<std::path::PathBuf>,
+    segment_key: Option<String>,
+}
+
+/// Fetches what a job has answered: the rows files of every merged shard, plus (for a job
+/// that stopped early) a rows file marking the rows of its unmerged shards `unanswered`.
+async fn gather_answers(
+    store: &Store,
+    cache: &crate::config::CacheSettings,
+    job: &JobRecord,
+    unanswered: Option<RowFailureText>,
+    scratch: &Path,
+) -> Result<Answers, StepError> {
+    let job_id = job.spec.id();
+    let indexed = store.fetch_local(&job.indexed_key(), scratch).await?;
+    let mut rows_files = fetch_rows_files(store, job, 1..job.attempt, scratch).await?;
+    for shard in &job.merged_shards {
+        let key = ShardKey {
+            job_id: job_id.to_owned(),
+            attempt: job.attempt,
+            shard: *shard,
+        };
+        rows_files.push(store.fetch_local(&layout::rows(&key), scratch).await?);
+    }
+    if let Some(text) = unanswered.filter(|_| !job.unmerged_shards().is_empty()) {
+        rows_files.push(write_unanswered(store, job, text, scratch).await?);
+    }
+    let optional = |key: String| async move {
+        Ok::<_, StepError>(match store.exists(&key).await? {
+            true => Some(store.fetch_local(&key, scratch).await?),
+            false => None,
+        })
     };
-    let scratch = tempfile::tempdir()?;
-    let indexed_key = job.indexed_key();
-    let indexed = store.fetch_local(&indexed_key, scratch.path()).await?;
-    let all_attempts = 1..=job.shards_per_attempt.len() as u32;
-    let rows_files = fetch_rows_files(store, &job, all_attempts, scratch.path()).await?;
-    let duplicates_key = layout::duplicates(job_id);
-    let duplicates = match store.exists(&duplicates_key).await? {
-        true => Some(store.fetch_local(&duplicates_key, scratch.path()).await?),
-        false => None,
-    };
-    let cached_key = layout::cached_rows(job_id);
-    let cached = match store.exists(&cached_key).await? {
-        true => Some(store.fetch_local(&cached_key, scratch.path()).await?),
-        false => None,
-    };
+    let duplicates = optional(layout::duplicates(job_id)).await?;
+    let cached = optional(layout::cached_rows(job_id)).await?;
     // The job's answers join the result cache of its request template (when it kept hashes,
     // which it does while the cache is on).
-    let hashes_key = layout::hashes(job_id);
-    let hashes = match cache.enabled && store.exists(&hashes_key).await? {
-        true => Some(store.fetch_local(&hashes_key, scratch.path()).await?),
+    let hashes = match cache.enabled {
+        true => optional(layout::hashes(job_id)).await?,
         false => None,
     };
     let segment_key = match hashes {
@@ -244,72 +287,176 @@ pub async fn finalize_job(
         }
         None => None,
     };
+    Ok(Answers {
+        indexed,
+        rows_files,
+        duplicates,
+        cached,
+        hashes,
+        segment_key,
+    })
+}
+
+/// Reason and message of a row a stopped job did not get answered.
+#[derive(Debug, Clone, Copy)]
+struct RowFailureText {
+    reason: &'static str,
+    message: &'static str,
+}
+
+/// A rows file (of the current attempt) failing every request of the unmerged shards
+/// with `text`, found from their request files.
+async fn write_unanswered(
+    store: &Store,
+    job: &JobRecord,
+    text: RowFailureText,
+    scratch: &Path,
+) -> Result<std::path::PathBuf, StepError> {
+    #[derive(serde::Deserialize)]
+    struct RequestId {
+        custom_id: String,
+    }
+    let mut rows = Vec::new();
+    for shard in job.unmerged_shards() {
+        let key = ShardKey {
+            job_id: job.spec.id().to_owned(),
+            attempt: job.attempt,
+            shard,
+        };
+        let requests = store.get_bytes(&layout::requests(&key)).await?;
+        for line in requests.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let id: RequestId = serde_json::from_slice(line).map_err(|e| {
+                StepError::Internal(format!(
+                    "request file of shard {} is corrupt: {e}",
+                    key.dotted()
+                ))
+            })?;
+            if let Some(row_index) = crate::render::row_index_of(&id.custom_id) {
+                rows.push(table::RowResult {
+                    row_index,
+                    failure: Some(table::RowFailure {
+                        reason: text.reason.into(),
+                        message: text.message.into(),
+                        retryable: true,
+                    }),
+                    values: Vec::new(),
+                });
+            }
+        }
+    }
+    let path = scratch.join("unanswered.parquet");
+    let (path_for_task, fields, attempt) = (path.clone(), job.spec.fields.clone(), job.attempt);
+    tokio::task::spawn_blocking(move || table::write_rows(&path_for_task, &fields, attempt, &rows))
+        .await??;
+    Ok(path)
+}
+
+/// Joins a job's answers onto its table and commits the outputs and the manifest, which
+/// names `state`. Rows no merged shard answered are `pending` for a suspended job and
+/// `cancelled` for a cancelled one.
+async fn write_outputs(
+    store: &Store,
+    output: &crate::config::OutputSettings,
+    cache: &crate::config::CacheSettings,
+    job: &JobRecord,
+    state: JobState,
+) -> Result<Written, StepError> {
+    let job_id = job.spec.id();
+    let unanswered = match state {
+        JobState::Suspended => Some(RowFailureText {
+            reason: "pending",
+            message: "not answered yet: the job is suspended; `rowsmith resume` sends it",
+        }),
+        JobState::Cancelled => Some(RowFailureText {
+            reason: "cancelled",
+            message: "the job was cancelled before this row was answered",
+        }),
+        _ => None,
+    };
+    let scratch = tempfile::tempdir()?;
+    let answers = gather_answers(store, cache, job, unanswered, scratch.path()).await?;
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
-    let csv_key = layout::output(job_id, "enriched.csv");
-    let parquet_key = layout::output(job_id, "enriched.parquet");
-    let jsonl_key = layout::output(job_id, "enriched.jsonl");
+    let target =
+        |name: &str, wanted: bool| -> Result<Option<(String, std::path::PathBuf)>, StepError> {
+            if !wanted {
+                return Ok(None);
+            }
+            let key = layout::output(job_id, name);
+            let path = store.local_target(&key, scratch.path())?;
+            Ok(Some((key, path)))
+        };
+    let csv = target("enriched.csv", wants("csv"))?;
+    let parquet = target("enriched.parquet", wants("parquet"))?;
+    let jsonl = target("enriched.jsonl", wants("jsonl"))?;
     let failures_key = layout::output(job_id, "failures.csv");
     let manifest_key = layout::output(job_id, "manifest.json");
+    let segment = match &answers.segment_key {
+        Some(key) => Some((key.clone(), store.local_target(key, scratch.path())?)),
+        None => None,
+    };
     let targets = FinalOutputs {
-        enriched_csv: wants("csv")
-            .then(|| store.local_target(&csv_key, scratch.path()))
-            .transpose()?,
-        enriched_parquet: wants("parquet")
-            .then(|| store.local_target(&parquet_key, scratch.path()))
-            .transpose()?,
-        enriched_jsonl: wants("jsonl")
-            .then(|| store.local_target(&jsonl_key, scratch.path()))
-            .transpose()?,
+        enriched_csv: csv.as_ref().map(|(_, path)| path.clone()),
+        enriched_parquet: parquet.as_ref().map(|(_, path)| path.clone()),
+        enriched_jsonl: jsonl.as_ref().map(|(_, path)| path.clone()),
         failures_csv: store.local_target(&failures_key, scratch.path())?,
         csv_formula_escape: output.csv_formula_escape,
-        cache_segment: segment_key
-            .as_ref()
-            .map(|key| store.local_target(key, scratch.path()))
-            .transpose()?,
+        cache_segment: segment.as_ref().map(|(_, path)| path.clone()),
         cache_last_attempt: match &job.spec.fallback {
             Some(_) => job.spec.options.max_attempts.saturating_sub(1),
             None => u32::MAX,
         },
     };
-    let fields = job.spec.fields.clone();
-    let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());
+    let (fields, targets_for_task) = (job.spec.fields.clone(), targets.clone());
     let counts = tokio::task::spawn_blocking(move || {
         table::finalize(
-            &indexed_for_task,
-            &rows_files,
-            duplicates.as_deref(),
-            cached.as_deref(),
-            hashes.as_deref(),
+            &answers.indexed,
+            &answers.rows_files,
+            answers.duplicates.as_deref(),
+            answers.cached.as_deref(),
+            answers.hashes.as_deref(),
             &fields,
             &targets_for_task,
         )
     })
     .await??;
     let mut outputs = crate::records::Outputs::default();
-    if let Some(path) = &targets.enriched_csv {
-        store.commit_local(&csv_key, path).await?;
-        outputs.enriched_csv = Some(csv_key.clone());
-    }
-    if let Some(path) = &targets.enriched_parquet {
-        store.commit_local(&parquet_key, path).await?;
-        outputs.enriched_parquet = Some(parquet_key.clone());
-    }
-    if let Some(path) = &targets.enriched_jsonl {
-        store.commit_local(&jsonl_key, path).await?;
-        outputs.enriched_jsonl = Some(jsonl_key.clone());
+    for (written, slot) in [
+        (&csv, &mut outputs.enriched_csv),
+        (&parquet, &mut outputs.enriched_parquet),
+        (&jsonl, &mut outputs.enriched_jsonl),
+        (&segment, &mut None),
+    ] {
+        if let Some((key, path)) = written {
+            store.commit_local(key, path).await?;
+            *slot = Some(key.clone());
+        }
     }
     store
         .commit_local(&failures_key, &targets.failures_csv)
         .await?;
-    if let (Some(key), Some(path)) = (&segment_key, &targets.cache_segment) {
-        store.commit_local(key, path).await?;
-    }
-    outputs.failures_csv = Some(failures_key.clone());
+    outputs.failures_csv = Some(failures_key);
     outputs.manifest = Some(manifest_key.clone());
+    let manifest = manifest(job, state, &counts, &outputs);
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| StepError::Internal(format!("manifest: {e}")))?;
+    store
+        .put_bytes(&manifest_key, manifest_bytes.into())
+        .await?;
+    Ok(Written { outputs, counts })
+}
+
+/// `manifest.json`: what the outputs hold and how the job went.
+fn manifest(
+    job: &JobRecord,
+    state: JobState,
+    counts: &table::FinalCounts,
+    outputs: &crate::records::Outputs,
+) -> serde_json::Value {
     let finished_at_ms = crate::now_unix_ms();
-    let manifest = json!({
-        "job_id": job_id,
-        "state": final_name,
+    json!({
+        "job_id": job.spec.id(),
+        "state": state,
+        "partial": state == JobState::Suspended,
         "rows": {
             "total": job.counts.rows_total,
             "skipped": job.counts.rows_skipped,
@@ -327,19 +474,25 @@ pub async fn finalize_job(
             "enriched_parquet": outputs.enriched_parquet,
             "enriched_jsonl": outputs.enriched_jsonl,
             "failures_csv": outputs.failures_csv,
-            "indexed": indexed_key,
+            "indexed": job.indexed_key(),
         },
         "timings": {
             "created_at_ms": job.created_at_ms,
             "finished_at_ms": finished_at_ms,
             "seconds": (finished_at_ms - job.created_at_ms) as f64 / 1000.0,
         },
-    });
-    let manifest_bytes = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| StepError::Internal(format!("manifest: {e}")))?;
-    store
-        .put_bytes(&manifest_key, manifest_bytes.into())
-        .await?;
+    })
+}
+
+/// Records the end of a finalized job and says so in its events.
+async fn record_end(
+    bus: &Bus,
+    job: &JobRecord,
+    final_state: JobState,
+    written: Written,
+) -> Result<(), StepError> {
+    let job_id = job.spec.id();
+    let Written { outputs, counts } = written;
     let completed = bus
         .modify(
             &job_key(job_id),
@@ -362,27 +515,31 @@ pub async fn finalize_job(
             },
         )
         .await?;
-    if let Some(record) = completed {
-        let message = format!(
-            "job {final_name}: {} rows enriched, {} failed; outputs under {}",
-            record.counts.succeeded,
-            record.counts.failed,
-            layout::output(job_id, "")
-        );
-        tracing::info!(
-            job_id,
-            succeeded = record.counts.succeeded,
-            failed = record.counts.failed,
-            "job {final_name}"
-        );
-        let kind = if job.cancel_requested {
-            EventKind::Cancelled
-        } else {
-            EventKind::Completed
-        };
-        bus.emit(&Event::new(job_id, kind, message, record.counts))
-            .await;
+    let Some(record) = completed else {
+        return Ok(());
+    };
+    // Whatever the job still held back in the quota (shards that never went out).
+    if let Err(error) = crate::lifecycle::release_job_quota(bus, &record.spec).await {
+        tracing::warn!(job_id, %error, "could not release the job's quota reservations");
     }
+    let (final_name, kind) = match final_state {
+        JobState::Cancelled => ("cancelled", EventKind::Cancelled),
+        _ => ("completed", EventKind::Completed),
+    };
+    let message = format!(
+        "job {final_name}: {} rows enriched, {} failed; outputs under {}",
+        record.counts.succeeded,
+        record.counts.failed,
+        layout::output(job_id, "")
+    );
+    tracing::info!(
+        job_id,
+        succeeded = record.counts.succeeded,
+        failed = record.counts.failed,
+        "job {final_name}"
+    );
+    bus.emit(&Event::new(job_id, kind, message, record.counts))
+        .await;
     Ok(())
 }
 
@@ -459,6 +616,13 @@ pub async fn request_cancel(
         )
         .await?;
     if let Ok(job) = &outcome {
+        if job.state == JobState::Suspended {
+            // A suspended job goes on to end: its batches are cancelled at the provider and
+            // its finished rows collected, as for a running job. Should the provider still
+            // refuse, the job is suspended again and then ends `cancelled` with what it has.
+            // `Err`: resumed meanwhile, and then the cancel flag alone does it.
+            let _still_suspended = crate::lifecycle::request_resume(bus, job_id).await?;
+        }
         let message =
             "cancel requested: no new batches; running batches are cancelled at their next check";
         bus.emit(&Event::new(

@@ -7,6 +7,7 @@ pub mod config;
 pub mod estimate;
 pub mod events;
 pub mod jobs;
+pub mod lifecycle;
 pub mod messages;
 pub mod ops;
 pub mod proto;

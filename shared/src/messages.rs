@@ -9,6 +9,11 @@ pub mod subjects {
     pub const SHARDS_READY: &str = "rowsmith.shards.ready";
     pub const BATCHES_SUBMITTED: &str = "rowsmith.batches.submitted";
     pub const BATCHES_ENDED: &str = "rowsmith.batches.ended";
+    /// A user asks to continue a suspended job ([`super::ResumeJob`]).
+    pub const JOBS_RESUME: &str = "rowsmith.jobs.resume";
+    /// A service suspended a job; the merger writes its partial outputs
+    /// ([`super::JobSuspended`]).
+    pub const JOBS_SUSPENDED: &str = "rowsmith.jobs.suspended";
     /// Prefix of the events stream: `rowsmith.events.<job_id>.<kind>`.
     pub const EVENTS_PREFIX: &str = "rowsmith.events";
 }
@@ -70,4 +75,22 @@ pub struct BatchEnded {
     pub errors_path: Option<String>,
     /// Why the batch failed as a whole (validation errors), when it did.
     pub failure: Option<String>,
+}
+
+/// `rowsmith.jobs.resume`: continue a suspended job once its cause is fixed. Rows already
+/// answered are not sent again; batches still at the provider are watched again, never
+/// created again. Publish with `Nats-Msg-Id` = `resume.<job_id>.<anything unique>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeJob {
+    pub job_id: String,
+}
+
+/// `rowsmith.jobs.suspended`: a job was suspended; the merger writes its partial outputs
+/// (or, when a cancel was asked for, ends it `cancelled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JobSuspended {
+    pub job_id: String,
+    /// Why, as the job record's `error` says it.
+    pub reason: String,
 }

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::events::Event;
-use crate::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
+use crate::messages::{BatchEnded, BatchSubmitted, JobSuspended, ResumeJob, ShardReady, subjects};
 use crate::records::{JobRecord, QuotaRecord, ShardRecord};
 use crate::spec::JobSpec;
 
@@ -28,6 +28,14 @@ pub fn schemas() -> Vec<(&'static str, Value)> {
         (
             "batch-ended.schema.json",
             schema(schemars::schema_for!(BatchEnded)),
+        ),
+        (
+            "resume-job.schema.json",
+            schema(schemars::schema_for!(ResumeJob)),
+        ),
+        (
+            "job-suspended.schema.json",
+            schema(schemars::schema_for!(JobSuspended)),
         ),
         ("event.schema.json", schema(schemars::schema_for!(Event))),
         (
@@ -72,6 +80,10 @@ pub fn asyncapi() -> Value {
                 "the submitter created a provider batch; consumed by the poller"),
             "batchesEnded": channel(subjects::BATCHES_ENDED, "batch-ended.schema.json",
                 "a batch ended and its files are stored; consumed by the merger"),
+            "jobsResume": channel(subjects::JOBS_RESUME, "resume-job.schema.json",
+                "a user continues a suspended job; consumed by the merger"),
+            "jobsSuspended": channel(subjects::JOBS_SUSPENDED, "job-suspended.schema.json",
+                "a service suspended a job; the merger writes its partial outputs"),
             "events": channel("rowsmith.events.{job_id}.{kind}", "event.schema.json",
                 "what happened to a job; for people, watch and progress bars"),
         },
@@ -105,6 +117,8 @@ mod tests {
             subjects::SHARDS_READY,
             subjects::BATCHES_SUBMITTED,
             subjects::BATCHES_ENDED,
+            subjects::JOBS_RESUME,
+            subjects::JOBS_SUSPENDED,
         ] {
             assert!(
                 text.contains(&format!("address: {subject}\n")),

@@ -24,17 +24,27 @@ pub enum JobState {
     Ingesting,
     Running,
     Merging,
+    /// Stopped by an error after work was sent: running batches are still collected and
+    /// merged, nothing new is sent, partial outputs are written; `rowsmith resume` continues.
+    Suspended,
     Completed,
     Failed,
     Cancelled,
 }
 
 impl JobState {
+    /// The job ended for good: its record never changes again.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             JobState::Completed | JobState::Failed | JobState::Cancelled
         )
+    }
+
+    /// Nothing more happens without the user: the job ended, or it is suspended until
+    /// `rowsmith resume` (what `watch` waits for).
+    pub fn is_stopped(self) -> bool {
+        self.is_terminal() || self == JobState::Suspended
     }
 
     /// Whether a job may move from `self` to `next` (staying put is always allowed).
@@ -44,8 +54,10 @@ impl JobState {
             || match self {
                 Accepted => matches!(next, Ingesting | Failed | Cancelled),
                 Ingesting => matches!(next, Running | Completed | Failed | Cancelled),
-                Running => matches!(next, Merging | Failed | Cancelled),
-                Merging => matches!(next, Running | Completed | Failed | Cancelled),
+                Running => matches!(next, Merging | Suspended | Failed | Cancelled),
+                Merging => matches!(next, Running | Suspended | Completed | Failed | Cancelled),
+                // Resumed, or ended by a cancel; never `failed`: it has spent money.
+                Suspended => matches!(next, Running | Cancelled),
                 Completed | Failed | Cancelled => false,
             }
     }
@@ -80,6 +92,14 @@ pub struct JobRecord {
     /// A user asked to cancel: no new batches, running ones cancelled, partial results kept.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// How often the job was resumed after a suspension; part of the message ids of what a
+    /// resume publishes again, so the stream's duplicate window does not drop them.
+    #[serde(default)]
+    pub resumes: u32,
+    /// Stream sequence of the resume message that last resumed the job: its redelivery
+    /// finishes that resume instead of starting another.
+    #[serde(default)]
+    pub resumed_by: Option<u64>,
     /// Store key of the indexed table, once ingested.
     pub indexed_path: Option<String>,
     /// The work-stream sequence of the message whose handler writes the outputs: another
@@ -106,6 +126,8 @@ impl JobRecord {
             merged_shards: Vec::new(),
             retryable_failed: 0,
             cancel_requested: false,
+            resumes: 0,
+            resumed_by: None,
             indexed_path: None,
             finalizing_by: None,
             outputs: Outputs::default(),
@@ -137,6 +159,20 @@ impl JobRecord {
         self.indexed_path
             .clone()
             .unwrap_or_else(|| crate::storage::layout::indexed(self.spec.id()))
+    }
+
+    /// Whether work may be at the provider: the job's record lists a shard (it does from the
+    /// moment ingest records and announces them). From then on an error suspends the job
+    /// instead of failing it, since batches may be running and paid for.
+    pub fn may_have_sent(&self) -> bool {
+        self.shards_per_attempt.iter().any(|shards| *shards > 0)
+    }
+
+    /// Shards of the current attempt not merged yet.
+    pub fn unmerged_shards(&self) -> Vec<u32> {
+        (0..self.shards_in_attempt())
+            .filter(|shard| !self.merged_shards.contains(shard))
+            .collect()
     }
 
     pub fn shards_in_attempt(&self) -> u32 {
@@ -306,5 +342,17 @@ mod tests {
         assert!(!JobState::Accepted.can_become(JobState::Merging));
         assert!(!ShardState::Ended.can_become(ShardState::Submitted));
         assert!(ShardState::Uploading.can_become(ShardState::Submitted));
+    }
+
+    #[test]
+    fn a_suspended_job_resumes_or_is_cancelled_but_never_fails() {
+        assert!(JobState::Running.can_become(JobState::Suspended));
+        assert!(JobState::Merging.can_become(JobState::Suspended));
+        assert!(!JobState::Ingesting.can_become(JobState::Suspended));
+        assert!(JobState::Suspended.can_become(JobState::Running));
+        assert!(JobState::Suspended.can_become(JobState::Cancelled));
+        assert!(!JobState::Suspended.can_become(JobState::Failed));
+        assert!(!JobState::Suspended.can_become(JobState::Completed));
+        assert!(JobState::Suspended.is_stopped() && !JobState::Suspended.is_terminal());
     }
 }

@@ -343,15 +343,9 @@ impl Stack {
             .await
             .expect("connect to nats");
         for service in services {
-            let (mut settings, shutdown) = (settings.clone(), shutdown.clone());
+            let mut settings = settings.clone();
             per_service(service, &mut settings);
-            match *service {
-                "ingest" => drop(tokio::spawn(rowsmith_ingest::run(settings, shutdown))),
-                "submitter" => drop(tokio::spawn(rowsmith_submitter::run(settings, shutdown))),
-                "poller" => drop(tokio::spawn(rowsmith_poller::run(settings, shutdown))),
-                "merger" => drop(tokio::spawn(rowsmith_merger::run(settings, shutdown))),
-                other => panic!("no service {other}"),
-            }
+            spawn_service(service, settings, shutdown.clone());
         }
         let store = Store::open(&settings.store).expect("store");
         Self {
@@ -363,6 +357,44 @@ impl Stack {
             store_dir,
             shutdown,
         }
+    }
+
+    /// Starts one more service (one left out of [`Stack::start_services`]).
+    pub fn start_service(&self, service: &str) {
+        spawn_service(service, self.settings.clone(), self.shutdown.clone());
+    }
+
+    /// Polls the job record until `done` holds, failing the test after `timeout`.
+    pub async fn wait_for(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        done: impl Fn(&JobRecord) -> bool,
+    ) -> JobRecord {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            let record = self.bus.read::<JobRecord>(&job_key(job_id)).await;
+            if let Some((job, _)) = record.expect("read job") {
+                if done(&job) {
+                    return job;
+                }
+                last = Some(job);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job {job_id}: condition not met within {timeout:?}; last record: {last:#?}");
+    }
+
+    /// Sets the simulator's faults for one job (`POST /sim/faults/<job_id>`).
+    pub async fn set_sim_faults(&self, job_id: &str, faults: &rowsmith_shared::config::SimFaults) {
+        let answer = reqwest::Client::new()
+            .post(format!("http://{}/sim/faults/{job_id}", self.sim_address))
+            .json(faults)
+            .send()
+            .await
+            .expect("set sim faults");
+        assert!(answer.status().is_success(), "set sim faults: {answer:?}");
     }
 
     /// Publishes a JobSpec as a user would (`Nats-Msg-Id` = job id).
@@ -468,6 +500,17 @@ impl Stack {
             .await
             .expect("upload input");
         key
+    }
+}
+
+/// Runs one service in-process until `shutdown`.
+fn spawn_service(service: &str, settings: Settings, shutdown: CancellationToken) {
+    match service {
+        "ingest" => drop(tokio::spawn(rowsmith_ingest::run(settings, shutdown))),
+        "submitter" => drop(tokio::spawn(rowsmith_submitter::run(settings, shutdown))),
+        "poller" => drop(tokio::spawn(rowsmith_poller::run(settings, shutdown))),
+        "merger" => drop(tokio::spawn(rowsmith_merger::run(settings, shutdown))),
+        other => panic!("no service {other}"),
     }
 }
 

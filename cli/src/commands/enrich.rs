@@ -3,9 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use rowsmith_shared::records::JobState;
 use rowsmith_shared::storage::Store;
 
 use crate::job_args::JobArgs;
+
+/// How long `enrich` waits for a suspended job's partial outputs.
+const PARTIAL_OUTPUTS_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -22,13 +26,24 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::open(&settings.store)?;
     let job_id = super::submit::submit_job(&bus, &store, &settings, &args.job).await?;
     let code = super::watch::watch_job(&bus, &job_id).await?;
-    let job = super::read_job(&bus, &job_id).await?;
+    let mut job = super::read_job(&bus, &job_id).await?;
+    // The merger writes a suspended job's partial outputs just after the suspension.
+    let deadline = std::time::Instant::now() + PARTIAL_OUTPUTS_PATIENCE;
+    while job.state == JobState::Suspended
+        && job.outputs.failures_csv.is_none()
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        job = super::read_job(&bus, &job_id).await?;
+    }
     eprintln!("{}", crate::output::summary(&job));
-    if code != ExitCode::SUCCESS {
+    // A cancelled or suspended job's partial outputs are written too; the exit stays 1.
+    let partial = matches!(job.state, JobState::Cancelled | JobState::Suspended);
+    if code != ExitCode::SUCCESS && !partial {
         return Ok(code);
     }
     for path in super::result::write_result(&store, &job, &args.out).await? {
         println!("{}", path.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }

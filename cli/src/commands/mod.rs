@@ -7,6 +7,7 @@ pub mod events;
 pub mod list;
 pub mod render;
 pub mod result;
+pub mod resume;
 pub mod setup;
 pub mod status;
 pub mod submit;

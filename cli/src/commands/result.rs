@@ -1,4 +1,5 @@
-//! `rowsmith result`: copy a completed job's outputs out of the store.
+//! `rowsmith result`: copy a job's outputs out of the store: a completed job's, or the
+//! partial outputs of a cancelled or suspended one (said so on stderr).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -33,9 +34,15 @@ pub async fn write_result(
     job: &JobRecord,
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    if job.state != JobState::Completed {
+    let outputs = &job.outputs;
+    let partial = matches!(job.state, JobState::Cancelled | JobState::Suspended);
+    if !(job.state == JobState::Completed || partial) || outputs.failures_csv.is_none() {
+        let later = match job.state {
+            JobState::Suspended => "; its partial outputs are being written, try again shortly",
+            _ => "",
+        };
         bail!(
-            "job {} is {} and has no result{}",
+            "job {} is {} and has no result{later}{}",
             job.spec.id(),
             crate::output::state_name(job),
             job.error
@@ -44,7 +51,18 @@ pub async fn write_result(
                 .unwrap_or_default()
         );
     }
-    let outputs = &job.outputs;
+    if partial {
+        eprintln!(
+            "job {} is {}: these outputs are partial; rows not done are in failures.csv \
+             (`{}`)",
+            job.spec.id(),
+            crate::output::state_name(job),
+            match job.state {
+                JobState::Suspended => "pending",
+                _ => "cancelled",
+            }
+        );
+    }
     let extension = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     let single = match extension {
         "csv" => Some(

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
-use rowsmith_shared::events::{Event, EventKind};
+use rowsmith_shared::events::Event;
 use rowsmith_shared::messages::subjects;
 use rowsmith_shared::records::{JobRecord, JobState, job_key};
 
@@ -27,7 +27,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     watch_job(&bus, &args.job_id).await
 }
 
-/// Follows the job's events (from its first) until a final one; exit 0 only on completed.
+/// Follows the job's events (from its first) until a final one or `suspended`; exit 0 only
+/// on completed.
 pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
     let stream = bus.js.get_stream(EVENTS_STREAM).await?;
     let consumer = stream
@@ -89,19 +90,19 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
                 } else {
                     eprintln!("{}: {}", event.kind.as_str(), event.message);
                 }
-                if event.kind.is_final() {
+                if event.kind.stops_the_job() {
                     bar.finish_and_clear();
-                    return Ok(if event.kind == EventKind::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                    return Ok(ended(bus, job_id).await);
                 }
             }
             _ = check.tick() => {
                 // The record is the truth should an event have been lost. A job just
                 // submitted has no record until ingest accepts it.
                 match bus.read::<JobRecord>(&job_key(job_id)).await? {
-                    Some((job, _)) if job.state.is_terminal() => {
+                    Some((job, _)) if job.state.is_stopped() => {
                         bar.finish_and_clear();
                         eprintln!("{}", crate::output::summary(&job));
-                        return Ok(if job.state == JobState::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) });
+                        return Ok(exit_code(&job));
                     }
                     Some(_) => {}
                     None if started.elapsed() > NO_RECORD_GRACE => {
@@ -117,4 +118,26 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
         }
     }
     anyhow::bail!("the event stream of job {job_id} ended unexpectedly")
+}
+
+/// Exit 0 only for a completed job. A suspended job (an end for `watch`: nothing more
+/// happens until the user acts) exits 1 like a failed or cancelled one.
+fn exit_code(job: &JobRecord) -> ExitCode {
+    match job.state {
+        JobState::Completed => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
+}
+
+/// The exit of `watch` after a job's last event; a suspended job says why and what to do.
+async fn ended(bus: &Bus, job_id: &str) -> ExitCode {
+    match bus.read::<JobRecord>(&job_key(job_id)).await {
+        Ok(Some((job, _))) => {
+            if job.state == JobState::Suspended {
+                eprintln!("{}", crate::output::summary(&job));
+            }
+            exit_code(&job)
+        }
+        _ => ExitCode::from(1),
+    }
 }

@@ -4,7 +4,8 @@ use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings, Price, find_price};
 use rowsmith_shared::estimate::{Estimate, dollars};
 use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, require_job, settle};
+use rowsmith_shared::jobs::{StepError, finalize_job, local_input, require_job, settle};
+use rowsmith_shared::lifecycle::{dead_letter, stop_job};
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, job_key};
 use rowsmith_shared::render::RequestTemplate;
@@ -32,6 +33,10 @@ pub struct Ingest {
 
 /// Handles one message of `rowsmith.jobs.submit`.
 pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
+    // A delivery past the last counted one is a dead letter, not handled again.
+    if let Some(outcome) = dead_letter(&ingest.bus, &delivery).await {
+        return outcome;
+    }
     let mut spec: JobSpec = match decode(&delivery) {
         Ok(spec) => spec,
         Err(reason) => return refuse_undecodable(ingest, &delivery, reason).await,
@@ -145,7 +150,7 @@ async fn refuse(ingest: &Ingest, job_id: &str, message: &str) -> Outcome {
         .await;
     match created {
         Ok(true) => {
-            if let Err(error) = fail_job(&ingest.bus, job_id, message).await {
+            if let Err(error) = stop_job(&ingest.bus, job_id, message).await {
                 tracing::error!(job_id, %error, "could not record the refused job");
             }
         }

@@ -4,7 +4,10 @@
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{StepError, fetch_rows_files, finalize_job, require_job, settle};
+use rowsmith_shared::jobs::{
+    StepError, fetch_rows_files, finalize_job, require_job, settle, write_partial_outputs,
+};
+use rowsmith_shared::lifecycle::dead_letter;
 use rowsmith_shared::messages::BatchEnded;
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
@@ -29,6 +32,10 @@ pub struct Merger {
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
+    // A delivery past the last counted one is a dead letter, not handled again.
+    if let Some(outcome) = dead_letter(&merger.bus, &delivery).await {
+        return outcome;
+    }
     let ended: BatchEnded = match decode(&delivery) {
         Ok(message) => message,
         Err(reason) => return Outcome::Terminate { reason },
@@ -42,7 +49,9 @@ pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
 
 /// What to do once a shard's rows are counted into the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+pub(crate) enum Next {
+    /// The job is suspended: rewrite its partial outputs with the new rows.
+    Partial,
     /// Other shards of the attempt are still out.
     Wait,
     /// Every shard ended and retryable rows remain: start the next attempt.
@@ -100,23 +109,16 @@ async fn merge(merger: &Merger, ended: &BatchEnded, sequence: u64) -> Result<(),
                     job.retryable_failed += tally.retryable;
                     changed = true;
                 }
-                let all_merged = job.merged_shards.len() as u32 >= job.shards_in_attempt();
-                if all_merged && job.state == JobState::Running {
-                    job.transition(JobState::Merging)
-                        .map_err(|e| StepError::Job(e.to_string()))?;
-                    changed = true;
+                if job.state == JobState::Suspended {
+                    // Collected while suspended: the partial outputs get the new rows; what
+                    // comes next is decided on resume.
+                    return Ok(match changed {
+                        true => Cas::Write(Next::Partial),
+                        false => Cas::Keep(Next::Wait),
+                    });
                 }
-                let next = match (
-                    all_merged && job.state == JobState::Merging,
-                    job.retryable_failed,
-                ) {
-                    (false, _) => Next::Wait,
-                    (true, _) if job.cancel_requested => Next::Finalize,
-                    (true, 0) => Next::Finalize,
-                    (true, _) if job.attempt < job.spec.options.max_attempts => Next::Retry,
-                    (true, _) => Next::Finalize,
-                };
-                Ok(if changed {
+                let (moved, next) = after_shard(job)?;
+                Ok(if changed || moved {
                     Cas::Write(next)
                 } else {
                     Cas::Keep(next)
@@ -124,22 +126,64 @@ async fn merge(merger: &Merger, ended: &BatchEnded, sequence: u64) -> Result<(),
             },
         )
         .await?;
+    run_next(merger, &key.job_id, attempt, next, sequence).await
+}
+
+/// Decides what follows a merged shard: with every shard of the attempt merged, moves a
+/// running job to merging and picks retry or finalize. Returns whether the record changed.
+pub(crate) fn after_shard(job: &mut JobRecord) -> Result<(bool, Next), StepError> {
+    let all_merged = job.merged_shards.len() as u32 >= job.shards_in_attempt();
+    let mut moved = false;
+    if all_merged && job.state == JobState::Running {
+        job.transition(JobState::Merging)
+            .map_err(|e| StepError::Job(e.to_string()))?;
+        moved = true;
+    }
+    let next = match (
+        all_merged && job.state == JobState::Merging,
+        job.retryable_failed,
+    ) {
+        (false, _) => Next::Wait,
+        (true, _) if job.cancel_requested => Next::Finalize,
+        (true, 0) => Next::Finalize,
+        (true, _) if job.attempt < job.spec.options.max_attempts => Next::Retry,
+        (true, _) => Next::Finalize,
+    };
+    Ok((moved, next))
+}
+
+/// Carries out `next` for job `job_id` after a shard of `attempt`.
+/// `sequence` is the work-stream sequence of the message being handled (the finalize claim).
+pub(crate) async fn run_next(
+    merger: &Merger,
+    job_id: &str,
+    attempt: u32,
+    next: Next,
+    sequence: u64,
+) -> Result<(), StepError> {
+    let bus = &merger.bus;
     match next {
         Next::Wait => Ok(()),
+        Next::Partial => {
+            write_partial_outputs(bus, &merger.store, &merger.output, &merger.cache, job_id).await
+        }
         Next::Finalize => {
             finalize_job(
                 bus,
                 &merger.store,
                 &merger.output,
                 &merger.cache,
-                &key.job_id,
+                job_id,
                 sequence,
             )
             .await
         }
-        Next::Retry => start_retry(merger, &job.spec, attempt).await,
+        Next::Retry => {
+            let job = require_job(bus, job_id).await?;
+            start_retry(merger, &job.spec, attempt).await
+        }
         Next::Announce => {
-            let job = require_job(bus, &key.job_id).await?;
+            let job = require_job(bus, job_id).await?;
             let spec = job.spec.for_attempt(job.attempt);
             announce_shards(bus, &spec, job.attempt, job.shards_in_attempt()).await
         }

@@ -3,6 +3,7 @@
 //! joins the results onto the table and writes the outputs.
 
 pub mod handler;
+pub mod lifecycle;
 pub mod merge;
 pub mod service;
 pub mod validate;

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::{StepError, fail_job};
+use rowsmith_shared::jobs::StepError;
+use rowsmith_shared::lifecycle::stop_job;
 use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardKey, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, BatchRef, BatchState, BatchStatus, Providers};
 use rowsmith_shared::records::{
@@ -83,10 +84,21 @@ pub async fn handle(poller: &Poller, delivery: Delivery) -> Outcome {
             tracing::warn!(job_id = %submitted.key.job_id, batch_id = %submitted.batch_id, %error, "status check failed, will check again");
             Outcome::Retry { after: delay }
         }
+        // The job is suspended (it has batches out, so it never fails here); the batch is in
+        // its shard record, and `rowsmith resume` watches it again once the cause is fixed.
         Err(error) => {
-            let reason = error.to_string();
-            match fail_job(&poller.bus, &submitted.key.job_id, &reason).await {
-                Ok(()) => Outcome::Terminate { reason },
+            let advice = match &error {
+                StepError::Provider(provider_error) => provider_error.what_to_do(),
+                _ => None,
+            };
+            let reason = format!(
+                "status check of batch {} (shard {}) failed: {error}{}",
+                submitted.batch_id,
+                submitted.key.dotted(),
+                advice.map(|a| format!("; {a}")).unwrap_or_default()
+            );
+            match stop_job(&poller.bus, &submitted.key.job_id, &reason).await {
+                Ok(_) => Outcome::Terminate { reason },
                 Err(_) => Outcome::Retry { after: delay },
             }
         }
@@ -102,6 +114,7 @@ enum Check {
 async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, StepError> {
     let bus = &poller.bus;
     let key = &submitted.key;
+    // A suspended job's batches are still watched: what they bought is kept.
     let job = match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
         Some((job, _)) if job.state.is_terminal() => return Ok(Check::JobOver),
         Some((job, _)) => job,
@@ -174,7 +187,7 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         };
         bus.publish(
             subjects::BATCHES_ENDED,
-            &format!("ended.{}.{}", key.dotted(), batch.id),
+            &ended_msg_id(key, &batch.id, &job),
             &ended,
         )
         .await?;
@@ -242,12 +255,21 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
     };
     bus.publish(
         subjects::BATCHES_ENDED,
-        &format!("ended.{}.{}", key.dotted(), batch.id),
+        &ended_msg_id(key, &batch.id, &job),
         &ended,
     )
     .await?;
     tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, status = %ended.status, "batch ended");
     Ok(Check::Ended)
+}
+
+/// The message id of a batch's end: after a resume it is new, so the stream's duplicate
+/// window does not drop the end of a batch re-attached by that resume.
+fn ended_msg_id(key: &ShardKey, batch_id: &str, job: &JobRecord) -> String {
+    match job.resumes {
+        0 => format!("ended.{}.{batch_id}", key.dotted()),
+        resumes => format!("ended.{}.{batch_id}.resume{resumes}", key.dotted()),
+    }
 }
 
 fn batch_failure(status: &BatchStatus) -> Option<String> {

@@ -211,3 +211,30 @@ async fn dropped_after(response: Response, divisor: usize) -> Response {
     );
     Response::from_parts(parts, Body::from_stream(futures::stream::iter(chunks)))
 }
+
+/// `status_unauthorized`: a status check of a batch of such a job is answered 401 with
+/// OpenAI's `invalid_api_key` error, as after the key was rotated. Other calls pass.
+pub async fn refuse_status_checks(
+    State(state): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let batch_id = match (
+        request.method(),
+        request.uri().path().strip_prefix("/v1/batches/"),
+    ) {
+        (&Method::GET, Some(id)) if !id.contains('/') => id.to_owned(),
+        _ => return next.run(request).await,
+    };
+    let refused = lock(&state)
+        .faults_of_batch(&batch_id)
+        .is_some_and(|faults| faults.status_unauthorized);
+    if !refused {
+        return next.run(request).await;
+    }
+    let body = json!({"error": {
+        "message": "Incorrect API key provided: sk-sim-****. You can find your API key at https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key",
+    }});
+    (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+}

@@ -167,6 +167,13 @@ impl SimState {
         }
     }
 
+    /// The faults in force for batch `batch_id` (its job's, else the default), if it exists.
+    pub(crate) fn faults_of_batch(&self, batch_id: &str) -> Option<SimFaults> {
+        self.batches
+            .get(batch_id)
+            .map(|batch| self.faults_for(batch).0)
+    }
+
     /// Moves a batch along by the clock and returns its API object.
     fn advance(&mut self, batch_id: &str) -> Option<Value> {
         let mut batch = self.batches.get(batch_id)?.clone();
@@ -509,6 +516,10 @@ pub fn router(state: Shared) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::http_faults::inject,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::http_faults::refuse_status_checks,
         ))
         .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
         .with_state(state)

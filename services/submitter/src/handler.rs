@@ -13,7 +13,7 @@ use rowsmith_shared::jobs::{StepError, settle};
 use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{
-    JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
+    JobRecord, JobState, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
 use rowsmith_shared::storage::Store;
 
@@ -92,6 +92,11 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
     let job = match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
         Some((job, _)) if job.state.is_terminal() => {
             tracing::info!(job_id = %key.job_id, shard = key.shard, "job already ended, shard not submitted");
+            return Ok(Submitted::Done);
+        }
+        // Nothing new goes out while suspended; `rowsmith resume` announces the shard again.
+        Some((job, _)) if job.state == JobState::Suspended => {
+            tracing::info!(job_id = %key.job_id, shard = key.shard, "job suspended, shard not submitted");
             return Ok(Submitted::Done);
         }
         Some((job, _)) => job,

@@ -169,6 +169,28 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// What a user does about an error that no retry fixes, when there is something to say:
+    /// a refused API key names the key to fix.
+    pub fn what_to_do(&self) -> Option<String> {
+        let ProviderError::Http {
+            provider, status, ..
+        } = self
+        else {
+            return None;
+        };
+        if !matches!(status, 401 | 403) {
+            return None;
+        }
+        let key = match provider.as_str() {
+            "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
+            _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
+        };
+        Some(format!(
+            "the {provider} API key was refused (rotated or revoked?): set a valid key in {key} \
+             for the poller and the submitter"
+        ))
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

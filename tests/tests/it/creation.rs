@@ -164,6 +164,7 @@ fn delivery(ready: &ShardReady) -> Delivery {
         payload: Bytes::from(serde_json::to_vec(ready).expect("json")),
         delivered: 1,
         last: false,
+        exhausted: false,
         stream_sequence: 0,
     }
 }

@@ -23,6 +23,7 @@ fn delivery<T: serde::Serialize>(subject: &str, message: &T) -> Delivery {
         payload: Bytes::from(serde_json::to_vec(message).expect("json")),
         delivered: 2,
         last: false,
+        exhausted: false,
         stream_sequence: 0,
     }
 }
@@ -227,7 +228,7 @@ async fn a_poison_message_is_terminated_and_the_services_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_message_on_its_last_delivery_fails_the_job_with_a_readable_reason() {
+async fn a_message_on_its_last_delivery_suspends_the_job_with_a_readable_reason() {
     let stack = Stack::start_with(|settings: &mut Settings| {
         settings.merger.max_deliver = 2;
         settings.merger.ack_wait = Duration::from_secs(2);
@@ -261,11 +262,14 @@ async fn a_message_on_its_last_delivery_fails_the_job_with_a_readable_reason() {
         .publish(subjects::BATCHES_ENDED, "ended.dead-letter", &ended)
         .await
         .expect("publish");
-    let failed = stack
-        .wait_for_end("dead-letter", Duration::from_secs(60))
+    // The job has a shard out, so it is suspended (answers kept), never failed.
+    let stopped = stack
+        .wait_for("dead-letter", Duration::from_secs(60), |job| {
+            job.state.is_stopped()
+        })
         .await;
-    assert_eq!(failed.state, JobState::Failed);
-    let error = failed.error.expect("reason");
+    assert_eq!(stopped.state, JobState::Suspended);
+    let error = stopped.error.expect("reason");
     assert!(
         error.contains("jobs/dead-letter/requests/a1-s0.jsonl")
             && error.contains("gave up after 2 deliveries"),

@@ -40,14 +40,20 @@ async fn rate_limits_and_server_errors_are_retried_and_the_job_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn insufficient_quota_is_not_retried_and_fails_the_job_with_the_reason() {
+async fn insufficient_quota_is_not_retried_and_suspends_the_job_with_the_reason() {
     let stack = Stack::start_with(|settings| settings.sim.faults.insufficient_quota = true).await;
     let input = stack
         .upload_input("broke.csv", to_csv(&awkward_rows(20)))
         .await;
     stack.submit(&spec("broke", &input, "description")).await;
-    let job = stack.wait_for_end("broke", Duration::from_secs(60)).await;
-    assert_eq!(job.state, JobState::Failed);
+    // Suspended, not failed: once its shards exist a job can be resumed (here, after the
+    // account has credit again) without ingesting again.
+    let job = stack
+        .wait_for("broke", Duration::from_secs(60), |job| {
+            job.state.is_stopped()
+        })
+        .await;
+    assert_eq!(job.state, JobState::Suspended);
     let error = job.error.expect("error");
     assert!(
         error.contains("HTTP 429") && error.contains("insufficient_quota"),

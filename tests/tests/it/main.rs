@@ -7,6 +7,7 @@ mod creation;
 mod exactly_once;
 mod http_faults;
 mod inputs;
+mod lifecycle;
 mod nats_auth;
 mod ops;
 mod pipeline;

@@ -199,7 +199,7 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_batch_past_its_completion_window_is_treated_as_expired_and_its_rows_retried() {
+async fn a_batch_past_its_completion_window_is_cancelled_and_its_rows_retried() {
     let stack = Stack::start_with(|settings| {
         settings.sim.rows_per_second = 0.1;
         settings.poller.completion_window = Duration::from_millis(600);
@@ -229,10 +229,12 @@ async fn a_batch_past_its_completion_window_is_treated_as_expired_and_its_rows_r
         18,
         "no row finished at one row in ten seconds within 0.6 s"
     );
+    // Cancelled by the poller at the deadline, and the provider says so.
     assert!(
         failures
             .iter()
-            .all(|row| row[1] == "batch_expired" && row[3] == "2")
+            .all(|row| row[1] == "cancelled" && row[3] == "2"),
+        "{failures:?}"
     );
 }
 
