@@ -148,6 +148,9 @@ pub struct LimitsSettings {
     pub max_columns: usize,
     pub max_fields: usize,
     pub max_instruction_bytes: usize,
+    /// The most output tokens one answer may be allowed: a retry of truncated answers doubles
+    /// the allowance up to this, and a job's `options.max_output_tokens` may not ask more.
+    pub max_output_tokens: u32,
 }
 
 impl Default for LimitsSettings {
@@ -159,6 +162,7 @@ impl Default for LimitsSettings {
             max_columns: 2_000,
             max_fields: 100,
             max_instruction_bytes: 100 * 1024,
+            max_output_tokens: 8192,
         }
     }
 }
@@ -572,6 +576,9 @@ pub struct SimFaults {
     /// Every n-th download (an OpenAI file's content, Anthropic results) is cut off half-way
     /// by a dropped connection.
     pub download_dropped_every: Option<u64>,
+    /// Output tokens every answer needs: a request allowing fewer (Anthropic `max_tokens`,
+    /// OpenAI `max_completion_tokens`) is cut off (`max_tokens`, `length`).
+    pub answer_tokens: Option<u64>,
     /// Batch status checks (`GET /v1/batches/<id>`) are answered 401, as after an API key
     /// rotation; set per job and cleared again to "fix the key".
     pub status_unauthorized: bool,
@@ -611,6 +618,7 @@ impl Default for SimFaults {
             slow_create: Duration::from_secs(5),
             response_delay: Duration::ZERO,
             download_dropped_every: None,
+            answer_tokens: None,
             status_unauthorized: false,
         }
     }

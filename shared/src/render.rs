@@ -71,6 +71,9 @@ fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
     if let Some(temperature) = spec.options.temperature {
         body.insert("temperature".into(), json!(temperature));
     }
+    if let Some(tokens) = spec.options.max_output_tokens {
+        body.insert("max_completion_tokens".into(), json!(tokens));
+    }
     body.insert(
         "response_format".into(),
         json!({
@@ -97,7 +100,11 @@ pub const ANTHROPIC_MAX_TOKENS: u32 = 1024;
 fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
     let mut params = Map::new();
     params.insert("model".into(), Value::String(spec.model.clone()));
-    params.insert("max_tokens".into(), json!(ANTHROPIC_MAX_TOKENS));
+    let max_tokens = spec
+        .options
+        .max_output_tokens
+        .unwrap_or(ANTHROPIC_MAX_TOKENS);
+    params.insert("max_tokens".into(), json!(max_tokens));
     if let Some(temperature) = spec.options.temperature {
         params.insert("temperature".into(), json!(temperature));
     }

@@ -97,6 +97,11 @@ pub struct JobOptions {
     pub temperature: Option<f64>,
     pub output_formats: Vec<String>,
     pub budget_usd: Option<f64>,
+    /// Output tokens one answer may use (Anthropic `max_tokens`, default 1024; OpenAI
+    /// `max_completion_tokens`, default the model's). A retry attempt doubles it, up to the
+    /// deployment's `limits.max_output_tokens`, so a truncated answer gets room to finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u32>,
 }
 
 impl Default for JobOptions {
@@ -108,6 +113,7 @@ impl Default for JobOptions {
             temperature: Some(0.0),
             output_formats: vec!["csv".to_owned(), "parquet".to_owned()],
             budget_usd: None,
+            max_output_tokens: None,
         }
     }
 }
@@ -154,6 +160,19 @@ impl JobSpec {
         spec
     }
 
+    /// The output-token allowance of attempt `attempt` (1-based): the job's own on the first,
+    /// doubled on each retry (truncated answers get room) up to `cap`. `None` leaves the
+    /// provider's default (OpenAI: the model's maximum, which a retry cannot raise).
+    pub fn output_tokens_for_attempt(&self, attempt: u32, cap: u32) -> Option<u32> {
+        let base = match (self.options.max_output_tokens, self.provider.as_str()) {
+            (Some(tokens), _) => tokens,
+            (None, "anthropic") => crate::render::ANTHROPIC_MAX_TOKENS,
+            (None, _) => return None,
+        };
+        let doubled = u64::from(base) << attempt.saturating_sub(1).min(16);
+        Some(doubled.min(u64::from(cap.max(base))) as u32)
+    }
+
     /// The job id, which `validate` guarantees is present and valid.
     pub fn id(&self) -> &str {
         self.job_id.as_deref().unwrap_or_default()
@@ -167,6 +186,15 @@ impl JobSpec {
                  go into every request: shorten them",
                 self.instructions.len(),
                 limits.max_instruction_bytes
+            )));
+        }
+        if let Some(tokens) = self.options.max_output_tokens
+            && tokens > limits.max_output_tokens
+        {
+            return Err(SpecError(format!(
+                "options.max_output_tokens is {tokens}, more than limits.max_output_tokens ({}); \
+                 ask for fewer",
+                limits.max_output_tokens
             )));
         }
         if self.fields.len() > limits.max_fields {

@@ -207,7 +207,10 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task)).await??;
     let next_attempt = attempt + 1;
     // The last attempt may go to the fallback provider and model.
-    let attempt_spec = spec.for_attempt(next_attempt);
+    let mut attempt_spec = spec.for_attempt(next_attempt);
+    // Truncated answers get more room on each retry.
+    attempt_spec.options.max_output_tokens =
+        attempt_spec.output_tokens_for_attempt(next_attempt, merger.limits.max_output_tokens);
     let spec = &attempt_spec;
     let limits = shard_limits(
         spec,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::faults::{Fate, fate};
+use crate::faults::{Fate, fate, with_room};
 use crate::openai::{Shared, lock};
 
 /// The label under which permanent failures of Anthropic requests are counted in `/sim/stats`.
@@ -255,7 +255,11 @@ fn end(state: &mut crate::openai::SimState, batch: &Batch, done: usize, not_done
             (not_done, json!({"type": not_done}))
         } else {
             let attempt = batch.attempts[index];
-            let row_fate = fate(&faults, STATS_JOB, attempt, &batch.id, &custom_id);
+            let row_fate = with_room(
+                &faults,
+                request["params"]["max_tokens"].as_u64(),
+                fate(&faults, STATS_JOB, attempt, &batch.id, &custom_id),
+            );
             if row_fate.is_permanent() {
                 state
                     .permanent_failures

@@ -73,6 +73,15 @@ pub fn fate(
     Fate::Answer
 }
 
+/// `fate`, unless the answer needs more output tokens (`faults.answer_tokens`) than the
+/// request allows (`allowed`): then it is cut off.
+pub fn with_room(faults: &SimFaults, allowed: Option<u64>, fate: Fate) -> Fate {
+    match (faults.answer_tokens, allowed, fate) {
+        (Some(needed), Some(allowed), Fate::Answer) if allowed < needed => Fate::Length,
+        _ => fate,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use rowsmith_shared::config::{SimFaults, SimSettings};
 
-use crate::faults::{Fate, fate};
+use crate::faults::{Fate, fate, with_room};
 
 pub(crate) type Shared = Arc<Mutex<SimState>>;
 
@@ -304,7 +304,14 @@ impl SimState {
                     errors.push(not_done_line(&batch.id, index, &custom_id, status));
                     continue;
                 }
-                let fate = fate(&faults, &job_id, attempt, &batch.id, &custom_id);
+                let allowed = request["body"]["max_completion_tokens"]
+                    .as_u64()
+                    .or(request["body"]["max_tokens"].as_u64());
+                let fate = with_room(
+                    &faults,
+                    allowed,
+                    fate(&faults, &job_id, attempt, &batch.id, &custom_id),
+                );
                 if fate.is_permanent() {
                     self.permanent_failures
                         .entry(job_id.clone())

@@ -294,3 +294,61 @@ async fn shard(stack: &Stack, job_id: &str, attempt: u32) -> ShardRecord {
         .expect("shard")
         .0
 }
+
+/// Answers cut off at `max_tokens` are retried with twice the room, up to the deployment's
+/// cap; rows that still do not fit end as `truncated`.
+async fn truncated_answers(cap: u32) -> (rowsmith_shared::records::JobRecord, Stack) {
+    let stack = Stack::start_with(|settings| {
+        settings.sim.faults.answer_tokens = Some(1500);
+        settings.limits.max_output_tokens = cap;
+    })
+    .await;
+    let input = stack
+        .upload_input("long-answers.csv", to_csv(&awkward_rows(50)))
+        .await;
+    let mut job_spec = spec("long-answers", &input, "description");
+    job_spec.provider = "anthropic".into();
+    stack.submit(&job_spec).await;
+    let job = stack
+        .wait_for_end("long-answers", Duration::from_secs(60))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    (job, stack)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncated_answers_are_retried_with_more_room_and_complete() {
+    let (job, stack) = truncated_answers(8192).await;
+    assert_eq!(job.shards_per_attempt.len(), 2, "one retry was enough");
+    let (_, failures) = stack.output_tables(&job).await;
+    assert!(failures.1.is_empty(), "{failures:?}");
+    let key = ShardKey {
+        job_id: "long-answers".into(),
+        attempt: 2,
+        shard: 0,
+    };
+    let requests = stack
+        .read_text(&rowsmith_shared::storage::layout::requests(&key))
+        .await;
+    let first: serde_json::Value =
+        serde_json::from_str(requests.lines().next().expect("a line")).expect("json");
+    assert_eq!(
+        first["params"]["max_tokens"], 2048,
+        "twice the first attempt's 1024"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answers_that_never_fit_under_the_cap_end_as_truncated() {
+    let (job, stack) = truncated_answers(1024).await;
+    let (_, failures) = stack.output_tables(&job).await;
+    assert_eq!(
+        failures.1.len(),
+        45,
+        "every row with a target: {failures:?}"
+    );
+    assert!(
+        failures.1.iter().all(|row| row[1] == "truncated"),
+        "{failures:?}"
+    );
+}
