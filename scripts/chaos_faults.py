@@ -83,6 +83,12 @@ async def stream_leader(js):
     return info.cluster.leader if info.cluster else None
 
 
+async def replicas(js):
+    """Replicas of the work stream, the events stream and the KV bucket's stream."""
+    names = ["ROWSMITH_WORK", "ROWSMITH_EVENTS", "KV_rowsmith-jobs"]
+    return [(await js.stream_info(name)).config.num_replicas for name in names]
+
+
 async def shard_records(js):
     kv = await js.key_value("rowsmith-jobs")
     records = []
@@ -186,14 +192,20 @@ def main():
         sim.start()
         wait_port(sim_port)
         sim_faults(sim_port, LOST_AS[0])
-        for attempt in range(30):
-            setup = subprocess.run([rowsmith, "setup"], env=env, capture_output=True, text=True,
-                                   timeout=60)
-            if setup.returncode == 0:
-                break
-            time.sleep(1)  # the cluster elects its meta leader
-        else:
-            raise SystemExit(f"chaos: rowsmith setup failed: {setup.stderr}")
+        # First as an older deployment with one replica, then with three: setup must raise
+        # the KV bucket's replicas too, and no client command may lower them again.
+        for count in ("1", "3"):
+            for attempt in range(30):
+                setup = subprocess.run([rowsmith, "setup"], env={**env, "ROWSMITH_NATS__REPLICAS": count},
+                                       capture_output=True, text=True, timeout=60)
+                if setup.returncode == 0:
+                    break
+                time.sleep(1)  # the cluster elects its meta leader
+            else:
+                raise SystemExit(f"chaos: rowsmith setup failed: {setup.stderr}")
+        subprocess.run([rowsmith, "list"], env={**env, "ROWSMITH_NATS__REPLICAS": "1"},
+                       capture_output=True, text=True, timeout=60)
+        replicas_at_start = nats_call(env["ROWSMITH_NATS__URL"], replicas)
         for service in services:
             service.start()
         table = os.path.join(work, "input.csv")
@@ -342,6 +354,8 @@ def main():
             failures.append(f"the job ended after {kills} of {args.kills} kills; slow the pace (--pace)")
         if stalls < args.stalls:
             failures.append(f"the job ended after {stalls} of {args.stalls} stalls")
+        if replicas_at_start != [3, 3, 3]:
+            failures.append(f"streams and KV bucket have {replicas_at_start} replicas, not 3 each")
         if store_outages != 1 or leader_kills != 1:
             failures.append(f"store outages {store_outages}, leader kills {leader_kills}: both must be 1")
         print(f"chaos: provider={args.provider} kills={kills} stalls={stalls} lost_responses={lost} "
