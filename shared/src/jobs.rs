@@ -158,6 +158,7 @@ pub async fn finalize_job(
     store: &Store,
     output: &crate::config::OutputSettings,
     cache: &crate::config::CacheSettings,
+    duckdb: &crate::config::DuckdbLimits,
     job_id: &str,
 ) -> Result<(), StepError> {
     let job = require_job(bus, job_id).await?;
@@ -199,7 +200,7 @@ pub async fn finalize_job(
     };
     let segment_key = match hashes {
         Some(_) => {
-            let columns = table::indexed_columns(&indexed)?;
+            let columns = table::indexed_columns(&indexed, duckdb)?;
             let fingerprint = crate::render::RequestTemplate::new(&job.spec, &columns)
                 .fingerprint(&job.spec.provider);
             Some(layout::cache_segment(&fingerprint, job_id))
@@ -234,7 +235,7 @@ pub async fn finalize_job(
         },
     };
     let fields = job.spec.fields.clone();
-    let (indexed_for_task, targets_for_task) = (indexed.clone(), targets.clone());
+    let (indexed_for_task, targets_for_task, duckdb) = (indexed.clone(), targets.clone(), *duckdb);
     let counts = tokio::task::spawn_blocking(move || {
         table::finalize(
             &indexed_for_task,
@@ -244,6 +245,7 @@ pub async fn finalize_job(
             hashes.as_deref(),
             &fields,
             &targets_for_task,
+            &duckdb,
         )
     })
     .await??;

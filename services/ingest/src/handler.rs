@@ -1,7 +1,9 @@
 //! Handling one JobSpec.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings, Price, find_price};
+use rowsmith_shared::config::{
+    CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings, Price, find_price,
+};
 use rowsmith_shared::estimate::{Estimate, dollars};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fail_job, finalize_job, local_input, require_job, settle};
@@ -28,6 +30,8 @@ pub struct Ingest {
     pub output: OutputSettings,
     pub prices: std::collections::BTreeMap<String, Price>,
     pub cache: CacheSettings,
+    /// `duckdb.*`: the memory and threads of each table operation.
+    pub duckdb: DuckdbLimits,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -68,6 +72,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
                 &ingest.store,
                 &ingest.output,
                 &ingest.cache,
+                &ingest.duckdb,
                 &job_id,
             )
             .await
@@ -217,9 +222,9 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let indexed_key = layout::indexed(job_id);
     let indexed = ingest.store.local_target(&indexed_key, scratch.path())?;
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
-    let limits = ingest.limits.clone();
+    let (limits, duckdb) = (ingest.limits.clone(), ingest.duckdb);
     let info: TableInfo = tokio::task::spawn_blocking(move || {
-        table::index_input(&input_for_task, &indexed_for_task, &limits)
+        table::index_input(&input_for_task, &indexed_for_task, &limits, &duckdb)
     })
     .await??;
     ingest.store.commit_local(&indexed_key, &indexed).await?;
@@ -230,7 +235,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
     let limits = shard_limits(spec, provider.limits(), &ingest.limits);
     let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
     let cache = match ingest.cache.enabled {
-        true => load_cache(&ingest.store, &fingerprint, scratch.path()).await?,
+        true => load_cache(&ingest.store, &fingerprint, scratch.path(), ingest.duckdb).await?,
         false => None,
     };
     let hits = scratch.path().join("cache-hits.csv");
@@ -247,18 +252,26 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
             hits: hits.clone(),
         }),
         layout::requests,
+        ingest.duckdb,
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
     if ingest.cache.enabled {
-        store_hashes(&ingest.store, job_id, prepared.first_with_body).await?;
+        store_hashes(
+            &ingest.store,
+            job_id,
+            prepared.first_with_body,
+            ingest.duckdb,
+        )
+        .await?;
     }
     if let Some((_, segments)) = cache.filter(|_| stats.cached > 0) {
         let key = layout::cached_rows(job_id);
         let target = ingest.store.local_target(&key, scratch.path())?;
-        let (target_for_task, fields) = (target.clone(), spec.fields.clone());
+        let (target_for_task, fields, duckdb) =
+            (target.clone(), spec.fields.clone(), ingest.duckdb);
         tokio::task::spawn_blocking(move || {
-            table::write_cached_rows(&hits, &segments, &fields, &target_for_task)
+            table::write_cached_rows(&hits, &segments, &fields, &target_for_task, &duckdb)
         })
         .await??;
         ingest.store.commit_local(&key, &target).await?;
@@ -291,7 +304,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
         }
     }
     if !prepared.duplicates.is_empty() {
-        store_duplicates(&ingest.store, job_id, prepared.duplicates).await?;
+        store_duplicates(&ingest.store, job_id, prepared.duplicates, ingest.duckdb).await?;
     }
     create_shard_records(&ingest.bus, spec, 1, &sizes).await?;
     let counts = Counts {
@@ -351,6 +364,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec) -> Result<(), StepError> {
             &ingest.store,
             &ingest.output,
             &ingest.cache,
+            &ingest.duckdb,
             job_id,
         )
         .await;

@@ -2,7 +2,7 @@
 //! was the last shard. Re-running it over the same files gives the same rows.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings};
+use rowsmith_shared::config::{CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, fetch_rows_files, finalize_job, require_job, settle};
 use rowsmith_shared::messages::BatchEnded;
@@ -26,6 +26,8 @@ pub struct Merger {
     pub limits: LimitsSettings,
     pub output: OutputSettings,
     pub cache: CacheSettings,
+    /// `duckdb.*`: the memory and threads of each table operation.
+    pub duckdb: DuckdbLimits,
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
@@ -132,6 +134,7 @@ async fn merge(merger: &Merger, ended: &BatchEnded) -> Result<(), StepError> {
                 &merger.store,
                 &merger.output,
                 &merger.cache,
+                &merger.duckdb,
                 &key.job_id,
             )
             .await
@@ -157,9 +160,10 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         .fetch_local(&job.indexed_key(), scratch.path())
         .await?;
     let rows_files = fetch_rows_files(store, &job, attempt..=attempt, scratch.path()).await?;
-    let indexed_for_task = indexed.clone();
+    let (indexed_for_task, duckdb) = (indexed.clone(), merger.duckdb);
     let columns =
-        tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task)).await??;
+        tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task, &duckdb))
+            .await??;
     let next_attempt = attempt + 1;
     // The last attempt may go to the fallback provider and model.
     let attempt_spec = spec.for_attempt(next_attempt);
@@ -179,6 +183,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         Some(rows_files),
         None,
         layout::requests,
+        merger.duckdb,
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
@@ -274,9 +279,10 @@ async fn merge_shard(
     let attempt = key.attempt;
     let scratch = tempfile::tempdir()?;
     let target = store.local_target(&rows_key, scratch.path())?;
-    let (target_for_task, fields) = (target.clone(), job.spec.fields.clone());
+    let (target_for_task, fields, duckdb) =
+        (target.clone(), job.spec.fields.clone(), merger.duckdb);
     tokio::task::spawn_blocking(move || {
-        table::write_rows(&target_for_task, &fields, attempt, &rows)
+        table::write_rows(&target_for_task, &fields, attempt, &rows, &duckdb)
     })
     .await??;
     store.commit_local(&rows_key, &target).await?;

@@ -37,6 +37,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         limits: settings.limits.clone(),
         output: settings.output.clone(),
         cache: settings.cache.clone(),
+        duckdb: settings.duckdb.limits(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;
