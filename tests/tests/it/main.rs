@@ -6,6 +6,7 @@ mod cancel;
 mod exactly_once;
 mod http_faults;
 mod inputs;
+mod memory;
 mod nats_auth;
 mod ops;
 mod pipeline;
