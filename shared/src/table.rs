@@ -1615,6 +1615,37 @@ mod tests {
     }
 
     #[test]
+    fn row_groups_are_bounded_in_bytes_whatever_the_row_width() {
+        for limits in [
+            SMALL,
+            DuckdbLimits {
+                memory_limit_bytes: 512 << 20,
+                threads: 8,
+            },
+        ] {
+            let per_thread = limits.memory_limit_bytes / limits.threads as u64;
+            for row_bytes in [40, 300, 6_500, 20_000, 1 << 20] {
+                let rows = row_group_rows(&limits, row_bytes);
+                assert!(
+                    rows * row_bytes <= per_thread / 8 || rows == 64,
+                    "{rows} rows of {row_bytes} bytes under {limits:?}"
+                );
+                assert!((64..=122_880).contains(&rows));
+            }
+        }
+        // Narrow rows keep DuckDB's default.
+        assert_eq!(row_group_rows(&SMALL, 40), 122_880);
+    }
+
+    #[test]
+    fn a_csv_head_gives_the_average_width_of_its_rows() {
+        let head = b"id,body\n1,\"ab\ncd\"\n2,efgh\n3,ij";
+        // Rows of 10, 7 and 4 bytes; when the head is cut, the last one does not count.
+        assert_eq!(head_row_bytes(head, b',', true), 8);
+        assert_eq!(head_row_bytes(head, b',', false), 7);
+    }
+
+    #[test]
     fn each_connection_spills_to_its_own_directory() {
         let first = connect(&SMALL).expect("connect");
         let second = connect(&SMALL).expect("connect");
