@@ -1242,18 +1242,25 @@ pub fn finalize(
             indexed_relation(indexed)
         ))
         .map_err(duck("read input"))?;
-    // One row per input row, in input order: its latest attempt's result (none for a
-    // skipped row); `_attempts` counts how often it was sent.
+    // A row's result is its latest attempt's; `_attempts` counts how often it was sent.
     connection
         .execute_batch(&format!(
-            "CREATE TABLE outcome AS SELECT i.{ROW_INDEX} AS _outcome_row, r.* EXCLUDE ({ROW_INDEX}) \
-             FROM (SELECT {ROW_INDEX} FROM input) i LEFT JOIN \
-             (SELECT *, count(*) OVER (PARTITION BY {ROW_INDEX}) AS _attempts FROM attempts \
-              QUALIFY row_number() OVER (PARTITION BY {ROW_INDEX} ORDER BY _attempt DESC) = 1) r \
-             USING ({ROW_INDEX}) ORDER BY i.{ROW_INDEX}; \
+            "CREATE TABLE results AS SELECT *, count(*) OVER (PARTITION BY {ROW_INDEX}) AS _attempts \
+             FROM attempts \
+             QUALIFY row_number() OVER (PARTITION BY {ROW_INDEX} ORDER BY _attempt DESC) = 1; \
              DROP TABLE attempts;"
         ))
         .map_err(duck("latest results"))?;
+    // One row per input row, in input order (none for a skipped row). Separate statements:
+    // the window and this sort together do not fit where each alone spills.
+    connection
+        .execute_batch(&format!(
+            "CREATE TABLE outcome AS SELECT i.{ROW_INDEX} AS _outcome_row, r.* EXCLUDE ({ROW_INDEX}) \
+             FROM (SELECT {ROW_INDEX} FROM input) i LEFT JOIN results r USING ({ROW_INDEX}) \
+             ORDER BY i.{ROW_INDEX}; \
+             DROP TABLE results;"
+        ))
+        .map_err(duck("results in input order"))?;
     // The two sides are read by position; a row out of place stops the write.
     let side_by_side = format!(
         "FROM input i POSITIONAL JOIN outcome r WHERE (i.{ROW_INDEX} = r._outcome_row \
