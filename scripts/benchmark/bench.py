@@ -42,6 +42,46 @@ def products(rows, cache, duplicates=0.0):
     return path
 
 
+def articles(rows, cache):
+    path = os.path.join(cache, f"articles-{rows}.csv")
+    if not os.path.exists(path):
+        print(f"bench: generating {path}", file=sys.stderr)
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts/benchmark/make_articles.py"), str(rows), path + ".tmp"],
+                       check=True)
+        os.rename(path + ".tmp", path)
+    return path
+
+
+def long_cells(render, merge_bench, cache, add):
+    """100,000 articles with 5-20 KB bodies: the render path (ingest's indexing and rendering)
+    and the merge path (validation, finalize), each within 1 GiB."""
+    table = articles(100_000, cache)
+    out_dir = tempfile.mkdtemp(prefix="rowsmith-render.")
+    seconds, rss, _ = run([render, "render", table, "--instructions", "Summarize the article.", "--target", "description",
+                           *FIELDS, "--out-dir", out_dir])
+    subprocess.run(["rm", "-rf", out_dir])
+    add("rowsmith render, articles with 5-20 KB bodies", 100_000, seconds, rss, os.path.getsize(table),
+        "peak RSS <= 1 GiB", "yes" if rss <= 1024 else "no")
+    work = tempfile.mkdtemp(prefix="rowsmith-merge.")
+    run([merge_bench, "prepare", table, work])
+    seconds, rss, _ = run([merge_bench, "merge", work])
+    subprocess.run(["rm", "-rf", work])
+    add("merge to enriched CSV + Parquet, articles with 5-20 KB bodies", 100_000, seconds, rss, os.path.getsize(table),
+        "peak RSS <= 1 GiB", "yes" if rss <= 1024 else "no")
+
+
+def print_table(rows_table):
+    header = "| step | rows | seconds | rows/s | input MB/s | peak RSS MiB | target | met |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---|---|"]
+    for step, rows, seconds, rps, mbps, rss, target, met in rows_table:
+        rss_text = "–" if rss != rss else f"{rss:,.0f}"
+        mbps_text = "–" if not mbps else f"{mbps:.0f}"
+        lines.append(f"| {step} | {rows:,} | {seconds:.2f} | {rps:,.0f} | {mbps_text} | {rss_text} | {target} | {met} |")
+    report = "\n".join(lines)
+    print(report)
+    return report
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +126,8 @@ def main():
     parser.add_argument("--examples-dir", required=True)
     parser.add_argument("--python", required=True, help="python with duckdb, polars, pydantic for the seed")
     parser.add_argument("--quick", action="store_true", help="skip the 10M-row runs")
+    parser.add_argument("--only-long-cells", action="store_true",
+                        help="run only the 100k-row long-cell case; print its rows, leave BENCHMARKS.md alone")
     args = parser.parse_args()
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rowsmith", "bench")
     os.makedirs(cache, exist_ok=True)
@@ -96,6 +138,11 @@ def main():
 
     def add(step, rows, seconds, rss, input_bytes, target, met):
         rows_table.append((step, rows, seconds, rows / seconds, input_bytes / seconds / 1e6, rss, target, met))
+
+    if args.only_long_cells:
+        long_cells(render, merge_bench, cache, add)
+        print_table(rows_table)
+        return
 
     sizes = [1_000_000] + ([] if args.quick else [10_000_000])
     seed_seconds = None
@@ -141,6 +188,7 @@ def main():
     table = products(100_000, cache)
     seconds, rss = end_to_end(args.bin_dir, table, 100_000)
     add("end to end via NATS, zero-latency simulator (enrich)", 100_000, seconds, rss, os.path.getsize(table), "<= 60 s", "yes" if seconds <= 60 else "no")
+    long_cells(render, merge_bench, cache, add)
 
     seconds, rss, text = run([os.path.join(args.examples_dir, "poller_bench"), os.path.join(args.bin_dir, "rowsmith-poller"),
                               "10000", "60"])
@@ -151,22 +199,15 @@ def main():
                        int(fields["checks"]) / float(fields["seconds"]), 0.0, float("nan"),
                        "on schedule, < 1 core", "yes" if cores < 1 and p99 < 5000 else "no"))
 
-    header = "| step | rows | seconds | rows/s | input MB/s | peak RSS MiB | target | met |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---|---|"]
-    for step, rows, seconds, rps, mbps, rss, target, met in rows_table:
-        rss_text = "–" if rss != rss else f"{rss:,.0f}"
-        mbps_text = "–" if not mbps else f"{mbps:.0f}"
-        lines.append(f"| {step} | {rows:,} | {seconds:.2f} | {rps:,.0f} | {mbps_text} | {rss_text} | {target} | {met} |")
-
-    report = "\n".join(lines)
-    print(report)
+    report = print_table(rows_table)
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("# Benchmarks\n\nMeasured by `scripts/bench` (release build; each step its own process, peak RSS "
                 f"from wait4). Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}.\n\n{report}\n\n"
                 "Input: scripts/benchmark/make_products.py (sku, name, brand, category, price, description of 2-5 "
                 "sentences with quotes, commas, newlines, unicode; 1% empty). The seed is "
-                "../shared/bench/seed_ingest.py on the same 1M-row file.\n")
+                "../shared/bench/seed_ingest.py on the same 1M-row file. The articles are "
+                "scripts/benchmark/make_articles.py (id, headline, section, published, a 5-20 KB body).\n")
         # What the numbers mean (profiles, misses, history) is kept by hand next to this script.
         notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
         if os.path.exists(notes):

@@ -31,6 +31,7 @@ pub struct Settings {
     pub limits: LimitsSettings,
     pub output: OutputSettings,
     pub cache: CacheSettings,
+    pub duckdb: DuckdbSettings,
     /// USD prices per model, for `rowsmith estimate` and `options.budget_usd`. A model is
     /// priced by its entry or by the longest entry its name starts with
     /// (`gpt-4o-mini-2024-07-18` takes `gpt-4o-mini`).
@@ -56,6 +57,7 @@ impl Default for Settings {
             limits: Default::default(),
             output: Default::default(),
             cache: Default::default(),
+            duckdb: Default::default(),
             prices: default_prices(),
         }
     }
@@ -180,6 +182,156 @@ impl Default for CacheSettings {
     fn default() -> Self {
         Self { enabled: true }
     }
+}
+
+/// DuckDB, which indexes inputs, renders shards and writes the outputs. Each table operation
+/// opens its own DuckDB instance with these limits, and a service runs up to its
+/// `concurrency` operations at once. What does not fit in memory spills to a temporary
+/// directory of that instance's own (in `TMPDIR`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DuckdbSettings {
+    /// Memory one DuckDB instance may use (`512MiB`, `2GB`, or bytes). Unset: 1/8 of the
+    /// memory the process may use (the container's cgroup `memory.max`, else the machine's
+    /// `MemTotal`), between 128 MiB and 512 MiB.
+    pub memory_limit: Option<String>,
+    /// Threads of one DuckDB instance. Unset: the CPUs available to the process (cgroup CPU
+    /// quota and affinity included).
+    pub threads: Option<usize>,
+}
+
+/// The smallest `duckdb.memory_limit` accepted: below it DuckDB cannot hold one CSV buffer.
+pub const DUCKDB_MIN_MEMORY: u64 = 64 * 1024 * 1024;
+/// The default memory of one DuckDB instance is this fraction of what the process may use.
+const DUCKDB_MEMORY_FRACTION: u64 = 8;
+const DUCKDB_DEFAULT_MEMORY_MIN: u64 = 128 * 1024 * 1024;
+const DUCKDB_DEFAULT_MEMORY_MAX: u64 = 512 * 1024 * 1024;
+
+/// `duckdb.*` resolved: what every DuckDB instance is opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuckdbLimits {
+    pub memory_limit_bytes: u64,
+    pub threads: usize,
+}
+
+impl Default for DuckdbLimits {
+    /// Sized from the machine (see [`DuckdbSettings`]).
+    fn default() -> Self {
+        DuckdbSettings::default().limits()
+    }
+}
+
+impl DuckdbSettings {
+    /// The limits to open DuckDB with; a value [`Settings::validate`] refuses falls back to
+    /// its default.
+    pub fn limits(&self) -> DuckdbLimits {
+        let memory_limit_bytes = self
+            .memory_limit
+            .as_deref()
+            .and_then(|text| parse_bytes(text).ok())
+            .unwrap_or_else(default_duckdb_memory);
+        let threads = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        DuckdbLimits {
+            memory_limit_bytes,
+            threads,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(text) = &self.memory_limit {
+            let bytes = parse_bytes(text).map_err(|error| {
+                ConfigError::Invalid(format!("duckdb.memory_limit {text:?}: {error}"))
+            })?;
+            if bytes < DUCKDB_MIN_MEMORY {
+                return Err(ConfigError::Invalid(format!(
+                    "duckdb.memory_limit {text:?} is below the minimum of 64MiB"
+                )));
+            }
+        }
+        if let Some(threads) = self.threads
+            && !(1..=256).contains(&threads)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "duckdb.threads must be between 1 and 256, not {threads}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// 1/8 of the memory the process may use, between 128 MiB and 512 MiB.
+fn default_duckdb_memory() -> u64 {
+    let available = process_memory_limit().unwrap_or(4 * 1024 * 1024 * 1024);
+    (available / DUCKDB_MEMORY_FRACTION).clamp(DUCKDB_DEFAULT_MEMORY_MIN, DUCKDB_DEFAULT_MEMORY_MAX)
+}
+
+/// The memory the process may use: its cgroup v2 limit (`memory.max` of its own cgroup, or of
+/// the root in a container) when set, the machine's `MemTotal` otherwise.
+pub fn process_memory_limit() -> Option<u64> {
+    let own_cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
+        });
+    let mut candidates = Vec::new();
+    if let Some(path) = own_cgroup {
+        candidates.push(format!(
+            "/sys/fs/cgroup{}/memory.max",
+            path.trim_end_matches('/')
+        ));
+    }
+    candidates.push("/sys/fs/cgroup/memory.max".to_owned());
+    let cgroup = candidates.iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.trim().parse::<u64>().ok()
+    });
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| mem_total(&text));
+    match (cgroup, machine) {
+        (Some(cgroup), Some(machine)) => Some(cgroup.min(machine)),
+        (cgroup, machine) => cgroup.or(machine),
+    }
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Parses a size: bytes (`1073741824`) or a number with a unit, decimal (`KB`, `MB`, `GB`,
+/// `TB`) or binary (`KiB`, `MiB`, `GiB`, `TiB`), case-insensitive.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| "write a size such as 512MiB, 2GB or a number of bytes".to_owned())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "tb" => 1000 * 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?}: use KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    Ok((number * factor as f64) as u64)
 }
 
 /// How outputs are written.
@@ -722,6 +874,7 @@ impl Settings {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.poller.schedule()?;
+        self.duckdb.validate()?;
         for (name, worker) in [
             ("ingest", &self.ingest),
             ("submitter", &self.submitter),
@@ -822,6 +975,54 @@ mod tests {
         let key = settings.provider.openai.api_key.as_ref().expect("key");
         assert_eq!(key.expose_secret(), "k-123");
         assert!(!format!("{settings:?}").contains("k-123"));
+    }
+
+    #[test]
+    fn duckdb_limits_come_from_the_environment_or_the_machine() {
+        let settings = Settings::load(
+            None,
+            &env(&[
+                ("ROWSMITH_DUCKDB__MEMORY_LIMIT", "96MiB"),
+                ("ROWSMITH_DUCKDB__THREADS", "1"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(
+            settings.duckdb.limits(),
+            DuckdbLimits {
+                memory_limit_bytes: 96 * 1024 * 1024,
+                threads: 1
+            }
+        );
+        let sized = Settings::load(None, &env(&[]))
+            .expect("load")
+            .duckdb
+            .limits();
+        let available = process_memory_limit().expect("a Linux machine says its memory");
+        assert_eq!(
+            sized.memory_limit_bytes,
+            (available / 8).clamp(128 << 20, 512 << 20)
+        );
+        assert!(sized.threads >= 1);
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("1.5 GiB"), Ok(3 << 29));
+        for (value, says) in [
+            ("lots", "write a size"),
+            ("16MB", "below the minimum"),
+            ("1 parsec", "unknown unit"),
+        ] {
+            let error = Settings::load(None, &env(&[("ROWSMITH_DUCKDB__MEMORY_LIMIT", value)]))
+                .unwrap_err();
+            assert!(error.to_string().contains(says), "{value}: {error}");
+        }
+        let error = Settings::load(None, &env(&[("ROWSMITH_DUCKDB__THREADS", "0")])).unwrap_err();
+        assert!(error.to_string().contains("duckdb.threads"), "{error}");
+    }
+
+    #[test]
+    fn meminfo_total_is_read_in_bytes() {
+        let meminfo = "MemTotal:       24683568 kB\nMemFree:         1000 kB\n";
+        assert_eq!(mem_total(meminfo), Some(24_683_568 * 1024));
     }
 
     #[test]

@@ -160,6 +160,7 @@ pub async fn finalize_job(
     store: &Store,
     output: &crate::config::OutputSettings,
     cache: &crate::config::CacheSettings,
+    duckdb: &crate::config::DuckdbLimits,
     job_id: &str,
     by: u64,
 ) -> Result<(), StepError> {
@@ -176,7 +177,7 @@ pub async fn finalize_job(
     } else {
         JobState::Completed
     };
-    let written = write_outputs(store, output, cache, &job, final_state).await?;
+    let written = write_outputs(store, output, cache, duckdb, &job, final_state).await?;
     record_end(bus, &job, final_state, written).await
 }
 
@@ -188,6 +189,7 @@ pub async fn write_partial_outputs(
     store: &Store,
     output: &crate::config::OutputSettings,
     cache: &crate::config::CacheSettings,
+    duckdb: &crate::config::DuckdbLimits,
     job_id: &str,
 ) -> Result<(), StepError> {
     loop {
@@ -195,7 +197,8 @@ pub async fn write_partial_outputs(
         if job.state != JobState::Suspended {
             return Ok(());
         }
-        let written = write_outputs(store, output, cache, &job, JobState::Suspended).await?;
+        let written =
+            write_outputs(store, output, cache, duckdb, &job, JobState::Suspended).await?;
         let merged = job.merged_shards.clone();
         let recorded = bus
             .modify(
@@ -246,6 +249,7 @@ struct Answers {
 async fn gather_answers(
     store: &Store,
     cache: &crate::config::CacheSettings,
+    duckdb: &crate::config::DuckdbLimits,
     job: &JobRecord,
     unanswered: Option<RowFailureText>,
     scratch: &Path,
@@ -262,7 +266,7 @@ async fn gather_answers(
         rows_files.push(store.fetch_local(&layout::rows(&key), scratch).await?);
     }
     if let Some(text) = unanswered.filter(|_| !job.unmerged_shards().is_empty()) {
-        rows_files.push(write_unanswered(store, job, text, scratch).await?);
+        rows_files.push(write_unanswered(store, job, text, duckdb, scratch).await?);
     }
     let optional = |key: String| async move {
         Ok::<_, StepError>(match store.exists(&key).await? {
@@ -280,7 +284,7 @@ async fn gather_answers(
     };
     let segment_key = match hashes {
         Some(_) => {
-            let columns = table::indexed_columns(&indexed)?;
+            let columns = table::indexed_columns(&indexed, duckdb)?;
             let fingerprint = crate::render::RequestTemplate::new(&job.spec, &columns)
                 .fingerprint(&job.spec.provider);
             Some(layout::cache_segment(&fingerprint, job_id))
@@ -310,6 +314,7 @@ async fn write_unanswered(
     store: &Store,
     job: &JobRecord,
     text: RowFailureText,
+    duckdb: &crate::config::DuckdbLimits,
     scratch: &Path,
 ) -> Result<std::path::PathBuf, StepError> {
     #[derive(serde::Deserialize)]
@@ -346,8 +351,11 @@ async fn write_unanswered(
     }
     let path = scratch.join("unanswered.parquet");
     let (path_for_task, fields, attempt) = (path.clone(), job.spec.fields.clone(), job.attempt);
-    tokio::task::spawn_blocking(move || table::write_rows(&path_for_task, &fields, attempt, &rows))
-        .await??;
+    let duckdb = *duckdb;
+    tokio::task::spawn_blocking(move || {
+        table::write_rows(&path_for_task, &fields, attempt, &rows, &duckdb)
+    })
+    .await??;
     Ok(path)
 }
 
@@ -358,6 +366,7 @@ async fn write_outputs(
     store: &Store,
     output: &crate::config::OutputSettings,
     cache: &crate::config::CacheSettings,
+    duckdb: &crate::config::DuckdbLimits,
     job: &JobRecord,
     state: JobState,
 ) -> Result<Written, StepError> {
@@ -374,7 +383,7 @@ async fn write_outputs(
         _ => None,
     };
     let scratch = tempfile::tempdir()?;
-    let answers = gather_answers(store, cache, job, unanswered, scratch.path()).await?;
+    let answers = gather_answers(store, cache, duckdb, job, unanswered, scratch.path()).await?;
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
     let target =
         |name: &str, wanted: bool| -> Result<Option<(String, std::path::PathBuf)>, StepError> {
@@ -406,7 +415,7 @@ async fn write_outputs(
             None => u32::MAX,
         },
     };
-    let (fields, targets_for_task) = (job.spec.fields.clone(), targets.clone());
+    let (fields, targets_for_task, duckdb) = (job.spec.fields.clone(), targets.clone(), *duckdb);
     let counts = tokio::task::spawn_blocking(move || {
         table::finalize(
             &answers.indexed,
@@ -416,6 +425,7 @@ async fn write_outputs(
             answers.hashes.as_deref(),
             &fields,
             &targets_for_task,
+            &duckdb,
         )
     })
     .await??;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::bus::Bus;
-use crate::config::LimitsSettings;
+use crate::config::{DuckdbLimits, LimitsSettings};
 use crate::estimate::Sampler;
 use crate::jobs::StepError;
 use crate::messages::{ShardKey, ShardReady, subjects};
@@ -48,6 +48,7 @@ pub async fn prepare_shards(
     retry_of: Option<Vec<PathBuf>>,
     cache: Option<CacheUse>,
     shard_path: impl Fn(&ShardKey) -> String + Send + 'static,
+    duckdb: DuckdbLimits,
 ) -> Result<PreparedShards, StepError> {
     let job_id = spec.id().to_owned();
     let scratch = tempfile::tempdir().map_err(StepError::from)?;
@@ -94,6 +95,7 @@ pub async fn prepare_shards(
             retry_of.as_deref(),
             keys.as_deref(),
             &mut sink,
+            &duckdb,
         )?;
         if let Some(mut hits) = sink.hits.take() {
             use std::io::Write;
@@ -149,6 +151,7 @@ pub async fn load_cache(
     store: &Store,
     fingerprint: &str,
     scratch: &Path,
+    duckdb: DuckdbLimits,
 ) -> Result<Option<(std::sync::Arc<table::CacheKeys>, Vec<PathBuf>)>, StepError> {
     let segments = store.list(&layout::cache_dir(fingerprint)).await?;
     if segments.is_empty() {
@@ -160,7 +163,8 @@ pub async fn load_cache(
     }
     let files_for_task = files.clone();
     let keys =
-        tokio::task::spawn_blocking(move || table::read_cache_keys(&files_for_task)).await??;
+        tokio::task::spawn_blocking(move || table::read_cache_keys(&files_for_task, &duckdb))
+            .await??;
     Ok(Some((std::sync::Arc::new(keys), files)))
 }
 
@@ -170,13 +174,16 @@ pub async fn store_hashes(
     store: &Store,
     job_id: &str,
     first_with_body: std::collections::HashMap<u128, i64>,
+    duckdb: DuckdbLimits,
 ) -> Result<(), StepError> {
     let key = layout::hashes(job_id);
     let scratch = tempfile::tempdir()?;
     let target = store.local_target(&key, scratch.path())?;
     let target_for_task = target.clone();
-    tokio::task::spawn_blocking(move || table::write_hashes(&target_for_task, &first_with_body))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        table::write_hashes(&target_for_task, &first_with_body, &duckdb)
+    })
+    .await??;
     store.commit_local(&key, &target).await?;
     Ok(())
 }
@@ -186,13 +193,16 @@ pub async fn store_duplicates(
     store: &Store,
     job_id: &str,
     duplicates: Vec<(i64, i64)>,
+    duckdb: DuckdbLimits,
 ) -> Result<(), StepError> {
     let key = layout::duplicates(job_id);
     let scratch = tempfile::tempdir()?;
     let target = store.local_target(&key, scratch.path())?;
     let target_for_task = target.clone();
-    tokio::task::spawn_blocking(move || table::write_duplicates(&target_for_task, &duplicates))
-        .await??;
+    tokio::task::spawn_blocking(move || {
+        table::write_duplicates(&target_for_task, &duplicates, &duckdb)
+    })
+    .await??;
     store.commit_local(&key, &target).await?;
     Ok(())
 }

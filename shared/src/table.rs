@@ -9,7 +9,7 @@ use duckdb::arrow::array::{Array, AsArray, Int64Array};
 use duckdb::arrow::datatypes::DataType;
 use duckdb::arrow::record_batch::RecordBatch;
 
-use crate::config::LimitsSettings;
+use crate::config::{DuckdbLimits, LimitsSettings};
 use crate::render::RequestTemplate;
 use crate::spec::{FieldSpec, FieldType};
 
@@ -41,13 +41,37 @@ pub enum TableError {
     },
     #[error("table operation failed ({what}): {message}")]
     Duckdb { what: &'static str, message: String },
+    /// DuckDB needed more than `duckdb.memory_limit` for a step that cannot spill.
+    #[error(
+        "{what}: DuckDB ran out of memory ({message}); raise duckdb.memory_limit \
+         (ROWSMITH_DUCKDB__MEMORY_LIMIT, e.g. 2GiB) or lower duckdb.threads \
+         (ROWSMITH_DUCKDB__THREADS) in the config of the service that failed"
+    )]
+    OutOfMemory { what: &'static str, message: String },
+    #[error("DuckDB's spill directory could not be created in TMPDIR: {0}")]
+    Spill(#[source] std::io::Error),
 }
 
 fn duck(what: &'static str) -> impl Fn(duckdb::Error) -> TableError {
-    move |error| TableError::Duckdb {
-        what,
-        message: error.to_string(),
+    move |error| duck_error(what, &error)
+}
+
+fn duck_error(what: &'static str, error: &duckdb::Error) -> TableError {
+    let message = error.to_string();
+    match out_of_memory(&message) {
+        Some(message) => TableError::OutOfMemory { what, message },
+        None => TableError::Duckdb { what, message },
     }
+}
+
+/// DuckDB's own words when `message` is its out-of-memory error (the first line, without
+/// the generic advice that follows).
+fn out_of_memory(message: &str) -> Option<String> {
+    let first = message.lines().next()?.trim();
+    first
+        .to_lowercase()
+        .contains("out of memory")
+        .then(|| first.to_owned())
 }
 
 /// A SQL string literal.
@@ -64,21 +88,68 @@ fn path_literal(path: &Path) -> String {
     literal(&path.to_string_lossy())
 }
 
-/// Memory DuckDB may use before it spills to disk: the joins and sorts of the final outputs
-/// run out of core, so a 10M-row table does not need 10M rows of memory.
-pub const DUCKDB_MEMORY_LIMIT: &str = "600MB";
+/// One DuckDB instance and the directory it alone spills to. DuckDB deletes every spill
+/// file of its directory when an instance closes (duckdb/duckdb#15173), so instances that
+/// shared one would destroy each other's.
+pub struct Db {
+    /// Declared first: it is closed before its spill directory is removed.
+    connection: Connection,
+    spill: tempfile::TempDir,
+}
 
-pub fn connect() -> Result<Connection, TableError> {
+impl std::fmt::Debug for Db {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Db")
+            .field("spill", &self.spill.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Db {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+/// Opens an in-memory DuckDB within `limits` (`duckdb.*`): what does not fit, the joins,
+/// sorts and tables of the outputs, spills to a temporary directory of its own.
+pub fn connect(limits: &DuckdbLimits) -> Result<Db, TableError> {
+    let spill = tempfile::Builder::new()
+        .prefix("rowsmith-duckdb-")
+        .tempdir()
+        .map_err(TableError::Spill)?;
     let connection = Connection::open_in_memory().map_err(duck("open"))?;
-    let spill = std::env::temp_dir().join("rowsmith-duckdb");
     connection
         .execute_batch(&format!(
-            "SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'; SET temp_directory = {}; \
-             SET autoinstall_known_extensions = false;",
-            path_literal(&spill)
+            "SET memory_limit = '{}B'; SET threads = {}; SET temp_directory = {}; \
+             SET preserve_insertion_order = true; SET autoinstall_known_extensions = false;",
+            limits.memory_limit_bytes,
+            limits.threads.max(1),
+            path_literal(spill.path())
         ))
         .map_err(duck("configure"))?;
-    Ok(connection)
+    Ok(Db { connection, spill })
+}
+
+/// Rows a Parquet row group may hold: the writer keeps a whole row group in memory (per
+/// thread) and cannot spill it, so it is bounded in bytes, 1/8 of one thread's share of
+/// the memory limit (1 to 64 MiB), for rows of `row_bytes` bytes on average; at most
+/// DuckDB's default of 122,880 rows. DuckDB's own `ROW_GROUP_SIZE_BYTES` only works without
+/// `preserve_insertion_order`, which the indexed copy needs (a row's number is its position
+/// in the file), so the bound is given in rows. DuckDB moves rows 2,048 at a time, so a
+/// smaller bound writes one group per such chunk: memory must still hold a few chunks.
+fn row_group_rows(limits: &DuckdbLimits, row_bytes: u64) -> u64 {
+    let per_thread = limits.memory_limit_bytes / limits.threads.max(1) as u64;
+    let group_bytes = (per_thread / 8).clamp(1 << 20, 64 << 20);
+    (group_bytes / row_bytes.max(1)).clamp(64, 122_880)
+}
+
+/// The `ROW_GROUP_SIZE` option of a Parquet COPY of rows of `row_bytes` bytes on average.
+fn row_groups(limits: &DuckdbLimits, row_bytes: u64) -> String {
+    format!("ROW_GROUP_SIZE {}", row_group_rows(limits, row_bytes))
 }
 
 /// What ingest learned of the table.
@@ -128,6 +199,9 @@ fn input_kind(input: &Path) -> Result<InputKind, TableError> {
 struct CsvHeader {
     delimiter: u8,
     columns: Vec<String>,
+    /// Bytes of a data row on average in the first MiB (at least that MiB when a row is
+    /// longer): what sizes the indexed copy's row groups.
+    row_bytes: u64,
 }
 
 /// How much of a CSV is read to find its header and first row.
@@ -282,7 +356,41 @@ fn preflight_csv(
             columns.join(", ")
         ));
     }
-    Ok(CsvHeader { delimiter, columns })
+    let row_bytes = head_row_bytes(text, delimiter, (head.len() as u64) < size);
+    Ok(CsvHeader {
+        delimiter,
+        columns,
+        row_bytes,
+    })
+}
+
+/// Bytes of a data row on average in `text`, the head of a CSV (`cut` when more follows, so
+/// its last record may be partial). A head without one whole data row gives its own length.
+fn head_row_bytes(text: &[u8], delimiter: u8, cut: bool) -> u64 {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text);
+    let mut record = csv::ByteRecord::new();
+    if !matches!(reader.read_byte_record(&mut record), Ok(true)) {
+        return text.len() as u64;
+    }
+    let header_end = reader.position().byte();
+    let (mut rows, mut end, mut previous_end) = (0u64, header_end, header_end);
+    while let Ok(true) = reader.read_byte_record(&mut record) {
+        rows += 1;
+        previous_end = end;
+        end = reader.position().byte();
+    }
+    if cut && rows > 0 {
+        rows -= 1;
+        end = previous_end;
+    }
+    match rows {
+        0 => text.len() as u64 - header_end,
+        rows => (end - header_end) / rows,
+    }
 }
 
 /// Turns DuckDB's read errors into what the user should know and do.
@@ -308,9 +416,12 @@ fn explain_read_error(name: &str, message: &str) -> String {
         );
     }
     if lower.contains("unterminated quote") {
+        // A cell longer than a read buffer ends the buffer inside its quotes, which DuckDB
+        // cannot tell from a quote that never closes.
         return format!(
-            "{name}: a quoted cell is never closed{line}; every `\"` that opens a cell needs a \
-             closing `\"` (a quote inside a cell is written `\"\"`)"
+            "{name}: a quoted cell is never closed{line}, or is far above \
+             limits.max_cell_bytes; every `\"` that opens a cell needs a closing `\"` (a quote \
+             inside a cell is written `\"\"`)"
         );
     }
     if lower.contains("expected number of columns") {
@@ -333,12 +444,6 @@ fn explain_read_error(name: &str, message: &str) -> String {
         return format!(
             "{name} is not a Parquet file: export it again as Parquet, or give it the name of \
              its real format (.csv, .jsonl)"
-        );
-    }
-    if lower.contains("out of memory") {
-        return format!(
-            "{name} is too large for ingest's memory (too many columns or very large cells): \
-             keep only the columns the job needs"
         );
     }
     if lower.contains("maximum_object_size") {
@@ -368,6 +473,32 @@ struct Reader {
 }
 
 impl Reader {
+    /// Bytes of an input row on average, as text: from the CSV's head, the first MiB of
+    /// JSON lines, or a Parquet file's metadata.
+    fn row_bytes(&self, input: &Path, connection: &Connection) -> Result<u64, TableError> {
+        match (&self.kind, &self.header) {
+            (InputKind::Csv { .. }, Some(header)) => Ok(header.row_bytes),
+            (InputKind::Parquet, _) => parquet_row_bytes(connection, &self.path).map_err(|e| {
+                TableError::Input(explain_read_error(&file_name(input), &e.to_string()))
+            }),
+            _ => {
+                use std::io::Read;
+                let file = std::fs::File::open(input).map_err(|e| {
+                    TableError::Input(format!("{} cannot be opened: {e}", file_name(input)))
+                })?;
+                let reader: Box<dyn Read> = match file_name(input).to_lowercase().ends_with(".gz") {
+                    true => Box::new(flate2::read::MultiGzDecoder::new(file)),
+                    false => Box::new(file),
+                };
+                let mut head = Vec::with_capacity(HEAD_BYTES);
+                // A broken stream is reported by the copy itself.
+                let _ = reader.take(HEAD_BYTES as u64).read_to_end(&mut head);
+                let lines = head.iter().filter(|&&b| b == b'\n').count() as u64;
+                Ok(head.len() as u64 / lines.max(1))
+            }
+        }
+    }
+
     fn new(input: &Path, limits: &LimitsSettings) -> Result<Self, TableError> {
         let kind = input_kind(input)?;
         let header = match kind {
@@ -412,9 +543,10 @@ impl Reader {
                 format!(
                     "read_csv({path}, delim = {}, quote = '\"', escape = '\"', header = true, \
                      auto_detect = false, strict_mode = {strict}, max_line_size = {}, \
-                     columns = {{{columns}}})",
+                     buffer_size = {}, columns = {{{columns}}})",
                     literal(&(header.delimiter as char).to_string()),
-                    self.max_line
+                    self.max_line,
+                    csv_buffer_bytes(self.max_line)
                 )
             }
             (InputKind::Parquet, _) => {
@@ -425,6 +557,19 @@ impl Reader {
             ),
         }
     }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Bytes of one CSV read buffer (DuckDB holds one per thread, and one more ahead): twice the
+/// longest line, at least 16 MiB. DuckDB's default is 16 lines of `max_line_size`, 64 MiB
+/// for rowsmith's, which alone would not fit a small memory limit.
+fn csv_buffer_bytes(max_line: u64) -> u64 {
+    max_line.saturating_mul(2).max(16 * 1024 * 1024)
 }
 
 /// Column names rowsmith uses itself.
@@ -447,14 +592,17 @@ pub fn index_input(
     input: &Path,
     indexed: &Path,
     limits: &LimitsSettings,
+    duckdb: &DuckdbLimits,
 ) -> Result<TableInfo, TableError> {
-    let name = input
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let unreadable =
-        |e: duckdb::Error| TableError::Input(explain_read_error(&name, &e.to_string()));
-    let connection = connect()?;
+    let name = file_name(input);
+    let unreadable = |e: duckdb::Error| match out_of_memory(&e.to_string()) {
+        Some(message) => TableError::OutOfMemory {
+            what: "indexing the input",
+            message,
+        },
+        None => TableError::Input(explain_read_error(&name, &e.to_string())),
+    };
+    let connection = connect(duckdb)?;
     let reader = Reader::new(input, limits)?;
     let columns = describe(&connection, &format!("SELECT * FROM {}", reader.sql(true)))
         .map_err(unreadable)?;
@@ -472,12 +620,15 @@ pub fn index_input(
     {
         return Err(TableError::ReservedColumn(reserved.clone()));
     }
-    // preserve_insertion_order (on by default) keeps the parallel copy in input order.
+    // Each cell is held as a string (16 bytes beside its text).
+    let row_bytes = reader.row_bytes(input, &connection)? + 16 * columns.len() as u64;
+    // preserve_insertion_order keeps the parallel copy in input order.
     let copy = |strict: bool| {
         connection.execute_batch(&format!(
-            "COPY (SELECT * FROM {}) TO {} (FORMAT parquet, COMPRESSION snappy)",
+            "COPY (SELECT * FROM {}) TO {} (FORMAT parquet, COMPRESSION snappy, {})",
             reader.sql(strict),
-            path_literal(indexed)
+            path_literal(indexed),
+            row_groups(duckdb, row_bytes)
         ))
     };
     // Strict first: it catches quotes that never close. A file that mixes \r\n and \n line
@@ -534,8 +685,8 @@ fn describe(connection: &Connection, query: &str) -> Result<Vec<String>, duckdb:
 }
 
 /// The input columns of an indexed table.
-pub fn indexed_columns(indexed: &Path) -> Result<Vec<String>, TableError> {
-    let connection = connect()?;
+pub fn indexed_columns(indexed: &Path, duckdb: &DuckdbLimits) -> Result<Vec<String>, TableError> {
+    let connection = connect(duckdb)?;
     let columns = describe(
         &connection,
         &format!("SELECT * FROM {}", indexed_relation(indexed)),
@@ -607,8 +758,9 @@ pub fn render_shards(
     retry_of: Option<&[PathBuf]>,
     cache: Option<&CacheKeys>,
     sink: &mut impl ShardSink,
+    duckdb: &DuckdbLimits,
 ) -> Result<Rendered, TableError> {
-    let connection = connect()?;
+    let connection = connect(duckdb)?;
     // The indexed table is stored in row order and a scan keeps it (preserve_insertion_order);
     // only the semi-join of a retry needs sorting, and its rows are few.
     let order = if retry_of.is_some() {
@@ -713,12 +865,12 @@ pub fn halves(hash: u128) -> (u64, u64) {
 }
 
 /// Reads the body hashes of the result-cache segments `files`.
-pub fn read_cache_keys(files: &[PathBuf]) -> Result<CacheKeys, TableError> {
+pub fn read_cache_keys(files: &[PathBuf], duckdb: &DuckdbLimits) -> Result<CacheKeys, TableError> {
     let mut keys = CacheKeys::new();
     if files.is_empty() {
         return Ok(keys);
     }
-    let connection = connect()?;
+    let connection = connect(duckdb)?;
     let sql = format!(
         "SELECT h_hi, h_lo FROM read_parquet([{}])",
         files
@@ -742,6 +894,7 @@ pub fn read_cache_keys(files: &[PathBuf]) -> Result<CacheKeys, TableError> {
 pub fn write_hashes(
     path: &Path,
     first_with_body: &std::collections::HashMap<u128, i64>,
+    duckdb: &DuckdbLimits,
 ) -> Result<(), TableError> {
     use std::io::Write;
     let csv = path.with_extension("csv");
@@ -758,13 +911,14 @@ pub fn write_hashes(
         }
         writer.flush().map_err(io)?;
     }
-    let connection = connect()?;
+    let connection = connect(duckdb)?;
     connection
         .execute_batch(&format!(
             "COPY (SELECT * FROM read_csv({}, header = true, columns = {{'{ROW_INDEX}': 'BIGINT', \
-             'h_hi': 'UBIGINT', 'h_lo': 'UBIGINT'}})) TO {} (FORMAT parquet)",
+             'h_hi': 'UBIGINT', 'h_lo': 'UBIGINT'}})) TO {} (FORMAT parquet, {})",
             path_literal(&csv),
-            path_literal(path)
+            path_literal(path),
+            row_groups(duckdb, 24)
         ))
         .map_err(duck("write hashes"))?;
     std::fs::remove_file(&csv).map_err(io)
@@ -778,8 +932,9 @@ pub fn write_cached_rows(
     segments: &[PathBuf],
     fields: &[FieldSpec],
     out: &Path,
+    duckdb: &DuckdbLimits,
 ) -> Result<u64, TableError> {
-    let connection = connect()?;
+    let connection = connect(duckdb)?;
     let columns: Vec<String> = fields
         .iter()
         .map(|f| format!("c.{}", ident(&f.name)))
@@ -797,11 +952,17 @@ pub fn write_cached_rows(
              'h_hi': 'UBIGINT', 'h_lo': 'UBIGINT'}}) h \
              JOIN (SELECT * FROM read_parquet([{segments}], union_by_name = true) \
                    QUALIFY row_number() OVER (PARTITION BY h_hi, h_lo) = 1) c \
-             USING (h_hi, h_lo); \
-             COPY cached TO {} (FORMAT parquet)",
+             USING (h_hi, h_lo)",
             columns.join(", "),
             path_literal(hits),
-            path_literal(out)
+        ))
+        .map_err(duck("read cached rows"))?;
+    let row_bytes = average_row_bytes(&connection, "cached", fields)?;
+    connection
+        .execute_batch(&format!(
+            "COPY cached TO {} (FORMAT parquet, {})",
+            path_literal(out),
+            row_groups(duckdb, row_bytes)
         ))
         .map_err(duck("write cached rows"))?;
     let rows: i64 = connection
@@ -883,8 +1044,12 @@ fn rows_table_sql(table: &str, fields: &[FieldSpec]) -> String {
 }
 
 /// Writes the rows that repeat an earlier row's request: `(row, first row with that request)`.
-pub fn write_duplicates(path: &Path, pairs: &[(i64, i64)]) -> Result<(), TableError> {
-    let connection = connect()?;
+pub fn write_duplicates(
+    path: &Path,
+    pairs: &[(i64, i64)],
+    duckdb: &DuckdbLimits,
+) -> Result<(), TableError> {
+    let connection = connect(duckdb)?;
     connection
         .execute_batch(&format!(
             "CREATE TABLE duplicates ({ROW_INDEX} BIGINT, _first BIGINT)"
@@ -903,8 +1068,9 @@ pub fn write_duplicates(path: &Path, pairs: &[(i64, i64)]) -> Result<(), TableEr
     }
     connection
         .execute_batch(&format!(
-            "COPY duplicates TO {} (FORMAT parquet)",
-            path_literal(path)
+            "COPY duplicates TO {} (FORMAT parquet, {})",
+            path_literal(path),
+            row_groups(duckdb, 16)
         ))
         .map_err(duck("write duplicates"))
 }
@@ -915,8 +1081,9 @@ pub fn write_rows(
     fields: &[FieldSpec],
     attempt: u32,
     rows: &[RowResult],
+    duckdb: &DuckdbLimits,
 ) -> Result<(), TableError> {
-    let connection = connect()?;
+    let connection = connect(duckdb)?;
     connection
         .execute_batch(&rows_table_sql("results", fields))
         .map_err(duck("rows table"))?;
@@ -944,11 +1111,49 @@ pub fn write_rows(
     }
     connection
         .execute_batch(&format!(
-            "COPY results TO {} (FORMAT parquet)",
-            path_literal(path)
+            "COPY results TO {} (FORMAT parquet, {})",
+            path_literal(path),
+            row_groups(duckdb, average_result_bytes(rows))
         ))
         .map_err(duck("write rows"))?;
     Ok(())
+}
+
+/// Bytes of a merged row on average: its texts and a string header for each.
+fn average_result_bytes(rows: &[RowResult]) -> u64 {
+    let text = |t: Option<&str>| 16 + t.map_or(0, str::len) as u64;
+    let total: u64 = rows
+        .iter()
+        .map(|row| {
+            let failure = row
+                .failure
+                .as_ref()
+                .map_or(32, |f| text(Some(&f.reason)) + text(Some(&f.message)));
+            24 + failure + row.values.iter().map(|v| text(v.as_deref())).sum::<u64>()
+        })
+        .sum();
+    total / rows.len().max(1) as u64
+}
+
+/// Bytes of a row of `table` on average, counting the text of `fields` (the rest of a rows
+/// table is a few fixed-size columns).
+fn average_row_bytes(
+    connection: &Connection,
+    table: &str,
+    fields: &[FieldSpec],
+) -> Result<u64, TableError> {
+    let mut text = vec!["64".to_owned()];
+    for field in fields {
+        text.push(format!("16 + coalesce(strlen({}), 0)", ident(&field.name)));
+    }
+    let bytes: Option<f64> = connection
+        .query_row(
+            &format!("SELECT avg({}) FROM {table}", text.join(" + ")),
+            [],
+            |r| r.get(0),
+        )
+        .map_err(duck("measure rows"))?;
+    Ok(bytes.unwrap_or(0.0) as u64)
 }
 
 fn text_value(text: Option<&str>) -> duckdb::types::Value {
@@ -984,6 +1189,11 @@ pub struct FinalCounts {
 /// Joins the merged rows onto the indexed table: `enriched` holds every row that did not
 /// fail (skipped rows with empty new columns), in input order; `failures` the failed rows
 /// with their reason and original cells.
+///
+/// The input's rows are never sorted or joined: only their results are (one narrow row per
+/// input row, in input order), and the outputs read both side by side (`POSITIONAL JOIN`),
+/// streaming, so memory follows the widest row group, not the table.
+#[allow(clippy::too_many_arguments)]
 pub fn finalize(
     indexed: &Path,
     rows_files: &[PathBuf],
@@ -992,8 +1202,9 @@ pub fn finalize(
     hashes: Option<&Path>,
     fields: &[FieldSpec],
     outputs: &FinalOutputs,
+    duckdb: &DuckdbLimits,
 ) -> Result<FinalCounts, TableError> {
-    let connection = connect()?;
+    let connection = connect(duckdb)?;
     connection
         .execute_batch(&rows_table_sql("attempts", fields))
         .map_err(duck("results table"))?;
@@ -1025,20 +1236,36 @@ pub fn finalize(
             ))
             .map_err(duck("read duplicates"))?;
     }
-    // A row's result is its latest attempt's; `_attempts` counts how often it was sent.
-    connection
-        .execute_batch(&format!(
-            "CREATE TABLE results AS SELECT *, count(*) OVER (PARTITION BY {ROW_INDEX}) AS _attempts \
-             FROM attempts \
-             QUALIFY row_number() OVER (PARTITION BY {ROW_INDEX} ORDER BY _attempt DESC) = 1"
-        ))
-        .map_err(duck("latest results"))?;
     connection
         .execute_batch(&format!(
             "CREATE VIEW input AS SELECT * FROM {}",
             indexed_relation(indexed)
         ))
         .map_err(duck("read input"))?;
+    // A row's result is its latest attempt's; `_attempts` counts how often it was sent.
+    connection
+        .execute_batch(&format!(
+            "CREATE TABLE results AS SELECT *, count(*) OVER (PARTITION BY {ROW_INDEX}) AS _attempts \
+             FROM attempts \
+             QUALIFY row_number() OVER (PARTITION BY {ROW_INDEX} ORDER BY _attempt DESC) = 1; \
+             DROP TABLE attempts;"
+        ))
+        .map_err(duck("latest results"))?;
+    // One row per input row, in input order (none for a skipped row). Separate statements:
+    // the window and this sort together do not fit where each alone spills.
+    connection
+        .execute_batch(&format!(
+            "CREATE TABLE outcome AS SELECT i.{ROW_INDEX} AS _outcome_row, r.* EXCLUDE ({ROW_INDEX}) \
+             FROM (SELECT {ROW_INDEX} FROM input) i LEFT JOIN results r USING ({ROW_INDEX}) \
+             ORDER BY i.{ROW_INDEX}; \
+             DROP TABLE results;"
+        ))
+        .map_err(duck("results in input order"))?;
+    // The two sides are read by position; a row out of place stops the write.
+    let side_by_side = format!(
+        "FROM input i POSITIONAL JOIN outcome r WHERE (i.{ROW_INDEX} = r._outcome_row \
+         OR error('finalize: results out of step with the input rows'))"
+    );
     // Generated text is untrusted (a row can steer the model): in CSV, a cell a spreadsheet
     // would run as a formula is prefixed with `'`. Numbers (`-3`) are left alone.
     let text_fields: Vec<String> = fields
@@ -1079,11 +1306,17 @@ pub fn finalize(
         .collect();
     let enriched = |select_fields: &[String]| {
         format!(
-            "SELECT i.* EXCLUDE ({ROW_INDEX}), {} FROM input i LEFT JOIN results r USING ({ROW_INDEX}) \
-             WHERE r._ok IS NULL OR r._ok ORDER BY i.{ROW_INDEX}",
+            "SELECT i.* EXCLUDE ({ROW_INDEX}), {} {side_by_side} AND (r._ok IS NULL OR r._ok)",
             select_fields.join(", ")
         )
     };
+    let row_bytes = parquet_row_bytes(&connection, &path_literal(indexed))
+        .map_err(duck("measure the input"))?
+        + average_row_bytes(&connection, "outcome", fields)?;
+    let parquet = format!(
+        "FORMAT parquet, COMPRESSION zstd, {}",
+        row_groups(duckdb, row_bytes)
+    );
     // CSV keeps every value as text; Parquet and JSON lines type the new columns.
     let formats = [
         (
@@ -1091,11 +1324,7 @@ pub fn finalize(
             "FORMAT csv, HEADER true",
             &text_fields,
         ),
-        (
-            &outputs.enriched_parquet,
-            "FORMAT parquet, COMPRESSION zstd",
-            &typed_fields,
-        ),
+        (&outputs.enriched_parquet, parquet.as_str(), &typed_fields),
         (&outputs.enriched_jsonl, "FORMAT json", &typed_fields),
     ];
     for (target, options, select_fields) in formats {
@@ -1110,8 +1339,8 @@ pub fn finalize(
     }
     connection
         .execute_batch(&format!(
-            "COPY (SELECT r.{ROW_INDEX}, r._reason, r._message, r._attempts, i.* EXCLUDE ({ROW_INDEX}) \
-             FROM results r JOIN input i USING ({ROW_INDEX}) WHERE NOT r._ok ORDER BY r.{ROW_INDEX}) \
+            "COPY (SELECT r._outcome_row AS {ROW_INDEX}, r._reason, r._message, r._attempts, \
+             i.* EXCLUDE ({ROW_INDEX}) {side_by_side} AND NOT r._ok) \
              TO {} (FORMAT csv, HEADER true)",
             path_literal(&outputs.failures_csv)
         ))
@@ -1124,14 +1353,15 @@ pub fn finalize(
             .collect();
         connection
             .execute_batch(&format!(
-                "COPY (SELECT h.h_hi, h.h_lo, {} FROM results r \
-                 JOIN read_parquet({}) h USING ({ROW_INDEX}) \
+                "COPY (SELECT h.h_hi, h.h_lo, {} FROM outcome r \
+                 JOIN read_parquet({}) h ON h.{ROW_INDEX} = r._outcome_row \
                  WHERE r._ok AND r._attempt > 0 AND r._attempt <= {}) \
-                 TO {} (FORMAT parquet, COMPRESSION zstd)",
+                 TO {} (FORMAT parquet, COMPRESSION zstd, {})",
                 columns.join(", "),
                 path_literal(hashes),
                 outputs.cache_last_attempt,
-                path_literal(segment)
+                path_literal(segment),
+                row_groups(duckdb, average_row_bytes(&connection, "outcome", fields)?)
             ))
             .map_err(duck("write cache segment"))?;
     }
@@ -1142,11 +1372,25 @@ pub fn finalize(
         Ok(u64::try_from(n).unwrap_or(0))
     };
     Ok(FinalCounts {
-        enriched_rows: count(&format!(
-            "SELECT count(*) FROM input i LEFT JOIN results r USING ({ROW_INDEX}) WHERE r._ok IS NULL OR r._ok"
-        ))?,
-        failed_rows: count("SELECT count(*) FROM results WHERE NOT _ok")?,
+        enriched_rows: count("SELECT count(*) FROM outcome WHERE _ok IS NULL OR _ok")?,
+        failed_rows: count("SELECT count(*) FROM outcome WHERE NOT _ok")?,
     })
+}
+
+/// Bytes of a row of a Parquet file (`path`, a SQL literal) on average, uncompressed and
+/// with a string header per column (from its metadata).
+fn parquet_row_bytes(connection: &Connection, path: &str) -> Result<u64, duckdb::Error> {
+    let (bytes, columns, rows): (i64, i64, i64) = connection.query_row(
+        &format!(
+            "SELECT coalesce(sum(total_uncompressed_size), 0)::BIGINT, \
+             count(DISTINCT column_id)::BIGINT, \
+             (SELECT coalesce(sum(num_rows), 0)::BIGINT FROM parquet_file_metadata({path})) \
+             FROM parquet_metadata({path})"
+        ),
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(u64::try_from(bytes / rows.max(1) + 16 * columns).unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -1172,10 +1416,11 @@ mod tests {
         }
         drop(file);
         let indexed = dir.path().join("indexed.parquet");
-        let info = index_input(&input, &indexed, &Default::default()).expect("index");
+        let info =
+            index_input(&input, &indexed, &Default::default(), &Default::default()).expect("index");
         assert_eq!(info.rows, rows);
         assert_eq!(info.columns, ["id", "zip", "price", "description"]);
-        let connection = connect().expect("connect");
+        let connection = connect(&Default::default()).expect("connect");
         let mismatches: i64 = connection
             .query_row(
                 &format!(
@@ -1190,19 +1435,264 @@ mod tests {
         assert_eq!(mismatches, 0);
     }
 
+    /// A CSV of `rows` news-like rows whose `body` is 5 to 20 KB of text (with commas, quotes
+    /// and line breaks); returns its path and the byte length of each body.
+    fn long_cell_table(dir: &Path, rows: usize) -> (PathBuf, Vec<usize>) {
+        let path = dir.join("articles.csv");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+        writeln!(file, "id,headline,body").expect("write");
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut lengths = Vec::with_capacity(rows);
+        for row in 0..rows {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let target = 5_000 + (seed % 15_000) as usize;
+            let mut body = format!("Article {row}. ");
+            let words = [
+                "markets",
+                "said",
+                "\"quoted\"",
+                "council,",
+                "report",
+                "\n",
+                "années",
+            ];
+            let mut word = row;
+            while body.len() < target {
+                body.push_str(words[word % words.len()]);
+                body.push(' ');
+                word += 3;
+            }
+            lengths.push(body.len());
+            writeln!(
+                file,
+                "{row},Headline {row},\"{}\"",
+                body.replace('"', "\"\"")
+            )
+            .expect("write");
+        }
+        file.flush().expect("flush");
+        (path, lengths)
+    }
+
+    /// 128 MiB and 2 threads: below what a default-sized Parquet row group of 5-20 KB cells
+    /// takes (122,880 rows, here the whole table of ~50 MB, held per thread).
+    const SMALL: DuckdbLimits = DuckdbLimits {
+        memory_limit_bytes: 128 * 1024 * 1024,
+        threads: 2,
+    };
+
+    #[test]
+    fn long_cells_are_indexed_and_finalized_within_a_small_memory_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rows = 4_000;
+        let (input, lengths) = long_cell_table(dir.path(), rows);
+        let indexed = dir.path().join("indexed.parquet");
+        let info = index_input(&input, &indexed, &Default::default(), &SMALL).expect("index");
+        assert_eq!(info.rows, rows as u64);
+        assert_eq!(info.columns, ["id", "headline", "body"]);
+        // Every tenth row failed, the others have an answer.
+        let fields = vec![
+            crate::spec::parse_field("summary:string").expect("field"),
+            crate::spec::parse_field("words:number").expect("field"),
+        ];
+        let results: Vec<RowResult> = (0..rows as i64)
+            .map(|row_index| match row_index % 10 {
+                0 => RowResult {
+                    row_index,
+                    failure: Some(RowFailure {
+                        reason: "refusal".into(),
+                        message: format!("refused row {row_index}"),
+                        retryable: false,
+                    }),
+                    values: vec![None, None],
+                },
+                _ => RowResult {
+                    row_index,
+                    failure: None,
+                    values: vec![
+                        Some(format!("summary of article {row_index}")),
+                        Some(lengths[row_index as usize].to_string()),
+                    ],
+                },
+            })
+            .collect();
+        let rows_file = dir.path().join("rows.parquet");
+        write_rows(&rows_file, &fields, 1, &results, &SMALL).expect("rows");
+        let outputs = FinalOutputs {
+            enriched_csv: Some(dir.path().join("enriched.csv")),
+            enriched_parquet: Some(dir.path().join("enriched.parquet")),
+            enriched_jsonl: None,
+            failures_csv: dir.path().join("failures.csv"),
+            csv_formula_escape: true,
+            cache_segment: None,
+            cache_last_attempt: u32::MAX,
+        };
+        let counts = finalize(
+            &indexed,
+            &[rows_file],
+            None,
+            None,
+            None,
+            &fields,
+            &outputs,
+            &SMALL,
+        )
+        .expect("finalize");
+        let failed = rows as u64 / 10;
+        assert_eq!(
+            counts,
+            FinalCounts {
+                enriched_rows: rows as u64 - failed,
+                failed_rows: failed
+            }
+        );
+        // Read back the way a user would: every answered row in input order, its body intact.
+        let mut reader = csv::Reader::from_path(outputs.enriched_csv.as_ref().expect("csv"))
+            .expect("enriched.csv");
+        assert_eq!(
+            reader.headers().expect("header"),
+            vec!["id", "headline", "body", "summary", "words"]
+        );
+        let expected: Vec<usize> = (0..rows).filter(|row| row % 10 != 0).collect();
+        let mut seen = 0;
+        for (record, row) in reader.records().zip(&expected) {
+            let record = record.expect("record");
+            assert_eq!(&record[0], row.to_string());
+            assert_eq!(record[2].len(), lengths[*row], "body of row {row}");
+            assert!(record[2].starts_with(&format!("Article {row}. ")));
+            assert_eq!(&record[3], format!("summary of article {row}"));
+            seen += 1;
+        }
+        assert_eq!(seen, expected.len());
+        let connection = connect(&SMALL).expect("connect");
+        let (parquet_rows, misplaced, words): (i64, i64, f64) = connection
+            .query_row(
+                &format!(
+                    "SELECT count(*), count(*) FILTER (WHERE summary <> 'summary of article ' || id), \
+                     sum(words) FROM read_parquet({})",
+                    path_literal(outputs.enriched_parquet.as_ref().expect("parquet"))
+                ),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("parquet");
+        assert_eq!((parquet_rows, misplaced), (expected.len() as i64, 0));
+        let expected_words: usize = expected.iter().map(|row| lengths[*row]).sum();
+        assert_eq!(words as usize, expected_words);
+        let failures: Vec<(String, String)> = csv::Reader::from_path(&outputs.failures_csv)
+            .expect("failures.csv")
+            .records()
+            .map(|r| {
+                let r = r.expect("record");
+                (r[0].to_owned(), r[1].to_owned())
+            })
+            .collect();
+        let expected_failures: Vec<(String, String)> = (0..rows)
+            .step_by(10)
+            .map(|row| (row.to_string(), "refusal".to_owned()))
+            .collect();
+        assert_eq!(failures, expected_failures);
+    }
+
+    #[test]
+    fn running_out_of_memory_names_the_setting_to_raise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (input, _) = long_cell_table(dir.path(), 50);
+        // Less than one CSV read buffer.
+        let tiny = DuckdbLimits {
+            memory_limit_bytes: 4 * 1024 * 1024,
+            threads: 1,
+        };
+        let error = index_input(
+            &input,
+            &dir.path().join("indexed.parquet"),
+            &Default::default(),
+            &tiny,
+        )
+        .unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, TableError::OutOfMemory { .. }), "{message}");
+        assert!(
+            message.contains("raise duckdb.memory_limit (ROWSMITH_DUCKDB__MEMORY_LIMIT"),
+            "{message}"
+        );
+        assert!(!message.contains("keep only the columns"), "{message}");
+    }
+
+    #[test]
+    fn row_groups_are_bounded_in_bytes_whatever_the_row_width() {
+        for limits in [
+            SMALL,
+            DuckdbLimits {
+                memory_limit_bytes: 512 << 20,
+                threads: 8,
+            },
+        ] {
+            let per_thread = limits.memory_limit_bytes / limits.threads as u64;
+            for row_bytes in [40, 300, 6_500, 20_000, 1 << 20] {
+                let rows = row_group_rows(&limits, row_bytes);
+                assert!(
+                    rows * row_bytes <= per_thread / 8 || rows == 64,
+                    "{rows} rows of {row_bytes} bytes under {limits:?}"
+                );
+                assert!((64..=122_880).contains(&rows));
+            }
+        }
+        // Narrow rows keep DuckDB's default.
+        assert_eq!(row_group_rows(&SMALL, 40), 122_880);
+    }
+
+    #[test]
+    fn a_csv_head_gives_the_average_width_of_its_rows() {
+        let head = b"id,body\n1,\"ab\ncd\"\n2,efgh\n3,ij";
+        // Rows of 10, 7 and 4 bytes; when the head is cut, the last one does not count.
+        assert_eq!(head_row_bytes(head, b',', true), 8);
+        assert_eq!(head_row_bytes(head, b',', false), 7);
+    }
+
+    #[test]
+    fn each_connection_spills_to_its_own_directory() {
+        let first = connect(&SMALL).expect("connect");
+        let second = connect(&SMALL).expect("connect");
+        let directory = |db: &Db| -> String {
+            db.query_row("SELECT current_setting('temp_directory')", [], |r| r.get(0))
+                .expect("setting")
+        };
+        let (first_dir, second_dir) = (directory(&first), directory(&second));
+        assert_ne!(first_dir, second_dir);
+        assert!(Path::new(&first_dir).is_dir());
+        let memory: String = first
+            .query_row("SELECT current_setting('memory_limit')", [], |r| r.get(0))
+            .expect("setting");
+        assert_eq!(memory, "128.0 MiB");
+        drop(first);
+        assert!(
+            !Path::new(&first_dir).exists(),
+            "removed with its connection"
+        );
+        assert!(Path::new(&second_dir).is_dir());
+    }
+
     #[test]
     fn gzipped_csv_and_jsonl_inputs_are_read() {
         let dir = tempfile::tempdir().expect("tempdir");
         let gz = dir.path().join("in.csv.gz");
-        let connection = connect().expect("connect");
+        let connection = connect(&Default::default()).expect("connect");
         connection
             .execute_batch(&format!(
                 "COPY (SELECT '00' || i AS zip, 'text ' || i AS description FROM range(5) t(i)) TO {} (FORMAT csv, HEADER true, COMPRESSION gzip)",
                 path_literal(&gz)
             ))
             .expect("write gz");
-        let info =
-            index_input(&gz, &dir.path().join("a.parquet"), &Default::default()).expect("index gz");
+        let info = index_input(
+            &gz,
+            &dir.path().join("a.parquet"),
+            &Default::default(),
+            &Default::default(),
+        )
+        .expect("index gz");
         assert_eq!(
             (info.rows, info.columns.clone()),
             (5, vec!["zip".to_owned(), "description".to_owned()])
@@ -1210,8 +1700,13 @@ mod tests {
         let jsonl = dir.path().join("in.jsonl");
         std::fs::write(&jsonl, "{\"sku\":\"00501\",\"description\":\"a ball\"}\n{\"sku\":\"00502\",\"description\":null}\n")
             .expect("write jsonl");
-        let info = index_input(&jsonl, &dir.path().join("b.parquet"), &Default::default())
-            .expect("index jsonl");
+        let info = index_input(
+            &jsonl,
+            &dir.path().join("b.parquet"),
+            &Default::default(),
+            &Default::default(),
+        )
+        .expect("index jsonl");
         assert_eq!(
             (info.rows, info.columns),
             (2, vec!["sku".to_owned(), "description".to_owned()])
@@ -1235,6 +1730,7 @@ mod tests {
             Path::new("/x/table.xlsx"),
             Path::new("/x/o.parquet"),
             &Default::default(),
+            &Default::default(),
         )
         .unwrap_err();
         assert!(error.to_string().contains(".csv"), "{error}");
@@ -1250,7 +1746,13 @@ mod tests {
         let jsonl = dir.path().join("big.jsonl");
         let line = "{\"sku\": \"00501\", \"description\": \"a sturdy thing\"}\n";
         std::fs::write(&jsonl, line.repeat(10)).expect("write");
-        let error = index_input(&jsonl, &dir.path().join("o.parquet"), &limits).unwrap_err();
+        let error = index_input(
+            &jsonl,
+            &dir.path().join("o.parquet"),
+            &limits,
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(
             error
                 .to_string()
@@ -1259,7 +1761,13 @@ mod tests {
         );
         let csv = dir.path().join("big.csv");
         std::fs::write(&csv, format!("sku,description\n{}", "1,abc\n".repeat(50))).expect("write");
-        let error = index_input(&csv, &dir.path().join("p.parquet"), &limits).unwrap_err();
+        let error = index_input(
+            &csv,
+            &dir.path().join("p.parquet"),
+            &limits,
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(
             error.to_string().contains("limits.max_input_bytes"),
             "{error}"

@@ -69,9 +69,9 @@ pub async fn render_offline(
     let indexed = scratch.path().join("input.indexed.parquet");
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
     let started = std::time::Instant::now();
-    let input_limits = settings.limits.clone();
+    let (input_limits, duckdb) = (settings.limits.clone(), settings.duckdb.limits());
     let info = tokio::task::spawn_blocking(move || {
-        table::index_input(&input_for_task, &indexed_for_task, &input_limits)
+        table::index_input(&input_for_task, &indexed_for_task, &input_limits, &duckdb)
     })
     .await??;
     let indexed_seconds = started.elapsed().as_secs_f64();
@@ -85,7 +85,7 @@ pub async fn render_offline(
     let cache = match cache {
         Some(cache_store) => {
             let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
-            load_cache(cache_store, &fingerprint, scratch.path())
+            load_cache(cache_store, &fingerprint, scratch.path(), duckdb)
                 .await?
                 .map(|(keys, _)| CacheUse {
                     keys,
@@ -105,6 +105,7 @@ pub async fn render_offline(
         None,
         cache,
         |key| format!("{}.jsonl", key.file_stem()),
+        duckdb,
     )
     .await?;
     Ok((prepared, indexed_seconds))

@@ -1,7 +1,9 @@
 //! Handling one JobSpec.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings, Price, find_price};
+use rowsmith_shared::config::{
+    CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings, Price, find_price,
+};
 use rowsmith_shared::estimate::{Estimate, dollars};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{StepError, finalize_job, local_input, require_job, settle};
@@ -29,6 +31,8 @@ pub struct Ingest {
     pub output: OutputSettings,
     pub prices: std::collections::BTreeMap<String, Price>,
     pub cache: CacheSettings,
+    /// `duckdb.*`: the memory and threads of each table operation.
+    pub duckdb: DuckdbLimits,
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -73,6 +77,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
                 &ingest.store,
                 &ingest.output,
                 &ingest.cache,
+                &ingest.duckdb,
                 &job_id,
                 delivery.stream_sequence,
             )
@@ -258,9 +263,9 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
     let indexed_key = layout::indexed(job_id);
     let indexed = ingest.store.local_target(&indexed_key, scratch.path())?;
     let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
-    let limits = ingest.limits.clone();
+    let (limits, duckdb) = (ingest.limits.clone(), ingest.duckdb);
     let info: TableInfo = tokio::task::spawn_blocking(move || {
-        table::index_input(&input_for_task, &indexed_for_task, &limits)
+        table::index_input(&input_for_task, &indexed_for_task, &limits, &duckdb)
     })
     .await??;
     let indexed = ingest.store.commit_local(&indexed_key, &indexed).await?;
@@ -271,7 +276,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
     let limits = shard_limits(spec, provider.limits(), &ingest.limits);
     let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
     let cache = match ingest.cache.enabled {
-        true => load_cache(&ingest.store, &fingerprint, scratch.path()).await?,
+        true => load_cache(&ingest.store, &fingerprint, scratch.path(), ingest.duckdb).await?,
         false => None,
     };
     let hits = scratch.path().join("cache-hits.csv");
@@ -288,18 +293,26 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
             hits: hits.clone(),
         }),
         layout::requests,
+        ingest.duckdb,
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
     if ingest.cache.enabled {
-        store_hashes(&ingest.store, job_id, prepared.first_with_body).await?;
+        store_hashes(
+            &ingest.store,
+            job_id,
+            prepared.first_with_body,
+            ingest.duckdb,
+        )
+        .await?;
     }
     if let Some((_, segments)) = cache.filter(|_| stats.cached > 0) {
         let key = layout::cached_rows(job_id);
         let target = ingest.store.local_target(&key, scratch.path())?;
-        let (target_for_task, fields) = (target.clone(), spec.fields.clone());
+        let (target_for_task, fields, duckdb) =
+            (target.clone(), spec.fields.clone(), ingest.duckdb);
         tokio::task::spawn_blocking(move || {
-            table::write_cached_rows(&hits, &segments, &fields, &target_for_task)
+            table::write_cached_rows(&hits, &segments, &fields, &target_for_task, &duckdb)
         })
         .await??;
         ingest.store.commit_local(&key, &target).await?;
@@ -332,7 +345,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
         }
     }
     if !prepared.duplicates.is_empty() {
-        store_duplicates(&ingest.store, job_id, prepared.duplicates).await?;
+        store_duplicates(&ingest.store, job_id, prepared.duplicates, ingest.duckdb).await?;
     }
     create_shard_records(&ingest.bus, spec, 1, &sizes).await?;
     let counts = Counts {
@@ -392,6 +405,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
             &ingest.store,
             &ingest.output,
             &ingest.cache,
+            &ingest.duckdb,
             job_id,
             sequence,
         )

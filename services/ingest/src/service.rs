@@ -39,6 +39,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         output: settings.output.clone(),
         prices: settings.prices.clone(),
         cache: settings.cache.clone(),
+        duckdb: settings.duckdb.limits(),
     });
     let spec = consumer_spec(&settings);
     let consumer = bus.work_consumer(&spec).await?;

@@ -4,6 +4,7 @@
 //!   merge_bench merge DIR               validate every result line into rows files and join
 //!                                       them onto the table: enriched.csv, enriched.parquet,
 //!                                       failures.csv (timed; run alone so its peak RSS is its own)
+//! DuckDB runs with the `duckdb.*` settings of the environment (`ROWSMITH_DUCKDB__MEMORY_LIMIT`).
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rowsmith_merger::merge::merge_lines;
+use rowsmith_shared::config::{DuckdbLimits, Settings};
 use rowsmith_shared::messages::{BatchEnded, ShardKey};
 use rowsmith_shared::shards::prepare_shards;
 use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
@@ -77,10 +79,10 @@ fn answer_line(request: &str, out: &mut impl Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
+async fn prepare(input: &Path, dir: &Path, duckdb: DuckdbLimits) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("requests"))?;
     let indexed = dir.join("indexed.parquet");
-    let info = table::index_input(input, &indexed, &Default::default())?;
+    let info = table::index_input(input, &indexed, &Default::default(), &duckdb)?;
     let store = Store::from_url(&dir.join("requests").to_string_lossy())?;
     let limits = ShardLimits {
         max_requests: 50_000,
@@ -97,6 +99,7 @@ async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
         None,
         None,
         |key| format!("{}.jsonl", key.file_stem()),
+        duckdb,
     )
     .await?;
     for requests in shard_files(&dir.join("requests"), ".jsonl")? {
@@ -115,7 +118,7 @@ async fn prepare(input: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn merge(dir: &Path) -> anyhow::Result<()> {
+fn merge(dir: &Path, duckdb: &DuckdbLimits) -> anyhow::Result<()> {
     let started = Instant::now();
     let spec = spec();
     let rows_dir = dir.join("rows");
@@ -145,7 +148,7 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
             std::sync::atomic::Ordering::Relaxed,
         );
         let rows_file = rows_dir.join(format!("a1-s{shard}.parquet"));
-        table::write_rows(&rows_file, &spec.fields, 1, &shard_rows.rows)?;
+        table::write_rows(&rows_file, &spec.fields, 1, &shard_rows.rows, duckdb)?;
         Ok(rows_file)
     };
     let mut rows_files: Vec<PathBuf> = std::thread::scope(|scope| {
@@ -189,6 +192,7 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
         None,
         &spec.fields,
         &outputs,
+        duckdb,
     )?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
@@ -203,11 +207,12 @@ fn merge(dir: &Path) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    let duckdb = Settings::from_env()?.duckdb.limits();
     match args.get(1).map(String::as_str) {
         Some("prepare") if args.len() == 4 => {
-            prepare(Path::new(&args[2]), Path::new(&args[3])).await
+            prepare(Path::new(&args[2]), Path::new(&args[3]), duckdb).await
         }
-        Some("merge") if args.len() == 3 => merge(Path::new(&args[2])),
+        Some("merge") if args.len() == 3 => merge(Path::new(&args[2]), &duckdb),
         _ => anyhow::bail!("usage: merge_bench prepare INPUT.csv DIR | merge_bench merge DIR"),
     }
 }

@@ -2,7 +2,7 @@
 //! was the last shard. Re-running it over the same files gives the same rows.
 
 use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{CacheSettings, LimitsSettings, OutputSettings};
+use rowsmith_shared::config::{CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{
     StepError, fetch_rows_files, finalize_job, require_job, settle, write_partial_outputs,
@@ -29,6 +29,8 @@ pub struct Merger {
     pub limits: LimitsSettings,
     pub output: OutputSettings,
     pub cache: CacheSettings,
+    /// `duckdb.*`: the memory and threads of each table operation.
+    pub duckdb: DuckdbLimits,
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
@@ -165,7 +167,15 @@ pub(crate) async fn run_next(
     match next {
         Next::Wait => Ok(()),
         Next::Partial => {
-            write_partial_outputs(bus, &merger.store, &merger.output, &merger.cache, job_id).await
+            write_partial_outputs(
+                bus,
+                &merger.store,
+                &merger.output,
+                &merger.cache,
+                &merger.duckdb,
+                job_id,
+            )
+            .await
         }
         Next::Finalize => {
             finalize_job(
@@ -173,6 +183,7 @@ pub(crate) async fn run_next(
                 &merger.store,
                 &merger.output,
                 &merger.cache,
+                &merger.duckdb,
                 job_id,
                 sequence,
             )
@@ -202,9 +213,10 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         .fetch_local(&job.indexed_key(), scratch.path())
         .await?;
     let rows_files = fetch_rows_files(store, &job, attempt..=attempt, scratch.path()).await?;
-    let indexed_for_task = indexed.clone();
+    let (indexed_for_task, duckdb) = (indexed.clone(), merger.duckdb);
     let columns =
-        tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task)).await??;
+        tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task, &duckdb))
+            .await??;
     let next_attempt = attempt + 1;
     // The last attempt may go to the fallback provider and model.
     let mut attempt_spec = spec.for_attempt(next_attempt);
@@ -227,6 +239,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
         Some(rows_files),
         None,
         layout::requests,
+        merger.duckdb,
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
@@ -322,9 +335,10 @@ async fn merge_shard(
     let attempt = key.attempt;
     let scratch = tempfile::tempdir()?;
     let target = store.local_target(&rows_key, scratch.path())?;
-    let (target_for_task, fields) = (target.clone(), job.spec.fields.clone());
+    let (target_for_task, fields, duckdb) =
+        (target.clone(), job.spec.fields.clone(), merger.duckdb);
     tokio::task::spawn_blocking(move || {
-        table::write_rows(&target_for_task, &fields, attempt, &rows)
+        table::write_rows(&target_for_task, &fields, attempt, &rows, &duckdb)
     })
     .await??;
     store.commit_local(&rows_key, &target).await?;

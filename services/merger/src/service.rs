@@ -54,6 +54,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         limits: settings.limits.clone(),
         output: settings.output.clone(),
         cache: settings.cache.clone(),
+        duckdb: settings.duckdb.limits(),
     });
     let [suspended_spec, resume_spec] = lifecycle_specs(&settings);
     let (suspended, resumes) = (

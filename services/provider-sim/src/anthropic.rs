@@ -143,7 +143,12 @@ pub async fn create(
         .requests
         .iter()
         .map(|request| {
-            let digest: [u8; 32] = Sha256::digest(request.to_string().as_bytes()).into();
+            // A retry may give the request more output tokens; it is the same request.
+            let mut same = request.clone();
+            if let Some(params) = same.get_mut("params").and_then(Value::as_object_mut) {
+                params.remove("max_tokens");
+            }
+            let digest: [u8; 32] = Sha256::digest(same.to_string().as_bytes()).into();
             let seen = state.anthropic.seen.entry(digest).or_default();
             *seen += 1;
             *seen

@@ -290,7 +290,13 @@ async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery
         .store
         .local_target(&indexed_key, scratch.path())
         .expect("target");
-    rowsmith_shared::table::index_input(&csv, &indexed, &stack.settings.limits).expect("index");
+    rowsmith_shared::table::index_input(
+        &csv,
+        &indexed,
+        &stack.settings.limits,
+        &stack.settings.duckdb.limits(),
+    )
+    .expect("index");
     stack
         .store
         .commit_local(&indexed_key, &indexed)
@@ -308,12 +314,14 @@ async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery
         .create(&job_key(job_id), &record)
         .await
         .expect("job");
+    let duckdb = stack.settings.duckdb.limits();
     let finalize = |by: u64| {
         rowsmith_shared::jobs::finalize_job(
             &stack.bus,
             &stack.store,
             &stack.settings.output,
             &stack.settings.cache,
+            &duckdb,
             job_id,
             by,
         )
@@ -432,6 +440,7 @@ async fn a_jobspec_without_an_id_delivered_twice_is_one_job() {
         output: stack.settings.output.clone(),
         prices: stack.settings.prices.clone(),
         cache: stack.settings.cache.clone(),
+        duckdb: stack.settings.duckdb.limits(),
     };
     // The same message (stream sequence 42) delivered again after its first handler died.
     let mut message = delivery(subjects::JOBS_SUBMIT, &job);

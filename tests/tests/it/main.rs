@@ -8,6 +8,7 @@ mod exactly_once;
 mod http_faults;
 mod inputs;
 mod lifecycle;
+mod memory;
 mod nats_auth;
 mod ops;
 mod pipeline;

@@ -434,7 +434,7 @@ async fn jsonl_and_parquet_outputs_carry_typed_new_columns() {
         .store
         .local_path(job.outputs.enriched_parquet.as_deref().expect("parquet"))
         .expect("local");
-    let connection = rowsmith_shared::table::connect().expect("duckdb");
+    let connection = rowsmith_shared::table::connect(&Default::default()).expect("duckdb");
     let types: String = connection
         .query_row(
             &format!(

@@ -192,7 +192,8 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
     let segments = stack.store.list("cache/").await.expect("list");
     assert_eq!(segments.len(), 1, "{segments:?}");
     let path = stack.store.local_path(&segments[0]).expect("a file store");
-    let keys = rowsmith_shared::table::read_cache_keys(&[path]).expect("segment");
+    let keys =
+        rowsmith_shared::table::read_cache_keys(&[path], &Default::default()).expect("segment");
     // Every row answered in attempt 1 (those not retried); none of the fallback's answers.
     assert_eq!(keys.len() as u64, 900 - retried as u64);
     assert!((keys.len() as u64) < job.counts.succeeded);

@@ -1,0 +1,128 @@
+//! DuckDB's memory: long cells go through ingest, render, merge and finalize under a small
+//! `duckdb.memory_limit`, and a table that cannot fit says which setting to raise.
+
+use std::time::Duration;
+
+use rowsmith_shared::records::JobState;
+use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_tests::Stack;
+
+/// `rows` articles whose `body` is 5 to 20 KB of text with commas, quotes and line breaks.
+fn articles(rows: usize) -> Vec<[String; 3]> {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..rows)
+        .map(|row| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let length = 5_000 + (seed % 15_000) as usize;
+            let words = [
+                "council",
+                "said,",
+                "\"record\"",
+                "growth",
+                "\n",
+                "über",
+                "rates",
+            ];
+            let mut body = format!("Story {row}: ");
+            let mut word = row;
+            while body.len() < length {
+                body.push_str(words[word % words.len()]);
+                body.push(' ');
+                word += 5;
+            }
+            [format!("a{row:05}"), format!("Headline {row}"), body]
+        })
+        .collect()
+}
+
+fn to_csv(rows: &[[String; 3]]) -> Vec<u8> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer
+        .write_record(["id", "headline", "body"])
+        .expect("header");
+    for row in rows {
+        writer.write_record(row).expect("row");
+    }
+    writer.into_inner().expect("csv bytes")
+}
+
+fn summarize(job_id: &str, input: &str) -> JobSpec {
+    JobSpec {
+        job_id: Some(job_id.into()),
+        input: input.into(),
+        instructions: "Summarize the article in one sentence.".into(),
+        target_columns: vec!["body".into()],
+        context_columns: Some(vec!["headline".into()]),
+        fields: vec![parse_field("summary:string:one sentence").expect("field")],
+        provider: "sim".into(),
+        model: "gpt-4o-mini".into(),
+        options: JobOptions {
+            output_formats: vec!["csv".into(), "parquet".into()],
+            ..JobOptions::default()
+        },
+        fallback: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_articles_complete_under_a_128_mib_duckdb_limit() {
+    // A default Parquet row group (122,880 rows) would hold this whole ~50 MB table, per
+    // thread, in memory it cannot spill.
+    let stack = Stack::start_with(|settings| {
+        settings.duckdb.memory_limit = Some("128MiB".into());
+        settings.duckdb.threads = Some(2);
+    })
+    .await;
+    let rows = articles(4_000);
+    let input = stack.upload_input("articles.csv", to_csv(&rows)).await;
+    stack.submit(&summarize("articles", &input)).await;
+    let job = stack
+        .wait_for_end("articles", Duration::from_secs(240))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let ((header, enriched), (_, failures)) = stack.output_tables(&job).await;
+    assert_eq!(header, ["id", "headline", "body", "summary"]);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert_eq!(enriched.len(), rows.len());
+    for (out, row) in enriched.iter().zip(&rows) {
+        assert_eq!(
+            out[..3],
+            row[..],
+            "row {} comes back whole, in order",
+            row[0]
+        );
+        assert!(!out[3].is_empty(), "row {} has its summary", row[0]);
+    }
+    assert!(job.outputs.enriched_parquet.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_too_large_for_the_memory_limit_fails_naming_the_setting_to_raise() {
+    let stack = Stack::start_with(|settings| {
+        settings.duckdb.memory_limit = Some("64MiB".into());
+        settings.duckdb.threads = Some(1);
+    })
+    .await;
+    // 3 MB cells: one chunk of DuckDB's rows is already more than 64 MiB.
+    let rows: Vec<[String; 3]> = (0..48)
+        .map(|row| {
+            [
+                format!("a{row}"),
+                format!("Headline {row}"),
+                "word ".repeat(600_000),
+            ]
+        })
+        .collect();
+    let input = stack.upload_input("huge.csv", to_csv(&rows)).await;
+    stack.submit(&summarize("huge", &input)).await;
+    let job = stack.wait_for_end("huge", Duration::from_secs(120)).await;
+    assert_eq!(job.state, JobState::Failed);
+    let error = job.error.unwrap_or_default();
+    assert!(
+        error.contains("raise duckdb.memory_limit (ROWSMITH_DUCKDB__MEMORY_LIMIT"),
+        "{error}"
+    );
+    assert!(!error.contains("keep only the columns"), "{error}");
+}
