@@ -118,6 +118,10 @@ def main():
         wait_port(nats_port)
         sim.start()
         wait_port(sim_port)
+        setup = subprocess.run([os.path.join(bin_dir, "rowsmith"), "setup"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        if setup.returncode != 0:
+            raise SystemExit(f"chaos: rowsmith setup failed: {setup.stderr}")
         for service in services:
             service.start()
 
