@@ -126,3 +126,64 @@ async fn a_table_too_large_for_the_memory_limit_fails_naming_the_setting_to_rais
     );
     assert!(!error.contains("keep only the columns"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merger_out_of_memory_suspends_the_job_and_resume_with_more_completes_it_paying_once() {
+    // Ingest has room; the merger gets too little to write the outputs of 3 MB cells.
+    let stack = Stack::start_services(
+        |settings| {
+            settings.duckdb.memory_limit = Some("1GiB".into());
+            settings.limits.max_cell_bytes = 4 * 1024 * 1024;
+        },
+        &["ingest", "submitter", "poller"],
+    )
+    .await;
+    let rows: Vec<[String; 3]> = (0..48)
+        .map(|row| {
+            [
+                format!("a{row}"),
+                format!("Headline {row}"),
+                "word ".repeat(600_000),
+            ]
+        })
+        .collect();
+    let input = stack.upload_input("wide.csv", to_csv(&rows)).await;
+    let mut small = stack.settings.clone();
+    small.duckdb.memory_limit = Some("64MiB".into());
+    small.duckdb.threads = Some(1);
+    let first_merger = tokio_util::sync::CancellationToken::new();
+    let merger = tokio::spawn(rowsmith_merger::run(small, first_merger.clone()));
+    stack.submit(&summarize("wide", &input)).await;
+    let suspended = stack
+        .wait_for("wide", Duration::from_secs(120), |job| {
+            job.state == JobState::Suspended || job.state.is_terminal()
+        })
+        .await;
+    assert_eq!(
+        suspended.state,
+        JobState::Suspended,
+        "{:?}",
+        suspended.error
+    );
+    let error = suspended.error.unwrap_or_default();
+    assert!(error.contains("duckdb.memory_limit"), "{error}");
+    // The operator raises the merger's memory and resumes the job.
+    first_merger.cancel();
+    merger.await.expect("join").expect("merger");
+    stack.start_service("merger");
+    rowsmith_shared::lifecycle::request_resume(&stack.bus, "wide")
+        .await
+        .expect("resume")
+        .expect("a suspended job");
+    let job = stack.wait_for_end("wide", Duration::from_secs(120)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let ((_, enriched), (_, failures)) = stack.output_tables(&job).await;
+    assert_eq!(enriched.len(), 48);
+    assert!(failures.is_empty(), "{failures:?}");
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 1, "{stats}");
+    assert_eq!(
+        stats["requests_answered"], 48,
+        "nothing was sent twice: {stats}"
+    );
+}
