@@ -37,6 +37,19 @@ fn articles(rows: usize) -> Vec<[String; 3]> {
         .collect()
 }
 
+/// `rows` rows whose `body` is 3 MB.
+fn wide_rows(rows: usize) -> Vec<[String; 3]> {
+    (0..rows)
+        .map(|row| {
+            [
+                format!("a{row}"),
+                format!("Headline {row}"),
+                "word ".repeat(600_000),
+            ]
+        })
+        .collect()
+}
+
 fn to_csv(rows: &[[String; 3]]) -> Vec<u8> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     writer
@@ -106,15 +119,7 @@ async fn a_table_too_large_for_the_memory_limit_fails_naming_the_setting_to_rais
     })
     .await;
     // 3 MB cells: one chunk of DuckDB's rows is already more than 64 MiB.
-    let rows: Vec<[String; 3]> = (0..48)
-        .map(|row| {
-            [
-                format!("a{row}"),
-                format!("Headline {row}"),
-                "word ".repeat(600_000),
-            ]
-        })
-        .collect();
+    let rows = wide_rows(48);
     let input = stack.upload_input("huge.csv", to_csv(&rows)).await;
     stack.submit(&summarize("huge", &input)).await;
     let job = stack.wait_for_end("huge", Duration::from_secs(120)).await;
@@ -138,15 +143,7 @@ async fn a_merger_out_of_memory_suspends_the_job_and_resume_with_more_completes_
         &["ingest", "submitter", "poller"],
     )
     .await;
-    let rows: Vec<[String; 3]> = (0..48)
-        .map(|row| {
-            [
-                format!("a{row}"),
-                format!("Headline {row}"),
-                "word ".repeat(600_000),
-            ]
-        })
-        .collect();
+    let rows = wide_rows(48);
     let input = stack.upload_input("wide.csv", to_csv(&rows)).await;
     let mut small = stack.settings.clone();
     small.duckdb.memory_limit = Some("64MiB".into());
