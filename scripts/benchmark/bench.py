@@ -2,6 +2,7 @@
 """rowsmith's data-plane benchmark (run through scripts/bench). Times each step as its own
 process and reads its peak RSS from wait4(), prints one table, writes BENCHMARKS.md."""
 import argparse
+import csv
 import os
 import platform
 import socket
@@ -70,6 +71,16 @@ def long_cells(render, merge_bench, cache, add):
         "peak RSS <= 1 GiB", "yes" if rss <= 1024 else "no")
 
 
+def long_cells_end_to_end(bin_dir, cache, add):
+    """The 100,000 articles through every service over NATS: every row comes back (enriched or
+    failed), and the four services together stay within 1 GiB."""
+    table = articles(100_000, cache)
+    seconds, _, services_rss, answered = end_to_end(bin_dir, table, 100_000, "Summarize the article.")
+    met = services_rss <= 1024 and answered == 100_000
+    add(f"end to end via NATS, articles with 5-20 KB bodies: {answered:,} rows back; peak RSS of all four services in one process",
+        100_000, seconds, services_rss, os.path.getsize(table), "every row back, peak RSS <= 1 GiB", "yes" if met else "no")
+
+
 def print_table(rows_table):
     header = "| step | rows | seconds | rows/s | input MB/s | peak RSS MiB | target | met |"
     lines = [header, "|---|---:|---:|---:|---:|---:|---|---|"]
@@ -88,36 +99,61 @@ def free_port():
         return s.getsockname()[1]
 
 
-def end_to_end(bin_dir, table, rows):
+def peak_rss_mib(pid):
+    """VmHWM of a running process, in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def end_to_end(bin_dir, table, rows, instructions=None):
+    """`rowsmith enrich` through NATS against `rowsmith up` (all four services in one process)
+    and a separate zero-latency simulator. Returns (seconds, the CLI's peak RSS, the services'
+    peak RSS, rows in enriched.csv + failures.csv)."""
     work = tempfile.mkdtemp(prefix="rowsmith-bench.")
-    port = free_port()
+    port, sim_port = free_port(), free_port()
     env = dict(os.environ, ROWSMITH_NATS__URL=f"nats://127.0.0.1:{port}", ROWSMITH_STORE__URL=f"file://{work}/store",
                ROWSMITH_POLLER__SCHEDULE="100ms", ROWSMITH_SIM__VALIDATING="0s", ROWSMITH_SIM__FINALIZING="0s",
-               ROWSMITH_SIM__ROWS_PER_SECOND="100000000", ROWSMITH_LOG__LEVEL="warn")
+               ROWSMITH_SIM__ROWS_PER_SECOND="100000000", ROWSMITH_LOG__LEVEL="warn",
+               ROWSMITH_PROVIDER__SIM__BASE_URL=f"http://127.0.0.1:{sim_port}/v1")
     nats = subprocess.Popen(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", f"{work}/js"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sim = subprocess.Popen([os.path.join(bin_dir, "rowsmith-provider-sim"), "--listen", f"127.0.0.1:{sim_port}"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     up = None
     try:
         deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise SystemExit("bench: nats-server did not start")
-                time.sleep(0.05)
-        up = subprocess.Popen([os.path.join(bin_dir, "rowsmith"), "up", "--sim", "--sim-listen", "127.0.0.1:0"],
+        for wanted in (port, sim_port):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", wanted), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise SystemExit("bench: nats-server or the simulator did not start")
+                    time.sleep(0.05)
+        subprocess.run([os.path.join(bin_dir, "rowsmith"), "setup"], env=env, check=True, capture_output=True)
+        up = subprocess.Popen([os.path.join(bin_dir, "rowsmith"), "up"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "up.log"), "w"))
         time.sleep(1.0)
-        seconds, rss, _ = run([os.path.join(bin_dir, "rowsmith"), "enrich", table, "--instructions", INSTRUCTIONS,
-                               "--target", "description", *FIELDS, "--out", os.path.join(work, "out")], env=env)
-        return seconds, rss
+        out = os.path.join(work, "out")
+        seconds, rss, _ = run([os.path.join(bin_dir, "rowsmith"), "enrich", table, "--instructions",
+                               instructions or INSTRUCTIONS, "--target", "description", *FIELDS, "--out", out],
+                              env=env)
+        services_rss = peak_rss_mib(up.pid)
+        answered = 0
+        for name in ("enriched.csv", "failures.csv"):
+            with open(os.path.join(out, name), newline="", encoding="utf-8") as f:
+                answered += sum(1 for _ in csv.reader(f)) - 1
+        return seconds, rss, services_rss, answered
     finally:
-        for process in (up, nats):
+        for process in (up, sim, nats):
             if process:
                 process.terminate()
                 process.wait()
+        subprocess.run(["rm", "-rf", work])
 
 
 def main():
@@ -141,6 +177,7 @@ def main():
 
     if args.only_long_cells:
         long_cells(render, merge_bench, cache, add)
+        long_cells_end_to_end(args.bin_dir, cache, add)
         print_table(rows_table)
         return
 
@@ -186,9 +223,10 @@ def main():
     add(f"render, 30% duplicate rows: {requests:,} requests for {distinct_sent:,} distinct rows", len(rows_read),
         seconds, rss, os.path.getsize(dup_table), "requests = distinct rows", "yes" if requests == distinct_sent else "no")
     table = products(100_000, cache)
-    seconds, rss = end_to_end(args.bin_dir, table, 100_000)
+    seconds, rss, _, _ = end_to_end(args.bin_dir, table, 100_000)
     add("end to end via NATS, zero-latency simulator (enrich)", 100_000, seconds, rss, os.path.getsize(table), "<= 60 s", "yes" if seconds <= 60 else "no")
     long_cells(render, merge_bench, cache, add)
+    long_cells_end_to_end(args.bin_dir, cache, add)
 
     seconds, rss, text = run([os.path.join(args.examples_dir, "poller_bench"), os.path.join(args.bin_dir, "rowsmith-poller"),
                               "10000", "60"])
