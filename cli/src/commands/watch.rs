@@ -90,7 +90,9 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
                 } else {
                     eprintln!("{}: {}", event.kind.as_str(), event.message);
                 }
-                if event.kind.stops_the_job() {
+                // A `suspended` of a job resumed since is history: the record says whether the
+                // job is still stopped.
+                if event.kind.stops_the_job() && still_stopped(bus, job_id).await? {
                     bar.finish_and_clear();
                     return Ok(ended(bus, job_id).await);
                 }
@@ -118,6 +120,14 @@ pub async fn watch_job(bus: &Bus, job_id: &str) -> anyhow::Result<ExitCode> {
         }
     }
     anyhow::bail!("the event stream of job {job_id} ended unexpectedly")
+}
+
+/// Whether the job's record says it is stopped (ended, or suspended and not resumed since).
+async fn still_stopped(bus: &Bus, job_id: &str) -> anyhow::Result<bool> {
+    Ok(match bus.read::<JobRecord>(&job_key(job_id)).await? {
+        Some((job, _)) => job.state.is_stopped(),
+        None => true,
+    })
 }
 
 /// Exit 0 only for a completed job. A suspended job (an end for `watch`: nothing more

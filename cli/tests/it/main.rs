@@ -455,3 +455,81 @@ async fn enrich_again_under_a_taken_job_id_with_another_spec_is_refused_and_uplo
         original
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_suspended_job_from_the_command_line_partial_outputs_then_resume_and_watch() {
+    let stack = Stack::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = write_table(dir.path());
+    let out = dir.path().join("out");
+    // The provider refuses the key at every status check, as after a key rotation.
+    let refused = rowsmith_shared::config::SimFaults {
+        status_unauthorized: true,
+        ..Default::default()
+    };
+    stack.set_sim_faults("cli-suspended", &refused).await;
+    let enrich = rowsmith(
+        &stack,
+        &[
+            "enrich",
+            table.as_str(),
+            "--job-id",
+            "cli-suspended",
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--instructions",
+            "Write a title.",
+            "--target",
+            "description",
+            "--field",
+            "title:string",
+        ],
+    );
+    assert_eq!(enrich.status.code(), Some(1), "suspended is not success");
+    let stderr = String::from_utf8_lossy(&enrich.stderr);
+    assert!(stderr.contains("rowsmith resume cli-suspended"), "{stderr}");
+    // Partial outputs: nothing merged yet, so every row is pending.
+    let failures = std::fs::read_to_string(out.join("failures.csv")).expect("partial failures");
+    assert_eq!(failures.lines().count(), 41, "{failures}");
+    assert!(failures.contains("pending"), "{failures}");
+    // The key is fixed: resume, watch until it completes, and fetch the whole result.
+    stack
+        .set_sim_faults("cli-suspended", &Default::default())
+        .await;
+    let resume = rowsmith(&stack, &["resume", "cli-suspended"]);
+    assert!(
+        resume.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resume.stderr)
+    );
+    let watch = rowsmith(&stack, &["watch", "cli-suspended"]);
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let result_dir = dir.path().join("result");
+    let result = rowsmith(
+        &stack,
+        &[
+            "result",
+            "cli-suspended",
+            "--out",
+            result_dir.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let enriched = std::fs::read_to_string(result_dir.join("enriched.csv")).expect("enriched");
+    assert_eq!(
+        csv::Reader::from_reader(enriched.as_bytes())
+            .records()
+            .count(),
+        40
+    );
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 1, "{stats}");
+}
