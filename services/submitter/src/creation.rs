@@ -20,7 +20,7 @@ use rowsmith_shared::bus::Cas;
 use rowsmith_shared::events::{Event, EventKind};
 use rowsmith_shared::jobs::StepError;
 use rowsmith_shared::messages::ShardKey;
-use rowsmith_shared::providers::{BatchProvider, BatchRef, CreateWindow, Provider};
+use rowsmith_shared::providers::{BatchProvider, BatchRef, CreateWindow, Provider, ProviderError};
 use rowsmith_shared::records::{
     CreateClaim, CreateMutex, ShardRecord, ShardState, batch_owner_key, create_mutex_key, shard_key,
 };
@@ -145,7 +145,8 @@ async fn claim_and_create(
     }
     let lines = submitter.store.get_bytes(&record.requests_path).await?;
     let file_id = record.provider_file_id.clone().unwrap_or_default();
-    let created = match provider.create(key, &file_id, lines).await {
+    let created = match create_holding_claim(submitter, provider, key, owner, &file_id, lines).await
+    {
         Ok(created) => created,
         Err(error) if error.is_unconfirmed() => {
             let wait = submitter.creation.unconfirmed_wait;
@@ -163,6 +164,41 @@ async fn claim_and_create(
     chaos_crash(submitter, key, &created.id);
     let recorded = record_batch(submitter, provider, key, &created.id).await?;
     orphan_unless_recorded(submitter, provider, key, created, recorded).await
+}
+
+/// Calls create while renewing this delivery's claim (and the provider's create mutex, where
+/// there is one) every third of the lease, so that a create slower than the lease (a large
+/// body on a slow link) is not taken for a dead one and reconciled under it. A paused process
+/// renews nothing, and its claim runs out as it should.
+async fn create_holding_claim(
+    submitter: &Submitter,
+    provider: &Provider,
+    key: &ShardKey,
+    owner: &str,
+    file_id: &str,
+    lines: bytes::Bytes,
+) -> Result<BatchRef, ProviderError> {
+    let lease = submitter.creation.lease;
+    let mutex = (!provider.tags_batches()).then(|| create_mutex_key(provider.name()));
+    let create = provider.create(key, file_id, lines);
+    tokio::pin!(create);
+    let mut renew = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
+    renew.tick().await;
+    loop {
+        tokio::select! {
+            created = &mut create => return created,
+            _ = renew.tick() => {
+                let until_ms = rowsmith_shared::now_unix_ms() + lease.as_millis() as i64;
+                let renewed = match &mutex {
+                    Some(mutex_key) => hold_mutex_until(submitter, mutex_key, owner, until_ms).await,
+                    None => Ok(()),
+                };
+                if let Err(error) = renewed.and(hold_claim_until(submitter, key, owner, until_ms).await) {
+                    tracing::warn!(job_id = %key.job_id, shard = key.shard, %error, "could not renew the creation claim");
+                }
+            }
+        }
+    }
 }
 
 /// The recorded id; a `batch` that is not it is an orphan.

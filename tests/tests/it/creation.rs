@@ -224,6 +224,54 @@ async fn two_deliveries_of_one_shard_at_once_create_one_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_slower_than_the_claim_lease_keeps_its_claim_and_makes_one_batch() {
+    for provider in ["sim", "anthropic"] {
+        // Every answer takes 2.5 s, the lease is 1 s: the create outlives it several times.
+        let stack = Stack::start_services(
+            |settings: &mut Settings| {
+                settings.sim.faults.response_delay = Duration::from_millis(2500);
+                settings.creation.lease = Duration::from_secs(1);
+            },
+            &[],
+        )
+        .await;
+        let job_id = format!("slow-create-{provider}");
+        let (ready, _) = one_ready_shard(&stack, &job_id, provider).await;
+        let submitter = submitter(&stack);
+        let first = rowsmith_submitter::handle(&submitter, delivery(&ready));
+        let second = async {
+            // Once the first delivery's claim is older than its lease, a second arrives.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let record = shard_record(&stack, &ready.key).await;
+                let old = record
+                    .creating
+                    .as_ref()
+                    .is_some_and(|claim| rowsmith_shared::now_unix_ms() - claim.since_ms > 1_500);
+                if old {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no claim: {record:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            rowsmith_submitter::handle(&submitter, delivery(&ready)).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!(first, Outcome::Done, "{provider}");
+        assert!(
+            matches!(second, Outcome::Retry { .. }),
+            "{provider}: the renewed claim made the second delivery wait: {second:?}"
+        );
+        let stats = stack.sim_stats().await;
+        assert_eq!(stats["batches_created"], 1, "{provider}: {stats}");
+        assert_eq!(stats["batches_cancelled"], 0, "{provider}: {stats}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_its_window() {
     let stack = Stack::start_services(|_| {}, &[]).await;
     let (ready, lines) = one_ready_shard(&stack, "crashed-a", "anthropic").await;
