@@ -118,6 +118,16 @@ pub async fn fetch_rows_files(
     Ok(files)
 }
 
+/// What writing a job's outputs needs besides the bus: the store, and the settings of the
+/// outputs, the result cache and DuckDB (each service passes its own).
+#[derive(Debug, Clone, Copy)]
+pub struct OutputWriter<'a> {
+    pub store: &'a Store,
+    pub output: &'a crate::config::OutputSettings,
+    pub cache: &'a crate::config::CacheSettings,
+    pub duckdb: &'a crate::config::DuckdbLimits,
+}
+
 /// Claims writing a job's outputs for the message with work-stream sequence `by`; `false`
 /// when the job ended already or another message's handler is writing them (this one is a
 /// duplicate). Sequence 0 (unknown) always proceeds.
@@ -157,10 +167,7 @@ async fn claim_finalize(bus: &Bus, job_id: &str, by: u64) -> Result<bool, StepEr
 /// finalized only by a cancel.
 pub async fn finalize_job(
     bus: &Bus,
-    store: &Store,
-    output: &crate::config::OutputSettings,
-    cache: &crate::config::CacheSettings,
-    duckdb: &crate::config::DuckdbLimits,
+    writer: OutputWriter<'_>,
     job_id: &str,
     by: u64,
 ) -> Result<(), StepError> {
@@ -177,7 +184,7 @@ pub async fn finalize_job(
     } else {
         JobState::Completed
     };
-    let written = write_outputs(store, output, cache, duckdb, &job, final_state).await?;
+    let written = write_outputs(writer, &job, final_state).await?;
     record_end(bus, &job, final_state, written).await
 }
 
@@ -186,10 +193,7 @@ pub async fn finalize_job(
 /// cache. The job stays suspended. Rewritten when a shard merged meanwhile.
 pub async fn write_partial_outputs(
     bus: &Bus,
-    store: &Store,
-    output: &crate::config::OutputSettings,
-    cache: &crate::config::CacheSettings,
-    duckdb: &crate::config::DuckdbLimits,
+    writer: OutputWriter<'_>,
     job_id: &str,
 ) -> Result<(), StepError> {
     loop {
@@ -197,8 +201,7 @@ pub async fn write_partial_outputs(
         if job.state != JobState::Suspended {
             return Ok(());
         }
-        let written =
-            write_outputs(store, output, cache, duckdb, &job, JobState::Suspended).await?;
+        let written = write_outputs(writer, &job, JobState::Suspended).await?;
         let merged = job.merged_shards.clone();
         let recorded = bus
             .modify(
@@ -363,13 +366,16 @@ async fn write_unanswered(
 /// names `state`. Rows no merged shard answered are `pending` for a suspended job and
 /// `cancelled` for a cancelled one.
 async fn write_outputs(
-    store: &Store,
-    output: &crate::config::OutputSettings,
-    cache: &crate::config::CacheSettings,
-    duckdb: &crate::config::DuckdbLimits,
+    writer: OutputWriter<'_>,
     job: &JobRecord,
     state: JobState,
 ) -> Result<Written, StepError> {
+    let OutputWriter {
+        store,
+        output,
+        cache,
+        duckdb,
+    } = writer;
     let job_id = job.spec.id();
     let unanswered = match state {
         JobState::Suspended => Some(RowFailureText {

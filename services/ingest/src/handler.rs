@@ -6,7 +6,9 @@ use rowsmith_shared::config::{
 };
 use rowsmith_shared::estimate::{Estimate, dollars};
 use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{StepError, finalize_job, local_input, require_job, settle};
+use rowsmith_shared::jobs::{
+    OutputWriter, StepError, finalize_job, local_input, require_job, settle,
+};
 use rowsmith_shared::lifecycle::{dead_letter, stop_job};
 use rowsmith_shared::providers::{BatchProvider, Providers};
 use rowsmith_shared::records::{JobRecord, JobState, job_key};
@@ -33,6 +35,18 @@ pub struct Ingest {
     pub cache: CacheSettings,
     /// `duckdb.*`: the memory and threads of each table operation.
     pub duckdb: DuckdbLimits,
+}
+
+impl Ingest {
+    /// What writing a job's outputs takes (for a job with nothing to send).
+    pub fn writer(&self) -> OutputWriter<'_> {
+        OutputWriter {
+            store: &self.store,
+            output: &self.output,
+            cache: &self.cache,
+            duckdb: &self.duckdb,
+        }
+    }
 }
 
 /// Handles one message of `rowsmith.jobs.submit`.
@@ -72,17 +86,13 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
             };
         }
         Ok(Accepted::Finalize) => {
-            return match finalize_job(
+            let finalized = finalize_job(
                 &ingest.bus,
-                &ingest.store,
-                &ingest.output,
-                &ingest.cache,
-                &ingest.duckdb,
+                ingest.writer(),
                 &job_id,
                 delivery.stream_sequence,
-            )
-            .await
-            {
+            );
+            return match finalized.await {
                 Ok(()) => Outcome::Done,
                 Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
             };
@@ -400,16 +410,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
     if stats.shards == 0 {
         // Nothing to send: the outputs are the table as it is.
         set_state(&ingest.bus, job_id, JobState::Merging).await?;
-        return finalize_job(
-            &ingest.bus,
-            &ingest.store,
-            &ingest.output,
-            &ingest.cache,
-            &ingest.duckdb,
-            job_id,
-            sequence,
-        )
-        .await;
+        return finalize_job(&ingest.bus, ingest.writer(), job_id, sequence).await;
     }
     announce_shards(&ingest.bus, spec, 1, stats.shards).await?;
     Ok(())

@@ -5,7 +5,8 @@ use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_shared::config::{CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings};
 use rowsmith_shared::events::{Counts, Event, EventKind};
 use rowsmith_shared::jobs::{
-    StepError, fetch_rows_files, finalize_job, require_job, settle, write_partial_outputs,
+    OutputWriter, StepError, fetch_rows_files, finalize_job, require_job, settle,
+    write_partial_outputs,
 };
 use rowsmith_shared::lifecycle::dead_letter;
 use rowsmith_shared::messages::BatchEnded;
@@ -31,6 +32,18 @@ pub struct Merger {
     pub cache: CacheSettings,
     /// `duckdb.*`: the memory and threads of each table operation.
     pub duckdb: DuckdbLimits,
+}
+
+impl Merger {
+    /// What writing a job's outputs takes, from this merger's settings.
+    pub fn writer(&self) -> OutputWriter<'_> {
+        OutputWriter {
+            store: &self.store,
+            output: &self.output,
+            cache: &self.cache,
+            duckdb: &self.duckdb,
+        }
+    }
 }
 
 pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
@@ -166,29 +179,8 @@ pub(crate) async fn run_next(
     let bus = &merger.bus;
     match next {
         Next::Wait => Ok(()),
-        Next::Partial => {
-            write_partial_outputs(
-                bus,
-                &merger.store,
-                &merger.output,
-                &merger.cache,
-                &merger.duckdb,
-                job_id,
-            )
-            .await
-        }
-        Next::Finalize => {
-            finalize_job(
-                bus,
-                &merger.store,
-                &merger.output,
-                &merger.cache,
-                &merger.duckdb,
-                job_id,
-                sequence,
-            )
-            .await
-        }
+        Next::Partial => write_partial_outputs(bus, merger.writer(), job_id).await,
+        Next::Finalize => finalize_job(bus, merger.writer(), job_id, sequence).await,
         Next::Retry => {
             let job = require_job(bus, job_id).await?;
             start_retry(merger, &job.spec, attempt).await

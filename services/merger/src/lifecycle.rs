@@ -42,30 +42,12 @@ async fn outputs_of_suspended(
     if job.state != JobState::Suspended {
         return Ok(());
     }
-    let (bus, store) = (&merger.bus, &merger.store);
     if job.cancel_requested {
         // Cancelled, and the provider could not be reached to finish that: end with what
         // is done; the rows not answered are listed as cancelled.
-        return finalize_job(
-            bus,
-            store,
-            &merger.output,
-            &merger.cache,
-            &merger.duckdb,
-            job_id,
-            sequence,
-        )
-        .await;
+        return finalize_job(&merger.bus, merger.writer(), job_id, sequence).await;
     }
-    write_partial_outputs(
-        bus,
-        store,
-        &merger.output,
-        &merger.cache,
-        &merger.duckdb,
-        job_id,
-    )
-    .await
+    write_partial_outputs(&merger.bus, merger.writer(), job_id).await
 }
 
 /// Handles one `rowsmith.jobs.resume`.

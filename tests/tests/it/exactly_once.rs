@@ -318,10 +318,12 @@ async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery
     let finalize = |by: u64| {
         rowsmith_shared::jobs::finalize_job(
             &stack.bus,
-            &stack.store,
-            &stack.settings.output,
-            &stack.settings.cache,
-            &duckdb,
+            rowsmith_shared::jobs::OutputWriter {
+                store: &stack.store,
+                output: &stack.settings.output,
+                cache: &stack.settings.cache,
+                duckdb: &duckdb,
+            },
             job_id,
             by,
         )
