@@ -38,6 +38,38 @@ def wait_port(port, timeout=20):
     raise SystemExit(f"chaos: nothing listens on port {port} after {timeout}s")
 
 
+def write_table(path, rows):
+    """The job's input: ids 0000000.. with awkward descriptions, every 100th empty."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "name", "description"])
+        for i in range(rows):
+            description = "" if i % 100 == 42 else f"Item {i}: a \"sturdy\", useful thing,\nsecond line ✓"
+            writer.writerow([f"{i:07d}", f"Item {i}", description])
+    return path
+
+
+def rows_seen(out):
+    """How often each input id is in enriched.csv and failures.csv together."""
+    seen = {}
+    for name in ("enriched.csv", "failures.csv"):
+        with open(os.path.join(out, name), newline="") as f:
+            for row in csv.DictReader(f):
+                seen[row["id"]] = seen.get(row["id"], 0) + 1
+    return seen
+
+
+def rows_exactly_once(seen, rows, failures):
+    """Whether every input row is there exactly once; says what is wrong in `failures`."""
+    expected = {f"{i:07d}" for i in range(rows)}
+    exactly_once = set(seen) == expected and all(count == 1 for count in seen.values())
+    if not exactly_once:
+        missing = len(expected - set(seen))
+        doubled = sum(1 for count in seen.values() if count > 1)
+        failures.append(f"rows: {missing} missing, {doubled} more than once")
+    return exactly_once
+
+
 class Process:
     def __init__(self, name, argv, env, log_dir):
         self.name, self.argv, self.env = name, argv, env
@@ -125,13 +157,7 @@ def main():
         for service in services:
             service.start()
 
-        table = os.path.join(work, "input.csv")
-        with open(table, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "name", "description"])
-            for i in range(args.rows):
-                description = "" if i % 100 == 42 else f"Item {i}: a \"sturdy\", useful thing,\nsecond line ✓"
-                writer.writerow([f"{i:07d}", f"Item {i}", description])
+        table = write_table(os.path.join(work, "input.csv"), args.rows)
         submit = subprocess.run(
             [os.path.join(bin_dir, "rowsmith"), "submit", table, "--job-id", "chaos",
              "--instructions", "Write a title and pick a category.", "--target", "description",
@@ -178,18 +204,10 @@ def main():
                                 env=env, capture_output=True, text=True, timeout=60)
         seen = {}
         if result.returncode == 0:
-            for name, column in (("enriched.csv", "id"), ("failures.csv", "id")):
-                with open(os.path.join(out, name), newline="") as f:
-                    for row in csv.DictReader(f):
-                        seen[row[column]] = seen.get(row[column], 0) + 1
+            seen = rows_seen(out)
         else:
             failures.append(f"no result: {result.stderr.strip()}")
-        expected = {f"{i:07d}" for i in range(args.rows)}
-        exactly_once = set(seen) == expected and all(count == 1 for count in seen.values())
-        if not exactly_once:
-            missing = len(expected - set(seen))
-            doubled = sum(1 for count in seen.values() if count > 1)
-            failures.append(f"rows: {missing} missing, {doubled} more than once")
+        exactly_once = rows_exactly_once(seen, args.rows, failures)
         with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/sim/stats", timeout=10) as answer:
             stats = json.load(answer)
         duplicate_batches = sum(count - 1 for count in stats["batches_per_shard"].values())

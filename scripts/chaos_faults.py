@@ -26,7 +26,7 @@ import tempfile
 import time
 import urllib.request
 
-from chaos import Process, free_port, wait_port
+from chaos import Process, free_port, rows_exactly_once, rows_seen, wait_port, write_table
 
 SERVICES = ["ingest", "submitter", "poller", "merger"] * 2
 ACK_WAIT = 6.0
@@ -124,7 +124,7 @@ def whole_csv(path):
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
-        return all(len(row) == len(header) for row in reader), header
+        return all(len(row) == len(header) for row in reader)
 
 
 def main():
@@ -208,13 +208,7 @@ def main():
         replicas_at_start = nats_call(env["ROWSMITH_NATS__URL"], replicas)
         for service in services:
             service.start()
-        table = os.path.join(work, "input.csv")
-        with open(table, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "name", "description"])
-            for i in range(args.rows):
-                description = "" if i % 100 == 42 else f"Item {i}: a \"sturdy\", useful thing,\nsecond line ✓"
-                writer.writerow([f"{i:07d}", f"Item {i}", description])
+        table = write_table(os.path.join(work, "input.csv"), args.rows)
         submit = subprocess.run(
             [rowsmith, "submit", table, "--job-id", job_id, "--provider", args.provider,
              "--instructions", "Write a title and pick a category.", "--target", "description",
@@ -308,27 +302,15 @@ def main():
         result = subprocess.run([rowsmith, "result", job_id, "--out", out], env=env,
                                 capture_output=True, text=True, timeout=120)
         seen = {}
-        files_whole = True
         if result.returncode == 0:
-            for name in ("enriched.csv", "failures.csv"):
-                path = os.path.join(out, name)
-                whole, _ = whole_csv(path)
-                files_whole = files_whole and whole
-                with open(path, newline="") as f:
-                    for row in csv.DictReader(f):
-                        seen[row["id"]] = seen.get(row["id"], 0) + 1
+            if not all(whole_csv(os.path.join(out, name)) for name in ("enriched.csv", "failures.csv")):
+                failures.append("an output file is not whole")
             with open(os.path.join(out, "manifest.json")) as f:
                 json.load(f)
+            seen = rows_seen(out)
         else:
             failures.append(f"no result: {result.stderr.strip()}")
-        if not files_whole:
-            failures.append("an output file is not whole")
-        expected = {f"{i:07d}" for i in range(args.rows)}
-        exactly_once = set(seen) == expected and all(count == 1 for count in seen.values())
-        if not exactly_once:
-            missing = len(expected - set(seen))
-            doubled = sum(1 for count in seen.values() if count > 1)
-            failures.append(f"rows: {missing} missing, {doubled} more than once")
+        exactly_once = rows_exactly_once(seen, args.rows, failures)
         with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/sim/stats", timeout=10) as answer:
             stats = json.load(answer)
         shards = nats_call(env["ROWSMITH_NATS__URL"], shard_records, default=None)
