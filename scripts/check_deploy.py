@@ -4,7 +4,7 @@ docker-compose.yml and every YAML under deploy/.
 
 Run with the tools venv (it has PyYAML): `.tools/venv/bin/python scripts/check_deploy.py`.
 Checks, among others, that each command is a binary of the workspace, each ROWSMITH_* variable
-is a key of shared/src/config.rs `Settings`, the NATS image is the server version the tests
+is a key of shared/config/src/lib.rs `Settings`, the NATS image is the server version the tests
 pin, every Deployment has probes, resources and a PodDisruptionBudget, the KEDA
 ScaledObject names the stream and consumer the poller uses, every `ROWSMITH_*_FILE` path is
 mounted, and the NATS identities fit deploy/nats: in the overlays of AUTHENTICATED_OVERLAYS
@@ -123,8 +123,12 @@ MAP_TYPES = ("BTreeMap", "HashMap", "std::collections::BTreeMap", "std::collecti
 
 
 def config_schema() -> dict[str, dict[str, str]]:
-    """Struct name -> {field: type} for every `pub struct` in shared/src/config.rs."""
-    text = (ROOT / "shared/src/config.rs").read_text(encoding="utf-8")
+    """Struct name -> {field: type} for every `pub struct` of the configuration's schema:
+    shared/config/src/lib.rs, and the job limits in shared/contract/src/spec.rs."""
+    text = "\n".join(
+        (ROOT / path).read_text(encoding="utf-8")
+        for path in ("shared/config/src/lib.rs", "shared/contract/src/spec.rs")
+    )
     structs: dict[str, dict[str, str]] = {}
     for name, body in RUST_STRUCT.findall(text):
         fields: dict[str, str] = {}
@@ -141,7 +145,7 @@ def config_schema() -> dict[str, dict[str, str]]:
                 skip_next = False
         structs[name] = fields
     if "Settings" not in structs:
-        problem("shared/src/config.rs", "no `pub struct Settings` found")
+        problem("shared/config/src/lib.rs", "no `pub struct Settings` found")
     return structs
 
 
@@ -180,8 +184,8 @@ def check_config_key(structs: dict, key: str) -> str | None:
 
 
 def otlp_protocol() -> str:
-    """`http` when shared/src/telemetry.rs exports OTLP/HTTP (port 4318), else `grpc` (4317)."""
-    path = ROOT / "shared/src/telemetry.rs"
+    """`http` when shared/telemetry/src/lib.rs exports OTLP/HTTP (port 4318), else `grpc` (4317)."""
+    path = ROOT / "shared/telemetry/src/lib.rs"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     return "http" if ".with_http()" in text else "grpc"
 
@@ -542,7 +546,7 @@ def check_workloads(label: str, docs: list, binaries: set[str], structs: dict, s
         for trigger in triggers:
             meta = trigger.get("metadata") or {}
             if stream and meta.get("stream") != stream:
-                problem(where, f"stream {meta.get('stream')!r} is not the work stream {stream!r} (shared/src/bus.rs)")
+                problem(where, f"stream {meta.get('stream')!r} is not the work stream {stream!r} (shared/bus/src/lib.rs)")
             if durables.get("poller") and meta.get("consumer") != durables["poller"]:
                 problem(where, f"consumer {meta.get('consumer')!r} is not the poller's durable {durables['poller']!r}")
             for needed in ("natsServerMonitoringEndpoint", "account", "lagThreshold"):
@@ -846,7 +850,7 @@ def run_kustomize() -> tuple[str | None, dict[Path, list]]:
 def main() -> int:
     binaries = workspace_binaries()
     structs = config_schema()
-    stream = rust_const("shared/src/bus.rs", "WORK_STREAM")
+    stream = rust_const("shared/bus/src/lib.rs", "WORK_STREAM")
     durables = service_durables()
     nats_version = pinned_nats_version()
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
-use rowsmith_shared::storage::{Store, layout};
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_store::{Store, layout};
 
 #[derive(Debug, Clone, Args)]
 pub struct JobArgs {

@@ -65,12 +65,12 @@ fn main() -> ExitCode {
     let _telemetry = match &cli.command {
         Command::Up(_) => None,
         _ => {
-            let settings = rowsmith_shared::config::Settings::from_env().unwrap_or_default();
-            let log = rowsmith_shared::config::LogSettings {
+            let settings = rowsmith_config::Settings::from_env().unwrap_or_default();
+            let log = rowsmith_config::LogSettings {
                 level: "warn".into(),
                 ..settings.log
             };
-            Some(rowsmith_shared::telemetry::init(
+            Some(rowsmith_telemetry::init(
                 &log,
                 &settings.telemetry,
                 "rowsmith",

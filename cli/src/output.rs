@@ -1,6 +1,6 @@
 //! Printing jobs for people and for scripts.
 
-use rowsmith_shared::records::JobRecord;
+use rowsmith_contract::records::JobRecord;
 
 pub fn state_name(job: &JobRecord) -> String {
     serde_json::to_value(job.state)
@@ -31,7 +31,7 @@ pub fn summary(job: &JobRecord) -> String {
     if let Some(csv) = &job.outputs.enriched_csv {
         text.push_str(&format!("\n  enriched: {csv}"));
     }
-    if job.state == rowsmith_shared::records::JobState::Suspended {
+    if job.state == rowsmith_contract::records::JobState::Suspended {
         text.push_str(&format!(
             "\n  suspended: nothing new is sent; batches already out are still collected and \
              every answer is kept; partial outputs: `rowsmith result {0} --out DIR`\n  \

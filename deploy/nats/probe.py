@@ -13,7 +13,7 @@ quoted bcrypt hash when the `bcrypt` module is installed. The probe then talks t
 server the way the Rust code does. Each call below sends the subject and the JSON that
 async-nats 0.51 sends for the call named in the comment, taken from reading its source:
 
-  (a) every user runs ensure_topology like shared/src/bus.rs (STREAM.UPDATE, and
+  (a) every user runs ensure_topology like shared/bus/src/lib.rs (STREAM.UPDATE, and
       STREAM.CREATE on 404, for ROWSMITH_WORK and ROWSMITH_EVENTS; STREAM.INFO of
       KV_rowsmith-jobs, and on 404 $JS.API.INFO then STREAM.CREATE);
   (b) one job's path: cli submits; each service creates its durable, pulls, reads and
@@ -65,7 +65,7 @@ USERS = list(SERVICES) + ["cli", "admin"]
 WORK_SUBJECTS = ["rowsmith.jobs.submit", "rowsmith.shards.ready", "rowsmith.batches.submitted", "rowsmith.batches.ended"]
 NS = 1_000_000_000
 
-# The stream configurations of shared/src/bus.rs ensure_topology.
+# The stream configurations of shared/bus/src/lib.rs ensure_topology.
 WORK_STREAM = {
     "name": "ROWSMITH_WORK",
     "description": "rowsmith work: jobs, shards, batches",
@@ -323,7 +323,7 @@ def ok_api(r: dict) -> bool:
 
 
 async def ensure_topology(c: Conn) -> list[str]:
-    """shared/src/bus.rs ensure_topology, subject by subject. Returns what it did."""
+    """shared/bus/src/lib.rs ensure_topology, subject by subject. Returns what it did."""
     did = []
     for cfg in (WORK_STREAM, EVENTS_STREAM):
         r = await c.api(f"$JS.API.STREAM.UPDATE.{cfg['name']}", cfg)

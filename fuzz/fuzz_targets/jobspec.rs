@@ -8,9 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rowsmith_shared::config::LimitsSettings;
-use rowsmith_shared::render::RequestTemplate;
-use rowsmith_shared::spec::{JobSpec, is_valid_job_id};
+use rowsmith_config::LimitsSettings;
+use rowsmith_dataplane::render::RequestTemplate;
+use rowsmith_contract::spec::{JobSpec, is_valid_job_id};
 use serde_json::Value;
 
 fn close(a: Option<f64>, b: Option<f64>) -> bool {

@@ -15,8 +15,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rowsmith_shared::render::{RequestTemplate, row_index_of};
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_dataplane::render::{RequestTemplate, row_index_of};
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
 use serde_json::Value;
 
 const ABSENT: &str = "\x18";

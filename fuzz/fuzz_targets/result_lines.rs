@@ -18,9 +18,9 @@ use std::collections::{HashMap, HashSet};
 use libfuzzer_sys::fuzz_target;
 use rowsmith_merger::merge::merge_lines;
 use rowsmith_merger::validate::{LineFormat, LineResult};
-use rowsmith_shared::messages::{BatchEnded, ShardKey};
-use rowsmith_shared::render::row_index_of;
-use rowsmith_shared::spec::{FieldSpec, FieldType, parse_field};
+use rowsmith_contract::messages::{BatchEnded, ShardKey};
+use rowsmith_dataplane::render::row_index_of;
+use rowsmith_contract::spec::{FieldSpec, FieldType, parse_field};
 use serde_json::Value;
 
 fn check_values(values: &[String], fields: &[FieldSpec]) {

@@ -218,7 +218,8 @@ def main():
     out_dir = tempfile.mkdtemp(prefix="rowsmith-render.")
     seconds, rss, text = run([render, "render", dup_table, "--instructions", INSTRUCTIONS, "--target", "description",
                               *FIELDS, "--out-dir", out_dir])
-    requests = sum(1 for name in os.listdir(out_dir) for _ in open(os.path.join(out_dir, name), "rb"))
+    requests = sum(1 for name in os.listdir(out_dir) if name.endswith(".jsonl")
+                   for _ in open(os.path.join(out_dir, name), "rb"))
     subprocess.run(["rm", "-rf", out_dir])
     add(f"render, 30% duplicate rows: {requests:,} requests for {distinct_sent:,} distinct rows", len(rows_read),
         seconds, rss, os.path.getsize(dup_table), "requests = distinct rows", "yes" if requests == distinct_sent else "no")

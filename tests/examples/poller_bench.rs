@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use bytes::Bytes;
 use futures::StreamExt;
-use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
-use rowsmith_shared::config::{NatsSettings, SimSettings};
-use rowsmith_shared::events::Event;
-use rowsmith_shared::messages::{BatchSubmitted, ShardKey, subjects};
-use rowsmith_shared::providers::{BatchProvider, OpenAiClient};
-use rowsmith_shared::records::{JobRecord, JobState, job_key};
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_bus::{Bus, EVENTS_STREAM};
+use rowsmith_config::{NatsSettings, SimSettings};
+use rowsmith_contract::events::Event;
+use rowsmith_contract::messages::{BatchSubmitted, ShardKey, subjects};
+use rowsmith_contract::records::{JobRecord, JobState, job_key};
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_providers::{BatchProvider, OpenAiClient};
 use rowsmith_tests::NatsServer;
 use tokio_util::sync::CancellationToken;
 
@@ -135,7 +135,7 @@ async fn main() -> anyhow::Result<()> {
             },
             provider: "sim".into(),
             batch_id: batch_id.clone(),
-            submitted_at_ms: rowsmith_shared::now_unix_ms(),
+            submitted_at_ms: rowsmith_contract::now_unix_ms(),
         };
         bus.publish(
             subjects::BATCHES_SUBMITTED,

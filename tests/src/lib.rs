@@ -9,31 +9,30 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures::StreamExt;
-use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::messages::subjects;
-use rowsmith_shared::records::{JobRecord, job_key};
-use rowsmith_shared::spec::JobSpec;
-use rowsmith_shared::storage::Store;
+use rowsmith_bus::{Bus, EVENTS_STREAM};
+use rowsmith_config::Settings;
+use rowsmith_contract::events::{Event, EventKind};
+use rowsmith_contract::messages::subjects;
+use rowsmith_contract::records::{JobRecord, job_key};
+use rowsmith_contract::spec::JobSpec;
+use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 /// Logs go to the test output only when `TEST_LOG` is set.
 /// Spans (and so trace context in message headers) are recorded either way, as in a service.
 pub fn init_logging() {
-    static TELEMETRY: std::sync::OnceLock<rowsmith_shared::telemetry::Guard> =
-        std::sync::OnceLock::new();
+    static TELEMETRY: std::sync::OnceLock<rowsmith_telemetry::Guard> = std::sync::OnceLock::new();
     TELEMETRY.get_or_init(|| {
-        let log = rowsmith_shared::config::LogSettings {
+        let log = rowsmith_config::LogSettings {
             level: match std::env::var_os("TEST_LOG") {
                 Some(_) => "info".into(),
                 None => "off".into(),
             },
             ..Default::default()
         };
-        rowsmith_shared::telemetry::init(&log, &Default::default(), "rowsmith-tests")
+        rowsmith_telemetry::init(&log, &Default::default(), "rowsmith-tests")
     });
-    rowsmith_shared::ops::metrics();
+    rowsmith_runtime::ops::metrics();
 }
 
 /// The nats-server binary: `ROWSMITH_NATS_SERVER`, else `.tools/bin/nats-server` (what
@@ -387,7 +386,7 @@ impl Stack {
     }
 
     /// Sets the simulator's faults for one job (`POST /sim/faults/<job_id>`).
-    pub async fn set_sim_faults(&self, job_id: &str, faults: &rowsmith_shared::config::SimFaults) {
+    pub async fn set_sim_faults(&self, job_id: &str, faults: &rowsmith_config::SimFaults) {
         let answer = reqwest::Client::new()
             .post(format!("http://{}/sim/faults/{job_id}", self.sim_address))
             .json(faults)

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use rowsmith_shared::records::JobState;
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::records::JobState;
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
 use rowsmith_tests::Stack;
 use secrecy::SecretString;
 
@@ -69,7 +69,7 @@ async fn the_api_key_is_in_no_log_event_record_or_file() {
     assert!(!logs.contains(&key), "the key is in the logs");
 
     let events = stack
-        .events_until("secret", rowsmith_shared::events::EventKind::Completed)
+        .events_until("secret", rowsmith_contract::events::EventKind::Completed)
         .await;
     for event in &events {
         assert!(

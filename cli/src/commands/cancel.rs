@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use rowsmith_shared::jobs::request_cancel;
+use rowsmith_bus::lifecycle::request_cancel;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use rowsmith_shared::records::JobState;
-use rowsmith_shared::storage::Store;
+use rowsmith_contract::records::JobState;
+use rowsmith_store::Store;
 
 use crate::job_args::JobArgs;
 

@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use rowsmith_shared::estimate::{Estimate, dollars};
-use rowsmith_shared::storage::Store;
+use rowsmith_dataplane::estimate::{Estimate, dollars};
+use rowsmith_store::Store;
 
 use crate::job_args::JobArgs;
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures::StreamExt;
 
-use rowsmith_shared::bus::EVENTS_STREAM;
-use rowsmith_shared::events::Event;
-use rowsmith_shared::messages::subjects;
+use rowsmith_bus::EVENTS_STREAM;
+use rowsmith_contract::events::Event;
+use rowsmith_contract::messages::subjects;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

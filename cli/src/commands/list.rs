@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use rowsmith_shared::records::JobRecord;
+use rowsmith_contract::records::JobRecord;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -31,7 +31,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "{:<28} {:<10} {:>9} {:>9} {:>7} {:>8}",
         "JOB", "STATE", "ROWS", "DONE", "FAILED", "AGE"
     );
-    let now = rowsmith_shared::now_unix_ms();
+    let now = rowsmith_contract::now_unix_ms();
     for job in &jobs {
         let age_s = (now - job.created_at_ms).max(0) / 1000;
         let age = if age_s < 120 {

@@ -16,9 +16,9 @@ pub mod watch;
 
 use anyhow::Context;
 
-use rowsmith_shared::bus::Bus;
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::records::{JobRecord, job_key};
+use rowsmith_bus::Bus;
+use rowsmith_config::Settings;
+use rowsmith_contract::records::{JobRecord, job_key};
 
 pub fn settings() -> anyhow::Result<Settings> {
     Ok(Settings::from_env()?)
@@ -40,7 +40,7 @@ pub async fn connect_and_set_up(settings: &Settings) -> anyhow::Result<Bus> {
     connect_with(&nats).await
 }
 
-async fn connect_with(nats: &rowsmith_shared::config::NatsSettings) -> anyhow::Result<Bus> {
+async fn connect_with(nats: &rowsmith_config::NatsSettings) -> anyhow::Result<Bus> {
     Bus::connect(nats, "rowsmith-cli").await.with_context(|| {
         "is NATS running? start it and the services with `rowsmith up --sim`, or set ROWSMITH_NATS__URL"
     })

@@ -6,13 +6,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::render::RequestTemplate;
-use rowsmith_shared::shards::{CacheUse, PreparedShards, load_cache, prepare_shards, shard_limits};
-use rowsmith_shared::spec::JobSpec;
-use rowsmith_shared::storage::Store;
-use rowsmith_shared::table;
+use rowsmith_config::Settings;
+use rowsmith_contract::spec::JobSpec;
+use rowsmith_dataplane::render::RequestTemplate;
+use rowsmith_dataplane::table;
+use rowsmith_jobs::shards::{CacheUse, PreparedShards, load_cache, prepare_shards, shard_limits};
+use rowsmith_store::Store;
 
 use crate::job_args::JobArgs;
 
@@ -34,6 +33,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     // The exact shards of a first ingest, with no result cache consulted.
     let (prepared, indexed_seconds) = render_offline(&settings, &spec, &out_dir, None).await?;
+    // The store's staging directory is empty once every shard is renamed into place; leave
+    // the shards alone in the directory the user named.
+    let _ = std::fs::remove_dir(out_dir.join(".staging"));
     let stats = prepared.stats;
     let seconds = started.elapsed().as_secs_f64();
     for shard in 0..stats.shards {
@@ -76,12 +78,7 @@ pub async fn render_offline(
     .await??;
     let indexed_seconds = started.elapsed().as_secs_f64();
     spec.validate_columns(&info.columns)?;
-    let providers = Providers::from_settings(settings)?;
-    let limits = shard_limits(
-        spec,
-        providers.get(&spec.provider)?.limits(),
-        &settings.limits,
-    );
+    let limits = shard_limits(spec, &settings.limits)?;
     let cache = match cache {
         Some(cache_store) => {
             let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);

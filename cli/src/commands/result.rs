@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-use rowsmith_shared::records::{JobRecord, JobState};
-use rowsmith_shared::storage::Store;
+use rowsmith_contract::records::{JobRecord, JobState};
+use rowsmith_store::Store;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use rowsmith_shared::lifecycle::request_resume;
+use rowsmith_bus::lifecycle::request_resume;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -4,8 +4,8 @@
 
 use std::process::ExitCode;
 
-use rowsmith_shared::bus::{EVENTS_STREAM, WORK_STREAM};
-use rowsmith_shared::records::BUCKET;
+use rowsmith_bus::{EVENTS_STREAM, WORK_STREAM};
+use rowsmith_contract::records::BUCKET;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {}

@@ -1,11 +1,11 @@
 //! `rowsmith submit`: stage the input, publish the JobSpec, print the job id.
 
 use anyhow::bail;
-use rowsmith_shared::bus::Bus;
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::messages::subjects;
-use rowsmith_shared::records::{JobRecord, job_key};
-use rowsmith_shared::storage::Store;
+use rowsmith_bus::Bus;
+use rowsmith_config::Settings;
+use rowsmith_contract::messages::subjects;
+use rowsmith_contract::records::{JobRecord, job_key};
+use rowsmith_store::Store;
 use std::process::ExitCode;
 use tracing::Instrument;
 

@@ -26,10 +26,9 @@ async fn named(
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut settings = super::settings()?;
-    let _telemetry =
-        rowsmith_shared::telemetry::init(&settings.log, &settings.telemetry, "rowsmith");
+    let _telemetry = rowsmith_telemetry::init(&settings.log, &settings.telemetry, "rowsmith");
     let shutdown = CancellationToken::new();
-    tokio::spawn(rowsmith_shared::shutdown_on_signals(shutdown.clone()));
+    tokio::spawn(rowsmith_telemetry::shutdown_on_signals(shutdown.clone()));
     let mut services = JoinSet::new();
     if args.sim {
         if let Some(listen) = args.sim_listen {
@@ -43,7 +42,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         services.spawn(named("provider-sim", async move { task.await? }));
     }
     if let Some(address) =
-        rowsmith_shared::ops::serve(&settings, "rowsmith", shutdown.clone()).await?
+        rowsmith_runtime::ops::serve(&settings, "rowsmith", shutdown.clone()).await?
     {
         eprintln!("metrics and health on http://{address} (/metrics, /healthz, /readyz)");
     }

@@ -8,10 +8,10 @@ use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use rowsmith_shared::bus::{Bus, EVENTS_STREAM};
-use rowsmith_shared::events::Event;
-use rowsmith_shared::messages::subjects;
-use rowsmith_shared::records::{JobRecord, JobState, job_key};
+use rowsmith_bus::{Bus, EVENTS_STREAM};
+use rowsmith_contract::events::Event;
+use rowsmith_contract::messages::subjects;
+use rowsmith_contract::records::{JobRecord, JobState, job_key};
 
 /// How long `watch` waits for a job's record to appear before saying there is no such job.
 const NO_RECORD_GRACE: Duration = Duration::from_secs(60);

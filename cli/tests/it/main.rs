@@ -371,11 +371,7 @@ async fn the_command_line_never_changes_the_topology_only_setup_makes_it() {
     assert!(stderr.contains("rowsmith setup"), "{stderr}");
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let js = async_nats::jetstream::new(client);
-    assert!(
-        js.get_stream(rowsmith_shared::bus::WORK_STREAM)
-            .await
-            .is_err()
-    );
+    assert!(js.get_stream(rowsmith_bus::WORK_STREAM).await.is_err());
     // setup makes them; then a client command works and leaves their configuration alone.
     let setup = run(&["setup"]);
     assert!(
@@ -384,7 +380,7 @@ async fn the_command_line_never_changes_the_topology_only_setup_makes_it() {
         String::from_utf8_lossy(&setup.stderr)
     );
     let mut work = js
-        .get_stream(rowsmith_shared::bus::WORK_STREAM)
+        .get_stream(rowsmith_bus::WORK_STREAM)
         .await
         .expect("work stream");
     let mut config = work.info().await.expect("info").config.clone();
@@ -463,7 +459,7 @@ async fn a_suspended_job_from_the_command_line_partial_outputs_then_resume_and_w
     let table = write_table(dir.path());
     let out = dir.path().join("out");
     // The provider refuses the key at every status check, as after a key rotation.
-    let refused = rowsmith_shared::config::SimFaults {
+    let refused = rowsmith_config::SimFaults {
         status_unauthorized: true,
         ..Default::default()
     };

@@ -1,32 +1,30 @@
 //! Handling one JobSpec.
 
-use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{
+use crate::input::local_input;
+use rowsmith_bus::lifecycle::{dead_letter, stop_job};
+use rowsmith_bus::step::{StepError, blocking_failed, require_job, settle};
+use rowsmith_bus::{Bus, Cas, Delivery, Outcome, decode};
+use rowsmith_config::{
     CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings, Price, find_price,
 };
-use rowsmith_shared::estimate::{Estimate, dollars};
-use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{
-    OutputWriter, StepError, finalize_job, local_input, require_job, settle,
-};
-use rowsmith_shared::lifecycle::{dead_letter, stop_job};
-use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{JobRecord, JobState, job_key};
-use rowsmith_shared::render::RequestTemplate;
-use rowsmith_shared::shards::{
+use rowsmith_contract::events::{Counts, Event, EventKind};
+use rowsmith_contract::records::{JobRecord, JobState, job_key};
+use rowsmith_contract::spec::JobSpec;
+use rowsmith_dataplane::estimate::{Estimate, dollars};
+use rowsmith_dataplane::render::RequestTemplate;
+use rowsmith_dataplane::table::{self, TableInfo};
+use rowsmith_jobs::outputs::{OutputWriter, finalize_job};
+use rowsmith_jobs::shards::{
     CacheUse, announce_shards, create_shard_records, load_cache, prepare_shards, shard_limits,
     store_duplicates, store_hashes,
 };
-use rowsmith_shared::spec::JobSpec;
-use rowsmith_shared::storage::{Store, layout};
-use rowsmith_shared::table::{self, TableInfo};
+use rowsmith_store::{Store, layout};
 
 /// What the ingest step needs.
 #[derive(Debug, Clone)]
 pub struct Ingest {
     pub bus: Bus,
     pub store: Store,
-    pub providers: Providers,
     /// `store.allowed_inputs`.
     pub allowed_inputs: Vec<String>,
     pub limits: LimitsSettings,
@@ -67,7 +65,7 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
         .and_then(|()| spec.validate_limits(&ingest.limits))
     {
         let job_id = spec.id().to_owned();
-        if !rowsmith_shared::spec::is_valid_job_id(&job_id) {
+        if !rowsmith_contract::spec::is_valid_job_id(&job_id) {
             return Outcome::Terminate {
                 reason: format!("refused job: {error}"),
             };
@@ -130,7 +128,7 @@ async fn refuse_undecodable(ingest: &Ingest, delivery: &Delivery, reason: String
                 .and_then(|id| id.as_str())
                 .map(str::to_owned)
         })
-        .filter(|id| rowsmith_shared::spec::is_valid_job_id(id));
+        .filter(|id| rowsmith_contract::spec::is_valid_job_id(id));
     if let Some(job_id) = job_id {
         // Recorded as a failed job, so `status` and `watch` say why.
         let message = format!(
@@ -277,13 +275,13 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
     let info: TableInfo = tokio::task::spawn_blocking(move || {
         table::index_input(&input_for_task, &indexed_for_task, &limits, &duckdb)
     })
-    .await??;
+    .await
+    .map_err(blocking_failed)??;
     let indexed = ingest.store.commit_local(&indexed_key, &indexed).await?;
     spec.validate_columns(&info.columns)
         .map_err(|e| StepError::Job(e.to_string()))?;
 
-    let provider = ingest.providers.get(&spec.provider)?;
-    let limits = shard_limits(spec, provider.limits(), &ingest.limits);
+    let limits = shard_limits(spec, &ingest.limits)?;
     let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
     let cache = match ingest.cache.enabled {
         true => load_cache(&ingest.store, &fingerprint, scratch.path(), ingest.duckdb).await?,
@@ -324,7 +322,8 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
         tokio::task::spawn_blocking(move || {
             table::write_cached_rows(&hits, &segments, &fields, &target_for_task, &duckdb)
         })
-        .await??;
+        .await
+        .map_err(blocking_failed)??;
         ingest.store.commit_local(&key, &target).await?;
     }
     let estimate = Estimate::new(

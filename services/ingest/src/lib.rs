@@ -3,6 +3,7 @@
 //! shards, and publishes one `rowsmith.shards.ready` per shard.
 
 pub mod handler;
+pub mod input;
 pub mod service;
 
 pub use handler::{Ingest, handle};

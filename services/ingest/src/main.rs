@@ -1,5 +1,5 @@
 //! `rowsmith-ingest`: the ingest service as its own process.
 
 fn main() -> anyhow::Result<()> {
-    rowsmith_shared::service_main("rowsmith-ingest", rowsmith_ingest::run)
+    rowsmith_runtime::service_main("rowsmith-ingest", rowsmith_ingest::run)
 }

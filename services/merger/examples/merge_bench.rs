@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use rowsmith_config::{DuckdbLimits, Settings};
+use rowsmith_contract::messages::{BatchEnded, ShardKey};
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_dataplane::table::{self, FinalOutputs, ShardLimits};
+use rowsmith_jobs::shards::prepare_shards;
 use rowsmith_merger::merge::merge_lines;
-use rowsmith_shared::config::{DuckdbLimits, Settings};
-use rowsmith_shared::messages::{BatchEnded, ShardKey};
-use rowsmith_shared::shards::prepare_shards;
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
-use rowsmith_shared::storage::Store;
-use rowsmith_shared::table::{self, FinalOutputs, ShardLimits};
+use rowsmith_store::Store;
 
 fn spec() -> JobSpec {
     JobSpec {

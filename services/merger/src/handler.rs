@@ -1,23 +1,20 @@
 //! Handling one `rowsmith.batches.ended`: merge the shard's rows, and finish the job when it
 //! was the last shard. Re-running it over the same files gives the same rows.
 
-use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings};
-use rowsmith_shared::events::{Counts, Event, EventKind};
-use rowsmith_shared::jobs::{
-    OutputWriter, StepError, fetch_rows_files, finalize_job, require_job, settle,
-    write_partial_outputs,
+use rowsmith_bus::lifecycle::dead_letter;
+use rowsmith_bus::step::{StepError, blocking_failed, require_job, settle};
+use rowsmith_bus::{Bus, Cas, Delivery, Outcome, decode};
+use rowsmith_config::{CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings};
+use rowsmith_contract::events::{Counts, Event, EventKind};
+use rowsmith_contract::messages::BatchEnded;
+use rowsmith_contract::records::{
+    JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key,
 };
-use rowsmith_shared::lifecycle::dead_letter;
-use rowsmith_shared::messages::BatchEnded;
-use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key};
-use rowsmith_shared::shards::{
-    announce_shards, create_shard_records, prepare_shards, shard_limits,
-};
-use rowsmith_shared::spec::JobSpec;
-use rowsmith_shared::storage::{StorageError, Store, layout};
-use rowsmith_shared::table;
+use rowsmith_contract::spec::JobSpec;
+use rowsmith_dataplane::table;
+use rowsmith_jobs::outputs::{OutputWriter, fetch_rows_files, finalize_job, write_partial_outputs};
+use rowsmith_jobs::shards::{announce_shards, create_shard_records, prepare_shards, shard_limits};
+use rowsmith_store::{StorageError, Store, layout};
 
 use crate::merge::ShardTally;
 
@@ -25,8 +22,6 @@ use crate::merge::ShardTally;
 pub struct Merger {
     pub bus: Bus,
     pub store: Store,
-    /// For the providers' batch limits when cutting retry shards.
-    pub providers: Providers,
     pub limits: LimitsSettings,
     pub output: OutputSettings,
     pub cache: CacheSettings,
@@ -208,7 +203,8 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     let (indexed_for_task, duckdb) = (indexed.clone(), merger.duckdb);
     let columns =
         tokio::task::spawn_blocking(move || table::indexed_columns(&indexed_for_task, &duckdb))
-            .await??;
+            .await
+            .map_err(blocking_failed)??;
     let next_attempt = attempt + 1;
     // The last attempt may go to the fallback provider and model.
     let mut attempt_spec = spec.for_attempt(next_attempt);
@@ -216,11 +212,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     attempt_spec.options.max_output_tokens =
         attempt_spec.output_tokens_for_attempt(next_attempt, merger.limits.max_output_tokens);
     let spec = &attempt_spec;
-    let limits = shard_limits(
-        spec,
-        merger.providers.get(&spec.provider)?.limits(),
-        &merger.limits,
-    );
+    let limits = shard_limits(spec, &merger.limits)?;
     let prepared = prepare_shards(
         store,
         spec,
@@ -332,7 +324,8 @@ async fn merge_shard(
     tokio::task::spawn_blocking(move || {
         table::write_rows(&target_for_task, &fields, attempt, &rows, &duckdb)
     })
-    .await??;
+    .await
+    .map_err(blocking_failed)??;
     store.commit_local(&rows_key, &target).await?;
     merger
         .bus

@@ -5,14 +5,15 @@
 //! finalize, announce): resuming is that decision taken again, and partial outputs are a
 //! finalize that leaves the job as it is.
 
-use rowsmith_shared::bus::{Cas, Delivery, Outcome, decode};
-use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::{StepError, finalize_job, require_job, settle, write_partial_outputs};
-use rowsmith_shared::lifecycle::dead_letter;
-use rowsmith_shared::messages::{
+use rowsmith_bus::lifecycle::dead_letter;
+use rowsmith_bus::step::{StepError, require_job, settle};
+use rowsmith_bus::{Cas, Delivery, Outcome, decode};
+use rowsmith_contract::events::{Event, EventKind};
+use rowsmith_contract::messages::{
     BatchSubmitted, JobSuspended, ResumeJob, ShardKey, ShardReady, subjects,
 };
-use rowsmith_shared::records::{JobRecord, JobState, ShardRecord, job_key, shard_key};
+use rowsmith_contract::records::{JobRecord, JobState, ShardRecord, job_key, shard_key};
+use rowsmith_jobs::outputs::{finalize_job, write_partial_outputs};
 
 use crate::handler::{Merger, after_shard, run_next};
 
@@ -162,7 +163,7 @@ async fn send_on(merger: &Merger, key: &ShardKey, resumes: u32) -> Result<(), St
                 key: key.clone(),
                 provider: record.provider.clone(),
                 batch_id: batch_id.clone(),
-                submitted_at_ms: rowsmith_shared::now_unix_ms(),
+                submitted_at_ms: rowsmith_contract::now_unix_ms(),
             };
             let msg_id = format!("submitted.{}.{batch_id}.resume{resumes}", key.dotted());
             bus.publish(subjects::BATCHES_SUBMITTED, &msg_id, &submitted)

@@ -1,5 +1,5 @@
 //! `rowsmith-merger`: the merger service as its own process.
 
 fn main() -> anyhow::Result<()> {
-    rowsmith_shared::service_main("rowsmith-merger", rowsmith_merger::run)
+    rowsmith_runtime::service_main("rowsmith-merger", rowsmith_merger::run)
 }

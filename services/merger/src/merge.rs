@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use rowsmith_shared::messages::BatchEnded;
-use rowsmith_shared::render::row_index_of;
-use rowsmith_shared::spec::FieldSpec;
-use rowsmith_shared::table::{RowFailure, RowResult};
+use rowsmith_contract::messages::BatchEnded;
+use rowsmith_contract::spec::FieldSpec;
+use rowsmith_dataplane::render::row_index_of;
+use rowsmith_dataplane::table::{RowFailure, RowResult};
 
 use crate::validate::{LineFormat, LineResult};
 
@@ -221,8 +221,8 @@ fn missing_failure(ended: &BatchEnded) -> RowFailure {
 
 #[cfg(test)]
 mod tests {
-    use rowsmith_shared::messages::ShardKey;
-    use rowsmith_shared::spec::parse_field;
+    use rowsmith_contract::messages::ShardKey;
+    use rowsmith_contract::spec::parse_field;
 
     use super::*;
 

@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::messages::subjects;
-use rowsmith_shared::providers::Providers;
-use rowsmith_shared::storage::Store;
+use rowsmith_bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
+use rowsmith_config::Settings;
+use rowsmith_contract::messages::subjects;
+use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Merger, handle};
@@ -50,7 +49,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let merger = Arc::new(Merger {
         bus: bus.clone(),
         store: Store::open(&settings.store)?,
-        providers: Providers::from_settings(&settings)?,
         limits: settings.limits.clone(),
         output: settings.output.clone(),
         cache: settings.cache.clone(),

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use rowsmith_shared::render::row_index_of;
-use rowsmith_shared::spec::{FieldSpec, FieldType};
-use rowsmith_shared::table::RowFailure;
+use rowsmith_contract::spec::{FieldSpec, FieldType};
+use rowsmith_dataplane::render::row_index_of;
+use rowsmith_dataplane::table::RowFailure;
 
 #[derive(Debug, Deserialize)]
 struct ResultLine {
@@ -399,7 +399,7 @@ pub fn validate_object(answer: BTreeMap<String, Value>, fields: &[FieldSpec]) ->
 
 #[cfg(test)]
 mod tests {
-    use rowsmith_shared::spec::parse_field;
+    use rowsmith_contract::spec::parse_field;
     use serde_json::json;
 
     use super::*;

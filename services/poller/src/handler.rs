@@ -2,16 +2,16 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::bus::{Bus, Cas, Delivery, Outcome, decode};
-use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::StepError;
-use rowsmith_shared::lifecycle::stop_job;
-use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardKey, ShardReady, subjects};
-use rowsmith_shared::providers::{BatchProvider, BatchRef, BatchState, BatchStatus, Providers};
-use rowsmith_shared::records::{
+use rowsmith_bus::lifecycle::stop_job;
+use rowsmith_bus::step::StepError;
+use rowsmith_bus::{Bus, Cas, Delivery, Outcome, decode};
+use rowsmith_contract::events::{Event, EventKind};
+use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardKey, ShardReady, subjects};
+use rowsmith_contract::records::{
     JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
-use rowsmith_shared::storage::Store;
+use rowsmith_providers::{BatchProvider, BatchRef, BatchState, BatchStatus, ProviderError, Providers};
+use rowsmith_store::Store;
 
 #[derive(Debug, Clone)]
 pub struct Poller {
@@ -65,7 +65,7 @@ pub async fn handle(poller: &Poller, delivery: Delivery) -> Outcome {
         Ok(message) => message,
         Err(reason) => return Outcome::Terminate { reason },
     };
-    let now = rowsmith_shared::now_unix_ms();
+    let now = rowsmith_contract::now_unix_ms();
     let schedule_delay = next_delay(&poller.schedule, delivery.delivered);
     // Past the deadline the batch is being cancelled: check at the schedule's pace again.
     let delay = match overdue(submitted.submitted_at_ms, now, poller.give_up_after) {
@@ -87,10 +87,9 @@ pub async fn handle(poller: &Poller, delivery: Delivery) -> Outcome {
         // The job is suspended (it has batches out, so it never fails here); the batch is in
         // its shard record, and `rowsmith resume` watches it again once the cause is fixed.
         Err(error) => {
-            let advice = match &error {
-                StepError::Provider(provider_error) => provider_error.what_to_do(),
-                _ => None,
-            };
+            let advice = error
+                .cause::<ProviderError>()
+                .and_then(ProviderError::what_to_do);
             let reason = format!(
                 "status check of batch {} (shard {}) failed: {error}{}",
                 submitted.batch_id,
@@ -135,7 +134,7 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         provider.cancel(&batch).await?;
         tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch cancelled on request");
     }
-    let now = rowsmith_shared::now_unix_ms();
+    let now = rowsmith_contract::now_unix_ms();
     let overdue_now = !status.state.is_terminal()
         && overdue(submitted.submitted_at_ms, now, poller.give_up_after);
     let hopeless = overdue_now
@@ -239,7 +238,7 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
             shard.batch_status = Some(batch_status.clone());
             shard.output_path = files.output_path.clone();
             shard.errors_path = files.errors_path.clone();
-            shard.updated_at_ms = rowsmith_shared::now_unix_ms();
+            shard.updated_at_ms = rowsmith_contract::now_unix_ms();
             Ok(Cas::Write(()))
         },
     )
@@ -310,7 +309,7 @@ async fn resubmit_later(
     let bus = &poller.bus;
     let key = &submitted.key;
     let failed_batch = submitted.batch_id.clone();
-    let not_before = rowsmith_shared::now_unix_ms() + poller.quota_wait.as_millis() as i64;
+    let not_before = rowsmith_contract::now_unix_ms() + poller.quota_wait.as_millis() as i64;
     let record = bus
         .modify(
             &shard_key(key),

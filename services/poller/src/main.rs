@@ -1,5 +1,5 @@
 //! `rowsmith-poller`: the poller service as its own process.
 
 fn main() -> anyhow::Result<()> {
-    rowsmith_shared::service_main("rowsmith-poller", rowsmith_poller::run)
+    rowsmith_runtime::service_main("rowsmith-poller", rowsmith_poller::run)
 }

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use rowsmith_shared::bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::messages::subjects;
-use rowsmith_shared::providers::Providers;
-use rowsmith_shared::storage::Store;
+use rowsmith_bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
+use rowsmith_config::Settings;
+use rowsmith_contract::messages::subjects;
+use rowsmith_providers::Providers;
+use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Poller, handle};

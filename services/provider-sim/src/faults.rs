@@ -1,7 +1,7 @@
 //! Fault injection: which requests of a batch fail, and how, chosen by a hash of the request
 //! so that a run is repeatable and a test can know which rows were made to fail.
 
-use rowsmith_shared::config::SimFaults;
+use rowsmith_config::SimFaults;
 use sha2::{Digest, Sha256};
 
 /// What happens to one request.

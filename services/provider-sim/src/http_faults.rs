@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use rowsmith_shared::config::LostResponse;
+use rowsmith_config::LostResponse;
 
 use crate::openai::{Shared, lock};
 

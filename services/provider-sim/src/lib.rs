@@ -15,7 +15,7 @@ mod openai;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use rowsmith_shared::config::SimSettings;
+use rowsmith_config::SimSettings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -13,19 +13,16 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut settings = rowsmith_shared::config::Settings::from_env()?;
-    let _telemetry = rowsmith_shared::telemetry::init(
-        &settings.log,
-        &settings.telemetry,
-        "rowsmith-provider-sim",
-    );
+    let mut settings = rowsmith_config::Settings::from_env()?;
+    let _telemetry =
+        rowsmith_telemetry::init(&settings.log, &settings.telemetry, "rowsmith-provider-sim");
     if let Some(listen) = args.listen {
         settings.sim.listen = listen;
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let shutdown = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(rowsmith_shared::shutdown_on_signals(shutdown.clone()));
+        tokio::spawn(rowsmith_telemetry::shutdown_on_signals(shutdown.clone()));
         let listener = tokio::net::TcpListener::bind(&settings.sim.listen).await?;
         println!("listening on http://{}", listener.local_addr()?);
         rowsmith_provider_sim::serve(settings.sim, listener, shutdown).await

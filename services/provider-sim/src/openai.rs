@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use rowsmith_shared::config::{SimFaults, SimSettings};
+use rowsmith_config::{SimFaults, SimSettings};
 
 use crate::faults::{Fate, fate, with_room};
 
@@ -99,7 +99,7 @@ fn shard_of(metadata: &Option<Value>) -> Option<(String, u32, u32)> {
 }
 
 pub(crate) fn unix_now() -> i64 {
-    rowsmith_shared::now_unix_ms() / 1000
+    rowsmith_contract::now_unix_ms() / 1000
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

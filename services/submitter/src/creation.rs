@@ -16,14 +16,14 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::bus::Cas;
-use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::StepError;
-use rowsmith_shared::messages::ShardKey;
-use rowsmith_shared::providers::{BatchProvider, BatchRef, CreateWindow, Provider, ProviderError};
-use rowsmith_shared::records::{
+use rowsmith_bus::Cas;
+use rowsmith_bus::step::StepError;
+use rowsmith_contract::events::{Event, EventKind};
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_contract::records::{
     CreateClaim, CreateMutex, ShardRecord, ShardState, batch_owner_key, create_mutex_key, shard_key,
 };
+use rowsmith_providers::{BatchProvider, BatchRef, CreateWindow, Provider, ProviderError};
 
 use crate::handler::Submitter;
 
@@ -150,7 +150,7 @@ async fn claim_and_create(
         Ok(created) => created,
         Err(error) if error.is_unconfirmed() => {
             let wait = submitter.creation.unconfirmed_wait;
-            let until_ms = rowsmith_shared::now_unix_ms() + wait.as_millis() as i64;
+            let until_ms = rowsmith_contract::now_unix_ms() + wait.as_millis() as i64;
             hold_claim_until(submitter, key, owner, until_ms).await?;
             tracing::warn!(job_id = %key.job_id, shard = key.shard, %error, ?wait, "batch create unconfirmed; will look for it before creating again");
             return Ok(Step::Unconfirmed { wait, until_ms });
@@ -188,7 +188,7 @@ async fn create_holding_claim(
         tokio::select! {
             created = &mut create => return created,
             _ = renew.tick() => {
-                let until_ms = rowsmith_shared::now_unix_ms() + lease.as_millis() as i64;
+                let until_ms = rowsmith_contract::now_unix_ms() + lease.as_millis() as i64;
                 let renewed = match &mutex {
                     Some(mutex_key) => hold_mutex_until(submitter, mutex_key, owner, until_ms).await,
                     None => Ok(()),
@@ -219,7 +219,7 @@ async fn orphan_unless_recorded(
 /// finishes long before the lease ends, so look again within a second.
 fn wait_until(until_ms: i64) -> Duration {
     let left = until_ms
-        .saturating_sub(rowsmith_shared::now_unix_ms())
+        .saturating_sub(rowsmith_contract::now_unix_ms())
         .max(0) as u64;
     Duration::from_millis(left).clamp(Duration::from_millis(200), Duration::from_secs(1))
 }
@@ -239,7 +239,7 @@ async fn claim(
                 if let Some(batch_id) = &shard.provider_batch_id {
                     return Ok(Cas::Keep(Claim::Recorded(batch_id.clone())));
                 }
-                let now = rowsmith_shared::now_unix_ms();
+                let now = rowsmith_contract::now_unix_ms();
                 let earlier = match &shard.creating {
                     Some(claim) if claim.owner == owner => None,
                     Some(claim) if claim.is_live(now) => {
@@ -298,7 +298,7 @@ async fn renew_claim(
     owner: &str,
     lease: Duration,
 ) -> Result<(), StepError> {
-    let now = rowsmith_shared::now_unix_ms();
+    let now = rowsmith_contract::now_unix_ms();
     change_claim(submitter, key, owner, |claim| {
         if let Some(claim) = claim {
             claim.since_ms = now;
@@ -335,7 +335,7 @@ async fn release_claim(
 }
 
 async fn still_mine(submitter: &Submitter, key: &ShardKey, owner: &str) -> Result<bool, StepError> {
-    let now = rowsmith_shared::now_unix_ms();
+    let now = rowsmith_contract::now_unix_ms();
     Ok(submitter
         .bus
         .read::<ShardRecord>(&shard_key(key))
@@ -475,7 +475,7 @@ async fn take_mutex(
     key: &ShardKey,
 ) -> Result<Option<i64>, StepError> {
     let bus = &submitter.bus;
-    let now = rowsmith_shared::now_unix_ms();
+    let now = rowsmith_contract::now_unix_ms();
     let mine = CreateMutex {
         owner: owner.to_owned(),
         shard: key.dotted(),
@@ -494,7 +494,7 @@ async fn take_mutex(
                 0 => 0,
                 _ => CreateWindow::MEASURED_SKEW_MS * 2,
             };
-            if mutex.owner != owner && mutex.until_ms + gap > rowsmith_shared::now_unix_ms() {
+            if mutex.owner != owner && mutex.until_ms + gap > rowsmith_contract::now_unix_ms() {
                 return Ok(Cas::Keep(Some(mutex.until_ms + gap)));
             }
             *mutex = mine.clone();

@@ -5,17 +5,17 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::bus::Bus;
-use rowsmith_shared::bus::{Cas, Delivery, Outcome, decode};
-use rowsmith_shared::config::{CreationSettings, QuotaSettings};
-use rowsmith_shared::events::{Event, EventKind};
-use rowsmith_shared::jobs::{StepError, settle};
-use rowsmith_shared::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
-use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{
+use rowsmith_bus::Bus;
+use rowsmith_bus::step::{StepError, settle};
+use rowsmith_bus::{Cas, Delivery, Outcome, decode};
+use rowsmith_config::{CreationSettings, QuotaSettings};
+use rowsmith_contract::events::{Event, EventKind};
+use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
+use rowsmith_contract::records::{
     JobRecord, JobState, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
-use rowsmith_shared::storage::Store;
+use rowsmith_providers::{BatchProvider, Providers};
+use rowsmith_store::Store;
 
 use crate::creation::{Creation, ensure_batch};
 
@@ -133,7 +133,7 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
         }
     }
     if record.provider_batch_id.is_none() {
-        let now = rowsmith_shared::now_unix_ms();
+        let now = rowsmith_contract::now_unix_ms();
         if let Some(not_before) = record.not_before_ms.filter(|t| *t > now) {
             return Ok(Submitted::Later(Duration::from_millis(
                 (not_before - now) as u64,
@@ -219,7 +219,7 @@ async fn announce_submitted(
         key: key.clone(),
         provider: ready.provider.clone(),
         batch_id: batch_id.to_owned(),
-        submitted_at_ms: rowsmith_shared::now_unix_ms(),
+        submitted_at_ms: rowsmith_contract::now_unix_ms(),
     };
     bus.publish(
         subjects::BATCHES_SUBMITTED,

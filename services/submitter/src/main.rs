@@ -1,5 +1,5 @@
 //! `rowsmith-submitter`: the submitter service as its own process.
 
 fn main() -> anyhow::Result<()> {
-    rowsmith_shared::service_main("rowsmith-submitter", rowsmith_submitter::run)
+    rowsmith_runtime::service_main("rowsmith-submitter", rowsmith_submitter::run)
 }

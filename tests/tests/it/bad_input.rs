@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use rowsmith_shared::events::EventKind;
-use rowsmith_shared::messages::subjects;
-use rowsmith_shared::records::JobState;
+use rowsmith_contract::events::EventKind;
+use rowsmith_contract::messages::subjects;
+use rowsmith_contract::records::JobState;
 use rowsmith_tests::Stack;
 
 const BAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/bad");

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::jobs::request_cancel;
-use rowsmith_shared::messages::ShardKey;
-use rowsmith_shared::records::{JobState, ShardRecord, ShardState, shard_key};
+use rowsmith_bus::lifecycle::request_cancel;
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_contract::records::{JobState, ShardRecord, ShardState, shard_key};
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, spec, to_csv};

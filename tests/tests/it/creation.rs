@@ -10,15 +10,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use rowsmith_shared::bus::{Bus, Cas, ConsumerSpec, Delivery, Outcome, run_worker};
-use rowsmith_shared::config::{LostResponse, Settings};
-use rowsmith_shared::messages::{ShardKey, ShardReady, subjects};
-use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{
+use rowsmith_bus::{Bus, Cas, ConsumerSpec, Delivery, Outcome, run_worker};
+use rowsmith_config::{LostResponse, Settings};
+use rowsmith_contract::messages::{ShardKey, ShardReady, subjects};
+use rowsmith_contract::records::{
     CreateClaim, JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key,
 };
-use rowsmith_shared::shards::{ShardSize, create_shard_records};
-use rowsmith_shared::storage::layout;
+use rowsmith_jobs::shards::{ShardSize, create_shard_records};
+use rowsmith_providers::{BatchProvider, Providers};
+use rowsmith_store::layout;
 use rowsmith_tests::{NatsServer, Stack};
 
 use crate::pipeline::{awkward_rows, spec, to_csv};
@@ -247,7 +247,7 @@ async fn a_create_slower_than_the_claim_lease_keeps_its_claim_and_makes_one_batc
                 let old = record
                     .creating
                     .as_ref()
-                    .is_some_and(|claim| rowsmith_shared::now_unix_ms() - claim.since_ms > 1_500);
+                    .is_some_and(|claim| rowsmith_contract::now_unix_ms() - claim.since_ms > 1_500);
                 if old {
                     break;
                 }
@@ -291,12 +291,12 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
         .expect("unrelated batch");
     // First life: claimed the creation, created the batch, died before recording it; its
     // claim has expired since.
-    let claimed_at = rowsmith_shared::now_unix_ms();
+    let claimed_at = rowsmith_contract::now_unix_ms();
     stack
         .bus
         .modify(
             &shard_key(&key),
-            |shard: &mut ShardRecord| -> Result<_, rowsmith_shared::bus::BusError> {
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
                 shard.state = ShardState::Uploading;
                 shard.provider_file_id = Some(format!("inline:{}", key.dotted()));
                 shard.creating = Some(CreateClaim {

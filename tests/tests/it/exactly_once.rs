@@ -4,15 +4,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use rowsmith_shared::bus::Delivery;
-use rowsmith_shared::config::Settings;
-use rowsmith_shared::messages::{BatchEnded, ShardKey, ShardReady, subjects};
-use rowsmith_shared::providers::{BatchProvider, Providers};
-use rowsmith_shared::records::{
+use rowsmith_bus::Delivery;
+use rowsmith_config::Settings;
+use rowsmith_contract::messages::{BatchEnded, ShardKey, ShardReady, subjects};
+use rowsmith_contract::records::{
     CreateClaim, JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key,
 };
-use rowsmith_shared::shards::{ShardSize, create_shard_records};
-use rowsmith_shared::storage::layout;
+use rowsmith_jobs::shards::{ShardSize, create_shard_records};
+use rowsmith_providers::{BatchProvider, Providers};
+use rowsmith_store::layout;
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, spec, to_csv};
@@ -73,16 +73,16 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
         .bus
         .modify(
             &shard_key(&key),
-            |shard: &mut ShardRecord| -> Result<_, rowsmith_shared::bus::BusError> {
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
                 shard.state = ShardState::Uploading;
                 shard.provider_file_id = Some(file_id.clone());
-                let now = rowsmith_shared::now_unix_ms();
+                let now = rowsmith_contract::now_unix_ms();
                 shard.creating = Some(CreateClaim {
                     owner: "first-life".into(),
                     since_ms: now - 1_000,
                     until_ms: now - 1,
                 });
-                Ok(rowsmith_shared::bus::Cas::Write(()))
+                Ok(rowsmith_bus::Cas::Write(()))
             },
         )
         .await
@@ -110,7 +110,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     };
     let outcome =
         rowsmith_submitter::handle(&submitter, delivery(subjects::SHARDS_READY, &ready)).await;
-    assert_eq!(outcome, rowsmith_shared::bus::Outcome::Done);
+    assert_eq!(outcome, rowsmith_bus::Outcome::Done);
     let (shard, _) = stack
         .bus
         .read::<ShardRecord>(&shard_key(&key))
@@ -126,7 +126,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     // A third delivery (a lost ack) changes nothing either.
     let outcome =
         rowsmith_submitter::handle(&submitter, delivery(subjects::SHARDS_READY, &ready)).await;
-    assert_eq!(outcome, rowsmith_shared::bus::Outcome::Done);
+    assert_eq!(outcome, rowsmith_bus::Outcome::Done);
     assert_eq!(stack.sim_stats().await["batches_created"], 1);
 }
 
@@ -154,7 +154,7 @@ async fn the_same_job_id_is_accepted_once_and_a_different_spec_under_it_is_refus
         .await
         .expect("publish");
     let events = stack
-        .events_until("once", rowsmith_shared::events::EventKind::Refused)
+        .events_until("once", rowsmith_contract::events::EventKind::Refused)
         .await;
     let refused = events.last().expect("refused event");
     assert!(
@@ -212,7 +212,7 @@ async fn a_poison_message_is_terminated_and_the_services_go_on() {
         let mut stream = stack
             .bus
             .js
-            .get_stream(rowsmith_shared::bus::WORK_STREAM)
+            .get_stream(rowsmith_bus::WORK_STREAM)
             .await
             .expect("stream");
         let left = stream.info().await.expect("info").state.messages;
@@ -290,7 +290,7 @@ async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery
         .store
         .local_target(&indexed_key, scratch.path())
         .expect("target");
-    rowsmith_shared::table::index_input(
+    rowsmith_dataplane::table::index_input(
         &csv,
         &indexed,
         &stack.settings.limits,
@@ -316,9 +316,9 @@ async fn outputs_are_written_once_a_duplicate_finalize_does_nothing_a_redelivery
         .expect("job");
     let duckdb = stack.settings.duckdb.limits();
     let finalize = |by: u64| {
-        rowsmith_shared::jobs::finalize_job(
+        rowsmith_jobs::outputs::finalize_job(
             &stack.bus,
-            rowsmith_shared::jobs::OutputWriter {
+            rowsmith_jobs::outputs::OutputWriter {
                 store: &stack.store,
                 output: &stack.settings.output,
                 cache: &stack.settings.cache,
@@ -367,7 +367,7 @@ async fn messages_naming_a_running_job_never_change_it_they_are_refused_as_event
     stack
         .events_until(
             "victim-1",
-            rowsmith_shared::events::EventKind::ShardSubmitted,
+            rowsmith_contract::events::EventKind::ShardSubmitted,
         )
         .await;
     // 21 bytes that are no JobSpec, an invalid spec, and a valid spec with a changed field,
@@ -404,11 +404,11 @@ async fn messages_naming_a_running_job_never_change_it_they_are_refused_as_event
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let events = stack
-            .events_until("victim-1", rowsmith_shared::events::EventKind::Completed)
+            .events_until("victim-1", rowsmith_contract::events::EventKind::Completed)
             .await;
         let refused: Vec<_> = events
             .iter()
-            .filter(|e| e.kind == rowsmith_shared::events::EventKind::Refused)
+            .filter(|e| e.kind == rowsmith_contract::events::EventKind::Refused)
             .collect();
         if refused.len() == 3 {
             assert!(
@@ -436,7 +436,6 @@ async fn a_jobspec_without_an_id_delivered_twice_is_one_job() {
     let ingest = rowsmith_ingest::Ingest {
         bus: stack.bus.clone(),
         store: stack.store.clone(),
-        providers: Providers::from_settings(&stack.settings).expect("providers"),
         allowed_inputs: stack.settings.store.allowed_inputs.clone(),
         limits: stack.settings.limits.clone(),
         output: stack.settings.output.clone(),
@@ -449,7 +448,7 @@ async fn a_jobspec_without_an_id_delivered_twice_is_one_job() {
     message.stream_sequence = 42;
     for _ in 0..2 {
         let outcome = rowsmith_ingest::handle(&ingest, message.clone()).await;
-        assert_eq!(outcome, rowsmith_shared::bus::Outcome::Done);
+        assert_eq!(outcome, rowsmith_bus::Outcome::Done);
     }
     let jobs = stack.bus.keys_with_prefix("job.").await.expect("keys");
     assert_eq!(jobs.len(), 1, "{jobs:?}");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::records::JobState;
+use rowsmith_contract::records::JobState;
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, spec, to_csv};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::records::JobState;
+use rowsmith_contract::records::JobState;
 use rowsmith_tests::Stack;
 
 use crate::pipeline::spec;

@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::config::SimFaults;
-use rowsmith_shared::events::EventKind;
-use rowsmith_shared::jobs::request_cancel;
-use rowsmith_shared::lifecycle::request_resume;
-use rowsmith_shared::messages::ShardKey;
-use rowsmith_shared::records::{
+use rowsmith_bus::lifecycle::request_cancel;
+use rowsmith_bus::lifecycle::request_resume;
+use rowsmith_config::SimFaults;
+use rowsmith_contract::events::EventKind;
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_contract::records::{
     JobRecord, JobState, QuotaRecord, ShardRecord, ShardState, quota_key, shard_key,
 };
 use rowsmith_tests::Stack;

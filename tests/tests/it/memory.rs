@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::records::JobState;
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::records::JobState;
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
 use rowsmith_tests::Stack;
 
 /// `rows` articles whose `body` is 5 to 20 KB of text with commas, quotes and line breaks.
@@ -168,7 +168,7 @@ async fn a_merger_out_of_memory_suspends_the_job_and_resume_with_more_completes_
     first_merger.cancel();
     merger.await.expect("join").expect("merger");
     stack.start_service("merger");
-    rowsmith_shared::lifecycle::request_resume(&stack.bus, "wide")
+    rowsmith_bus::lifecycle::request_resume(&stack.bus, "wide")
         .await
         .expect("resume")
         .expect("a suspended job");

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rowsmith_shared::bus::Bus;
-use rowsmith_shared::config::NatsSettings;
-use rowsmith_shared::records::JobState;
+use rowsmith_bus::Bus;
+use rowsmith_config::NatsSettings;
+use rowsmith_contract::records::JobState;
 use rowsmith_tests::{NatsServer, Stack};
 
 use crate::pipeline::{awkward_rows, spec, to_csv};

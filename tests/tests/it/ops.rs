@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use object_store::ObjectStoreExt;
-use rowsmith_shared::records::JobState;
+use rowsmith_contract::records::JobState;
 use rowsmith_tests::{S3Server, Stack};
 
 use crate::pipeline::{awkward_rows, spec, to_csv};
@@ -26,7 +26,7 @@ async fn a_job_runs_on_an_s3_store_and_large_files_go_up_in_parts() {
     let key = job.outputs.enriched_csv.as_deref().expect("csv output");
     let mut root = stack.settings.store.clone();
     root.url = "s3://rowsmith".into();
-    let root = rowsmith_shared::storage::Store::open(&root).expect("bucket root");
+    let root = rowsmith_store::Store::open(&root).expect("bucket root");
     let text = root
         .get_bytes(&format!("team-a/{key}"))
         .await
@@ -105,7 +105,7 @@ async fn ops_endpoint_answers_health_readiness_and_metrics() {
     let mut settings = stack.settings.clone();
     settings.ops.listen = "127.0.0.1:0".into();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let address = rowsmith_shared::ops::serve(&settings, "ops-test", shutdown.clone())
+    let address = rowsmith_runtime::ops::serve(&settings, "ops-test", shutdown.clone())
         .await
         .expect("serve")
         .expect("listening");

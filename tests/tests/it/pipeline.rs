@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use rowsmith_shared::events::EventKind;
-use rowsmith_shared::records::JobState;
-use rowsmith_shared::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::events::EventKind;
+use rowsmith_contract::records::JobState;
+use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
 use rowsmith_tests::Stack;
 
 const COLUMNS: [&str; 5] = ["sku", "name", "price", "description", "notes"];
@@ -256,15 +256,15 @@ async fn a_120k_row_openai_job_is_cut_at_the_provider_limit_into_three_shards() 
     let sizes: Vec<u64> = {
         let mut sizes = Vec::new();
         for shard in 0..3 {
-            let key = rowsmith_shared::messages::ShardKey {
+            let key = rowsmith_contract::messages::ShardKey {
                 job_id: "large".into(),
                 attempt: 1,
                 shard,
             };
             let (record, _) = stack
                 .bus
-                .read::<rowsmith_shared::records::ShardRecord>(
-                    &rowsmith_shared::records::shard_key(&key),
+                .read::<rowsmith_contract::records::ShardRecord>(
+                    &rowsmith_contract::records::shard_key(&key),
                 )
                 .await
                 .expect("read")
@@ -290,7 +290,9 @@ async fn the_services_ride_out_a_nats_restart_and_the_job_completes() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while stack
         .bus
-        .read::<rowsmith_shared::records::JobRecord>(&rowsmith_shared::records::job_key("restart"))
+        .read::<rowsmith_contract::records::JobRecord>(&rowsmith_contract::records::job_key(
+            "restart",
+        ))
         .await
         .ok()
         .flatten()
@@ -434,7 +436,7 @@ async fn jsonl_and_parquet_outputs_carry_typed_new_columns() {
         .store
         .local_path(job.outputs.enriched_parquet.as_deref().expect("parquet"))
         .expect("local");
-    let connection = rowsmith_shared::table::connect(&Default::default()).expect("duckdb");
+    let connection = rowsmith_dataplane::table::connect(&Default::default()).expect("duckdb");
     let types: String = connection
         .query_row(
             &format!(

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use rowsmith_shared::records::JobState;
+use rowsmith_contract::records::JobState;
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
 
-async fn run_three_shard_job(stack: &Stack) -> rowsmith_shared::records::JobRecord {
+async fn run_three_shard_job(stack: &Stack) -> rowsmith_contract::records::JobRecord {
     let rows: Vec<Vec<String>> = awkward_rows(3000)
         .into_iter()
         .map(|mut row| {

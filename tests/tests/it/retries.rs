@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use rowsmith_shared::config::SimFaults;
-use rowsmith_shared::messages::ShardKey;
-use rowsmith_shared::records::{JobState, ShardRecord, shard_key};
+use rowsmith_config::SimFaults;
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_contract::records::{JobState, ShardRecord, shard_key};
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
@@ -144,7 +144,7 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
     let input = stack.upload_input("fallback.csv", to_csv(&rows)).await;
     let mut job_spec = spec("fallback", &input, "description");
     job_spec.options.max_attempts = 2;
-    job_spec.fallback = Some(rowsmith_shared::spec::Fallback {
+    job_spec.fallback = Some(rowsmith_contract::spec::Fallback {
         provider: "anthropic".into(),
         model: "claude-fallback".into(),
     });
@@ -154,14 +154,16 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
         .await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.shards_per_attempt.len(), 2);
-    let key = rowsmith_shared::messages::ShardKey {
+    let key = rowsmith_contract::messages::ShardKey {
         job_id: "fallback".into(),
         attempt: 2,
         shard: 0,
     };
     let (shard, _) = stack
         .bus
-        .read::<rowsmith_shared::records::ShardRecord>(&rowsmith_shared::records::shard_key(&key))
+        .read::<rowsmith_contract::records::ShardRecord>(&rowsmith_contract::records::shard_key(
+            &key,
+        ))
         .await
         .expect("read")
         .expect("attempt 2 shard");
@@ -193,7 +195,7 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
     assert_eq!(segments.len(), 1, "{segments:?}");
     let path = stack.store.local_path(&segments[0]).expect("a file store");
     let keys =
-        rowsmith_shared::table::read_cache_keys(&[path], &Default::default()).expect("segment");
+        rowsmith_dataplane::table::read_cache_keys(&[path], &Default::default()).expect("segment");
     // Every row answered in attempt 1 (those not retried); none of the fallback's answers.
     assert_eq!(keys.len() as u64, 900 - retried as u64);
     assert!((keys.len() as u64) < job.counts.succeeded);
@@ -298,7 +300,7 @@ async fn shard(stack: &Stack, job_id: &str, attempt: u32) -> ShardRecord {
 
 /// Answers cut off at `max_tokens` are retried with twice the room, up to the deployment's
 /// cap; rows that still do not fit end as `truncated`.
-async fn truncated_answers(cap: u32) -> (rowsmith_shared::records::JobRecord, Stack) {
+async fn truncated_answers(cap: u32) -> (rowsmith_contract::records::JobRecord, Stack) {
     let stack = Stack::start_with(|settings| {
         settings.sim.faults.answer_tokens = Some(1500);
         settings.limits.max_output_tokens = cap;
@@ -329,7 +331,7 @@ async fn truncated_answers_are_retried_with_more_room_and_complete() {
         shard: 0,
     };
     let requests = stack
-        .read_text(&rowsmith_shared::storage::layout::requests(&key))
+        .read_text(&rowsmith_store::layout::requests(&key))
         .await;
     let first: serde_json::Value =
         serde_json::from_str(requests.lines().next().expect("a line")).expect("json");

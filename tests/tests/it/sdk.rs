@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rowsmith_shared::config::SimSettings;
+use rowsmith_config::SimSettings;
 use tokio_util::sync::CancellationToken;
 
 fn python() -> PathBuf {
@@ -73,8 +73,8 @@ async fn the_official_anthropic_sdk_works_against_the_simulator() {
 /// runs to `completed`; publishing it twice is deduplicated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_published_with_the_official_nats_python_client_completes() {
-    use rowsmith_shared::events::{Event, EventKind};
-    use rowsmith_shared::records::JobState;
+    use rowsmith_contract::events::{Event, EventKind};
+    use rowsmith_contract::records::JobState;
 
     let stack = rowsmith_tests::Stack::start().await;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -1,0 +1,390 @@
+//! Rendering one structured-output request line per row, and cutting the lines into shards
+//! within the batch limits.
+//!
+//! The static parts of a request (model, system message, instructions, field descriptions,
+//! the JSON schema) are serialized once per job; per row only the row's own text is escaped
+//! and spliced in. Static text comes first in the user message so that the provider's prompt
+//! cache can serve it.
+
+use serde_json::{Map, Value, json};
+
+use rowsmith_contract::spec::{FieldSpec, FieldType, JobSpec};
+
+pub const SYSTEM_MESSAGE: &str = "You are an AI assistant enhancing CSV data. Follow the user's \
+instructions carefully to enhance multiple columns from a single row.";
+
+/// Name of the structured output (the `json_schema.name` of a request).
+pub const SCHEMA_NAME: &str = "row_enrichment";
+
+/// The JSON schema the model's answer must follow: an object with every field required and no
+/// other property (OpenAI strict mode).
+pub fn field_schema(fields: &[FieldSpec]) -> Value {
+    let mut properties = Map::new();
+    for field in fields {
+        let mut property = match field.field_type {
+            FieldType::String => json!({"type": "string"}),
+            FieldType::Number => json!({"type": "number"}),
+            FieldType::Boolean => json!({"type": "boolean"}),
+            FieldType::Array => json!({"type": "array", "items": {"type": "string"}}),
+            FieldType::Enum => {
+                json!({"type": "string", "enum": field.values.clone().unwrap_or_default()})
+            }
+        };
+        if let (Some(description), Some(object)) = (&field.description, property.as_object_mut()) {
+            object.insert("description".into(), Value::String(description.clone()));
+        }
+        properties.insert(field.name.clone(), property);
+    }
+    let required: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+    json!({
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": false,
+    })
+}
+
+fn field_descriptions(fields: &[FieldSpec]) -> String {
+    let mut text = String::from("You need to generate the following fields:\n");
+    for field in fields {
+        let description = field.description.as_deref().unwrap_or("");
+        match (&field.field_type, &field.values) {
+            (FieldType::Enum, Some(values)) => text.push_str(&format!(
+                "- {} (one of: {}): {description}\n",
+                field.name,
+                values.join(", ")
+            )),
+            (field_type, _) => text.push_str(&format!(
+                "- {} ({}): {description}\n",
+                field.name,
+                field_type.as_str()
+            )),
+        }
+    }
+    text
+}
+
+/// Everything of an OpenAI batch line between the custom id and the user message's text.
+fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
+    let mut body = Map::new();
+    body.insert("model".into(), Value::String(spec.model.clone()));
+    if let Some(temperature) = spec.options.temperature {
+        body.insert("temperature".into(), json!(temperature));
+    }
+    if let Some(tokens) = spec.options.max_output_tokens {
+        body.insert("max_completion_tokens".into(), json!(tokens));
+    }
+    body.insert(
+        "response_format".into(),
+        json!({
+            "type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAME, "strict": true, "schema": field_schema(&spec.fields)},
+        }),
+    );
+    // `messages` goes last so that the row's text can be spliced at the end of the line.
+    let body_fields = serde_json::to_string(&Value::Object(body)).unwrap_or_default();
+    let body_open = &body_fields[..body_fields.len() - 1];
+    let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
+    format!(
+        "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
+         \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
+         {{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+pub use rowsmith_contract::spec::ANTHROPIC_MAX_TOKENS;
+
+/// Everything of an Anthropic Message Batches request between the custom id and the user
+/// message's text: structured output by a forced tool whose input schema is the fields'.
+fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
+    let mut params = Map::new();
+    params.insert("model".into(), Value::String(spec.model.clone()));
+    let max_tokens = spec
+        .options
+        .max_output_tokens
+        .unwrap_or(ANTHROPIC_MAX_TOKENS);
+    params.insert("max_tokens".into(), json!(max_tokens));
+    if let Some(temperature) = spec.options.temperature {
+        params.insert("temperature".into(), json!(temperature));
+    }
+    params.insert("system".into(), Value::String(SYSTEM_MESSAGE.into()));
+    params.insert(
+        "tools".into(),
+        json!([{
+            "name": SCHEMA_NAME,
+            "description": "Record the fields generated for this row.",
+            "input_schema": field_schema(&spec.fields),
+        }]),
+    );
+    params.insert(
+        "tool_choice".into(),
+        json!({"type": "tool", "name": SCHEMA_NAME}),
+    );
+    let params_fields = serde_json::to_string(&Value::Object(params)).unwrap_or_default();
+    let params_open = &params_fields[..params_fields.len() - 1];
+    format!(
+        "\",\"params\":{params_open},\"messages\":[{{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+/// A job's request line with the row's parts left open; built once per job.
+#[derive(Debug, Clone)]
+pub struct RequestTemplate {
+    /// `{"custom_id":"r` — the row index follows.
+    head: Vec<u8>,
+    /// From the end of the custom id to the opening quote and static text of the user message.
+    middle: Vec<u8>,
+    /// After the user message's closing quote to the end of the line (with `\n`).
+    tail: Vec<u8>,
+    /// Positions (in the table's columns) of the target columns, with their names.
+    targets: Vec<(usize, String)>,
+    /// Positions of the context columns, with their names.
+    context: Vec<(usize, String)>,
+}
+
+impl RequestTemplate {
+    /// `columns` are the table's columns in order (without `_row_index`).
+    pub fn new(spec: &JobSpec, columns: &[String]) -> Self {
+        let position = |name: &String| columns.iter().position(|c| c == name);
+        let targets = spec
+            .target_columns
+            .iter()
+            .filter_map(|name| position(name).map(|i| (i, name.clone())))
+            .collect();
+        let context = match &spec.context_columns {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| position(n).map(|i| (i, n.clone())))
+                .collect(),
+            None => columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| !spec.target_columns.contains(c))
+                .map(|(i, c)| (i, c.clone()))
+                .collect(),
+        };
+        let static_text = format!(
+            "Instructions: {}\n\n{}\nRow data to enhance:\n",
+            spec.instructions,
+            field_descriptions(&spec.fields)
+        );
+        let static_json = serde_json::to_string(&static_text).unwrap_or_default();
+        let static_open = &static_json[..static_json.len() - 1];
+        let middle = if spec.provider == "anthropic" {
+            anthropic_middle(spec, static_open)
+        } else {
+            openai_middle(spec, static_open)
+        };
+        Self {
+            head: b"{\"custom_id\":\"r".to_vec(),
+            middle: middle.into_bytes(),
+            tail: b"}]}}\n".to_vec(),
+            targets,
+            context,
+        }
+    }
+
+    /// Identifies everything of a request but the row's text (provider, model, parameters,
+    /// system message, instructions, schema, column names): rows of two jobs with the same
+    /// fingerprint and the same body hash make the same request.
+    pub fn fingerprint(&self, provider: &str) -> String {
+        let mut bytes = provider.as_bytes().to_vec();
+        bytes.push(0);
+        bytes.extend_from_slice(&self.middle);
+        bytes.push(0);
+        bytes.extend_from_slice(&self.tail);
+        for (_, name) in self.targets.iter().chain(&self.context) {
+            bytes.push(0);
+            bytes.extend_from_slice(name.as_bytes());
+        }
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    }
+
+    /// Checks the cells a request is made of: none larger than `max_cell_bytes`, none with
+    /// a NUL byte (a sign of a binary or mis-encoded file).
+    pub fn check_cells<'a>(
+        &self,
+        cell: &impl Fn(usize) -> Option<&'a str>,
+        max_cell_bytes: u64,
+    ) -> Result<(), String> {
+        for (i, name) in self.targets.iter().chain(&self.context) {
+            let Some(value) = cell(*i) else { continue };
+            if value.len() as u64 > max_cell_bytes {
+                return Err(format!(
+                    "column {name:?} holds {} bytes, more than limits.max_cell_bytes \
+                     ({max_cell_bytes}); shorten it or leave the column out of the request",
+                    value.len()
+                ));
+            }
+            if memchr::memchr(0, value.as_bytes()).is_some() {
+                return Err(format!(
+                    "column {name:?} contains a NUL byte: the file is binary or mis-encoded; \
+                     remove NULs (e.g. `tr -d '\\000'`) or export the table again"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the request line of one row to `out` and returns a hash of its body (equal
+    /// bodies, equal hashes: the row's text is all that differs within a job); `None`, with
+    /// nothing appended, when every target cell is empty. `cell(i)` gives column `i`'s value.
+    pub fn render<'a>(
+        &self,
+        row_index: i64,
+        cell: impl Fn(usize) -> Option<&'a str>,
+        scratch: &mut String,
+        escaped: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Option<u128> {
+        if self
+            .targets
+            .iter()
+            .all(|(i, _)| cell(*i).is_none_or(str::is_empty))
+        {
+            return None;
+        }
+        scratch.clear();
+        for (i, name) in &self.targets {
+            scratch.push_str(name);
+            scratch.push_str(": ");
+            scratch.push_str(cell(*i).unwrap_or(""));
+            scratch.push('\n');
+        }
+        scratch.push_str("\nRow context: ");
+        let mut first = true;
+        for (i, name) in &self.context {
+            let Some(value) = cell(*i) else { continue };
+            if !first {
+                scratch.push_str(", ");
+            }
+            first = false;
+            scratch.push_str(name);
+            scratch.push_str(": ");
+            scratch.push_str(value);
+        }
+        // No row index in the text: identical rows make identical requests, sent once; the
+        // custom id carries the row.
+        scratch.push('\n');
+        escaped.clear();
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *escaped, scratch.as_str());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(row_index.to_string().as_bytes());
+        out.extend_from_slice(&self.middle);
+        out.extend_from_slice(&escaped[1..]);
+        out.extend_from_slice(&self.tail);
+        Some(xxhash_rust::xxh3::xxh3_128(escaped))
+    }
+}
+
+/// The row index of a custom id (`r<row_index>`).
+pub fn row_index_of(custom_id: &str) -> Option<i64> {
+    let digits = custom_id.strip_prefix('r')?;
+    // Exactly what `r{row_index}` writes: no sign, no leading zero.
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    canonical.then(|| digits.parse().ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rowsmith_contract::spec::{JobOptions, parse_field};
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            job_id: Some("j".into()),
+            input: "in.csv".into(),
+            instructions: "Write a \"title\".".into(),
+            target_columns: vec!["description".into()],
+            context_columns: None,
+            fields: vec![
+                parse_field("title:string:short").expect("f"),
+                parse_field("category:enum(toys|tools)").expect("f"),
+                parse_field("tags:array").expect("f"),
+            ],
+            provider: "sim".into(),
+            model: "gpt-4o-mini".into(),
+            options: JobOptions::default(),
+            fallback: None,
+        }
+    }
+
+    #[test]
+    fn a_rendered_line_is_a_valid_openai_batch_request() {
+        let columns = vec![
+            "sku".to_owned(),
+            "description".to_owned(),
+            "brand".to_owned(),
+        ];
+        let template = RequestTemplate::new(&spec(), &columns);
+        let cells = [Some("00501"), Some("A \"red\" ball,\nround ✓"), None];
+        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+        let hash = template.render(7, |i| cells[i], &mut scratch, &mut escaped, &mut out);
+        assert!(hash.is_some());
+        assert_eq!(out.last(), Some(&b'\n'));
+        let line: Value = serde_json::from_slice(&out).expect("valid json");
+        assert_eq!(line["custom_id"], "r7");
+        assert_eq!(line["url"], "/v1/chat/completions");
+        assert_eq!(line["body"]["model"], "gpt-4o-mini");
+        let schema = &line["body"]["response_format"]["json_schema"];
+        assert_eq!(schema["strict"], true);
+        assert_eq!(schema["schema"]["additionalProperties"], false);
+        assert_eq!(
+            schema["schema"]["required"],
+            json!(["title", "category", "tags"])
+        );
+        assert_eq!(
+            schema["schema"]["properties"]["category"]["enum"],
+            json!(["toys", "tools"])
+        );
+        let user = line["body"]["messages"][1]["content"]
+            .as_str()
+            .expect("user message");
+        assert!(
+            user.starts_with("Instructions: Write a \"title\"."),
+            "{user}"
+        );
+        assert!(user.contains("- category (one of: toys, tools)"));
+        assert!(user.contains("description: A \"red\" ball,\nround ✓\n"));
+        assert!(user.ends_with("Row context: sku: 00501\n"), "{user}");
+        assert_eq!(line["body"]["messages"][0]["content"], SYSTEM_MESSAGE);
+        // The same row text elsewhere in the table is the same request: same hash.
+        let mut again = Vec::new();
+        assert_eq!(
+            template.render(9, |i| cells[i], &mut scratch, &mut escaped, &mut again),
+            hash
+        );
+        let other = [Some("00502"), Some("A \"red\" ball,\nround ✓"), None];
+        assert_ne!(
+            template.render(9, |i| other[i], &mut scratch, &mut escaped, &mut again),
+            hash
+        );
+    }
+
+    #[test]
+    fn rows_with_empty_targets_are_skipped() {
+        let columns = vec!["description".to_owned()];
+        let template = RequestTemplate::new(&spec(), &columns);
+        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+        assert!(
+            template
+                .render(0, |_| None, &mut scratch, &mut escaped, &mut out)
+                .is_none()
+        );
+        assert!(
+            template
+                .render(1, |_| Some(""), &mut scratch, &mut escaped, &mut out)
+                .is_none()
+        );
+        assert!(out.is_empty());
+        assert_eq!(row_index_of("r42"), Some(42));
+        assert_eq!(row_index_of("x42"), None);
+        assert_eq!(row_index_of("r0"), Some(0));
+        for odd in ["r+5", "r05", "r", "r-1", "r 5"] {
+            assert_eq!(row_index_of(odd), None, "{odd}");
+        }
+    }
+}

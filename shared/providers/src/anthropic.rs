@@ -1,0 +1,363 @@
+//! Anthropic Message Batches client: create (the requests inline), retrieve, list, cancel,
+//! results. Structured output is a forced tool whose `input_schema` is the field schema (see
+//! `render`). Timestamps are RFC 3339 strings; counters other than `processing` stay 0
+//! until the batch has ended.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::RequestBuilder;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::http::Http;
+use super::{
+    BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
+    ResultFiles,
+};
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_store::{Store, layout};
+
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+#[derive(Clone)]
+pub struct AnthropicClient {
+    base_url: String,
+    api_key: Option<SecretString>,
+    http: Http,
+}
+
+impl std::fmt::Debug for AnthropicClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnthropicClient")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MessageBatch {
+    pub id: String,
+    pub processing_status: String,
+    #[serde(default)]
+    pub request_counts: RequestCounts,
+    #[serde(default)]
+    pub cancel_initiated_at: Option<String>,
+    #[serde(default)]
+    pub ended_at: Option<String>,
+    #[serde(default)]
+    pub results_url: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
+impl MessageBatch {
+    /// `created_at` in Unix ms, when it is there and readable.
+    pub fn created_ms(&self) -> Option<i64> {
+        let text = self.created_at.as_deref()?;
+        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .ok()?;
+        i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct RequestCounts {
+    #[serde(default)]
+    pub processing: u64,
+    #[serde(default)]
+    pub succeeded: u64,
+    #[serde(default)]
+    pub errored: u64,
+    #[serde(default)]
+    pub canceled: u64,
+    #[serde(default)]
+    pub expired: u64,
+}
+
+impl MessageBatch {
+    pub fn to_status(&self) -> BatchStatus {
+        let counts = self.request_counts;
+        let state = match self.processing_status.as_str() {
+            "in_progress" => BatchState::InProgress,
+            "canceling" => BatchState::Cancelling,
+            "ended" if self.cancel_initiated_at.is_some() => BatchState::Cancelled,
+            "ended" if counts.expired > 0 && counts.succeeded + counts.errored == 0 => {
+                BatchState::Expired
+            }
+            "ended" => BatchState::Completed,
+            other => BatchState::Other(other.to_owned()),
+        };
+        BatchStatus {
+            state,
+            total: counts.processing
+                + counts.succeeded
+                + counts.errored
+                + counts.canceled
+                + counts.expired,
+            completed: counts.succeeded,
+            failed: counts.errored + counts.canceled + counts.expired,
+            output_file_id: self.results_url.clone(),
+            error_file_id: None,
+            errors: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchList {
+    data: Vec<MessageBatch>,
+    #[serde(default)]
+    has_more: bool,
+    #[serde(default)]
+    last_id: Option<String>,
+}
+
+impl AnthropicClient {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<SecretString>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            http: Http::new("anthropic", timeout, Duration::from_secs(60))?,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        let request = request.header("anthropic-version", ANTHROPIC_VERSION);
+        match &self.api_key {
+            Some(key) => request.header("x-api-key", key.expose_secret()),
+            None => request,
+        }
+    }
+
+    async fn send(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        self.http
+            .send(operation, || self.authorize(build(&self.http.client)))
+            .await
+    }
+
+    pub async fn retrieve(&self, batch_id: &str) -> Result<MessageBatch, ProviderError> {
+        let url = self.url(&format!("/v1/messages/batches/{batch_id}"));
+        let response = self.send("retrieve batch", |http| http.get(&url)).await?;
+        self.http.json("retrieve batch", response).await
+    }
+}
+
+/// The request lines of a shard as the JSON array the create call takes.
+fn requests_array(lines: &Bytes) -> Vec<u8> {
+    let mut body = Vec::with_capacity(lines.len() + 16);
+    body.extend_from_slice(b"{\"requests\":[");
+    let mut first = true;
+    for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        if !first {
+            body.push(b',');
+        }
+        first = false;
+        body.extend_from_slice(line);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+impl BatchProvider for AnthropicClient {
+    fn name(&self) -> &str {
+        "anthropic"
+    }
+
+    fn limits(&self) -> Limits {
+        rowsmith_contract::providers::ANTHROPIC
+    }
+
+    /// Anthropic takes the requests inline at creation: nothing to upload.
+    async fn upload(&self, key: &ShardKey, _lines: Bytes) -> Result<String, ProviderError> {
+        Ok(format!("inline:{}", key.dotted()))
+    }
+
+    async fn create(
+        &self,
+        _key: &ShardKey,
+        _file_id: &str,
+        lines: Bytes,
+    ) -> Result<BatchRef, ProviderError> {
+        let url = self.url("/v1/messages/batches");
+        let body = Bytes::from(requests_array(&lines));
+        let response = self
+            .http
+            .send_unrepeatable("create batch", || {
+                self.authorize(
+                    self.http
+                        .client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone()),
+                )
+            })
+            .await?;
+        // An answer that cannot be read may still stand for a created batch.
+        let batch: MessageBatch = self
+            .http
+            .json("create batch", response)
+            .await
+            .map_err(ProviderError::unconfirmed)?;
+        Ok(BatchRef { id: batch.id })
+    }
+
+    /// Anthropic batches carry no metadata. A batch may be the shard's when it was created in
+    /// the shard's claim window (on the provider's clock, measured from the `Date` header, to
+    /// within [`CreateWindow::MEASURED_SKEW_MS`]) and holds as many requests as the shard.
+    /// The submitter lets only one Anthropic create run at a time and skips batches already
+    /// recorded for another shard, so no other shard's batch of rowsmith's is taken. (A batch
+    /// made outside rowsmith with the same key, in the same seconds, with the same request
+    /// count, could still be: the README states this.)
+    async fn find(
+        &self,
+        _key: &ShardKey,
+        window: &CreateWindow,
+    ) -> Result<Vec<BatchRef>, ProviderError> {
+        let mut found = Vec::new();
+        let mut after: Option<String> = None;
+        let mut offset_ms = None;
+        loop {
+            let (page, page_offset) = self.list_page(after.as_deref()).await?;
+            // Without a measured clock offset a window cannot be told apart from its
+            // neighbours: fail the look (retryable) rather than guess.
+            let offset = offset_ms
+                .or(page_offset)
+                .ok_or_else(|| ProviderError::Decode {
+                    provider: "anthropic".into(),
+                    operation: "list batches",
+                    message: "the answer has no readable Date header to compare clocks with".into(),
+                })?;
+            offset_ms = Some(offset);
+            let mut past_window = false;
+            for batch in &page.data {
+                let Some(created_ms) = batch.created_ms() else {
+                    continue;
+                };
+                if window.is_before(created_ms - offset) {
+                    past_window = true;
+                    break;
+                }
+                if window.admits(created_ms, offset)
+                    && batch.to_status().total == window.request_count
+                {
+                    found.push(BatchRef {
+                        id: batch.id.clone(),
+                    });
+                }
+            }
+            match page.last_id {
+                Some(last) if page.has_more && !past_window => after = Some(last),
+                _ => break,
+            }
+        }
+        found.reverse();
+        Ok(found)
+    }
+
+    fn tags_batches(&self) -> bool {
+        false
+    }
+
+    async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
+        Ok(self.retrieve(&batch.id).await?.to_status())
+    }
+
+    async fn download(
+        &self,
+        key: &ShardKey,
+        status: &BatchStatus,
+        store: &Store,
+    ) -> Result<ResultFiles, ProviderError> {
+        let Some(results_url) = &status.output_file_id else {
+            return Ok(ResultFiles::default());
+        };
+        let response = self
+            .send("download results", |http| http.get(results_url))
+            .await?;
+        let bytes = self.http.bytes("download results", response).await?;
+        let path = layout::results_output(key);
+        store.put_bytes(&path, bytes).await?;
+        Ok(ResultFiles {
+            output_path: Some(path),
+            errors_path: None,
+        })
+    }
+
+    async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
+        let url = self.url(&format!("/v1/messages/batches/{}/cancel", batch.id));
+        self.send("cancel batch", |http| http.post(&url))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl AnthropicClient {
+    /// One page of batches, newest first, after `after`.
+    /// One page of batches, newest first, after `after`, and how far the provider's clock
+    /// runs ahead of ours (from the answer's `Date`).
+    async fn list_page(
+        &self,
+        after: Option<&str>,
+    ) -> Result<(BatchList, Option<i64>), ProviderError> {
+        let mut url = self.url("/v1/messages/batches?limit=100");
+        if let Some(after) = after {
+            url.push_str(&format!("&after_id={after}"));
+        }
+        let response = self.send("list batches", |http| http.get(&url)).await?;
+        let offset = super::clock_offset_ms(&response, rowsmith_contract::now_unix_ms());
+        Ok((self.http.json("list batches", response).await?, offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_stay_zero_until_ended_and_ended_is_terminal() {
+        let running: MessageBatch = serde_json::from_str(
+            r#"{"id":"msgbatch_1","type":"message_batch","processing_status":"in_progress",
+                "request_counts":{"processing":2,"succeeded":0,"errored":0,"canceled":0,"expired":0},
+                "ended_at":null,"created_at":"2024-09-24T18:37:24.100435Z","results_url":null}"#,
+        )
+        .expect("decode");
+        let status = running.to_status();
+        assert_eq!(
+            (status.state, status.total, status.output_file_id),
+            (BatchState::InProgress, 2, None)
+        );
+        let ended: MessageBatch = serde_json::from_str(
+            r#"{"id":"msgbatch_1","processing_status":"ended",
+                "request_counts":{"processing":0,"succeeded":1,"errored":1,"canceled":0,"expired":0},
+                "results_url":"http://x/v1/messages/batches/msgbatch_1/results"}"#,
+        )
+        .expect("decode");
+        let status = ended.to_status();
+        assert_eq!(status.state, BatchState::Completed);
+        assert_eq!((status.completed, status.failed), (1, 1));
+        assert!(status.output_file_id.is_some());
+    }
+
+    #[test]
+    fn shard_lines_become_the_requests_array() {
+        let lines = Bytes::from_static(b"{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r2\"}\n");
+        let body: serde_json::Value =
+            serde_json::from_slice(&requests_array(&lines)).expect("json");
+        assert_eq!(body["requests"][1]["custom_id"], "r2");
+    }
+}

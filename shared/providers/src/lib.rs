@@ -1,0 +1,399 @@
+//! Provider batch APIs behind one trait (DESIGN.md §5), and the registry that picks the client
+//! for a job's `provider`.
+
+pub mod anthropic;
+pub mod http;
+pub mod openai;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use rowsmith_config::Settings;
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_store::{StorageError, Store};
+
+pub use anthropic::AnthropicClient;
+pub use openai::OpenAiClient;
+
+pub use rowsmith_contract::providers::Limits;
+
+/// The span in which a batch for one shard attempt may have been created (a creation claim's,
+/// in Unix ms on this side's clock), and what it holds: what reconciliation looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateWindow {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub request_count: u64,
+}
+
+impl CreateWindow {
+    /// How far the provider's clock may be off ours, when nothing measured it.
+    pub const CLOCK_SKEW_MS: i64 = 120_000;
+    /// How far off a measured offset may still be: the HTTP `Date` header counts whole
+    /// seconds, and the answer takes a while to arrive.
+    pub const MEASURED_SKEW_MS: i64 = 2_500;
+
+    /// Whether a batch the provider says was created at `created_ms` (its clock) falls in
+    /// the window, given the provider's clock runs `offset_ms` ahead of ours.
+    pub fn admits(&self, created_ms: i64, offset_ms: i64) -> bool {
+        let ours = created_ms - offset_ms;
+        ours >= self.since_ms - Self::MEASURED_SKEW_MS
+            && ours <= self.until_ms + Self::MEASURED_SKEW_MS
+    }
+
+    /// Whether a listing newest first has gone past the window (generous: it only decides
+    /// when to stop reading pages).
+    pub fn is_before(&self, created_ms: i64) -> bool {
+        created_ms < self.since_ms - Self::CLOCK_SKEW_MS
+    }
+}
+
+/// How far ahead of ours the provider's clock runs (ms), from a response's `Date` header.
+pub fn clock_offset_ms(response: &reqwest::Response, received_ms: i64) -> Option<i64> {
+    let date = response
+        .headers()
+        .get(reqwest::header::DATE)?
+        .to_str()
+        .ok()?;
+    let at =
+        time::OffsetDateTime::parse(date, &time::format_description::well_known::Rfc2822).ok()?;
+    let provider_ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()?;
+    // The header is cut to the second: its middle is the best guess.
+    Some(provider_ms + 500 - received_ms)
+}
+
+/// A provider batch, by id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRef {
+    pub id: String,
+}
+
+/// Where a batch is in its life, in the provider's words mapped onto one set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchState {
+    Validating,
+    InProgress,
+    Finalizing,
+    Cancelling,
+    Completed,
+    Expired,
+    Failed,
+    Cancelled,
+    /// A status this client does not know; treated as not finished.
+    Other(String),
+}
+
+impl BatchState {
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Self::Completed | Self::Expired | Self::Failed | Self::Cancelled
+        )
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Validating => "validating",
+            Self::InProgress => "in_progress",
+            Self::Finalizing => "finalizing",
+            Self::Cancelling => "cancelling",
+            Self::Completed => "completed",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Other(other) => other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchStatus {
+    pub state: BatchState,
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    /// Batch-level errors (validation failures), as `code: message` lines.
+    pub errors: Vec<String>,
+}
+
+/// The result files of an ended batch, as store keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResultFiles {
+    pub output_path: Option<String>,
+    pub errors_path: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("{provider} answered HTTP {status} to {operation}: {message}")]
+    Http {
+        provider: String,
+        operation: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("{provider} could not be reached for {operation}: {message}")]
+    Transport {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
+    #[error("{provider} answered {operation} with something unexpected: {message}")]
+    Decode {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
+    /// A call that creates something failed in a way that does not say whether it took
+    /// effect (a timeout, a dropped connection, a 5xx, an unreadable answer): look before
+    /// trying again.
+    #[error("{provider} did not confirm {operation}; it may have taken effect: {message}")]
+    Unconfirmed {
+        provider: String,
+        operation: &'static str,
+        message: String,
+    },
+    #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic")]
+    Unknown(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ProviderError {
+    /// What a user does about an error that no retry fixes, when there is something to say:
+    /// a refused API key names the key to fix.
+    pub fn what_to_do(&self) -> Option<String> {
+        let ProviderError::Http {
+            provider, status, ..
+        } = self
+        else {
+            return None;
+        };
+        if !matches!(status, 401 | 403) {
+            return None;
+        }
+        let key = match provider.as_str() {
+            "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
+            _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
+        };
+        Some(format!(
+            "the {provider} API key was refused (rotated or revoked?): set a valid key in {key} \
+             for the poller and the submitter"
+        ))
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Http {
+                status, message, ..
+            } => {
+                matches!(status, 408 | 409 | 429 | 500..=599)
+                    && !message.contains("insufficient_quota")
+            }
+            ProviderError::Transport { .. }
+            | ProviderError::Unconfirmed { .. }
+            | ProviderError::Storage(_) => true,
+            ProviderError::Decode { .. } | ProviderError::Unknown(_) => false,
+        }
+    }
+}
+
+impl ProviderError {
+    /// The same failure of a call that creates something, said as "may have taken effect"
+    /// unless it proves the call was refused (a 4xx other than 408).
+    pub fn unconfirmed(self) -> Self {
+        let (provider, operation, message) = match self {
+            ProviderError::Http {
+                provider,
+                operation,
+                status,
+                message,
+            } if status == 408 || status >= 500 => {
+                (provider, operation, format!("HTTP {status}: {message}"))
+            }
+            ProviderError::Transport {
+                provider,
+                operation,
+                message,
+            }
+            | ProviderError::Decode {
+                provider,
+                operation,
+                message,
+            } => (provider, operation, message),
+            other => return other,
+        };
+        ProviderError::Unconfirmed {
+            provider,
+            operation,
+            message,
+        }
+    }
+
+    /// Whether the failed call may have taken effect.
+    pub fn is_unconfirmed(&self) -> bool {
+        matches!(self, ProviderError::Unconfirmed { .. })
+    }
+}
+
+/// One provider's batch API.
+pub trait BatchProvider: Send + Sync {
+    fn name(&self) -> &str;
+    fn limits(&self) -> Limits;
+    /// Uploads a shard's request lines; returns the provider's file id.
+    fn upload(
+        &self,
+        key: &ShardKey,
+        lines: Bytes,
+    ) -> impl Future<Output = Result<String, ProviderError>> + Send;
+    /// Creates the batch for an uploaded file (or, where the provider takes requests inline,
+    /// for `lines`), tagged with the shard key where the provider keeps metadata.
+    fn create(
+        &self,
+        key: &ShardKey,
+        file_id: &str,
+        lines: Bytes,
+    ) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
+    /// The batches that may have been created for this shard attempt within `window`,
+    /// oldest first: by the shard key in their metadata where the provider keeps metadata,
+    /// else by creation time and request count (see the provider's own notes). Creation is
+    /// claimed so that only one create runs per window; see the submitter.
+    fn find(
+        &self,
+        key: &ShardKey,
+        window: &CreateWindow,
+    ) -> impl Future<Output = Result<Vec<BatchRef>, ProviderError>> + Send;
+    /// Whether batches carry the shard key (metadata); without it, one create at a time per
+    /// provider keeps reconciliation unambiguous.
+    fn tags_batches(&self) -> bool;
+    fn status(
+        &self,
+        batch: &BatchRef,
+    ) -> impl Future<Output = Result<BatchStatus, ProviderError>> + Send;
+    /// Stores the ended batch's output and error files under the shard's result keys.
+    fn download(
+        &self,
+        key: &ShardKey,
+        status: &BatchStatus,
+        store: &Store,
+    ) -> impl Future<Output = Result<ResultFiles, ProviderError>> + Send;
+    fn cancel(&self, batch: &BatchRef) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// One configured provider client.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    OpenAi(OpenAiClient),
+    Anthropic(AnthropicClient),
+}
+
+macro_rules! delegate {
+    ($self:ident, $client:ident => $call:expr) => {
+        match $self {
+            Provider::OpenAi($client) => $call,
+            Provider::Anthropic($client) => $call,
+        }
+    };
+}
+
+impl BatchProvider for Provider {
+    fn name(&self) -> &str {
+        delegate!(self, client => client.name())
+    }
+    fn limits(&self) -> Limits {
+        delegate!(self, client => client.limits())
+    }
+    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+        delegate!(self, client => client.upload(key, lines).await)
+    }
+    async fn create(
+        &self,
+        key: &ShardKey,
+        file_id: &str,
+        lines: Bytes,
+    ) -> Result<BatchRef, ProviderError> {
+        delegate!(self, client => client.create(key, file_id, lines).await)
+    }
+    async fn find(
+        &self,
+        key: &ShardKey,
+        window: &CreateWindow,
+    ) -> Result<Vec<BatchRef>, ProviderError> {
+        delegate!(self, client => client.find(key, window).await)
+    }
+    fn tags_batches(&self) -> bool {
+        delegate!(self, client => client.tags_batches())
+    }
+    async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
+        delegate!(self, client => client.status(batch).await)
+    }
+    async fn download(
+        &self,
+        key: &ShardKey,
+        status: &BatchStatus,
+        store: &Store,
+    ) -> Result<ResultFiles, ProviderError> {
+        delegate!(self, client => client.download(key, status, store).await)
+    }
+    async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
+        delegate!(self, client => client.cancel(batch).await)
+    }
+}
+
+/// The configured providers; `sim` is an OpenAI-compatible client aimed at the simulator.
+#[derive(Debug, Clone)]
+pub struct Providers {
+    openai: Provider,
+    anthropic: Provider,
+    sim: Provider,
+}
+
+impl Providers {
+    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
+        let openai_settings = &settings.provider.openai;
+        let openai = OpenAiClient::new(
+            "openai",
+            &openai_settings.base_url,
+            openai_settings.api_key.clone(),
+            openai_settings.timeout,
+        )?
+        .with_azure_api_version(openai_settings.azure_api_version.clone());
+        let anthropic_settings = &settings.provider.anthropic;
+        let anthropic = AnthropicClient::new(
+            &anthropic_settings.base_url,
+            anthropic_settings.api_key.clone(),
+            anthropic_settings.timeout,
+        )?;
+        let sim = OpenAiClient::new(
+            "sim",
+            &settings.provider.sim.base_url,
+            None,
+            openai_settings.timeout,
+        )?;
+        Ok(Self {
+            openai: Provider::OpenAi(openai),
+            anthropic: Provider::Anthropic(anthropic),
+            sim: Provider::OpenAi(sim),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Provider, ProviderError> {
+        match name {
+            "openai" => Ok(&self.openai),
+            "anthropic" => Ok(&self.anthropic),
+            "sim" => Ok(&self.sim),
+            other => Err(ProviderError::Unknown(other.to_owned())),
+        }
+    }
+}
+
+impl rowsmith_contract::step::Retryable for ProviderError {
+    fn is_retryable(&self) -> bool {
+        ProviderError::is_retryable(self)
+    }
+}

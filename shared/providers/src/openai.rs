@@ -1,0 +1,406 @@
+//! OpenAI Files + Batches client (`/v1/chat/completions` batches); any OpenAI-compatible
+//! endpoint, including the simulator, by base URL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{RequestBuilder, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::http::Http;
+use super::{
+    BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
+    ResultFiles,
+};
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_store::{Store, layout};
+
+/// Metadata key that names the shard a batch was created for (reconciliation looks it up).
+pub const SHARD_METADATA_KEY: &str = "rowsmith_shard";
+const JOB_METADATA_KEY: &str = "rowsmith_job";
+
+#[derive(Clone)]
+pub struct OpenAiClient {
+    name: String,
+    base_url: String,
+    api_key: Option<SecretString>,
+    /// Azure OpenAI: the `api-version` query value; the key then goes in an `api-key` header.
+    azure_api_version: Option<String>,
+    http: Http,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// The Batch object; only the fields the spec requires are not optional.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Batch {
+    pub id: String,
+    pub status: String,
+    #[serde(default)]
+    pub output_file_id: Option<String>,
+    #[serde(default)]
+    pub error_file_id: Option<String>,
+    #[serde(default)]
+    pub request_counts: Option<RequestCounts>,
+    #[serde(default)]
+    pub errors: Option<BatchErrors>,
+    #[serde(default)]
+    pub metadata: Option<HashMap<String, String>>,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct RequestCounts {
+    #[serde(default)]
+    pub total: u64,
+    #[serde(default)]
+    pub completed: u64,
+    #[serde(default)]
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BatchErrors {
+    #[serde(default)]
+    pub data: Vec<BatchErrorItem>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BatchErrorItem {
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub line: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileObject {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchList {
+    data: Vec<Batch>,
+    #[serde(default)]
+    has_more: bool,
+}
+
+impl OpenAiClient {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        api_key: Option<SecretString>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
+        let http = Http::new(name, timeout, Duration::from_secs(120))?;
+        Ok(Self {
+            name: name.into(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            azure_api_version: None,
+            http,
+        })
+    }
+
+    /// Talks to Azure OpenAI: `api-key` header and `api-version` query.
+    pub fn with_azure_api_version(mut self, api_version: Option<String>) -> Self {
+        self.azure_api_version = api_version;
+        self
+    }
+
+    fn url(&self, path: &str) -> String {
+        match &self.azure_api_version {
+            Some(version) => {
+                let separator = if path.contains('?') { '&' } else { '?' };
+                format!("{}{path}{separator}api-version={version}", self.base_url)
+            }
+            None => format!("{}{path}", self.base_url),
+        }
+    }
+
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        match (&self.api_key, &self.azure_api_version) {
+            (Some(key), Some(_)) => request.header("api-key", key.expose_secret()),
+            (Some(key), None) => request.bearer_auth(key.expose_secret()),
+            (None, _) => request,
+        }
+    }
+
+    async fn send(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        self.http
+            .send(operation, || self.authorize(build(&self.http.client)))
+            .await
+    }
+
+    /// One page of batches, newest first, after `after`.
+    async fn list_page(&self, after: Option<&str>) -> Result<BatchList, ProviderError> {
+        let mut url = self.url("/batches?limit=100");
+        if let Some(after) = after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let response = self.send("list batches", |http| http.get(&url)).await?;
+        self.http.json("list batches", response).await
+    }
+
+    pub async fn retrieve(&self, batch_id: &str) -> Result<Batch, ProviderError> {
+        let url = self.url(&format!("/batches/{batch_id}"));
+        let response = self.send("retrieve batch", |http| http.get(&url)).await?;
+        self.http.json("retrieve batch", response).await
+    }
+
+    pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
+        let url = self.url(&format!("/files/{file_id}/content"));
+        let response = self.send("download file", |http| http.get(&url)).await?;
+        self.http.bytes("download file", response).await
+    }
+}
+
+impl Batch {
+    pub fn to_status(&self) -> BatchStatus {
+        let state = match self.status.as_str() {
+            "validating" => BatchState::Validating,
+            "in_progress" => BatchState::InProgress,
+            "finalizing" => BatchState::Finalizing,
+            "cancelling" => BatchState::Cancelling,
+            "completed" => BatchState::Completed,
+            "expired" => BatchState::Expired,
+            "failed" => BatchState::Failed,
+            "cancelled" => BatchState::Cancelled,
+            other => BatchState::Other(other.to_owned()),
+        };
+        let counts = self.request_counts.unwrap_or_default();
+        let errors = self
+            .errors
+            .as_ref()
+            .map(|e| {
+                e.data
+                    .iter()
+                    .map(|item| {
+                        let line = item
+                            .line
+                            .map(|l| format!(" (line {l})"))
+                            .unwrap_or_default();
+                        format!(
+                            "{}: {}{line}",
+                            item.code.as_deref().unwrap_or("error"),
+                            item.message.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        BatchStatus {
+            state,
+            total: counts.total,
+            completed: counts.completed,
+            failed: counts.failed,
+            output_file_id: self.output_file_id.clone(),
+            error_file_id: self.error_file_id.clone(),
+            errors,
+        }
+    }
+}
+
+impl BatchProvider for OpenAiClient {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn limits(&self) -> Limits {
+        rowsmith_contract::providers::OPENAI
+    }
+
+    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+        let url = self.url("/files");
+        let file_name = format!("{}.jsonl", key.dotted());
+        let build = |http: &reqwest::Client| {
+            let part = reqwest::multipart::Part::stream(lines.clone())
+                .file_name(file_name.clone())
+                .mime_str("application/jsonl")
+                .unwrap_or_else(|_| reqwest::multipart::Part::stream(lines.clone()));
+            let form = reqwest::multipart::Form::new()
+                .text("purpose", "batch")
+                .part("file", part);
+            http.post(&url).multipart(form)
+        };
+        let response = self.send("upload file", build).await?;
+        let file: FileObject = self.http.json("upload file", response).await?;
+        Ok(file.id)
+    }
+
+    async fn create(
+        &self,
+        key: &ShardKey,
+        file_id: &str,
+        _lines: Bytes,
+    ) -> Result<BatchRef, ProviderError> {
+        let url = self.url("/batches");
+        let body = serde_json::json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {
+                SHARD_METADATA_KEY: key.dotted(),
+                JOB_METADATA_KEY: key.job_id,
+            },
+        });
+        let response = self
+            .http
+            .send_unrepeatable("create batch", || {
+                self.authorize(self.http.client.post(&url).json(&body))
+            })
+            .await?;
+        // An answer that cannot be read may still stand for a created batch.
+        let batch: Batch = self
+            .http
+            .json("create batch", response)
+            .await
+            .map_err(ProviderError::unconfirmed)?;
+        Ok(BatchRef { id: batch.id })
+    }
+
+    /// Pages newest first until the listing is past the window (no fixed page cap: an
+    /// organisation with many batches is read as far back as the claim), matching the shard
+    /// key in the metadata. A failed batch (refused for the token quota) is never one to keep.
+    async fn find(
+        &self,
+        key: &ShardKey,
+        window: &CreateWindow,
+    ) -> Result<Vec<BatchRef>, ProviderError> {
+        let wanted = key.dotted();
+        let mut found = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list_page(after.as_deref()).await?;
+            let mut past_window = false;
+            for batch in &page.data {
+                if window.is_before(batch.created_at.saturating_mul(1000)) {
+                    past_window = true;
+                    break;
+                }
+                let tagged = batch
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.get(SHARD_METADATA_KEY))
+                    == Some(&wanted);
+                if tagged && batch.status != "failed" {
+                    found.push(BatchRef {
+                        id: batch.id.clone(),
+                    });
+                }
+            }
+            match page.data.last() {
+                Some(last) if page.has_more && !past_window => after = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        found.reverse();
+        Ok(found)
+    }
+
+    fn tags_batches(&self) -> bool {
+        true
+    }
+
+    async fn status(&self, batch: &BatchRef) -> Result<BatchStatus, ProviderError> {
+        Ok(self.retrieve(&batch.id).await?.to_status())
+    }
+
+    async fn download(
+        &self,
+        key: &ShardKey,
+        status: &BatchStatus,
+        store: &Store,
+    ) -> Result<ResultFiles, ProviderError> {
+        let mut files = ResultFiles::default();
+        if let Some(file_id) = &status.output_file_id {
+            let path = layout::results_output(key);
+            store
+                .put_bytes(&path, self.file_content(file_id).await?)
+                .await?;
+            files.output_path = Some(path);
+        }
+        if let Some(file_id) = &status.error_file_id {
+            let path = layout::results_errors(key);
+            store
+                .put_bytes(&path, self.file_content(file_id).await?)
+                .await?;
+            files.errors_path = Some(path);
+        }
+        Ok(files)
+    }
+
+    async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
+        let url = self.url(&format!("/batches/{}/cancel", batch.id));
+        match self.send("cancel batch", |http| http.post(&url)).await {
+            Ok(_) => Ok(()),
+            // Already ended: nothing to cancel.
+            Err(ProviderError::Http { status, .. }) if status == StatusCode::CONFLICT.as_u16() => {
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_with_only_required_fields_decodes() {
+        let batch: Batch = serde_json::from_str(
+            r#"{"id":"batch_1","object":"batch","endpoint":"/v1/chat/completions",
+                "input_file_id":"file-1","completion_window":"24h","status":"validating",
+                "created_at":1711471533}"#,
+        )
+        .expect("decode");
+        let status = batch.to_status();
+        assert_eq!(status.state, BatchState::Validating);
+        assert_eq!((status.total, status.output_file_id), (0, None));
+    }
+
+    #[test]
+    fn completed_batch_without_output_file_is_terminal() {
+        let batch: Batch = serde_json::from_str(
+            r#"{"id":"b","status":"completed","output_file_id":null,"error_file_id":"file-e",
+                "request_counts":{"total":2,"completed":0,"failed":2},
+                "errors":null}"#,
+        )
+        .expect("decode");
+        let status = batch.to_status();
+        assert!(status.state.is_terminal());
+        assert_eq!(status.error_file_id.as_deref(), Some("file-e"));
+        assert_eq!(status.failed, 2);
+    }
+
+    #[test]
+    fn the_api_key_never_shows_in_debug() {
+        let client = OpenAiClient::new(
+            "openai",
+            "http://x/v1",
+            Some(SecretString::from("k-secret-1234")),
+            Duration::from_secs(1),
+        )
+        .expect("client");
+        assert!(!format!("{client:?}").contains("k-secret-1234"));
+    }
+}
