@@ -55,7 +55,6 @@ pub fn check_input_allowed(input: &str, allowed: &[String]) -> Result<(), StepEr
     )))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

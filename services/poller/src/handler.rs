@@ -10,7 +10,9 @@ use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardKey, ShardRea
 use rowsmith_contract::records::{
     JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
-use rowsmith_providers::{BatchProvider, BatchRef, BatchState, BatchStatus, ProviderError, Providers};
+use rowsmith_providers::{
+    BatchProvider, BatchRef, BatchState, BatchStatus, ProviderError, Providers,
+};
 use rowsmith_store::Store;
 
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@
 //! Anthropic batches carry no metadata, so the simulator tells attempts apart by how often it
 //! has seen the same request, and counts expiring shards by batch order.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -20,56 +19,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::anthropic_state::{Batch, Ended};
 use crate::faults::{Fate, fate, with_room};
 use crate::openai::{Shared, lock};
 
 /// The label under which permanent failures of Anthropic requests are counted in `/sim/stats`.
 pub const STATS_JOB: &str = "anthropic";
-
-#[derive(Debug, Default)]
-pub struct AnthropicState {
-    batches: HashMap<String, Batch>,
-    order: Vec<String>,
-    /// How often each request (by hash) was submitted: its attempt number.
-    seen: HashMap<[u8; 32], u32>,
-    first_attempt_batches: u32,
-}
-
-#[derive(Debug, Clone)]
-struct Batch {
-    id: String,
-    requests: Vec<Value>,
-    /// Attempt number of each request.
-    attempts: Vec<u32>,
-    created: Instant,
-    created_at: String,
-    /// How many requests get done before it expires, when it does.
-    expires_after: Option<usize>,
-    cancel_requested: Option<(Instant, String)>,
-    ended: Option<Ended>,
-}
-
-#[derive(Debug, Clone)]
-struct Ended {
-    at: String,
-    counts: Value,
-    results: Bytes,
-}
-
-impl AnthropicState {
-    /// Batches created.
-    pub(crate) fn created(&self) -> usize {
-        self.order.len()
-    }
-
-    /// Batches a cancel was asked for.
-    pub(crate) fn cancelled(&self) -> usize {
-        self.batches
-            .values()
-            .filter(|b| b.cancel_requested.is_some())
-            .count()
-    }
-}
 
 fn rfc3339_now() -> String {
     time::OffsetDateTime::now_utc()

@@ -7,6 +7,7 @@
 //! it was created, so no background task is needed and a paused clock is never required.
 
 mod anthropic;
+mod anthropic_state;
 mod faults;
 mod http_faults;
 mod model;
@@ -15,12 +16,17 @@ mod openai;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
 use rowsmith_config::SimSettings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use model::answer;
-pub use openai::{SimState, router};
+use openai::Shared;
+pub use openai::SimState;
 
 /// Serves the simulator on `listener` until `shutdown`.
 pub async fn serve(
@@ -45,4 +51,48 @@ pub async fn start(
     let address = listener.local_addr()?;
     let task = tokio::spawn(serve(settings, listener, shutdown));
     Ok((address, task))
+}
+
+/// The simulator's HTTP API: OpenAI Files + Batches, Anthropic Message Batches, and its own
+/// `/sim/stats` and `/sim/faults`, behind the HTTP fault layers.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(
+            "/v1/files",
+            post(openai::upload_file).get(openai::list_files),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(openai::get_file).delete(openai::delete_file),
+        )
+        .route("/v1/files/{id}/content", get(openai::file_content))
+        .route(
+            "/v1/batches",
+            post(openai::create_batch).get(openai::list_batches),
+        )
+        .route("/v1/batches/{id}", get(openai::get_batch))
+        .route("/v1/batches/{id}/cancel", post(openai::cancel_batch))
+        .route(
+            "/v1/messages/batches",
+            post(anthropic::create).get(anthropic::list),
+        )
+        .route(
+            "/v1/messages/batches/{id}",
+            get(anthropic::retrieve).delete(anthropic::delete),
+        )
+        .route("/v1/messages/batches/{id}/cancel", post(anthropic::cancel))
+        .route("/v1/messages/batches/{id}/results", get(anthropic::results))
+        .route("/sim/stats", get(openai::stats))
+        .route("/sim/faults", post(openai::set_faults))
+        .route("/sim/faults/{job_id}", post(openai::set_job_faults))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http_faults::inject,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            http_faults::refuse_status_checks,
+        ))
+        .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
+        .with_state(state)
 }

@@ -4,11 +4,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::Json;
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use bytes::Bytes;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -25,7 +24,7 @@ pub(crate) type Shared = Arc<Mutex<SimState>>;
 #[derive(Debug)]
 pub struct SimState {
     pub(crate) settings: SimSettings,
-    pub(crate) anthropic: crate::anthropic::AnthropicState,
+    pub(crate) anthropic: crate::anthropic_state::AnthropicState,
     files: HashMap<String, SimFile>,
     batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
@@ -493,45 +492,6 @@ pub(crate) fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub fn router(state: Shared) -> Router {
-    Router::new()
-        .route("/v1/files", post(upload_file).get(list_files))
-        .route("/v1/files/{id}", get(get_file).delete(delete_file))
-        .route("/v1/files/{id}/content", get(file_content))
-        .route("/v1/batches", post(create_batch).get(list_batches))
-        .route("/v1/batches/{id}", get(get_batch))
-        .route("/v1/batches/{id}/cancel", post(cancel_batch))
-        .route(
-            "/v1/messages/batches",
-            post(crate::anthropic::create).get(crate::anthropic::list),
-        )
-        .route(
-            "/v1/messages/batches/{id}",
-            get(crate::anthropic::retrieve).delete(crate::anthropic::delete),
-        )
-        .route(
-            "/v1/messages/batches/{id}/cancel",
-            post(crate::anthropic::cancel),
-        )
-        .route(
-            "/v1/messages/batches/{id}/results",
-            get(crate::anthropic::results),
-        )
-        .route("/sim/stats", get(stats))
-        .route("/sim/faults", post(set_faults))
-        .route("/sim/faults/{job_id}", post(set_job_faults))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::http_faults::inject,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::http_faults::refuse_status_checks,
-        ))
-        .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
-        .with_state(state)
-}
-
 fn file_object(file: &SimFile) -> Value {
     json!({
         "id": file.id, "object": "file", "bytes": file.bytes.len(), "created_at": file.created_at,
@@ -540,7 +500,7 @@ fn file_object(file: &SimFile) -> Value {
     })
 }
 
-async fn upload_file(State(state): State<Shared>, mut multipart: Multipart) -> Response {
+pub(crate) async fn upload_file(State(state): State<Shared>, mut multipart: Multipart) -> Response {
     let (mut purpose, mut content, mut filename) = (None, None, None);
     loop {
         match multipart.next_field().await {
@@ -597,7 +557,7 @@ async fn upload_file(State(state): State<Shared>, mut multipart: Multipart) -> R
     Json(object).into_response()
 }
 
-async fn list_files(State(state): State<Shared>) -> Response {
+pub(crate) async fn list_files(State(state): State<Shared>) -> Response {
     let state = lock(&state);
     let mut files: Vec<&SimFile> = state.files.values().collect();
     files.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
@@ -609,21 +569,21 @@ async fn list_files(State(state): State<Shared>) -> Response {
     .into_response()
 }
 
-async fn get_file(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+pub(crate) async fn get_file(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     match lock(&state).files.get(&id) {
         Some(file) => Json(file_object(file)).into_response(),
         None => error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
     }
 }
 
-async fn delete_file(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+pub(crate) async fn delete_file(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     match lock(&state).files.remove(&id) {
         Some(_) => Json(json!({"id": id, "object": "file", "deleted": true})).into_response(),
         None => error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
     }
 }
 
-async fn file_content(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+pub(crate) async fn file_content(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     match lock(&state).files.get(&id) {
         Some(file) => (
             StatusCode::OK,
@@ -636,7 +596,7 @@ async fn file_content(State(state): State<Shared>, Path(id): Path<String>) -> Re
 }
 
 #[derive(Debug, Deserialize)]
-struct CreateBatch {
+pub(crate) struct CreateBatch {
     input_file_id: String,
     endpoint: String,
     completion_window: String,
@@ -713,7 +673,7 @@ fn validate_lines(bytes: &[u8], endpoint: &str) -> (u64, Option<Vec<Value>>) {
     (total, None)
 }
 
-async fn create_batch(
+pub(crate) async fn create_batch(
     State(state): State<Shared>,
     body: Result<Json<CreateBatch>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -784,7 +744,7 @@ async fn create_batch(
     }
 }
 
-async fn get_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+pub(crate) async fn get_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     match lock(&state).advance(&id) {
         Some(object) => Json(object).into_response(),
         None => error(
@@ -795,12 +755,15 @@ async fn get_batch(State(state): State<Shared>, Path(id): Path<String>) -> Respo
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<usize>,
     after: Option<String>,
 }
 
-async fn list_batches(State(state): State<Shared>, Query(query): Query<ListQuery>) -> Response {
+pub(crate) async fn list_batches(
+    State(state): State<Shared>,
+    Query(query): Query<ListQuery>,
+) -> Response {
     let mut state = lock(&state);
     let limit = query.limit.unwrap_or(20).clamp(1, 100);
     // Newest first; `after` is the last id of the previous page.
@@ -820,7 +783,7 @@ async fn list_batches(State(state): State<Shared>, Query(query): Query<ListQuery
         .into_response()
 }
 
-async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
+pub(crate) async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> Response {
     let mut state = lock(&state);
     let Some(object) = state.advance(&id) else {
         return error(
@@ -846,7 +809,7 @@ async fn cancel_batch(State(state): State<Shared>, Path(id): Path<String>) -> Re
 }
 
 /// Counters for tests: what was uploaded and how many batches each shard key got.
-async fn stats(State(state): State<Shared>) -> Response {
+pub(crate) async fn stats(State(state): State<Shared>) -> Response {
     let state = lock(&state);
     Json(json!({
         "files_uploaded": state.files_uploaded,
@@ -866,7 +829,7 @@ async fn stats(State(state): State<Shared>) -> Response {
 }
 
 /// Sets the faults of every job without faults of its own, while the simulator runs.
-async fn set_faults(
+pub(crate) async fn set_faults(
     State(state): State<Shared>,
     body: Result<Json<SimFaults>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
@@ -880,7 +843,7 @@ async fn set_faults(
 }
 
 /// Sets the faults of one job (by the job id in the batches' metadata).
-async fn set_job_faults(
+pub(crate) async fn set_job_faults(
     State(state): State<Shared>,
     Path(job_id): Path<String>,
     body: Result<Json<SimFaults>, axum::extract::rejection::JsonRejection>,

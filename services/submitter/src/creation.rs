@@ -25,7 +25,7 @@ use rowsmith_contract::records::{
 };
 use rowsmith_providers::{BatchProvider, BatchRef, CreateWindow, Provider, ProviderError};
 
-use crate::handler::Submitter;
+use crate::Submitter;
 
 /// How the batch of a shard attempt came to be known.
 #[derive(Debug)]

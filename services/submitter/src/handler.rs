@@ -5,30 +5,17 @@
 
 use std::time::Duration;
 
-use rowsmith_bus::Bus;
 use rowsmith_bus::step::{StepError, settle};
 use rowsmith_bus::{Cas, Delivery, Outcome, decode};
-use rowsmith_config::{CreationSettings, QuotaSettings};
 use rowsmith_contract::events::{Event, EventKind};
 use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardReady, subjects};
 use rowsmith_contract::records::{
     JobRecord, JobState, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
-use rowsmith_providers::{BatchProvider, Providers};
-use rowsmith_store::Store;
+use rowsmith_providers::BatchProvider;
 
+use crate::Submitter;
 use crate::creation::{Creation, ensure_batch};
-
-#[derive(Debug, Clone)]
-pub struct Submitter {
-    pub bus: Bus,
-    pub store: Store,
-    pub providers: Providers,
-    pub quota: QuotaSettings,
-    pub creation: CreationSettings,
-    /// Testing only: probability of aborting right after a batch is created.
-    pub chaos_crash_after_create: f64,
-}
 
 pub async fn handle(submitter: &Submitter, delivery: Delivery) -> Outcome {
     let ready: ShardReady = match decode(&delivery) {

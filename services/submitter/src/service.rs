@@ -9,7 +9,8 @@ use rowsmith_providers::Providers;
 use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::handler::{Submitter, handle};
+use crate::Submitter;
+use crate::handler::handle;
 
 pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
     ConsumerSpec {
