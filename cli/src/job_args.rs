@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::Args;
 
-use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::spec::{JobSpec, parse_field};
 use rowsmith_store::{Store, layout};
 
 #[derive(Debug, Clone, Args)]
@@ -59,18 +59,7 @@ impl JobArgs {
                     format!("spec file {} is not a valid JobSpec", path.display())
                 })?
             }
-            None => JobSpec {
-                job_id: None,
-                input: String::new(),
-                instructions: String::new(),
-                target_columns: Vec::new(),
-                context_columns: None,
-                fields: Vec::new(),
-                provider: "sim".into(),
-                model: "gpt-4o-mini".into(),
-                options: JobOptions::default(),
-                fallback: None,
-            },
+            None => JobSpec::builder("", ""),
         };
         spec.input = self.input.clone();
         if let Some(instructions) = &self.instructions {

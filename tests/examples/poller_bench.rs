@@ -16,7 +16,7 @@ use rowsmith_config::{NatsSettings, SimSettings};
 use rowsmith_contract::events::Event;
 use rowsmith_contract::messages::{BatchSubmitted, ShardKey, subjects};
 use rowsmith_contract::records::{JobRecord, JobState, job_key};
-use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::spec::JobSpec;
 use rowsmith_providers::{BatchProvider, OpenAiClient};
 use rowsmith_tests::NatsServer;
 use tokio_util::sync::CancellationToken;
@@ -76,18 +76,11 @@ async fn main() -> anyhow::Result<()> {
         "poller-bench",
     )
     .await?;
-    let spec = JobSpec {
-        job_id: Some("pollbench".into()),
-        input: "inputs/none.csv".into(),
-        instructions: "x".into(),
-        target_columns: vec!["d".into()],
-        context_columns: None,
-        fields: vec![parse_field("t:string")?],
-        provider: "sim".into(),
-        model: "m".into(),
-        options: JobOptions::default(),
-        fallback: None,
-    };
+    let spec = JobSpec::builder("inputs/none.csv", "x")
+        .with_id("pollbench")
+        .with_targets(["d"])
+        .with_field_texts(["t:string"])?
+        .with_provider("sim", "m");
     let mut record = JobRecord::new(spec);
     record.state = JobState::Running;
     bus.create(&job_key("pollbench"), &record).await?;

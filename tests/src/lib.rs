@@ -2,6 +2,7 @@
 //! with its own store directory (killed on drop, restartable), and the whole stack — the four
 //! services and the provider simulator — running in-process against it.
 
+use rowsmith_runtime::ServiceSettings;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -505,10 +506,22 @@ impl Stack {
 /// Runs one service in-process until `shutdown`.
 fn spawn_service(service: &str, settings: Settings, shutdown: CancellationToken) {
     match service {
-        "ingest" => drop(tokio::spawn(rowsmith_ingest::run(settings, shutdown))),
-        "submitter" => drop(tokio::spawn(rowsmith_submitter::run(settings, shutdown))),
-        "poller" => drop(tokio::spawn(rowsmith_poller::run(settings, shutdown))),
-        "merger" => drop(tokio::spawn(rowsmith_merger::run(settings, shutdown))),
+        "ingest" => drop(tokio::spawn(rowsmith_ingest::run(
+            rowsmith_ingest::Config::from_settings(settings),
+            shutdown,
+        ))),
+        "submitter" => drop(tokio::spawn(rowsmith_submitter::run(
+            rowsmith_submitter::Config::from_settings(settings),
+            shutdown,
+        ))),
+        "poller" => drop(tokio::spawn(rowsmith_poller::run(
+            rowsmith_poller::Config::from_settings(settings),
+            shutdown,
+        ))),
+        "merger" => drop(tokio::spawn(rowsmith_merger::run(
+            rowsmith_merger::Config::from_settings(settings),
+            shutdown,
+        ))),
         other => panic!("no service {other}"),
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rowsmith_contract::records::JobState;
-use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::spec::JobSpec;
 use rowsmith_tests::Stack;
 use secrecy::SecretString;
 
@@ -48,18 +48,12 @@ async fn the_api_key_is_in_no_log_event_record_or_file() {
         csv.push_str(&format!("{i},item {i}\n"));
     }
     let input = stack.upload_input("secret.csv", csv.into_bytes()).await;
-    let spec = JobSpec {
-        job_id: Some("secret".into()),
-        input,
-        instructions: "Write a title.".into(),
-        target_columns: vec!["description".into()],
-        context_columns: None,
-        fields: vec![parse_field("title:string").expect("field")],
-        provider: "openai".into(),
-        model: "gpt-4o-mini".into(),
-        options: JobOptions::default(),
-        fallback: None,
-    };
+    let spec = JobSpec::builder(input, "Write a title.")
+        .with_id("secret")
+        .with_targets(["description"])
+        .with_field_texts(["title:string"])
+        .expect("field")
+        .with_provider("openai", "gpt-4o-mini");
     stack.submit(&spec).await;
     let job = stack.wait_for_end("secret", Duration::from_secs(60)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);

@@ -1,5 +1,6 @@
 //! `rowsmith up`: every service in one process (laptop mode), with the simulator on --sim.
 
+use rowsmith_runtime::ServiceSettings;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -41,21 +42,37 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         eprintln!("provider simulator listening on http://{address}");
         services.spawn(named("provider-sim", async move { task.await? }));
     }
-    if let Some(address) =
-        rowsmith_runtime::ops::serve(&settings, "rowsmith", shutdown.clone()).await?
+    if let Some(address) = rowsmith_runtime::ops::serve(
+        &rowsmith_config::ProcessSettings::of(&settings),
+        "rowsmith",
+        shutdown.clone(),
+    )
+    .await?
     {
         eprintln!("metrics and health on http://{address} (/metrics, /healthz, /readyz)");
     }
     // Connect once first so that a missing NATS is one clear error, not four.
     super::connect_and_set_up(&settings).await?;
     let (s, c) = (&settings, &shutdown);
-    services.spawn(named("ingest", rowsmith_ingest::run(s.clone(), c.clone())));
+    services.spawn(named(
+        "ingest",
+        rowsmith_ingest::run(rowsmith_ingest::Config::from_settings(s.clone()), c.clone()),
+    ));
     services.spawn(named(
         "submitter",
-        rowsmith_submitter::run(s.clone(), c.clone()),
+        rowsmith_submitter::run(
+            rowsmith_submitter::Config::from_settings(s.clone()),
+            c.clone(),
+        ),
     ));
-    services.spawn(named("poller", rowsmith_poller::run(s.clone(), c.clone())));
-    services.spawn(named("merger", rowsmith_merger::run(s.clone(), c.clone())));
+    services.spawn(named(
+        "poller",
+        rowsmith_poller::run(rowsmith_poller::Config::from_settings(s.clone()), c.clone()),
+    ));
+    services.spawn(named(
+        "merger",
+        rowsmith_merger::run(rowsmith_merger::Config::from_settings(s.clone()), c.clone()),
+    ));
     eprintln!(
         "rowsmith up: ingest, submitter, poller, merger running (NATS {}, store {}); Ctrl-C stops",
         settings.nats.url, settings.store.url

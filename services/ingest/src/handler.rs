@@ -1,5 +1,7 @@
 //! Handling one JobSpec.
 
+use std::path::{Path, PathBuf};
+
 use crate::input::local_input;
 use rowsmith_bus::lifecycle::{dead_letter, stop_job};
 use rowsmith_bus::step::{StepError, blocking_failed, require_job, settle};
@@ -12,7 +14,7 @@ use rowsmith_contract::records::{JobRecord, JobState, job_key};
 use rowsmith_contract::spec::JobSpec;
 use rowsmith_dataplane::estimate::{Estimate, dollars};
 use rowsmith_dataplane::render::RequestTemplate;
-use rowsmith_dataplane::table::{self, TableInfo};
+use rowsmith_dataplane::table::{self, RenderStats, TableInfo};
 use rowsmith_jobs::outputs::{OutputWriter, finalize_job};
 use rowsmith_jobs::shards::{
     CacheUse, announce_shards, create_shard_records, load_cache, prepare_shards, shard_limits,
@@ -193,18 +195,9 @@ async fn refuse(ingest: &Ingest, job_id: &str, message: &str) -> Outcome {
 }
 
 fn placeholder_spec(job_id: &str) -> JobSpec {
-    JobSpec {
-        job_id: Some(job_id.to_owned()),
-        input: String::new(),
-        instructions: String::new(),
-        target_columns: Vec::new(),
-        context_columns: None,
-        fields: Vec::new(),
-        provider: String::new(),
-        model: String::new(),
-        options: Default::default(),
-        fallback: None,
-    }
+    JobSpec::builder("", "")
+        .with_id(job_id)
+        .with_provider("", "")
 }
 
 enum Accepted {
@@ -261,25 +254,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
     let job_id = spec.id();
     set_state(&ingest.bus, job_id, JobState::Ingesting).await?;
     let scratch = tempfile::tempdir()?;
-    let input = local_input(
-        &ingest.store,
-        &spec.input,
-        &ingest.allowed_inputs,
-        scratch.path(),
-    )
-    .await?;
-    let indexed_key = layout::indexed(job_id);
-    let indexed = ingest.store.local_target(&indexed_key, scratch.path())?;
-    let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
-    let (limits, duckdb) = (ingest.limits.clone(), ingest.duckdb);
-    let info: TableInfo = tokio::task::spawn_blocking(move || {
-        table::index_input(&input_for_task, &indexed_for_task, &limits, &duckdb)
-    })
-    .await
-    .map_err(blocking_failed)??;
-    let indexed = ingest.store.commit_local(&indexed_key, &indexed).await?;
-    spec.validate_columns(&info.columns)
-        .map_err(|e| StepError::Job(e.to_string()))?;
+    let (info, indexed) = index(ingest, spec, scratch.path()).await?;
 
     let limits = shard_limits(spec, &ingest.limits)?;
     let fingerprint = RequestTemplate::new(spec, &info.columns).fingerprint(&spec.provider);
@@ -315,16 +290,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
         .await?;
     }
     if let Some((_, segments)) = cache.filter(|_| stats.cached > 0) {
-        let key = layout::cached_rows(job_id);
-        let target = ingest.store.local_target(&key, scratch.path())?;
-        let (target_for_task, fields, duckdb) =
-            (target.clone(), spec.fields.clone(), ingest.duckdb);
-        tokio::task::spawn_blocking(move || {
-            table::write_cached_rows(&hits, &segments, &fields, &target_for_task, &duckdb)
-        })
-        .await
-        .map_err(blocking_failed)??;
-        ingest.store.commit_local(&key, &target).await?;
+        store_cached_rows(ingest, spec, &hits, segments, scratch.path()).await?;
     }
     let estimate = Estimate::new(
         spec,
@@ -332,31 +298,100 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
         &prepared.sample,
         find_price(&ingest.prices, &spec.model),
     );
-    if let Some(budget) = spec.options.budget_usd {
-        // Refused before any batch is created: nothing has been sent to the provider.
-        let over = match estimate.cost_batch_usd {
-            Some(cost) if cost > budget => Some(format!(
-                "the estimated cost {} is over options.budget_usd ({}): {}; \
-                 raise the budget, or send fewer rows or fields",
-                dollars(cost),
-                dollars(budget),
-                estimate.summary()
-            )),
-            Some(_) => None,
-            None => Some(format!(
-                "options.budget_usd is set but model {:?} has no price; add [prices.\"{}\"] \
-                 to the configuration",
-                spec.model, spec.model
-            )),
-        };
-        if let Some(message) = over {
-            return Err(StepError::Job(message));
-        }
-    }
+    // Refused before any batch is created: nothing has been sent to the provider.
+    check_budget(spec, &estimate)?;
     if !prepared.duplicates.is_empty() {
         store_duplicates(&ingest.store, job_id, prepared.duplicates, ingest.duckdb).await?;
     }
     create_shard_records(&ingest.bus, spec, 1, &sizes).await?;
+    record_ingested(ingest, job_id, &stats, &estimate).await?;
+    if stats.shards == 0 {
+        // Nothing to send: the outputs are the table as it is.
+        set_state(&ingest.bus, job_id, JobState::Merging).await?;
+        return finalize_job(&ingest.bus, ingest.writer(), job_id, sequence).await;
+    }
+    announce_shards(&ingest.bus, spec, 1, stats.shards).await?;
+    Ok(())
+}
+
+/// Fetches the job's input and indexes it into the store (`layout::indexed`); returns its
+/// columns and the local copy of the indexed table.
+async fn index(
+    ingest: &Ingest,
+    spec: &JobSpec,
+    scratch: &Path,
+) -> Result<(TableInfo, PathBuf), StepError> {
+    let input = local_input(&ingest.store, &spec.input, &ingest.allowed_inputs, scratch).await?;
+    let indexed_key = layout::indexed(spec.id());
+    let indexed = ingest.store.local_target(&indexed_key, scratch)?;
+    let (input_for_task, indexed_for_task) = (input.clone(), indexed.clone());
+    let (limits, duckdb) = (ingest.limits.clone(), ingest.duckdb);
+    let info: TableInfo = tokio::task::spawn_blocking(move || {
+        table::index_input(&input_for_task, &indexed_for_task, &limits, &duckdb)
+    })
+    .await
+    .map_err(blocking_failed)??;
+    let indexed = ingest.store.commit_local(&indexed_key, &indexed).await?;
+    spec.validate_columns(&info.columns)
+        .map_err(|e| StepError::Job(e.to_string()))?;
+    Ok((info, indexed))
+}
+
+/// The rows the result cache answered, as the job's rows file of attempt 0.
+async fn store_cached_rows(
+    ingest: &Ingest,
+    spec: &JobSpec,
+    hits: &Path,
+    segments: Vec<PathBuf>,
+    scratch: &Path,
+) -> Result<(), StepError> {
+    let key = layout::cached_rows(spec.id());
+    let target = ingest.store.local_target(&key, scratch)?;
+    let (target_for_task, fields, duckdb) = (target.clone(), spec.fields.clone(), ingest.duckdb);
+    let hits = hits.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        table::write_cached_rows(&hits, &segments, &fields, &target_for_task, &duckdb)
+    })
+    .await
+    .map_err(blocking_failed)??;
+    ingest.store.commit_local(&key, &target).await?;
+    Ok(())
+}
+
+/// Refuses a job whose estimate is over its `options.budget_usd`, or that has a budget and
+/// no price to hold it to.
+fn check_budget(spec: &JobSpec, estimate: &Estimate) -> Result<(), StepError> {
+    let Some(budget) = spec.options.budget_usd else {
+        return Ok(());
+    };
+    let over = match estimate.cost_batch_usd {
+        Some(cost) if cost > budget => Some(format!(
+            "the estimated cost {} is over options.budget_usd ({}): {}; \
+             raise the budget, or send fewer rows or fields",
+            dollars(cost),
+            dollars(budget),
+            estimate.summary()
+        )),
+        Some(_) => None,
+        None => Some(format!(
+            "options.budget_usd is set but model {:?} has no price; add [prices.\"{}\"] \
+             to the configuration",
+            spec.model, spec.model
+        )),
+    };
+    match over {
+        Some(message) => Err(StepError::Job(message)),
+        None => Ok(()),
+    }
+}
+
+/// Records the first attempt's counts and shards in the job (now `running`) and says so.
+async fn record_ingested(
+    ingest: &Ingest,
+    job_id: &str,
+    stats: &RenderStats,
+    estimate: &Estimate,
+) -> Result<(), StepError> {
     let counts = Counts {
         rows_total: stats.rows,
         rows_skipped: stats.skipped,
@@ -367,7 +402,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
         shards_total: u64::from(stats.shards),
         ..Counts::default()
     };
-    let shards = stats.shards;
+    let (shards, indexed_key) = (stats.shards, layout::indexed(job_id));
     ingest
         .bus
         .modify(
@@ -406,12 +441,6 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
         .bus
         .emit(&Event::new(job_id, EventKind::Ingested, message, counts))
         .await;
-    if stats.shards == 0 {
-        // Nothing to send: the outputs are the table as it is.
-        set_state(&ingest.bus, job_id, JobState::Merging).await?;
-        return finalize_job(&ingest.bus, ingest.writer(), job_id, sequence).await;
-    }
-    announce_shards(&ingest.bus, spec, 1, stats.shards).await?;
     Ok(())
 }
 

@@ -7,4 +7,4 @@ pub mod input;
 pub mod service;
 
 pub use handler::{Ingest, handle};
-pub use service::run;
+pub use service::{Config, run};

@@ -1,56 +1,82 @@
-//! The ingest loop: one durable consumer on `rowsmith.jobs.submit`.
+//! Ingest's settings and loop: one durable consumer on `rowsmith.jobs.submit`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rowsmith_bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
-use rowsmith_config::Settings;
+use rowsmith_bus::ConsumerSpec;
+use rowsmith_config::{
+    CacheSettings, DuckdbSettings, LimitsSettings, OutputSettings, Price, ProcessSettings,
+    Settings, WorkerSettings,
+};
 use rowsmith_contract::messages::subjects;
+use rowsmith_runtime::{ServiceSettings, connect, run_service};
 use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Ingest, handle};
 
-pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+/// What ingest reads of the configuration: the job limits, DuckDB's, the outputs it writes
+/// when the cache answers every row, the result cache and the prices of its estimate. No
+/// provider settings: it calls no provider.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub process: ProcessSettings,
+    pub ingest: WorkerSettings,
+    pub limits: LimitsSettings,
+    pub output: OutputSettings,
+    pub cache: CacheSettings,
+    pub duckdb: DuckdbSettings,
+    pub prices: BTreeMap<String, Price>,
+}
+
+impl ServiceSettings for Config {
+    fn from_settings(settings: Settings) -> Self {
+        Self {
+            process: ProcessSettings::of(&settings),
+            ingest: settings.ingest,
+            limits: settings.limits,
+            output: settings.output,
+            cache: settings.cache,
+            duckdb: settings.duckdb,
+            prices: settings.prices,
+        }
+    }
+    fn process(&self) -> &ProcessSettings {
+        &self.process
+    }
+}
+
+pub fn consumer_spec(ingest: &WorkerSettings) -> ConsumerSpec {
     ConsumerSpec {
         durable: "ingest",
         filter_subject: subjects::JOBS_SUBMIT,
-        ack_wait: settings.ingest.ack_wait,
-        max_deliver: settings.ingest.max_deliver,
+        ack_wait: ingest.ack_wait,
+        max_deliver: ingest.max_deliver,
         max_ack_pending: 1_000,
     }
 }
 
 /// Runs the ingest service until `shutdown`.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect_retrying(
-        &settings.nats,
-        "rowsmith-ingest",
-        &shutdown,
-        CONNECT_PATIENCE,
-    )
-    .await?;
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = connect(&config.process, "rowsmith-ingest", &shutdown).await?;
     let ingest = Arc::new(Ingest {
         bus: bus.clone(),
-        store: Store::open(&settings.store)?,
-        allowed_inputs: settings.store.allowed_inputs.clone(),
-        limits: settings.limits.clone(),
-        output: settings.output.clone(),
-        prices: settings.prices.clone(),
-        cache: settings.cache.clone(),
-        duckdb: settings.duckdb.limits(),
+        store: Store::open(&config.process.store)?,
+        allowed_inputs: config.process.store.allowed_inputs.clone(),
+        limits: config.limits.clone(),
+        output: config.output.clone(),
+        prices: config.prices.clone(),
+        cache: config.cache.clone(),
+        duckdb: config.duckdb.limits(),
     });
-    let spec = consumer_spec(&settings);
-    let consumer = bus.work_consumer(&spec).await?;
-    run_worker(
-        consumer,
+    let spec = consumer_spec(&config.ingest);
+    run_service(
+        &bus,
         spec,
-        settings.ingest.concurrency,
+        config.ingest.concurrency,
         shutdown,
-        move |delivery| {
-            let ingest = ingest.clone();
-            async move { handle(&ingest, delivery).await }
-        },
+        ingest,
+        |ingest, delivery| async move { handle(&ingest, delivery).await },
     )
-    .await?;
-    Ok(())
+    .await
 }

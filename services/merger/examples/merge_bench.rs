@@ -13,33 +13,26 @@ use std::time::Instant;
 use anyhow::Context;
 use rowsmith_config::{DuckdbLimits, Settings};
 use rowsmith_contract::messages::{BatchEnded, ShardKey};
-use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::spec::JobSpec;
 use rowsmith_dataplane::table::{self, FinalOutputs, ShardLimits};
 use rowsmith_jobs::shards::prepare_shards;
 use rowsmith_merger::merge::merge_lines;
 use rowsmith_store::Store;
 
 fn spec() -> JobSpec {
-    JobSpec {
-        job_id: Some("bench".into()),
-        input: "bench.csv".into(),
-        instructions: "Write an SEO title of at most 60 characters, pick a shelf and 3-5 tags."
-            .into(),
-        target_columns: vec!["description".into()],
-        context_columns: None,
-        fields: [
-            "seo_title:string:SEO title",
-            "shelf:enum(toys|tools|garden|kitchen|office)",
-            "tags:array",
-        ]
-        .iter()
-        .map(|f| parse_field(f).expect("field"))
-        .collect(),
-        provider: "openai".into(),
-        model: "gpt-4o-mini".into(),
-        options: JobOptions::default(),
-        fallback: None,
-    }
+    JobSpec::builder(
+        "bench.csv",
+        "Write an SEO title of at most 60 characters, pick a shelf and 3-5 tags.",
+    )
+    .with_id("bench")
+    .with_targets(["description"])
+    .with_field_texts([
+        "seo_title:string:SEO title",
+        "shelf:enum(toys|tools|garden|kitchen|office)",
+        "tags:array",
+    ])
+    .expect("field")
+    .with_provider("openai", "gpt-4o-mini")
 }
 
 fn shard_files(dir: &Path, suffix: &str) -> anyhow::Result<Vec<PathBuf>> {

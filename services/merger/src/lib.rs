@@ -9,4 +9,4 @@ pub mod service;
 pub mod validate;
 
 pub use handler::{Merger, handle};
-pub use service::run;
+pub use service::{Config, run};

@@ -3,32 +3,64 @@
 
 use std::sync::Arc;
 
-use rowsmith_bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
-use rowsmith_config::Settings;
+use rowsmith_bus::ConsumerSpec;
+use rowsmith_config::{
+    CacheSettings, DuckdbSettings, LimitsSettings, OutputSettings, ProcessSettings, Settings,
+    WorkerSettings,
+};
 use rowsmith_contract::messages::subjects;
+use rowsmith_runtime::{ServiceSettings, connect, run_service};
 use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Merger, handle};
 use crate::lifecycle::{handle_resume, handle_suspended};
 
-pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+/// What the merger reads of the configuration: the job limits (retry shards), the outputs,
+/// the result cache and DuckDB's. No provider settings: it calls no provider.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub process: ProcessSettings,
+    pub merger: WorkerSettings,
+    pub limits: LimitsSettings,
+    pub output: OutputSettings,
+    pub cache: CacheSettings,
+    pub duckdb: DuckdbSettings,
+}
+
+impl ServiceSettings for Config {
+    fn from_settings(settings: Settings) -> Self {
+        Self {
+            process: ProcessSettings::of(&settings),
+            merger: settings.merger,
+            limits: settings.limits,
+            output: settings.output,
+            cache: settings.cache,
+            duckdb: settings.duckdb,
+        }
+    }
+    fn process(&self) -> &ProcessSettings {
+        &self.process
+    }
+}
+
+pub fn consumer_spec(merger: &WorkerSettings) -> ConsumerSpec {
     ConsumerSpec {
         durable: "merger",
         filter_subject: subjects::BATCHES_ENDED,
-        ack_wait: settings.merger.ack_wait,
-        max_deliver: settings.merger.max_deliver,
+        ack_wait: merger.ack_wait,
+        max_deliver: merger.max_deliver,
         max_ack_pending: 1_000,
     }
 }
 
 /// The consumers of the job lifecycle messages (few, one per suspension or resume).
-pub fn lifecycle_specs(settings: &Settings) -> [ConsumerSpec; 2] {
+pub fn lifecycle_specs(merger: &WorkerSettings) -> [ConsumerSpec; 2] {
     let spec = |durable, filter_subject| ConsumerSpec {
         durable,
         filter_subject,
-        ack_wait: settings.merger.ack_wait,
-        max_deliver: settings.merger.max_deliver,
+        ack_wait: merger.ack_wait,
+        max_deliver: merger.max_deliver,
         max_ack_pending: 100,
     };
     [
@@ -37,57 +69,44 @@ pub fn lifecycle_specs(settings: &Settings) -> [ConsumerSpec; 2] {
     ]
 }
 
-/// Runs the merger service until `shutdown`.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect_retrying(
-        &settings.nats,
-        "rowsmith-merger",
-        &shutdown,
-        CONNECT_PATIENCE,
-    )
-    .await?;
+/// Runs the merger service until `shutdown`: the merge loop and the two lifecycle loops.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = connect(&config.process, "rowsmith-merger", &shutdown).await?;
     let merger = Arc::new(Merger {
         bus: bus.clone(),
-        store: Store::open(&settings.store)?,
-        limits: settings.limits.clone(),
-        output: settings.output.clone(),
-        cache: settings.cache.clone(),
-        duckdb: settings.duckdb.limits(),
+        store: Store::open(&config.process.store)?,
+        limits: config.limits.clone(),
+        output: config.output.clone(),
+        cache: config.cache.clone(),
+        duckdb: config.duckdb.limits(),
     });
-    let [suspended_spec, resume_spec] = lifecycle_specs(&settings);
-    let (suspended, resumes) = (
-        bus.work_consumer(&suspended_spec).await?,
-        bus.work_consumer(&resume_spec).await?,
-    );
-    let spec = consumer_spec(&settings);
-    let consumer = bus.work_consumer(&spec).await?;
-    let (for_suspended, for_resumes) = (merger.clone(), merger.clone());
-    let concurrency = settings.merger.concurrency;
+    let [suspended, resume] = lifecycle_specs(&config.merger);
+    let concurrency = config.merger.concurrency;
     tokio::try_join!(
-        run_worker(
-            consumer,
-            spec,
+        run_service(
+            &bus,
+            consumer_spec(&config.merger),
             concurrency,
             shutdown.clone(),
-            move |delivery| {
-                let merger = merger.clone();
-                async move { handle(&merger, delivery).await }
-            }
+            merger.clone(),
+            |merger, delivery| async move { handle(&merger, delivery).await }
         ),
-        run_worker(
+        run_service(
+            &bus,
             suspended,
-            suspended_spec,
             1,
             shutdown.clone(),
-            move |delivery| {
-                let merger = for_suspended.clone();
-                async move { handle_suspended(&merger, delivery).await }
-            }
+            merger.clone(),
+            |merger, delivery| async move { handle_suspended(&merger, delivery).await }
         ),
-        run_worker(resumes, resume_spec, 1, shutdown, move |delivery| {
-            let merger = for_resumes.clone();
-            async move { handle_resume(&merger, delivery).await }
-        }),
+        run_service(
+            &bus,
+            resume,
+            1,
+            shutdown,
+            merger,
+            |merger, delivery| async move { handle_resume(&merger, delivery).await }
+        ),
     )?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use rowsmith_contract::records::{
     JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
 use rowsmith_providers::{
-    BatchProvider, BatchRef, BatchState, BatchStatus, ProviderError, Providers,
+    BatchProvider, BatchRef, BatchState, BatchStatus, Provider, ProviderError, Providers,
 };
 use rowsmith_store::Store;
 
@@ -112,25 +112,18 @@ enum Check {
     JobOver,
 }
 
+/// One status check of a batch: cancel it when asked or overdue, report its progress, or
+/// collect what it answered once it ended.
 async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, StepError> {
-    let bus = &poller.bus;
-    let key = &submitted.key;
-    // A suspended job's batches are still watched: what they bought is kept.
-    let job = match bus.read::<JobRecord>(&job_key(&key.job_id)).await? {
-        Some((job, _)) if job.state.is_terminal() => return Ok(Check::JobOver),
-        Some((job, _)) => job,
-        None => {
-            return Err(StepError::Job(format!(
-                "batch {} has no job record",
-                submitted.batch_id
-            )));
-        }
+    let Some(job) = watched_job(poller, submitted).await? else {
+        return Ok(Check::JobOver);
     };
     let provider = poller.providers.get(&submitted.provider)?;
     let batch = BatchRef {
         id: submitted.batch_id.clone(),
     };
     let status = provider.status(&batch).await?;
+    let key = &submitted.key;
     if job.cancel_requested && !status.state.is_terminal() && status.state != BatchState::Cancelling
     {
         provider.cancel(&batch).await?;
@@ -145,76 +138,20 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
             now,
             poller.give_up_after + CANCEL_PATIENCE,
         );
-    if overdue_now && !hopeless {
-        // The provider should have ended it by now: cancel it, and keep checking until it
-        // has, so that the rows it finished (and billed) are collected; only the rest go
-        // into the next attempt.
-        if status.state != BatchState::Cancelling && !job.cancel_requested {
-            match provider.cancel(&batch).await {
-                Ok(()) => {
-                    let message = format!(
-                        "batch {} of shard {} is past its completion window: cancelled; its {} \
-                         finished rows are kept once it ends, the rest are sent again",
-                        batch.id, key.shard, status.completed
-                    );
-                    tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, cancelled to collect what it finished");
-                    bus.emit(
-                        &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
-                            .with_shard(key.clone()),
-                    )
-                    .await;
-                }
-                Err(error) => {
-                    tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch")
-                }
-            }
-        }
-        return Ok(Check::Running);
-    }
     if hopeless {
-        // Cancelled long ago and still not ended: stop waiting and retry its rows.
-        if let Err(error) = provider.cancel(&batch).await {
-            tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch");
-        }
-        release_quota(bus, &submitted.provider, &job.spec.model, key).await?;
-        let ended = BatchEnded {
-            key: key.clone(),
-            provider: submitted.provider.clone(),
-            batch_id: batch.id.clone(),
-            status: "expired".into(),
-            output_path: None,
-            errors_path: None,
-            failure: None,
-        };
-        bus.publish(
-            subjects::BATCHES_ENDED,
-            &ended_msg_id(key, &batch.id, &job),
-            &ended,
-        )
-        .await?;
-        tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue and its cancel never ended, treated as expired");
-        return Ok(Check::Ended);
+        return give_up(poller, submitted, provider, &job).await;
+    }
+    if overdue_now {
+        cancel_overdue(poller, submitted, provider, &job, &status).await;
+        return Ok(Check::Running);
     }
     metrics::counter!("rowsmith_batch_checks_total", "state" => status.state.as_str().to_owned())
         .increment(1);
     if !status.state.is_terminal() {
-        let message = format!(
-            "batch {} of shard {} is {}: {}/{} done, {} failed",
-            batch.id,
-            key.shard,
-            status.state.as_str(),
-            status.completed,
-            status.total,
-            status.failed
-        );
-        bus.emit(
-            &Event::new(&key.job_id, EventKind::BatchProgress, message, job.counts)
-                .with_shard(key.clone()),
-        )
-        .await;
+        report_progress(poller, submitted, &job, &status).await;
         return Ok(Check::Running);
     }
-    release_quota(bus, &submitted.provider, &job.spec.model, key).await?;
+    release_quota(&poller.bus, &submitted.provider, &job.spec.model, key).await?;
     if status.state == BatchState::Failed
         && status
             .errors
@@ -224,9 +161,143 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         resubmit_later(poller, submitted, &job).await?;
         return Ok(Check::Ended);
     }
+    collect(poller, submitted, provider, &job, &status).await?;
+    Ok(Check::Ended)
+}
+
+/// The job of a batch, while it is not over; a suspended job's batches are still watched:
+/// what they bought is kept.
+async fn watched_job(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+) -> Result<Option<JobRecord>, StepError> {
+    match poller
+        .bus
+        .read::<JobRecord>(&job_key(&submitted.key.job_id))
+        .await?
+    {
+        Some((job, _)) if job.state.is_terminal() => Ok(None),
+        Some((job, _)) => Ok(Some(job)),
+        None => Err(StepError::Job(format!(
+            "batch {} has no job record",
+            submitted.batch_id
+        ))),
+    }
+}
+
+/// The provider should have ended the batch by now: cancel it, and keep checking until it
+/// has, so that the rows it finished (and billed) are collected; only the rest go into the
+/// next attempt.
+async fn cancel_overdue(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+    provider: &Provider,
+    job: &JobRecord,
+    status: &BatchStatus,
+) {
+    if status.state == BatchState::Cancelling || job.cancel_requested {
+        return;
+    }
+    let key = &submitted.key;
+    let batch = BatchRef {
+        id: submitted.batch_id.clone(),
+    };
+    match provider.cancel(&batch).await {
+        Ok(()) => {
+            let message = format!(
+                "batch {} of shard {} is past its completion window: cancelled; its {} \
+                 finished rows are kept once it ends, the rest are sent again",
+                batch.id, key.shard, status.completed
+            );
+            tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, cancelled to collect what it finished");
+            poller
+                .bus
+                .emit(
+                    &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
+                        .with_shard(key.clone()),
+                )
+                .await;
+        }
+        Err(error) => {
+            tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch")
+        }
+    }
+}
+
+/// Cancelled long ago and still not ended: stop waiting and retry its rows.
+async fn give_up(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+    provider: &Provider,
+    job: &JobRecord,
+) -> Result<Check, StepError> {
+    let key = &submitted.key;
+    let batch = BatchRef {
+        id: submitted.batch_id.clone(),
+    };
+    if let Err(error) = provider.cancel(&batch).await {
+        tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch");
+    }
+    release_quota(&poller.bus, &submitted.provider, &job.spec.model, key).await?;
+    let ended = BatchEnded {
+        key: key.clone(),
+        provider: submitted.provider.clone(),
+        batch_id: batch.id.clone(),
+        status: "expired".into(),
+        output_path: None,
+        errors_path: None,
+        failure: None,
+    };
+    poller
+        .bus
+        .publish(
+            subjects::BATCHES_ENDED,
+            &ended_msg_id(key, &batch.id, job),
+            &ended,
+        )
+        .await?;
+    tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue and its cancel never ended, treated as expired");
+    Ok(Check::Ended)
+}
+
+async fn report_progress(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+    job: &JobRecord,
+    status: &BatchStatus,
+) {
+    let key = &submitted.key;
+    let message = format!(
+        "batch {} of shard {} is {}: {}/{} done, {} failed",
+        submitted.batch_id,
+        key.shard,
+        status.state.as_str(),
+        status.completed,
+        status.total,
+        status.failed
+    );
+    poller
+        .bus
+        .emit(
+            &Event::new(&key.job_id, EventKind::BatchProgress, message, job.counts)
+                .with_shard(key.clone()),
+        )
+        .await;
+}
+
+/// Downloads an ended batch's files into the store, records them in the shard and announces
+/// the end to the merger.
+async fn collect(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+    provider: &Provider,
+    job: &JobRecord,
+    status: &BatchStatus,
+) -> Result<(), StepError> {
+    let (bus, key) = (&poller.bus, &submitted.key);
     metrics::counter!("rowsmith_batches_ended_total", "state" => status.state.as_str().to_owned())
         .increment(1);
-    let files = provider.download(key, &status, &poller.store).await?;
+    let files = provider.download(key, status, &poller.store).await?;
     let batch_status = status.state.as_str().to_owned();
     bus.modify(
         &shard_key(key),
@@ -248,20 +319,20 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
     let ended = BatchEnded {
         key: key.clone(),
         provider: submitted.provider.clone(),
-        batch_id: batch.id.clone(),
+        batch_id: submitted.batch_id.clone(),
         status: batch_status,
         output_path: files.output_path,
         errors_path: files.errors_path,
-        failure: batch_failure(&status),
+        failure: batch_failure(status),
     };
     bus.publish(
         subjects::BATCHES_ENDED,
-        &ended_msg_id(key, &batch.id, &job),
+        &ended_msg_id(key, &submitted.batch_id, job),
         &ended,
     )
     .await?;
-    tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, status = %ended.status, "batch ended");
-    Ok(Check::Ended)
+    tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %submitted.batch_id, status = %ended.status, "batch ended");
+    Ok(())
 }
 
 /// The message id of a batch's end: after a resume it is new, so the stream's duplicate

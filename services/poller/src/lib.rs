@@ -6,4 +6,4 @@ pub mod handler;
 pub mod service;
 
 pub use handler::{Poller, handle, next_delay};
-pub use service::run;
+pub use service::{Config, run};

@@ -1,57 +1,72 @@
-//! The poller loop: one durable consumer on `rowsmith.batches.submitted`, shared by every
-//! poller replica; unlimited deliveries, since each check is a delivery.
+//! The poller's settings and loop: one durable consumer on `rowsmith.batches.submitted`,
+//! shared by every poller replica; unlimited deliveries, since each check is a delivery.
 
 use std::sync::Arc;
 
-use rowsmith_bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
-use rowsmith_config::Settings;
+use rowsmith_bus::ConsumerSpec;
+use rowsmith_config::{PollerSettings, ProcessSettings, ProviderSettings, QuotaSettings, Settings};
 use rowsmith_contract::messages::subjects;
 use rowsmith_providers::Providers;
+use rowsmith_runtime::{ServiceSettings, connect, run_service};
 use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::handler::{Poller, handle};
 
-pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+/// What the poller reads of the configuration: the provider clients (it checks and downloads
+/// batches), its schedule and how long a quota hold-back waits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub process: ProcessSettings,
+    pub provider: ProviderSettings,
+    pub poller: PollerSettings,
+    pub quota: QuotaSettings,
+}
+
+impl ServiceSettings for Config {
+    fn from_settings(settings: Settings) -> Self {
+        Self {
+            process: ProcessSettings::of(&settings),
+            provider: settings.provider,
+            poller: settings.poller,
+            quota: settings.quota,
+        }
+    }
+    fn process(&self) -> &ProcessSettings {
+        &self.process
+    }
+}
+
+pub fn consumer_spec(poller: &PollerSettings) -> ConsumerSpec {
     ConsumerSpec {
         durable: "poller",
         filter_subject: subjects::BATCHES_SUBMITTED,
-        ack_wait: settings.poller.ack_wait,
+        ack_wait: poller.ack_wait,
         max_deliver: -1,
         // Parked batches (NAKed with a delay) count against this; size it for all of them.
-        max_ack_pending: settings.poller.max_ack_pending,
+        max_ack_pending: poller.max_ack_pending,
     }
 }
 
 /// Runs the poller service until `shutdown`.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect_retrying(
-        &settings.nats,
-        "rowsmith-poller",
-        &shutdown,
-        CONNECT_PATIENCE,
-    )
-    .await?;
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = connect(&config.process, "rowsmith-poller", &shutdown).await?;
     let poller = Arc::new(Poller {
         bus: bus.clone(),
-        store: Store::open(&settings.store)?,
-        providers: Providers::from_settings(&settings)?,
-        schedule: settings.poller.schedule()?,
-        quota_wait: settings.quota.wait,
-        give_up_after: settings.poller.completion_window + settings.poller.grace,
+        store: Store::open(&config.process.store)?,
+        providers: Providers::from_settings(&config.provider)?,
+        schedule: config.poller.schedule()?,
+        quota_wait: config.quota.wait,
+        give_up_after: config.poller.completion_window + config.poller.grace,
     });
-    let spec = consumer_spec(&settings);
-    let consumer = bus.work_consumer(&spec).await?;
-    run_worker(
-        consumer,
+    let spec = consumer_spec(&config.poller);
+    run_service(
+        &bus,
         spec,
-        settings.poller.concurrency,
+        config.poller.concurrency,
         shutdown,
-        move |delivery| {
-            let poller = poller.clone();
-            async move { handle(&poller, delivery).await }
-        },
+        poller,
+        |poller, delivery| async move { handle(&poller, delivery).await },
     )
-    .await?;
-    Ok(())
+    .await
 }

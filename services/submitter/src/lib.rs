@@ -23,4 +23,4 @@ pub struct Submitter {
 }
 
 pub use handler::handle;
-pub use service::run;
+pub use service::{Config, run};

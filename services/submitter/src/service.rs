@@ -1,22 +1,51 @@
-//! The submitter loop: one durable consumer on `rowsmith.shards.ready`.
+//! The submitter's settings and loop: one durable consumer on `rowsmith.shards.ready`.
 
 use std::sync::Arc;
 
-use rowsmith_bus::{Bus, CONNECT_PATIENCE, ConsumerSpec, run_worker};
-use rowsmith_config::Settings;
+use rowsmith_bus::ConsumerSpec;
+use rowsmith_config::{
+    CreationSettings, ProcessSettings, ProviderSettings, QuotaSettings, Settings, WorkerSettings,
+};
 use rowsmith_contract::messages::subjects;
 use rowsmith_providers::Providers;
+use rowsmith_runtime::{ServiceSettings, connect, run_service};
 use rowsmith_store::Store;
 use tokio_util::sync::CancellationToken;
 
 use crate::Submitter;
 use crate::handler::handle;
 
-pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
+/// What the submitter reads of the configuration: the provider clients (it uploads and
+/// creates batches), the enqueued-token quota and the creation lease.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub process: ProcessSettings,
+    pub provider: ProviderSettings,
+    pub submitter: WorkerSettings,
+    pub quota: QuotaSettings,
+    pub creation: CreationSettings,
+}
+
+impl ServiceSettings for Config {
+    fn from_settings(settings: Settings) -> Self {
+        Self {
+            process: ProcessSettings::of(&settings),
+            provider: settings.provider,
+            submitter: settings.submitter,
+            quota: settings.quota,
+            creation: settings.creation,
+        }
+    }
+    fn process(&self) -> &ProcessSettings {
+        &self.process
+    }
+}
+
+pub fn consumer_spec(submitter: &WorkerSettings) -> ConsumerSpec {
     ConsumerSpec {
         durable: "submitter",
         filter_subject: subjects::SHARDS_READY,
-        ack_wait: settings.submitter.ack_wait,
+        ack_wait: submitter.ack_wait,
         // Held-back shards are redelivered until the quota frees up, so deliveries are not
         // counted against them; permanent errors still fail the job at once.
         max_deliver: -1,
@@ -25,34 +54,25 @@ pub fn consumer_spec(settings: &Settings) -> ConsumerSpec {
 }
 
 /// Runs the submitter service until `shutdown`.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let bus = Bus::connect_retrying(
-        &settings.nats,
-        "rowsmith-submitter",
-        &shutdown,
-        CONNECT_PATIENCE,
-    )
-    .await?;
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let bus = connect(&config.process, "rowsmith-submitter", &shutdown).await?;
     let submitter = Arc::new(Submitter {
         bus: bus.clone(),
-        store: Store::open(&settings.store)?,
-        providers: Providers::from_settings(&settings)?,
-        quota: settings.quota.clone(),
-        creation: settings.creation.clone(),
-        chaos_crash_after_create: settings.submitter.chaos_crash_after_create,
+        store: Store::open(&config.process.store)?,
+        providers: Providers::from_settings(&config.provider)?,
+        quota: config.quota.clone(),
+        creation: config.creation.clone(),
+        chaos_crash_after_create: config.submitter.chaos_crash_after_create,
     });
-    let spec = consumer_spec(&settings);
-    let consumer = bus.work_consumer(&spec).await?;
-    run_worker(
-        consumer,
+    let spec = consumer_spec(&config.submitter);
+    let concurrency = config.submitter.concurrency;
+    run_service(
+        &bus,
         spec,
-        settings.submitter.concurrency,
+        concurrency,
         shutdown,
-        move |delivery| {
-            let submitter = submitter.clone();
-            async move { handle(&submitter, delivery).await }
-        },
+        submitter,
+        |submitter, delivery| async move { handle(&submitter, delivery).await },
     )
-    .await?;
-    Ok(())
+    .await
 }

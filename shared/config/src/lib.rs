@@ -100,6 +100,31 @@ pub fn default_prices() -> std::collections::BTreeMap<String, Price> {
     .collect()
 }
 
+/// What every service process needs whatever its work: where NATS and the store are, its logs
+/// and traces, and its operations endpoint. Each service's own settings hold this and only
+/// the sections it uses, so that no process keeps another's knobs or provider keys.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessSettings {
+    pub nats: NatsSettings,
+    pub store: StoreSettings,
+    pub log: LogSettings,
+    pub telemetry: TelemetrySettings,
+    pub ops: OpsSettings,
+}
+
+impl ProcessSettings {
+    /// The process part of the whole file's settings.
+    pub fn of(settings: &Settings) -> Self {
+        Self {
+            nats: settings.nats.clone(),
+            store: settings.store.clone(),
+            log: settings.log.clone(),
+            telemetry: settings.telemetry.clone(),
+            ops: settings.ops.clone(),
+        }
+    }
+}
+
 impl Settings {
     /// The price of `model`: its own entry, else the longest entry it starts with.
     pub fn price(&self, model: &str) -> Option<&Price> {

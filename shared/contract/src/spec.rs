@@ -146,7 +146,81 @@ fn is_valid_field_name(name: &str) -> bool {
 /// The most attempts a job may ask for.
 pub const MAX_ATTEMPTS: u32 = 10;
 
+/// The provider and model of a spec built with [`JobSpec::builder`] until told otherwise.
+pub const DEFAULT_PROVIDER: &str = "sim";
+pub const DEFAULT_MODEL: &str = "gpt-4o-mini";
+
 impl JobSpec {
+    /// A spec of `input` with `instructions` and nothing else yet: no id, columns or fields,
+    /// the simulator as provider, default options. The one way code and tests build a spec.
+    pub fn builder(input: impl Into<String>, instructions: impl Into<String>) -> JobSpec {
+        JobSpec {
+            job_id: None,
+            input: input.into(),
+            instructions: instructions.into(),
+            target_columns: Vec::new(),
+            context_columns: None,
+            fields: Vec::new(),
+            provider: DEFAULT_PROVIDER.into(),
+            model: DEFAULT_MODEL.into(),
+            options: JobOptions::default(),
+            fallback: None,
+        }
+    }
+
+    pub fn with_id(mut self, job_id: impl Into<String>) -> JobSpec {
+        self.job_id = Some(job_id.into());
+        self
+    }
+
+    pub fn with_targets<S: Into<String>>(
+        mut self,
+        columns: impl IntoIterator<Item = S>,
+    ) -> JobSpec {
+        self.target_columns = columns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn with_context<S: Into<String>>(
+        mut self,
+        columns: impl IntoIterator<Item = S>,
+    ) -> JobSpec {
+        self.context_columns = Some(columns.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn with_fields(mut self, fields: impl IntoIterator<Item = FieldSpec>) -> JobSpec {
+        self.fields = fields.into_iter().collect();
+        self
+    }
+
+    /// Fields in the `--field` grammar (`name:type[:description]`).
+    pub fn with_field_texts<'a>(
+        self,
+        fields: impl IntoIterator<Item = &'a str>,
+    ) -> Result<JobSpec, SpecError> {
+        let fields = fields
+            .into_iter()
+            .map(parse_field)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(self.with_fields(fields))
+    }
+
+    pub fn with_provider(
+        mut self,
+        provider: impl Into<String>,
+        model: impl Into<String>,
+    ) -> JobSpec {
+        self.provider = provider.into();
+        self.model = model.into();
+        self
+    }
+
+    pub fn with_options(mut self, options: JobOptions) -> JobSpec {
+        self.options = options;
+        self
+    }
+
     /// The spec of attempt `attempt`: the fallback's provider and model on the last attempt.
     pub fn for_attempt(&self, attempt: u32) -> JobSpec {
         let mut spec = self.clone();
@@ -448,18 +522,12 @@ mod tests {
     use super::*;
 
     fn spec() -> JobSpec {
-        JobSpec {
-            job_id: Some("job-1".into()),
-            input: "inputs/a.csv".into(),
-            instructions: "do it".into(),
-            target_columns: vec!["description".into()],
-            context_columns: None,
-            fields: vec![parse_field("title:string").expect("field")],
-            provider: "sim".into(),
-            model: "m".into(),
-            options: JobOptions::default(),
-            fallback: None,
-        }
+        JobSpec::builder("inputs/a.csv", "do it")
+            .with_id("job-1")
+            .with_targets(["description"])
+            .with_field_texts(["title:string"])
+            .expect("field")
+            .with_provider("sim", "m")
     }
 
     #[test]

@@ -321,21 +321,14 @@ impl Estimate {
 mod tests {
     use super::*;
     use crate::render::RequestTemplate;
-    use rowsmith_contract::spec::{JobOptions, parse_field};
 
     fn spec(provider: &str) -> JobSpec {
-        JobSpec {
-            job_id: Some("e".into()),
-            input: "inputs/x.csv".into(),
-            instructions: "Write a title.".into(),
-            target_columns: vec!["description".into()],
-            context_columns: None,
-            fields: vec![parse_field("title:string").expect("field")],
-            provider: provider.into(),
-            model: "gpt-4o-mini".into(),
-            options: JobOptions::default(),
-            fallback: None,
-        }
+        JobSpec::builder("inputs/x.csv", "Write a title.")
+            .with_id("e")
+            .with_targets(["description"])
+            .with_field_texts(["title:string"])
+            .expect("field")
+            .with_provider(provider, "gpt-4o-mini")
     }
 
     #[test]

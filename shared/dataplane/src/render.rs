@@ -291,25 +291,17 @@ pub fn row_index_of(custom_id: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rowsmith_contract::spec::{JobOptions, parse_field};
 
     fn spec() -> JobSpec {
-        JobSpec {
-            job_id: Some("j".into()),
-            input: "in.csv".into(),
-            instructions: "Write a \"title\".".into(),
-            target_columns: vec!["description".into()],
-            context_columns: None,
-            fields: vec![
-                parse_field("title:string:short").expect("f"),
-                parse_field("category:enum(toys|tools)").expect("f"),
-                parse_field("tags:array").expect("f"),
-            ],
-            provider: "sim".into(),
-            model: "gpt-4o-mini".into(),
-            options: JobOptions::default(),
-            fallback: None,
-        }
+        JobSpec::builder("in.csv", "Write a \"title\".")
+            .with_id("j")
+            .with_targets(["description"])
+            .with_field_texts([
+                "title:string:short",
+                "category:enum(toys|tools)",
+                "tags:array",
+            ])
+            .expect("f")
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::future::Future;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use rowsmith_config::Settings;
+use rowsmith_config::ProviderSettings;
 use rowsmith_contract::messages::ShardKey;
 use rowsmith_store::{StorageError, Store};
 
@@ -354,8 +354,8 @@ pub struct Providers {
 }
 
 impl Providers {
-    pub fn from_settings(settings: &Settings) -> Result<Self, ProviderError> {
-        let openai_settings = &settings.provider.openai;
+    pub fn from_settings(settings: &ProviderSettings) -> Result<Self, ProviderError> {
+        let openai_settings = &settings.openai;
         let openai = OpenAiClient::new(
             "openai",
             &openai_settings.base_url,
@@ -363,18 +363,13 @@ impl Providers {
             openai_settings.timeout,
         )?
         .with_azure_api_version(openai_settings.azure_api_version.clone());
-        let anthropic_settings = &settings.provider.anthropic;
+        let anthropic_settings = &settings.anthropic;
         let anthropic = AnthropicClient::new(
             &anthropic_settings.base_url,
             anthropic_settings.api_key.clone(),
             anthropic_settings.timeout,
         )?;
-        let sim = OpenAiClient::new(
-            "sim",
-            &settings.provider.sim.base_url,
-            None,
-            openai_settings.timeout,
-        )?;
+        let sim = OpenAiClient::new("sim", &settings.sim.base_url, None, openai_settings.timeout)?;
         Ok(Self {
             openai: Provider::OpenAi(openai),
             anthropic: Provider::Anthropic(anthropic),

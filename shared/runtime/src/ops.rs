@@ -21,7 +21,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use rowsmith_config::Settings;
+use rowsmith_config::ProcessSettings;
 use rowsmith_store::Store;
 
 /// The process-wide metrics recorder, installed on first use.
@@ -53,7 +53,7 @@ impl std::fmt::Debug for Probe {
 
 /// Serves the endpoint when `ops.listen` is set, until `shutdown`; returns the bound address.
 pub async fn serve(
-    settings: &Settings,
+    settings: &ProcessSettings,
     name: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<SocketAddr>> {

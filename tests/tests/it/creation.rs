@@ -151,7 +151,7 @@ fn submitter(stack: &Stack) -> rowsmith_submitter::Submitter {
     rowsmith_submitter::Submitter {
         bus: stack.bus.clone(),
         store: stack.store.clone(),
-        providers: Providers::from_settings(&stack.settings).expect("providers"),
+        providers: Providers::from_settings(&stack.settings.provider).expect("providers"),
         quota: Default::default(),
         creation: stack.settings.creation.clone(),
         chaos_crash_after_create: 0.0,
@@ -276,7 +276,7 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
     let stack = Stack::start_services(|_| {}, &[]).await;
     let (ready, lines) = one_ready_shard(&stack, "crashed-a", "anthropic").await;
     let key = ready.key.clone();
-    let providers = Providers::from_settings(&stack.settings).expect("providers");
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
     let anthropic = providers.get("anthropic").expect("anthropic");
     // An unrelated batch of another size, created just before: not to be taken for this one.
     let mut other = String::from_utf8(lines.to_vec()).expect("utf8");

@@ -66,7 +66,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
 
     // First life: uploaded and recorded the file, claimed the creation, created the batch,
     // crashed before recording it; its claim has expired since.
-    let providers = Providers::from_settings(&stack.settings).expect("providers");
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
     let sim = providers.get("sim").expect("sim");
     let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
     stack

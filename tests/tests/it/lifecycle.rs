@@ -274,7 +274,7 @@ async fn a_merger_killed_on_its_last_delivery_leaves_the_job_suspended_with_the_
     wait_for_first_shard(&stack, "killed", |record| record.batch_status.is_some()).await;
     // The batch's end waits for the merger. Two mergers take it on the merger's own consumer
     // and die before acking (killed, out of memory): nothing is acked or handled.
-    let spec = rowsmith_merger::service::consumer_spec(&stack.settings);
+    let spec = rowsmith_merger::service::consumer_spec(&stack.settings.merger);
     let consumer = stack.bus.work_consumer(&spec).await.expect("consumer");
     for delivery in 1..=2 {
         let mut pulled = consumer

@@ -15,3 +15,4 @@ mod pipeline;
 mod quota;
 mod retries;
 mod sdk;
+mod settings;

@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
+use rowsmith_runtime::ServiceSettings;
+
 use rowsmith_contract::records::JobState;
-use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::spec::{JobOptions, JobSpec};
 use rowsmith_tests::Stack;
 
 /// `rows` articles whose `body` is 5 to 20 KB of text with commas, quotes and line breaks.
@@ -62,21 +64,16 @@ fn to_csv(rows: &[[String; 3]]) -> Vec<u8> {
 }
 
 fn summarize(job_id: &str, input: &str) -> JobSpec {
-    JobSpec {
-        job_id: Some(job_id.into()),
-        input: input.into(),
-        instructions: "Summarize the article in one sentence.".into(),
-        target_columns: vec!["body".into()],
-        context_columns: Some(vec!["headline".into()]),
-        fields: vec![parse_field("summary:string:one sentence").expect("field")],
-        provider: "sim".into(),
-        model: "gpt-4o-mini".into(),
-        options: JobOptions {
+    JobSpec::builder(input, "Summarize the article in one sentence.")
+        .with_id(job_id)
+        .with_targets(["body"])
+        .with_context(["headline"])
+        .with_field_texts(["summary:string:one sentence"])
+        .expect("field")
+        .with_options(JobOptions {
             output_formats: vec!["csv".into(), "parquet".into()],
             ..JobOptions::default()
-        },
-        fallback: None,
-    }
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,7 +146,10 @@ async fn a_merger_out_of_memory_suspends_the_job_and_resume_with_more_completes_
     small.duckdb.memory_limit = Some("64MiB".into());
     small.duckdb.threads = Some(1);
     let first_merger = tokio_util::sync::CancellationToken::new();
-    let merger = tokio::spawn(rowsmith_merger::run(small, first_merger.clone()));
+    let merger = tokio::spawn(rowsmith_merger::run(
+        rowsmith_merger::Config::from_settings(small),
+        first_merger.clone(),
+    ));
     stack.submit(&summarize("wide", &input)).await;
     let suspended = stack
         .wait_for("wide", Duration::from_secs(120), |job| {

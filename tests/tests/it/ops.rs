@@ -105,10 +105,14 @@ async fn ops_endpoint_answers_health_readiness_and_metrics() {
     let mut settings = stack.settings.clone();
     settings.ops.listen = "127.0.0.1:0".into();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let address = rowsmith_runtime::ops::serve(&settings, "ops-test", shutdown.clone())
-        .await
-        .expect("serve")
-        .expect("listening");
+    let address = rowsmith_runtime::ops::serve(
+        &rowsmith_config::ProcessSettings::of(&settings),
+        "ops-test",
+        shutdown.clone(),
+    )
+    .await
+    .expect("serve")
+    .expect("listening");
     let base = format!("http://{address}");
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
     wait_status(&format!("{base}/readyz"), 200).await;

@@ -6,35 +6,26 @@ use serde_json::Value;
 
 use rowsmith_contract::events::EventKind;
 use rowsmith_contract::records::JobState;
-use rowsmith_contract::spec::{JobOptions, JobSpec, parse_field};
+use rowsmith_contract::spec::JobSpec;
 use rowsmith_tests::Stack;
 
 const COLUMNS: [&str; 5] = ["sku", "name", "price", "description", "notes"];
 
 pub fn spec(job_id: &str, input: &str, target: &str) -> JobSpec {
-    JobSpec {
-        job_id: Some(job_id.into()),
-        input: input.into(),
-        instructions:
-            "Write an SEO title of at most 60 characters, pick a category, tags, price, stock."
-                .into(),
-        target_columns: vec![target.into()],
-        context_columns: None,
-        fields: [
-            "seo_title:string:SEO title",
-            "category:enum(toys|tools|garden):best shelf",
-            "in_stock:boolean",
-            "tags:array:3 to 5 keywords",
-            "price_eur:number",
-        ]
-        .iter()
-        .map(|f| parse_field(f).expect("field"))
-        .collect(),
-        provider: "sim".into(),
-        model: "gpt-4o-mini".into(),
-        options: JobOptions::default(),
-        fallback: None,
-    }
+    JobSpec::builder(
+        input,
+        "Write an SEO title of at most 60 characters, pick a category, tags, price, stock.",
+    )
+    .with_id(job_id)
+    .with_targets([target])
+    .with_field_texts([
+        "seo_title:string:SEO title",
+        "category:enum(toys|tools|garden):best shelf",
+        "in_stock:boolean",
+        "tags:array:3 to 5 keywords",
+        "price_eur:number",
+    ])
+    .expect("field")
 }
 
 /// Rows with quoted commas, embedded newlines, unicode, leading zeros and (every tenth row)
