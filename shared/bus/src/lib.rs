@@ -26,6 +26,9 @@ use rowsmith_contract::events::Event;
 use rowsmith_contract::messages::subjects;
 use rowsmith_contract::records::BUCKET;
 
+/// The cause kept whole in a [`BusError`], whatever layer it came from.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub const WORK_STREAM: &str = "ROWSMITH_WORK";
 /// How long a starting service waits for NATS.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(120);
@@ -41,15 +44,24 @@ pub enum BusError {
     },
     #[error("NATS credentials or TLS files could not be used: {0}")]
     Auth(String),
-    #[error("JetStream set-up failed ({what}): {message}")]
-    Topology { what: String, message: String },
-    #[error("publish to {subject} failed: {message}")]
-    Publish { subject: String, message: String },
-    #[error("KV {op} of {key} failed: {message}")]
+    #[error("JetStream set-up failed ({what}): {source}")]
+    Topology {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("publish to {subject} failed: {source}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("KV {op} of {key} failed: {source}")]
     Kv {
         op: &'static str,
         key: String,
-        message: String,
+        #[source]
+        source: BoxError,
     },
     #[error("KV record {key} is not valid JSON for its type: {source}")]
     Decode {
@@ -68,10 +80,10 @@ impl BusError {
             if source.kind() == async_nats::ConnectErrorKind::AuthorizationViolation)
     }
 
-    fn topology(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
+    fn topology(what: impl Into<String>, error: impl Into<BoxError>) -> Self {
         BusError::Topology {
             what: what.into(),
-            message: error.to_string(),
+            source: error.into(),
         }
     }
 }
@@ -276,9 +288,9 @@ impl Bus {
     ) -> Result<bool, BusError> {
         let body = Bytes::from(serde_json::to_vec(payload).map_err(|e| BusError::Publish {
             subject: subject.into(),
-            message: e.to_string(),
+            source: e.into(),
         })?);
-        let mut last_error = String::new();
+        let mut last_error: BoxError = "no publish attempt made".into();
         for attempt in 0..5u32 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
@@ -293,15 +305,15 @@ impl Bus {
                 Ok(ack) => match ack.await {
                     // A retry of a publish whose ack was lost is a duplicate of our own.
                     Ok(ack) => return Ok(!ack.duplicate || attempt > 0),
-                    Err(error) => last_error = error.to_string(),
+                    Err(error) => last_error = error.into(),
                 },
-                Err(error) => last_error = error.to_string(),
+                Err(error) => last_error = error.into(),
             }
             tracing::warn!(subject, msg_id, attempt, error = %last_error, "publish not acknowledged, retrying");
         }
         Err(BusError::Publish {
             subject: subject.into(),
-            message: last_error,
+            source: last_error,
         })
     }
 
@@ -318,7 +330,7 @@ impl Bus {
         let entry = self.kv.entry(key).await.map_err(|e| BusError::Kv {
             op: "read",
             key: key.into(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
@@ -338,7 +350,7 @@ impl Bus {
         let body = serde_json::to_vec(value).map_err(|e| BusError::Kv {
             op: "create",
             key: key.into(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         match self.kv.create(key, body.into()).await {
             Ok(_) => Ok(true),
@@ -346,7 +358,7 @@ impl Bus {
             Err(error) => Err(BusError::Kv {
                 op: "create",
                 key: key.into(),
-                message: error.to_string(),
+                source: error.into(),
             }),
         }
     }
@@ -375,7 +387,7 @@ impl Bus {
             let body = serde_json::to_vec(&record).map_err(|e| BusError::Kv {
                 op: "update",
                 key: key.into(),
-                message: e.to_string(),
+                source: e.into(),
             })?;
             match self.kv.update(key, body.into(), revision).await {
                 Ok(_) => return Ok(result),
@@ -387,7 +399,7 @@ impl Bus {
                     return Err(BusError::Kv {
                         op: "update",
                         key: key.into(),
-                        message: error.to_string(),
+                        source: error.into(),
                     }
                     .into());
                 }
@@ -400,7 +412,7 @@ impl Bus {
         let body = serde_json::to_vec(value).map_err(|e| BusError::Kv {
             op: "put",
             key: key.into(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         self.kv
             .put(key, body.into())
@@ -409,21 +421,21 @@ impl Bus {
             .map_err(|e| BusError::Kv {
                 op: "put",
                 key: key.into(),
-                message: e.to_string(),
+                source: e.into(),
             })
     }
 
     /// Every key under `prefix` (e.g. `job.`).
     pub async fn keys_with_prefix(&self, prefix: &str) -> Result<Vec<String>, BusError> {
-        let kv_error = |e: &dyn std::fmt::Display| BusError::Kv {
+        let kv_error = |e: BoxError| BusError::Kv {
             op: "keys",
             key: prefix.into(),
-            message: e.to_string(),
+            source: e,
         };
-        let mut keys = self.kv.keys().await.map_err(|e| kv_error(&e))?;
+        let mut keys = self.kv.keys().await.map_err(|e| kv_error(e.into()))?;
         let mut found = Vec::new();
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| kv_error(&e))?;
+            let key = key.map_err(|e| kv_error(e.into()))?;
             if key.starts_with(prefix) {
                 found.push(key);
             }

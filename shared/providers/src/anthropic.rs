@@ -240,7 +240,7 @@ impl BatchProvider for AnthropicClient {
                 .ok_or_else(|| ProviderError::Decode {
                     provider: "anthropic".into(),
                     operation: "list batches",
-                    message: "the answer has no readable Date header to compare clocks with".into(),
+                    source: "the answer has no readable Date header to compare clocks with".into(),
                 })?;
             offset_ms = Some(offset);
             let mut past_window = false;

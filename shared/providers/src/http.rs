@@ -40,7 +40,7 @@ impl Http {
             .map_err(|e| ProviderError::Transport {
                 provider: name.into(),
                 operation: "client set-up",
-                message: e.to_string(),
+                source: e.into(),
             })?;
         Ok(Self {
             name: name.into(),
@@ -123,7 +123,7 @@ impl Http {
                     let error = ProviderError::Transport {
                         provider: self.name.clone(),
                         operation,
-                        message: error.without_url().to_string(),
+                        source: error.without_url().into(),
                     };
                     (error, None, None, not_acted_on)
                 }
@@ -156,7 +156,7 @@ impl Http {
             .map_err(|e| ProviderError::Transport {
                 provider: self.name.clone(),
                 operation,
-                message: e.without_url().to_string(),
+                source: e.without_url().into(),
             })
     }
 
@@ -169,7 +169,7 @@ impl Http {
         serde_json::from_slice(&bytes).map_err(|e| ProviderError::Decode {
             provider: self.name.clone(),
             operation,
-            message: e.to_string(),
+            source: e.into(),
         })
     }
 }

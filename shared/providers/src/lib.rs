@@ -19,6 +19,9 @@ pub use openai::OpenAiClient;
 
 pub use rowsmith_contract::providers::Limits;
 
+/// The cause a [`ProviderError`] keeps whole.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The span in which a batch for one shard attempt may have been created (a creation claim's,
 /// in Unix ms on this side's clock), and what it holds: what reconciliation looks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,26 +139,29 @@ pub enum ProviderError {
         status: u16,
         message: String,
     },
-    #[error("{provider} could not be reached for {operation}: {message}")]
+    #[error("{provider} could not be reached for {operation}: {source}")]
     Transport {
         provider: String,
         operation: &'static str,
-        message: String,
+        #[source]
+        source: BoxError,
     },
-    #[error("{provider} answered {operation} with something unexpected: {message}")]
+    #[error("{provider} answered {operation} with something unexpected: {source}")]
     Decode {
         provider: String,
         operation: &'static str,
-        message: String,
+        #[source]
+        source: BoxError,
     },
     /// A call that creates something failed in a way that does not say whether it took
     /// effect (a timeout, a dropped connection, a 5xx, an unreadable answer): look before
     /// trying again.
-    #[error("{provider} did not confirm {operation}; it may have taken effect: {message}")]
+    #[error("{provider} did not confirm {operation}; it may have taken effect: {source}")]
     Unconfirmed {
         provider: String,
         operation: &'static str,
-        message: String,
+        #[source]
+        source: BoxError,
     },
     #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic")]
     Unknown(String),
@@ -207,31 +213,33 @@ impl ProviderError {
     /// The same failure of a call that creates something, said as "may have taken effect"
     /// unless it proves the call was refused (a 4xx other than 408).
     pub fn unconfirmed(self) -> Self {
-        let (provider, operation, message) = match self {
+        let (provider, operation, source) = match self {
             ProviderError::Http {
                 provider,
                 operation,
                 status,
                 message,
-            } if status == 408 || status >= 500 => {
-                (provider, operation, format!("HTTP {status}: {message}"))
-            }
+            } if status == 408 || status >= 500 => (
+                provider,
+                operation,
+                BoxError::from(format!("HTTP {status}: {message}")),
+            ),
             ProviderError::Transport {
                 provider,
                 operation,
-                message,
+                source,
             }
             | ProviderError::Decode {
                 provider,
                 operation,
-                message,
-            } => (provider, operation, message),
+                source,
+            } => (provider, operation, source),
             other => return other,
         };
         ProviderError::Unconfirmed {
             provider,
             operation,
-            message,
+            source,
         }
     }
 
