@@ -88,6 +88,50 @@ struct Ended {
     error_file_id: Option<String>,
 }
 
+/// The batch's API object as OpenAI shows it, in `status` with `completed` requests done
+/// unless it ended.
+fn batch_object(batch: &SimBatch, status: &str, completed: u64) -> Value {
+    let mut object = json!({
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": batch.errors.as_ref().map(|data| json!({"object": "list", "data": data})),
+        "input_file_id": batch.input_file_id,
+        "completion_window": "24h",
+        "status": status,
+        "output_file_id": null,
+        "error_file_id": null,
+        "created_at": batch.created_at,
+        "in_progress_at": null,
+        "expires_at": batch.created_at + 86_400,
+        "finalizing_at": null,
+        "completed_at": null,
+        "failed_at": null,
+        "expired_at": null,
+        "cancelling_at": null,
+        "cancelled_at": null,
+        "request_counts": {"total": batch.total, "completed": completed, "failed": 0},
+        "metadata": batch.metadata,
+    });
+    if let Some(ended) = &batch.ended {
+        object["status"] = json!(ended.status);
+        object["output_file_id"] = json!(ended.output_file_id);
+        object["error_file_id"] = json!(ended.error_file_id);
+        object["request_counts"]["completed"] = json!(ended.completed);
+        object["request_counts"]["failed"] = json!(ended.failed);
+        let stamp = match ended.status {
+            "completed" => "completed_at",
+            "failed" => "failed_at",
+            "expired" => "expired_at",
+            _ => "cancelled_at",
+        };
+        object[stamp] = json!(ended.at);
+    } else if batch.cancel_requested.is_some() {
+        object["status"] = json!("cancelling");
+    }
+    object
+}
+
 /// `(job_id, attempt, shard)` from the `rowsmith_shard` metadata, when the batch has it.
 fn shard_of(metadata: &Option<Value>) -> Option<(String, u32, u32)> {
     let dotted = metadata.as_ref()?.get("rowsmith_shard")?.as_str()?;
@@ -195,25 +239,7 @@ impl SimState {
             && batch.errors.is_none()
             && elapsed >= validating
         {
-            let in_use: u64 = self
-                .batches
-                .values()
-                .filter(|other| other.id != batch.id && other.admitted && other.ended.is_none())
-                .map(|other| other.tokens)
-                .sum();
-            match faults.enqueued_token_quota {
-                Some(quota) if in_use > 0 && in_use + batch.tokens > quota => {
-                    self.token_limit_failures += 1;
-                    let message = format!(
-                        "Enqueued token limit reached for {}. Limit: {quota} enqueued tokens. Please try \
-                         again once some in_progress batches have been completed.",
-                        self.model_of(&batch)
-                    );
-                    batch.errors = Some(vec![json!({"code": "token_limit_exceeded", "line": null,
-                        "param": null, "message": message})]);
-                }
-                _ => batch.admitted = true,
-            }
+            self.admit(&mut batch, faults.enqueued_token_quota);
         }
         if batch.ended.is_none() {
             if batch.errors.is_some() && elapsed >= validating {
@@ -239,46 +265,33 @@ impl SimState {
                 }
             }
         }
-        let mut object = json!({
-            "id": batch.id,
-            "object": "batch",
-            "endpoint": batch.endpoint,
-            "errors": batch.errors.as_ref().map(|data| json!({"object": "list", "data": data})),
-            "input_file_id": batch.input_file_id,
-            "completion_window": "24h",
-            "status": status,
-            "output_file_id": null,
-            "error_file_id": null,
-            "created_at": batch.created_at,
-            "in_progress_at": null,
-            "expires_at": batch.created_at + 86_400,
-            "finalizing_at": null,
-            "completed_at": null,
-            "failed_at": null,
-            "expired_at": null,
-            "cancelling_at": null,
-            "cancelled_at": null,
-            "request_counts": {"total": batch.total, "completed": completed, "failed": 0},
-            "metadata": batch.metadata,
-        });
-        if let Some(ended) = &batch.ended {
-            object["status"] = json!(ended.status);
-            object["output_file_id"] = json!(ended.output_file_id);
-            object["error_file_id"] = json!(ended.error_file_id);
-            object["request_counts"]["completed"] = json!(ended.completed);
-            object["request_counts"]["failed"] = json!(ended.failed);
-            let stamp = match ended.status {
-                "completed" => "completed_at",
-                "failed" => "failed_at",
-                "expired" => "expired_at",
-                _ => "cancelled_at",
-            };
-            object[stamp] = json!(ended.at);
-        } else if batch.cancel_requested.is_some() {
-            object["status"] = json!("cancelling");
-        }
+        let object = batch_object(&batch, status, completed);
         self.batches.insert(batch.id.clone(), batch);
         Some(object)
+    }
+
+    /// Validation passed: the batch runs unless the enqueued-token quota is full, then it
+    /// fails with `token_limit_exceeded` as OpenAI's does.
+    fn admit(&mut self, batch: &mut SimBatch, quota: Option<u64>) {
+        let in_use: u64 = self
+            .batches
+            .values()
+            .filter(|other| other.id != batch.id && other.admitted && other.ended.is_none())
+            .map(|other| other.tokens)
+            .sum();
+        match quota {
+            Some(quota) if in_use > 0 && in_use + batch.tokens > quota => {
+                self.token_limit_failures += 1;
+                let message = format!(
+                    "Enqueued token limit reached for {}. Limit: {quota} enqueued tokens. Please try \
+                     again once some in_progress batches have been completed.",
+                    self.model_of(batch)
+                );
+                batch.errors = Some(vec![json!({"code": "token_limit_exceeded", "line": null,
+                    "param": null, "message": message})]);
+            }
+            _ => batch.admitted = true,
+        }
     }
 
     /// Ends a batch: the first `done` requests are answered (each by its fate) into the output

@@ -283,6 +283,17 @@ impl JobSpec {
 
     /// Checks what can be checked without reading the table.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_basics()?;
+        self.validate_provider()?;
+        let mut seen = BTreeSet::new();
+        for field in &self.fields {
+            validate_field(field, &mut seen)?;
+        }
+        self.validate_options()
+    }
+
+    /// The id, and that input, instructions, targets and fields are there at all.
+    fn validate_basics(&self) -> Result<(), SpecError> {
         let fail = |message: String| Err(SpecError(message));
         match &self.job_id {
             None => return fail("job_id is missing".into()),
@@ -307,6 +318,12 @@ impl JobSpec {
         if self.fields.is_empty() {
             return fail("fields is empty: name at least one field to produce".into());
         }
+        Ok(())
+    }
+
+    /// The provider and model, and the fallback's.
+    fn validate_provider(&self) -> Result<(), SpecError> {
+        let fail = |message: String| Err(SpecError(message));
         if !PROVIDERS.contains(&self.provider.as_str()) {
             return fail(format!(
                 "provider {:?} is unknown; providers are: {}",
@@ -332,41 +349,11 @@ impl JobSpec {
                 return fail("a fallback needs options.max_attempts of at least 2".into());
             }
         }
-        let mut seen = BTreeSet::new();
-        for field in &self.fields {
-            if !is_valid_field_name(&field.name) {
-                return fail(format!(
-                    "field name {:?} is invalid: start with a letter or _, then letters, digits \
-                     or _ (at most 64), and not _row…",
-                    field.name
-                ));
-            }
-            if !seen.insert(field.name.as_str()) {
-                return fail(format!("field {:?} is given twice", field.name));
-            }
-            match (field.field_type, &field.values) {
-                (FieldType::Enum, None) => {
-                    return fail(format!(
-                        "enum field {:?} has no values: give them as enum(a|b|c)",
-                        field.name
-                    ));
-                }
-                (FieldType::Enum, Some(values)) if values.iter().all(|v| v.is_empty()) => {
-                    return fail(format!(
-                        "enum field {:?} has no values: give them as enum(a|b|c)",
-                        field.name
-                    ));
-                }
-                (other, Some(_)) if other != FieldType::Enum => {
-                    return fail(format!(
-                        "field {:?} has values but type {}: only enum fields take values",
-                        field.name,
-                        other.as_str()
-                    ));
-                }
-                _ => {}
-            }
-        }
+        Ok(())
+    }
+
+    fn validate_options(&self) -> Result<(), SpecError> {
+        let fail = |message: String| Err(SpecError(message));
         let options = &self.options;
         if !(1..=MAX_ATTEMPTS).contains(&options.max_attempts) {
             return fail(format!(
@@ -420,6 +407,44 @@ impl JobSpec {
         }
         Ok(())
     }
+}
+
+/// One field: its name, once among `seen`, and values exactly when it is an enum.
+fn validate_field<'a>(field: &'a FieldSpec, seen: &mut BTreeSet<&'a str>) -> Result<(), SpecError> {
+    let fail = |message: String| Err(SpecError(message));
+    if !is_valid_field_name(&field.name) {
+        return fail(format!(
+            "field name {:?} is invalid: start with a letter or _, then letters, digits \
+         or _ (at most 64), and not _row…",
+            field.name
+        ));
+    }
+    if !seen.insert(field.name.as_str()) {
+        return fail(format!("field {:?} is given twice", field.name));
+    }
+    match (field.field_type, &field.values) {
+        (FieldType::Enum, None) => {
+            return fail(format!(
+                "enum field {:?} has no values: give them as enum(a|b|c)",
+                field.name
+            ));
+        }
+        (FieldType::Enum, Some(values)) if values.iter().all(|v| v.is_empty()) => {
+            return fail(format!(
+                "enum field {:?} has no values: give them as enum(a|b|c)",
+                field.name
+            ));
+        }
+        (other, Some(_)) if other != FieldType::Enum => {
+            return fail(format!(
+                "field {:?} has values but type {}: only enum fields take values",
+                field.name,
+                other.as_str()
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Parses the `--field` grammar: `NAME:TYPE[:DESCRIPTION]`, TYPE one of `string`, `number`,
