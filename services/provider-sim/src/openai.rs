@@ -224,9 +224,10 @@ impl SimState {
         let finalizing = self.settings.finalizing;
         let rate = self.settings.rows_per_second;
         let elapsed = batch.created.elapsed();
+        let (created, total) = (batch.created, batch.total);
         let progress_at = |at: Instant| -> u64 {
-            let running = at.saturating_duration_since(batch.created + validating);
-            ((running.as_secs_f64() * rate) as u64).min(batch.total)
+            let running = at.saturating_duration_since(created + validating);
+            ((running.as_secs_f64() * rate) as u64).min(total)
         };
         let (faults, _, attempt, shard) = self.faults_for(&batch);
         let expires_after = (attempt == 1
