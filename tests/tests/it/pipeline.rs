@@ -270,7 +270,15 @@ async fn a_120k_row_openai_job_is_cut_at_the_provider_limit_into_three_shards() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_services_ride_out_a_nats_restart_and_the_job_completes() {
-    let mut stack = Stack::start_with(|settings| settings.sim.rows_per_second = 500.0).await;
+    // A restart that falls between a batch's create and its record leaves that delivery's
+    // creation claim live; the shard then waits out `creation.lease` (10m by default) before
+    // the next delivery finds the batch. A short lease keeps that wait inside the test.
+    let mut stack = Stack::start_with(|settings| {
+        settings.sim.rows_per_second = 500.0;
+        settings.creation.lease = Duration::from_secs(10);
+        settings.creation.unconfirmed_wait = Duration::from_secs(5);
+    })
+    .await;
     let input = stack
         .upload_input("restart.csv", to_csv(&awkward_rows(1500)))
         .await;
