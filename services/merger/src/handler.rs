@@ -267,6 +267,53 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     Ok(())
 }
 
+/// The contents of the named result files that exist (a batch without errors has no error
+/// file).
+async fn read_present(store: &Store, paths: Vec<String>) -> Result<Vec<bytes::Bytes>, StepError> {
+    let mut files = Vec::new();
+    for path in paths {
+        match store.get_bytes(&path).await {
+            Ok(bytes) => files.push(bytes),
+            Err(StorageError::NotFound { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(files)
+}
+
+/// Fills the shard's failed rows from what its own orphan batches answered (the poller
+/// downloaded their files into the shard record). Returns how many rows were filled.
+async fn fill_from_orphans(
+    merger: &Merger,
+    job: &JobRecord,
+    ended: &BatchEnded,
+    outcome: &mut crate::merge::MergedShard,
+) -> Result<u64, StepError> {
+    let store = &merger.store;
+    let Some((shard, _)) = merger
+        .bus
+        .read::<ShardRecord>(&shard_key(&ended.key))
+        .await?
+    else {
+        return Ok(0);
+    };
+    let paths = shard
+        .orphan_results
+        .iter()
+        .flat_map(|results| [results.output_path.clone(), results.errors_path.clone()])
+        .flatten()
+        .collect();
+    let orphan_files = read_present(store, paths).await?;
+    let files: Vec<&[u8]> = orphan_files.iter().map(|b| b.as_ref()).collect();
+    let filled =
+        crate::merge::fill_from_orphans(outcome, &files, &ended.provider, &job.spec.fields);
+    if filled > 0 {
+        metrics::counter!("rowsmith_orphan_rows_used_total").increment(filled);
+        tracing::info!(job_id = %ended.key.job_id, shard = ended.key.shard, filled, "rows filled from orphan batches");
+    }
+    Ok(filled)
+}
+
 /// Validates the shard's result lines into a rows file; returns (succeeded, failed).
 async fn merge_shard(
     merger: &Merger,
@@ -276,25 +323,24 @@ async fn merge_shard(
     let key = &ended.key;
     let store = &merger.store;
     let requests = store.get_bytes(&layout::requests(key)).await?;
-    let mut result_files = Vec::new();
-    for path in [&ended.output_path, &ended.errors_path]
-        .into_iter()
-        .flatten()
-    {
-        match store.get_bytes(path).await {
-            Ok(bytes) => result_files.push(bytes),
-            Err(StorageError::NotFound { .. }) => continue,
-            Err(error) => return Err(error.into()),
-        }
-    }
+    let result_files = read_present(
+        store,
+        [&ended.output_path, &ended.errors_path]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+    )
+    .await?;
     let files: Vec<&[u8]> = result_files.iter().map(|b| b.as_ref()).collect();
-    let outcome =
-        crate::merge::merge_lines(&requests, &files, ended, &job.spec.fields).map_err(|e| {
+    let mut outcome = crate::merge::merge_lines(&requests, &files, ended, &job.spec.fields)
+        .map_err(|e| {
             StepError::Internal(format!(
                 "request file of shard {} is corrupt: {e}",
                 key.dotted()
             ))
         })?;
+    let from_orphans = fill_from_orphans(merger, job, ended, &mut outcome).await?;
     if !outcome.anomalies.is_empty() {
         let message = format!(
             "shard {} (batch {}): {}",
@@ -345,8 +391,12 @@ async fn merge_shard(
             },
         )
         .await?;
+    let orphans_part = match from_orphans {
+        0 => String::new(),
+        n => format!(" ({n} of the good ones answered by an orphan batch)"),
+    };
     let message = format!(
-        "shard {} of attempt {} ended ({}): {succeeded} rows good, {failed} failed",
+        "shard {} of attempt {} ended ({}): {succeeded} rows good, {failed} failed{orphans_part}",
         key.shard, key.attempt, ended.status
     );
     let mut counts = job.counts;

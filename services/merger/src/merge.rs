@@ -195,6 +195,50 @@ pub fn merge_lines(
     })
 }
 
+/// Fills the failed rows of `merged` with the good answers of the shard attempt's orphan
+/// batches (second batches that were cancelled, whose finished answers were paid for).
+/// Lines of the orphans that are unreadable, unknown or failed change nothing. Returns how
+/// many rows were filled.
+pub fn fill_from_orphans(
+    merged: &mut MergedShard,
+    orphan_files: &[&[u8]],
+    provider: &str,
+    fields: &[FieldSpec],
+) -> u64 {
+    let failed: HashMap<i64, usize> = merged
+        .rows
+        .iter()
+        .enumerate()
+        .filter(|(_, row)| row.failure.is_some())
+        .map(|(at, row)| (row.row_index, at))
+        .collect();
+    if failed.is_empty() {
+        return 0;
+    }
+    let format = LineFormat::of_provider(provider);
+    let mut filled = 0;
+    for file in orphan_files {
+        for line in file.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Some((row_index, Ok(values))) = format.parse(line, fields) else {
+                continue;
+            };
+            let Some(&at) = failed.get(&row_index) else {
+                continue;
+            };
+            let row = &mut merged.rows[at];
+            let Some(failure) = row.failure.take() else {
+                continue;
+            };
+            merged.tally.failed -= 1;
+            merged.tally.retryable -= u64::from(failure.retryable);
+            merged.tally.succeeded += 1;
+            row.values = values.into_iter().map(Some).collect();
+            filled += 1;
+        }
+    }
+    filled
+}
+
 /// Why a request with no result line failed: the batch's own failure or end.
 fn missing_failure(ended: &BatchEnded) -> RowFailure {
     let (reason, message) = match (&ended.failure, ended.status.as_str()) {
@@ -339,6 +383,42 @@ mod tests {
             (2, 1, 1)
         );
         assert_eq!(merged.rows[0].values, [Some("zero".to_owned())]);
+    }
+
+    #[test]
+    fn an_orphan_fills_only_the_rows_the_recorded_batch_failed() {
+        let fields = vec![parse_field("title:string").expect("field")];
+        let requests = b"{\"custom_id\":\"r0\"}\n{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r2\"}\n";
+        // The recorded batch answered r0 and expired before r1 and r2.
+        let output = answer("r0", "zero");
+        let mut merged =
+            merge_lines(requests, &[output.as_bytes()], &ended("expired"), &fields).expect("merge");
+        assert_eq!(merged.tally.failed, 2);
+        // The orphan answered r0 (already good: kept as it was) and r1; not r2; and a stray.
+        let orphan = [
+            answer("r0", "other zero"),
+            answer("r1", "one"),
+            "{\"custom_id\": \"r2\", \"resp".to_owned(),
+            answer("r42", "stray"),
+        ]
+        .join("\n");
+        let filled = fill_from_orphans(&mut merged, &[orphan.as_bytes()], "openai", &fields);
+        assert_eq!(filled, 1);
+        assert_eq!(merged.rows[0].values, [Some("zero".to_owned())]);
+        assert_eq!(merged.rows[1].values, [Some("one".to_owned())]);
+        assert!(merged.rows[1].failure.is_none());
+        assert_eq!(
+            merged.rows[2].failure.as_ref().map(|f| f.reason.as_str()),
+            Some("batch_expired")
+        );
+        assert_eq!(
+            merged.tally,
+            ShardTally {
+                succeeded: 2,
+                failed: 1,
+                retryable: 1
+            }
+        );
     }
 
     #[test]

@@ -8,12 +8,13 @@ use rowsmith_bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_contract::events::{Event, EventKind};
 use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardKey, ShardReady, subjects};
 use rowsmith_contract::records::{
-    JobRecord, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
+    JobRecord, OrphanResults, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
 use rowsmith_providers::{
     BatchProvider, BatchRef, BatchState, BatchStatus, Provider, ProviderError, Providers,
 };
 use rowsmith_store::Store;
+use rowsmith_store::layout::ResultPaths;
 
 #[derive(Debug, Clone)]
 pub struct Poller {
@@ -31,6 +32,10 @@ pub struct Poller {
 /// How long an overdue batch's cancel may take to end before its rows are sent again without
 /// what it finished.
 pub const CANCEL_PATIENCE: Duration = Duration::from_secs(3600);
+
+/// How long after a shard's batch ended its own orphans (second batches rowsmith made for the
+/// same shard attempt, cancelled) are waited for; past it the shard is merged without them.
+pub const ORPHAN_PATIENCE: Duration = Duration::from_secs(15 * 60);
 
 /// The delay before the next check: the schedule's, but never past the batch's deadline
 /// (and at least a second).
@@ -161,6 +166,9 @@ async fn check(poller: &Poller, submitted: &BatchSubmitted) -> Result<Check, Ste
         resubmit_later(poller, submitted, &job).await?;
         return Ok(Check::Ended);
     }
+    if !collect_orphans(poller, submitted, provider, &job).await? {
+        return Ok(Check::Running);
+    }
     collect(poller, submitted, provider, &job, &status).await?;
     Ok(Check::Ended)
 }
@@ -285,6 +293,117 @@ async fn report_progress(
         .await;
 }
 
+/// Downloads the result files of the shard's own orphans that ended, so that the merger can
+/// fill the rows the recorded batch failed with what they answered (it was paid for). False
+/// while one is still being cancelled, for at most `ORPHAN_PATIENCE` after the recorded batch
+/// ended; one that takes longer is left out, with a warning.
+async fn collect_orphans(
+    poller: &Poller,
+    submitted: &BatchSubmitted,
+    provider: &Provider,
+    job: &JobRecord,
+) -> Result<bool, StepError> {
+    let (bus, key) = (&poller.bus, &submitted.key);
+    let Some((shard, _)) = bus.read::<ShardRecord>(&shard_key(key)).await? else {
+        return Ok(true);
+    };
+    let pending: Vec<String> = shard
+        .own_orphans
+        .iter()
+        .filter(|id| !shard.orphan_results.iter().any(|r| &r.batch_id == *id))
+        .cloned()
+        .collect();
+    if pending.is_empty() {
+        return Ok(true);
+    }
+    let now = rowsmith_contract::now_unix_ms();
+    let ended_at_ms = match shard.batch_ended_at_ms {
+        Some(at) => at,
+        None => {
+            bus.modify(
+                &shard_key(key),
+                |shard: &mut ShardRecord| -> Result<Cas<i64>, StepError> {
+                    Ok(match shard.batch_ended_at_ms {
+                        Some(at) => Cas::Keep(at),
+                        None => {
+                            shard.batch_ended_at_ms = Some(now);
+                            Cas::Write(now)
+                        }
+                    })
+                },
+            )
+            .await?
+        }
+    };
+    let patient = now.saturating_sub(ended_at_ms) < ORPHAN_PATIENCE.as_millis() as i64;
+    let mut waiting = false;
+    for batch_id in pending {
+        let batch = BatchRef { id: batch_id };
+        let status = match provider.status(&batch).await {
+            Ok(status) if status.state.is_terminal() => status,
+            Ok(status) if patient => {
+                if status.state != BatchState::Cancelling
+                    && let Err(error) = provider.cancel(&batch).await
+                {
+                    tracing::warn!(batch_id = %batch.id, %error, "could not cancel an orphan batch");
+                }
+                waiting = true;
+                continue;
+            }
+            Err(error) if patient && error.is_retryable() => {
+                tracing::warn!(batch_id = %batch.id, %error, "status check of an orphan batch failed, will check again");
+                waiting = true;
+                continue;
+            }
+            other => {
+                let why = match other {
+                    Ok(status) => format!("is still {}", status.state.as_str()),
+                    Err(error) => format!("cannot be checked ({error})"),
+                };
+                let message = format!(
+                    "orphan batch {} of shard {} {why} {} minutes after the shard's batch \
+                     ended: the shard is merged without its answers",
+                    batch.id,
+                    key.shard,
+                    ORPHAN_PATIENCE.as_secs() / 60
+                );
+                tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "orphan batch left out");
+                bus.emit(
+                    &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
+                        .with_shard(key.clone()),
+                )
+                .await;
+                continue;
+            }
+        };
+        let into = ResultPaths::of_orphan(key, &batch.id);
+        let files = provider.download(&status, &poller.store, &into).await?;
+        let results = OrphanResults {
+            batch_id: batch.id.clone(),
+            status: status.state.as_str().to_owned(),
+            output_path: files.output_path,
+            errors_path: files.errors_path,
+        };
+        bus.modify(
+            &shard_key(key),
+            |shard: &mut ShardRecord| -> Result<Cas<()>, StepError> {
+                if shard
+                    .orphan_results
+                    .iter()
+                    .any(|r| r.batch_id == results.batch_id)
+                {
+                    return Ok(Cas::Keep(()));
+                }
+                shard.orphan_results.push(results.clone());
+                Ok(Cas::Write(()))
+            },
+        )
+        .await?;
+        tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, status = %results.status, "orphan batch collected");
+    }
+    Ok(!waiting)
+}
+
 /// Downloads an ended batch's files into the store, records them in the shard and announces
 /// the end to the merger.
 async fn collect(
@@ -297,7 +416,9 @@ async fn collect(
     let (bus, key) = (&poller.bus, &submitted.key);
     metrics::counter!("rowsmith_batches_ended_total", "state" => status.state.as_str().to_owned())
         .increment(1);
-    let files = provider.download(key, status, &poller.store).await?;
+    let files = provider
+        .download(status, &poller.store, &ResultPaths::of_shard(key))
+        .await?;
     let batch_status = status.state.as_str().to_owned();
     bus.modify(
         &shard_key(key),

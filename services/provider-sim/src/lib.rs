@@ -8,7 +8,7 @@
 
 mod anthropic;
 mod anthropic_state;
-mod faults;
+pub mod faults;
 mod http_faults;
 mod model;
 mod openai;

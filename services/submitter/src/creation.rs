@@ -12,7 +12,8 @@
 //!    the next one reconciles.
 //! 4. The batch id is recorded by compare-and-set. A batch found or created besides the
 //!    recorded one is an orphan: cancelled where it is surely ours, reported as an event and a
-//!    metric, and kept in the shard record.
+//!    metric, and kept in the shard record. What a cancelled orphan answered before its cancel
+//!    is collected by the poller and fills the rows the recorded batch failed.
 
 use std::time::Duration;
 
@@ -416,7 +417,8 @@ async fn record_batch(
 }
 
 /// A batch for this shard attempt besides the recorded one: cancelled when it is surely ours
-/// (`cancel`), reported always, and kept in the shard record.
+/// (`cancel`; the merger then uses what it answered), reported always, and kept in the shard
+/// record.
 async fn report_orphan(
     submitter: &Submitter,
     provider: &Provider,
@@ -442,10 +444,16 @@ async fn report_orphan(
         .modify(
             &shard_key(key),
             |shard: &mut ShardRecord| -> Result<Cas<()>, StepError> {
-                if shard.orphan_batches.contains(&orphan) {
+                let own = cancel && !shard.own_orphans.contains(&orphan);
+                if shard.orphan_batches.contains(&orphan) && !own {
                     return Ok(Cas::Keep(()));
                 }
-                shard.orphan_batches.push(orphan.clone());
+                if !shard.orphan_batches.contains(&orphan) {
+                    shard.orphan_batches.push(orphan.clone());
+                }
+                if own {
+                    shard.own_orphans.push(orphan.clone());
+                }
                 Ok(Cas::Write(()))
             },
         )

@@ -25,6 +25,44 @@ pub fn results_errors(key: &ShardKey) -> String {
         key.file_stem()
     )
 }
+/// Where a batch's downloaded output and error files go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultPaths {
+    pub output: String,
+    pub errors: String,
+}
+
+impl ResultPaths {
+    /// The files of the shard attempt's recorded batch.
+    pub fn of_shard(key: &ShardKey) -> Self {
+        Self {
+            output: results_output(key),
+            errors: results_errors(key),
+        }
+    }
+
+    /// The files of an orphan: a second batch made for the same shard attempt.
+    pub fn of_orphan(key: &ShardKey, batch_id: &str) -> Self {
+        let stem = format!("{}.orphan-{}", key.file_stem(), path_token(batch_id));
+        Self {
+            output: format!("jobs/{}/results/{stem}.output.jsonl", key.job_id),
+            errors: format!("jobs/{}/results/{stem}.errors.jsonl", key.job_id),
+        }
+    }
+}
+
+/// `text` as one path segment: characters other than letters, digits, `-` and `_` become `_`.
+fn path_token(text: &str) -> String {
+    text.chars()
+        .map(
+            |c| match c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                true => c,
+                false => '_',
+            },
+        )
+        .collect()
+}
+
 pub fn duplicates(job_id: &str) -> String {
     format!("jobs/{job_id}/duplicates.parquet")
 }

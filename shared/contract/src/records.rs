@@ -242,7 +242,28 @@ pub struct ShardRecord {
     /// reported, never silent.
     #[serde(default)]
     pub orphan_batches: Vec<String>,
+    /// Of `orphan_batches`, those surely made by rowsmith for this shard attempt (so
+    /// cancelled): the poller waits a while for them to end, and the merger takes from their
+    /// answers the rows the recorded batch failed or never answered.
+    #[serde(default)]
+    pub own_orphans: Vec<String>,
+    /// The downloaded result files of the own orphans that ended.
+    #[serde(default)]
+    pub orphan_results: Vec<OrphanResults>,
+    /// When the poller first saw the recorded batch ended (Unix ms): own orphans are waited
+    /// for until `ORPHAN_PATIENCE` after it.
+    #[serde(default)]
+    pub batch_ended_at_ms: Option<i64>,
     pub updated_at_ms: i64,
+}
+
+/// An ended orphan batch and where its result files are in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct OrphanResults {
+    pub batch_id: String,
+    pub status: String,
+    pub output_path: Option<String>,
+    pub errors_path: Option<String>,
 }
 
 /// Who is creating a shard's batch, since when, and until when the claim holds (Unix ms).

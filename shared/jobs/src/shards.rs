@@ -401,6 +401,9 @@ pub async fn create_shard_records(
             not_before_ms: None,
             creating: None,
             orphan_batches: Vec::new(),
+            own_orphans: Vec::new(),
+            orphan_results: Vec::new(),
+            batch_ended_at_ms: None,
             updated_at_ms: rowsmith_contract::now_unix_ms(),
         };
         bus.create(&shard_key(&key), &record).await?;

@@ -16,7 +16,8 @@ use super::{
     ResultFiles,
 };
 use rowsmith_contract::messages::ShardKey;
-use rowsmith_store::{Store, layout};
+use rowsmith_store::Store;
+use rowsmith_store::layout::ResultPaths;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -279,9 +280,9 @@ impl BatchProvider for AnthropicClient {
 
     async fn download(
         &self,
-        key: &ShardKey,
         status: &BatchStatus,
         store: &Store,
+        into: &ResultPaths,
     ) -> Result<ResultFiles, ProviderError> {
         let Some(results_url) = &status.output_file_id else {
             return Ok(ResultFiles::default());
@@ -290,7 +291,7 @@ impl BatchProvider for AnthropicClient {
             .send("download results", |http| http.get(results_url))
             .await?;
         let bytes = self.http.bytes("download results", response).await?;
-        let path = layout::results_output(key);
+        let path = into.output.clone();
         store.put_bytes(&path, bytes).await?;
         Ok(ResultFiles {
             output_path: Some(path),

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use rowsmith_config::ProviderSettings;
 use rowsmith_contract::messages::ShardKey;
+use rowsmith_store::layout::ResultPaths;
 use rowsmith_store::{StorageError, Store};
 
 pub use anthropic::AnthropicClient;
@@ -283,12 +284,12 @@ pub trait BatchProvider: Send + Sync {
         &self,
         batch: &BatchRef,
     ) -> impl Future<Output = Result<BatchStatus, ProviderError>> + Send;
-    /// Stores the ended batch's output and error files under the shard's result keys.
+    /// Stores the ended batch's output and error files at `into`.
     fn download(
         &self,
-        key: &ShardKey,
         status: &BatchStatus,
         store: &Store,
+        into: &ResultPaths,
     ) -> impl Future<Output = Result<ResultFiles, ProviderError>> + Send;
     fn cancel(&self, batch: &BatchRef) -> impl Future<Output = Result<(), ProviderError>> + Send;
 }
@@ -342,11 +343,11 @@ impl BatchProvider for Provider {
     }
     async fn download(
         &self,
-        key: &ShardKey,
         status: &BatchStatus,
         store: &Store,
+        into: &ResultPaths,
     ) -> Result<ResultFiles, ProviderError> {
-        delegate!(self, client => client.download(key, status, store).await)
+        delegate!(self, client => client.download(status, store, into).await)
     }
     async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
         delegate!(self, client => client.cancel(batch).await)

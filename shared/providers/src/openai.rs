@@ -15,7 +15,8 @@ use super::{
     ResultFiles,
 };
 use rowsmith_contract::messages::ShardKey;
-use rowsmith_store::{Store, layout};
+use rowsmith_store::Store;
+use rowsmith_store::layout::ResultPaths;
 
 /// Metadata key that names the shard a batch was created for (reconciliation looks it up).
 pub const SHARD_METADATA_KEY: &str = "rowsmith_shard";
@@ -326,20 +327,20 @@ impl BatchProvider for OpenAiClient {
 
     async fn download(
         &self,
-        key: &ShardKey,
         status: &BatchStatus,
         store: &Store,
+        into: &ResultPaths,
     ) -> Result<ResultFiles, ProviderError> {
         let mut files = ResultFiles::default();
         if let Some(file_id) = &status.output_file_id {
-            let path = layout::results_output(key);
+            let path = into.output.clone();
             store
                 .put_bytes(&path, self.file_content(file_id).await?)
                 .await?;
             files.output_path = Some(path);
         }
         if let Some(file_id) = &status.error_file_id {
-            let path = layout::results_errors(key);
+            let path = into.errors.clone();
             store
                 .put_bytes(&path, self.file_content(file_id).await?)
                 .await?;

@@ -28,6 +28,29 @@ fn delivery<T: serde::Serialize>(subject: &str, message: &T) -> Delivery {
     }
 }
 
+/// Records what a first life of the submitter left in the shard record before it died: the
+/// uploaded file and a creation claim that started `claimed_ms_ago` and has run out since.
+async fn record_first_life(stack: &Stack, key: &ShardKey, file_id: &str, claimed_ms_ago: i64) {
+    stack
+        .bus
+        .modify(
+            &shard_key(key),
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
+                shard.state = ShardState::Uploading;
+                shard.provider_file_id = Some(file_id.to_owned());
+                let now = rowsmith_contract::now_unix_ms();
+                shard.creating = Some(CreateClaim {
+                    owner: "first-life".into(),
+                    since_ms: now - claimed_ms_ago,
+                    until_ms: now - 1,
+                });
+                Ok(rowsmith_bus::Cas::Write(()))
+            },
+        )
+        .await
+        .expect("record the first life");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_creating_another() {
     // Only NATS and the simulator: the test plays the submitter's two lives.
@@ -69,24 +92,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
     let sim = providers.get("sim").expect("sim");
     let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
-    stack
-        .bus
-        .modify(
-            &shard_key(&key),
-            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
-                shard.state = ShardState::Uploading;
-                shard.provider_file_id = Some(file_id.clone());
-                let now = rowsmith_contract::now_unix_ms();
-                shard.creating = Some(CreateClaim {
-                    owner: "first-life".into(),
-                    since_ms: now - 1_000,
-                    until_ms: now - 1,
-                });
-                Ok(rowsmith_bus::Cas::Write(()))
-            },
-        )
-        .await
-        .expect("record upload");
+    record_first_life(&stack, &key, &file_id, 1_000).await;
     let orphan = sim
         .create(&key, &file_id, lines.clone())
         .await
@@ -128,6 +134,137 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
         rowsmith_submitter::handle(&submitter, delivery(subjects::SHARDS_READY, &ready)).await;
     assert_eq!(outcome, rowsmith_bus::Outcome::Done);
     assert_eq!(stack.sim_stats().await["batches_created"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orphan_batch_is_cancelled_and_its_answers_fill_the_rows_the_recorded_batch_failed() {
+    // No submitter at first: the test plays a first life that made two batches for the shard
+    // (a zombie and a crashed delivery) and died before recording either.
+    let stack = Stack::start_services(|_| {}, &["ingest", "poller", "merger"]).await;
+    let rows = awkward_rows(80);
+    let input = stack.upload_input("orphan.csv", to_csv(&rows)).await;
+    let mut job = spec("orphan", &input, "description");
+    job.options.max_attempts = 1;
+    let faults = rowsmith_config::SimFaults {
+        server_error_rate: 0.4,
+        ..Default::default()
+    };
+    stack.set_sim_faults("orphan", &faults).await;
+    stack.submit(&job).await;
+    let key = ShardKey {
+        job_id: "orphan".into(),
+        attempt: 1,
+        shard: 0,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let record = loop {
+        if let Some((record, _)) = stack
+            .bus
+            .read::<ShardRecord>(&shard_key(&key))
+            .await
+            .expect("read")
+        {
+            break record;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ingest made no shard"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let lines = stack
+        .store
+        .get_bytes(&record.requests_path)
+        .await
+        .expect("requests");
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let sim = providers.get("sim").expect("sim");
+    let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
+    let first = sim
+        .create(&key, &file_id, lines.clone())
+        .await
+        .expect("create");
+    let second = sim
+        .create(&key, &file_id, lines.clone())
+        .await
+        .expect("create");
+    // Both ran to the end before anyone looked: the orphan's answers are all there.
+    for batch in [&first, &second] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !sim.status(batch).await.expect("status").state.is_terminal() {
+            assert!(tokio::time::Instant::now() < deadline, "batch never ended");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    record_first_life(&stack, &key, &file_id, 30_000).await;
+
+    // The second life finds both batches, adopts one and cancels the other.
+    stack.start_service("submitter");
+    let done = stack.wait_for_end("orphan", Duration::from_secs(60)).await;
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
+    let (shard, _) = stack
+        .bus
+        .read::<ShardRecord>(&shard_key(&key))
+        .await
+        .expect("read")
+        .expect("shard");
+    let adopted = shard.provider_batch_id.clone().expect("a recorded batch");
+    let orphan = [&first.id, &second.id]
+        .into_iter()
+        .find(|id| **id != adopted)
+        .expect("the other batch")
+        .clone();
+    assert_eq!(shard.orphan_batches, std::slice::from_ref(&orphan));
+    assert_eq!(shard.own_orphans, std::slice::from_ref(&orphan));
+    assert_eq!(shard.orphan_results.len(), 1, "{shard:?}");
+    assert_eq!(stack.sim_stats().await["batches_created"], 2);
+
+    // Which rows each batch failed: the simulator draws them from the batch id.
+    let fails = |batch: &str, row: usize| {
+        rowsmith_provider_sim::faults::fate(&faults, "orphan", 1, batch, &format!("r{row}"))
+            != rowsmith_provider_sim::faults::Fate::Answer
+    };
+    // Rows with an empty description send no request.
+    let sent: Vec<usize> = (0..rows.len())
+        .filter(|r| !rows[*r][3].is_empty())
+        .collect();
+    let failed_by_adopted: Vec<usize> = sent
+        .iter()
+        .copied()
+        .filter(|r| fails(&adopted, *r))
+        .collect();
+    let failed_by_both: Vec<usize> = failed_by_adopted
+        .iter()
+        .copied()
+        .filter(|r| fails(&orphan, *r))
+        .collect();
+    assert!(
+        failed_by_adopted.len() > failed_by_both.len(),
+        "the orphan answers some row the adopted batch failed"
+    );
+    let ((_, enriched), (_, failures)) = stack.output_tables(&done).await;
+    let failed: Vec<usize> = failures
+        .iter()
+        .map(|r| r[0].parse().expect("index"))
+        .collect();
+    assert_eq!(
+        failed, failed_by_both,
+        "only the rows both batches failed are failures"
+    );
+    assert_eq!(enriched.len() + failures.len(), rows.len());
+    assert_eq!(
+        done.counts.succeeded + done.counts.rows_skipped,
+        enriched.len() as u64
+    );
+    let events = stack
+        .events_until("orphan", rowsmith_contract::events::EventKind::Completed)
+        .await;
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .contains(&format!("a second batch {orphan} was made for shard 0"))),
+        "the orphan is reported"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
