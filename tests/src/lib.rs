@@ -397,6 +397,17 @@ impl Stack {
         assert!(answer.status().is_success(), "set sim faults: {answer:?}");
     }
 
+    /// Sets the simulator's default faults, for every job without its own (`POST /sim/faults`).
+    pub async fn set_sim_default_faults(&self, faults: &rowsmith_config::SimFaults) {
+        let answer = reqwest::Client::new()
+            .post(format!("http://{}/sim/faults", self.sim_address))
+            .json(faults)
+            .send()
+            .await
+            .expect("set sim faults");
+        assert!(answer.status().is_success(), "set sim faults: {answer:?}");
+    }
+
     /// Publishes a JobSpec as a user would (`Nats-Msg-Id` = job id).
     pub async fn submit(&self, spec: &JobSpec) {
         self.bus

@@ -10,11 +10,22 @@
 //! 3. Create is never retried blindly: a failure that may have taken effect (timeout, dropped
 //!    connection, 5xx) keeps the claim for `creation.unconfirmed_wait` and ends the delivery;
 //!    the next one reconciles.
-//! 4. The batch id is recorded by compare-and-set. A batch found or created besides the
+//! 4. The batch id is recorded by compare-and-set, riding out a NATS outage for up to the
+//!    lease: the create cannot be undone, and a delivery that gave up here would leave its
+//!    claim to run out before anyone looked for the batch.
+//! 5. A delivery that fails while it holds the claim (NATS or the store down before the
+//!    create, say) leaves it behind as abandoned in this process: the next delivery of the
+//!    shard here reconciles at once instead of waiting out the lease. (In another process it
+//!    waits: only this one knows the claimant is gone.)
+//!
+//! The batch id, once recorded, is final. A batch found or created besides the
 //!    recorded one is an orphan: cancelled where it is surely ours, reported as an event and a
 //!    metric, and kept in the shard record. What a cancelled orphan answered before its cancel
 //!    is collected by the poller and fills the rows the recorded batch failed.
+//!
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rowsmith_bus::Cas;
@@ -53,9 +64,56 @@ enum Claim {
     },
 }
 
+/// Owners (deliveries) of this process that failed while holding a creation claim or the
+/// create mutex: nothing of theirs still runs, so a later delivery of the same shard may take
+/// over their claim at once. Deliberate holds (an unconfirmed create) are never abandoned.
+#[derive(Debug, Clone, Default)]
+pub struct AbandonedClaims(Arc<Mutex<HashSet<String>>>);
+
+impl AbandonedClaims {
+    /// Past this many, the oldest knowledge is dropped: such claims just run out.
+    const MAX: usize = 10_000;
+
+    fn abandon(&self, owner: &str) {
+        let mut owners = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if owners.len() >= Self::MAX {
+            owners.clear();
+        }
+        owners.insert(owner.to_owned());
+    }
+
+    fn is_abandoned(&self, owner: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(owner)
+    }
+
+    fn forget(&self, owner: &str) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(owner);
+    }
+}
+
 /// Makes sure the shard attempt has exactly one batch: finds the one an earlier delivery
 /// created, or (when `create`) creates it. `owner` names this delivery.
 pub async fn ensure_batch(
+    submitter: &Submitter,
+    provider: &Provider,
+    record: &ShardRecord,
+    owner: &str,
+    create: bool,
+) -> Result<Creation, StepError> {
+    let outcome = ensure_batch_once(submitter, provider, record, owner, create).await;
+    if outcome.is_err() {
+        submitter.abandoned.abandon(owner);
+    }
+    outcome
+}
+
+async fn ensure_batch_once(
     submitter: &Submitter,
     provider: &Provider,
     record: &ShardRecord,
@@ -74,7 +132,11 @@ pub async fn ensure_batch(
         // An unconfirmed create keeps the mutex as long as the claim: no other create may
         // land in the window that the next look at this shard searches.
         (Some(mutex_key), Ok(Step::Unconfirmed { wait, until_ms })) => {
-            hold_mutex_until(submitter, mutex_key, owner, until_ms).await?;
+            // Not an error of the delivery: a failed hold leaves the mutex to its lease,
+            // which is longer, and the claim must never count as abandoned.
+            if let Err(error) = hold_mutex_until(submitter, mutex_key, owner, until_ms).await {
+                tracing::warn!(%error, "could not shorten the create mutex to the unconfirmed wait");
+            }
             Ok(Creation::Later(wait))
         }
         (None, Ok(Step::Unconfirmed { wait, .. })) => Ok(Creation::Later(wait)),
@@ -152,7 +214,11 @@ async fn claim_and_create(
         Err(error) if error.is_unconfirmed() => {
             let wait = submitter.creation.unconfirmed_wait;
             let until_ms = rowsmith_contract::now_unix_ms() + wait.as_millis() as i64;
-            hold_claim_until(submitter, key, owner, until_ms).await?;
+            // A failed hold leaves the claim to its lease (longer); the create may still take
+            // effect, so this delivery must not end in an error that abandons the claim.
+            if let Err(error) = hold_claim_until(submitter, key, owner, until_ms).await {
+                tracing::warn!(%error, "could not shorten the creation claim to the unconfirmed wait");
+            }
             tracing::warn!(job_id = %key.job_id, shard = key.shard, %error, ?wait, "batch create unconfirmed; will look for it before creating again");
             return Ok(Step::Unconfirmed { wait, until_ms });
         }
@@ -163,7 +229,7 @@ async fn claim_and_create(
         }
     };
     chaos_crash(submitter, key, &created.id);
-    let recorded = record_batch(submitter, provider, key, &created.id).await?;
+    let recorded = record_created(submitter, provider, key, &created.id).await?;
     orphan_unless_recorded(submitter, provider, key, created, recorded).await
 }
 
@@ -232,7 +298,9 @@ async fn claim(
     lease: Duration,
     request_count: u64,
 ) -> Result<Claim, StepError> {
-    submitter
+    let abandoned = &submitter.abandoned;
+    let taken_from = std::sync::Mutex::new(None::<String>);
+    let claim = submitter
         .bus
         .modify(
             &shard_key(key),
@@ -243,16 +311,20 @@ async fn claim(
                 let now = rowsmith_contract::now_unix_ms();
                 let earlier = match &shard.creating {
                     Some(claim) if claim.owner == owner => None,
-                    Some(claim) if claim.is_live(now) => {
+                    Some(claim) if claim.is_live(now) && !abandoned.is_abandoned(&claim.owner) => {
                         return Ok(Cas::Keep(Claim::HeldElsewhere {
                             until_ms: claim.until_ms,
                         }));
                     }
-                    Some(claim) => Some(CreateWindow {
-                        since_ms: claim.since_ms,
-                        until_ms: claim.until_ms,
-                        request_count,
-                    }),
+                    Some(claim) => {
+                        *taken_from.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(claim.owner.clone());
+                        Some(CreateWindow {
+                            since_ms: claim.since_ms,
+                            until_ms: claim.until_ms.min(now),
+                            request_count,
+                        })
+                    }
                     None => None,
                 };
                 // While reconciling, the earlier claim's start is kept: if this delivery dies
@@ -266,7 +338,11 @@ async fn claim(
                 Ok(Cas::Write(Claim::Mine { reconcile: earlier }))
             },
         )
-        .await
+        .await?;
+    if let Some(earlier) = taken_from.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        abandoned.forget(&earlier);
+    }
+    Ok(claim)
 }
 
 /// Changes this delivery's claim, if it still holds it.
@@ -371,6 +447,32 @@ async fn unowned(
         }
     }
     Ok(kept)
+}
+
+/// Records the batch this delivery just created, trying again through a NATS outage for up
+/// to `creation.lease`: until then the claim (renewed during the create) keeps every other
+/// delivery waiting, so giving up sooner would only leave the shard stalled until the claim
+/// runs out. A delivery that takes over after the lease finds the batch by reconciliation.
+async fn record_created(
+    submitter: &Submitter,
+    provider: &Provider,
+    key: &ShardKey,
+    batch_id: &str,
+) -> Result<String, StepError> {
+    let deadline = tokio::time::Instant::now() + submitter.creation.lease;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match record_batch(submitter, provider, key, batch_id).await {
+            Err(error)
+                if error.is_retryable() && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id, %error, "could not record the created batch yet; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// Records `batch_id` unless another is recorded already; returns the recorded one.
@@ -502,7 +604,14 @@ async fn take_mutex(
                 0 => 0,
                 _ => CreateWindow::MEASURED_SKEW_MS * 2,
             };
-            if mutex.owner != owner && mutex.until_ms + gap > rowsmith_contract::now_unix_ms() {
+            // This shard's own delivery that failed holding it: nothing of it still runs,
+            // and no other create landed in its window since.
+            let own_abandoned =
+                mutex.shard == mine.shard && submitter.abandoned.is_abandoned(&mutex.owner);
+            if mutex.owner != owner
+                && !own_abandoned
+                && mutex.until_ms + gap > rowsmith_contract::now_unix_ms()
+            {
                 return Ok(Cas::Keep(Some(mutex.until_ms + gap)));
             }
             *mutex = mine.clone();

@@ -20,6 +20,8 @@ pub struct Submitter {
     pub creation: CreationSettings,
     /// Testing only: probability of aborting right after a batch is created.
     pub chaos_crash_after_create: f64,
+    /// The claims this process's deliveries left behind when they failed.
+    pub abandoned: creation::AbandonedClaims,
 }
 
 pub use handler::handle;

@@ -63,6 +63,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         quota: config.quota.clone(),
         creation: config.creation.clone(),
         chaos_crash_after_create: config.submitter.chaos_crash_after_create,
+        abandoned: Default::default(),
     });
     let spec = consumer_spec(&config.submitter);
     let concurrency = config.submitter.concurrency;

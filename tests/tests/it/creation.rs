@@ -155,6 +155,7 @@ fn submitter(stack: &Stack) -> rowsmith_submitter::Submitter {
         quota: Default::default(),
         creation: stack.settings.creation.clone(),
         chaos_crash_after_create: 0.0,
+        abandoned: Default::default(),
     }
 }
 
@@ -395,4 +396,125 @@ async fn a_handler_slower_than_ack_wait_runs_once_and_nothing_waits_in_a_client_
     assert_eq!(runs, [1, 1], "each message handled once");
     assert_eq!(info.num_redelivered, 0, "the server redelivered nothing");
     assert_eq!(info.num_ack_pending, 0);
+}
+
+/// A delivery that claimed the creation and then failed while NATS was down (its refused
+/// create could not even release the claim) leaves its claim live for `creation.lease` (10
+/// minutes). The next delivery in the same process knows the claimant is gone and goes on at
+/// once; one batch is made.
+async fn a_claim_abandoned_in_a_nats_outage_is_taken_over_at_once(provider: &str) {
+    let mut stack = Stack::start_services(
+        |settings| {
+            settings.sim.faults.insufficient_quota = true;
+            settings.sim.faults.response_delay = Duration::from_secs(2);
+        },
+        &[],
+    )
+    .await;
+    assert_eq!(stack.settings.creation.lease, Duration::from_secs(600));
+    let job_id = format!("abandoned-{provider}");
+    let (ready, _) = one_ready_shard(&stack, &job_id, provider).await;
+    let submitter = submitter(&stack);
+    let first = {
+        let (submitter, ready) = (submitter.clone(), ready.clone());
+        tokio::spawn(async move { rowsmith_submitter::handle(&submitter, delivery(&ready)).await })
+    };
+    // The claim is taken and the create is on its way (held 2 s by the simulator): NATS goes
+    // down, so the refusal that follows cannot release the claim.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while shard_record(&stack, &ready.key).await.creating.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no claim was taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack.nats.stop();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the first delivery ends")
+        .expect("join");
+    assert_ne!(outcome, Outcome::Done, "nothing was created");
+    stack.nats.resume();
+    stack.set_sim_default_faults(&Default::default()).await;
+    let claim = shard_record(&stack, &ready.key).await.creating;
+    assert!(
+        claim.is_some_and(|c| c.is_live(rowsmith_contract::now_unix_ms())),
+        "the first delivery's claim is still live"
+    );
+    // Far inside the 10-minute lease, the next delivery creates the batch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let outcome = rowsmith_submitter::handle(&submitter, delivery(&ready)).await;
+        if outcome == Outcome::Done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the shard waits for the abandoned claim: {outcome:?}"
+        );
+        if let Outcome::Retry { after } = outcome {
+            tokio::time::sleep(after.min(Duration::from_secs(1))).await;
+        }
+    }
+    let record = shard_record(&stack, &ready.key).await;
+    assert!(record.provider_batch_id.is_some(), "{record:?}");
+    assert_eq!(stack.sim_stats().await["batches_created"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_openai_claim_abandoned_in_a_nats_outage_is_taken_over_at_once() {
+    a_claim_abandoned_in_a_nats_outage_is_taken_over_at_once("sim").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_anthropic_claim_abandoned_in_a_nats_outage_is_taken_over_at_once() {
+    a_claim_abandoned_in_a_nats_outage_is_taken_over_at_once("anthropic").await;
+}
+
+/// The create took effect and its answer arrives while NATS is down: the delivery keeps
+/// trying to record the batch and does once NATS is back, so a delivery in another process
+/// (which cannot know the claimant is gone) finds the batch recorded instead of waiting out
+/// the 10-minute claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_created_during_a_nats_outage_is_recorded_by_its_delivery_once_nats_is_back() {
+    let mut stack = Stack::start_services(
+        |settings| {
+            settings.sim.faults.create_response_lost_every = Some(1);
+            settings.sim.faults.create_response_lost_as = LostResponse::Slow;
+            settings.sim.faults.slow_create = Duration::from_secs(2);
+            // A KV write waits this long for NATS before it fails: shorter than the outage.
+            settings.nats.request_timeout = Duration::from_secs(1);
+        },
+        &[],
+    )
+    .await;
+    let (ready, _) = one_ready_shard(&stack, "record-outage", "sim").await;
+    let first = {
+        let submitter = submitter(&stack);
+        let ready = ready.clone();
+        tokio::spawn(async move { rowsmith_submitter::handle(&submitter, delivery(&ready)).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.sim_stats().await["batches_created"] == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no batch was created"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The answer comes 2 s after the batch, while NATS is down for 4 s.
+    stack.nats.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stack.nats.resume();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the delivery ends")
+        .expect("join");
+    assert_eq!(outcome, Outcome::Done);
+    let record = shard_record(&stack, &ready.key).await;
+    assert!(record.provider_batch_id.is_some(), "{record:?}");
+    assert_eq!(record.creating, None);
+    // Another process's delivery: nothing to wait for, nothing to create.
+    let elsewhere = submitter(&stack);
+    let outcome = rowsmith_submitter::handle(&elsewhere, delivery(&ready)).await;
+    assert_eq!(outcome, Outcome::Done);
+    assert_eq!(stack.sim_stats().await["batches_created"], 1);
 }

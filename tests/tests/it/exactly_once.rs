@@ -106,6 +106,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
         quota: Default::default(),
         creation: Default::default(),
         chaos_crash_after_create: 0.0,
+        abandoned: Default::default(),
     };
     let ready = ShardReady {
         key: key.clone(),

@@ -270,13 +270,10 @@ async fn a_120k_row_openai_job_is_cut_at_the_provider_limit_into_three_shards() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_services_ride_out_a_nats_restart_and_the_job_completes() {
-    // A restart that falls between a batch's create and its record leaves that delivery's
-    // creation claim live; the shard then waits out `creation.lease` (10m by default) before
-    // the next delivery finds the batch. A short lease keeps that wait inside the test.
+    // With the default creation lease (10 minutes): wherever the restart falls, no shard
+    // waits for a claim its delivery left behind.
     let mut stack = Stack::start_with(|settings| {
         settings.sim.rows_per_second = 500.0;
-        settings.creation.lease = Duration::from_secs(10);
-        settings.creation.unconfirmed_wait = Duration::from_secs(5);
     })
     .await;
     let input = stack
@@ -314,6 +311,48 @@ async fn the_services_ride_out_a_nats_restart_and_the_job_completes() {
             .await,
     );
     assert_eq!(enriched.len(), 1500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_outage_between_a_create_and_its_record_neither_stalls_the_shard_nor_pays_twice() {
+    // The default creation lease (10 minutes) and ack_wait (5 minutes): a delivery that gave
+    // up on the record would leave the shard waiting that long.
+    let mut stack = Stack::start_with(|settings| {
+        settings.sim.faults.create_response_lost_every = Some(1);
+        settings.sim.faults.create_response_lost_as = rowsmith_config::LostResponse::Slow;
+        settings.sim.faults.slow_create = Duration::from_secs(2);
+        // A KV write waits this long for NATS before it fails: shorter than the outage.
+        settings.nats.request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    assert_eq!(stack.settings.creation.lease, Duration::from_secs(600));
+    let input = stack
+        .upload_input("outage.csv", to_csv(&awkward_rows(200)))
+        .await;
+    stack.submit(&spec("outage", &input, "description")).await;
+    // The batch exists and its answer is held back 2 s: NATS goes down now, so the answer
+    // arrives while the submitter cannot record it, and comes back 4 s later.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stack.sim_stats().await["batches_created"] == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no batch was created"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stack.nats.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stack.nats.resume();
+    let job = stack.wait_for_end("outage", Duration::from_secs(90)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let (enriched, _) = stack.output_tables(&job).await;
+    assert_eq!(enriched.1.len(), 200);
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 1, "{stats}");
+    assert_eq!(
+        stats["create_responses_lost"], 1,
+        "the answer was held back: {stats}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
