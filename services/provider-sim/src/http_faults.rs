@@ -3,7 +3,9 @@
 //! `insufficient_quota` — all *before* the request is handled, so nothing happened. And the
 //! faults that come *after* the effect: a create carried out whose answer is then lost (a
 //! 500, a dropped connection, or an answer later than the client waits), a download cut off
-//! half-way, a delay on every answer. Rate-limit headers are set on every answer.
+//! half-way, a delay on every answer. Rate-limit headers are set on every answer. Each call
+//! meets the faults of its job where it names one (a batch, its files, an OpenAI create's
+//! metadata), else the default faults.
 
 use axum::Json;
 use axum::body::Body;
@@ -13,7 +15,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use rowsmith_config::LostResponse;
+use rowsmith_config::{LostResponse, SimFaults};
 
 use crate::openai::{Shared, lock};
 
@@ -23,59 +25,108 @@ enum Fault {
     InsufficientQuota,
 }
 
+/// What kind of API call a request is, for the faults that apply to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Create,
+    Download,
+    Other,
+}
+
+impl Call {
+    fn of(request: &Request) -> Call {
+        let path = request.uri().path();
+        match *request.method() {
+            Method::POST if matches!(path, "/v1/batches" | "/v1/messages/batches") => Call::Create,
+            Method::GET if path.ends_with("/content") || path.ends_with("/results") => {
+                Call::Download
+            }
+            _ => Call::Other,
+        }
+    }
+}
+
+/// The largest create body read to find its job (an OpenAI create is a few hundred bytes; an
+/// Anthropic create holds its requests and names no job, so it is not read).
+const CREATE_BODY_LIMIT: usize = 1 << 20;
+
 pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -> Response {
     if request.uri().path().starts_with("/sim/") {
         return next.run(request).await;
     }
-    let creates = request.method() == Method::POST
-        && matches!(request.uri().path(), "/v1/batches" | "/v1/messages/batches");
-    let downloads = request.method() == Method::GET
-        && (request.uri().path().ends_with("/content")
-            || request.uri().path().ends_with("/results"));
-    let delay = lock(&state).settings.faults.response_delay;
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+    let call = Call::of(&request);
+    let (request, faults) = faults_of_request(&state, request).await;
+    if !faults.response_delay.is_zero() {
+        tokio::time::sleep(faults.response_delay).await;
     }
-    let fault = {
-        let mut state = lock(&state);
-        state.api_calls += 1;
-        let call = state.api_calls;
-        let faults = &state.settings.faults;
-        let every = |n: Option<u64>| n.is_some_and(|n| n > 0 && call.is_multiple_of(n));
-        let fault = if creates && faults.insufficient_quota {
-            Some(Fault::InsufficientQuota)
-        } else if every(faults.http_429_every) {
-            Some(Fault::RateLimited)
-        } else if every(faults.http_500_every) {
-            Some(Fault::ServerError)
-        } else {
-            None
-        };
-        if fault.is_some() {
-            state.http_faults_injected += 1;
-        }
-        fault
-    };
-    let error = |status: StatusCode, kind: &str, code: &str, message: &str| {
-        (
-            status,
-            Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
-        )
-            .into_response()
-    };
-    let mut response = match fault {
+    let mut response = match before_effect(&state, &faults, call) {
+        Some(fault) => fault_response(fault),
         None => {
             let response = next.run(request).await;
-            if creates && response.status().is_success() {
-                lose_create_answer(&state, response).await
-            } else if downloads && response.status().is_success() {
-                cut_download(&state, response).await
-            } else {
-                response
+            match call {
+                _ if !response.status().is_success() => response,
+                Call::Create => lose_create_answer(&state, &faults, response).await,
+                Call::Download => cut_download(&state, &faults, response).await,
+                Call::Other => response,
             }
         }
-        Some(Fault::RateLimited) => {
-            let mut response = error(
+    };
+    with_rate_limit_headers(&mut response);
+    response
+}
+
+/// The faults in force for the request's job (`POST /sim/faults/<job_id>`), found from the
+/// batch or file it names or an OpenAI create's metadata; the default faults when it names no
+/// job (Anthropic's API carries none).
+async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFaults) {
+    let path = request.uri().path().to_owned();
+    if request.method() == Method::POST && path == "/v1/batches" {
+        let (parts, body) = request.into_parts();
+        let bytes = axum::body::to_bytes(body, CREATE_BODY_LIMIT)
+            .await
+            .unwrap_or_default();
+        let metadata = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|body| body.get("metadata").cloned());
+        let faults = lock(state).faults_of_metadata(&metadata);
+        return (Request::from_parts(parts, Body::from(bytes)), faults);
+    }
+    let faults = lock(state).faults_of_path(&path);
+    (request, faults)
+}
+
+/// A fault that answers in place of the API, before anything happens.
+fn before_effect(state: &Shared, faults: &SimFaults, call: Call) -> Option<Fault> {
+    let mut state = lock(state);
+    state.api_calls += 1;
+    let every = |n: Option<u64>| n.is_some_and(|n| n > 0 && state.api_calls.is_multiple_of(n));
+    let fault = if call == Call::Create && faults.insufficient_quota {
+        Some(Fault::InsufficientQuota)
+    } else if every(faults.http_429_every) {
+        Some(Fault::RateLimited)
+    } else if every(faults.http_500_every) {
+        Some(Fault::ServerError)
+    } else {
+        None
+    };
+    if fault.is_some() {
+        state.http_faults_injected += 1;
+    }
+    fault
+}
+
+fn error_response(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
+    )
+        .into_response()
+}
+
+fn fault_response(fault: Fault) -> Response {
+    match fault {
+        Fault::RateLimited => {
+            let mut response = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 "requests",
                 "rate_limit_exceeded",
@@ -89,25 +140,30 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
                 .insert("retry-after", HeaderValue::from_static("0.02"));
             response
         }
-        Some(Fault::ServerError) => {
-            let mut response = error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "server_error",
-                "The server had an error while processing your request.",
-            );
-            response
-                .headers_mut()
-                .insert("x-should-retry", HeaderValue::from_static("true"));
-            response
-        }
-        Some(Fault::InsufficientQuota) => error(
+        Fault::ServerError => server_error(),
+        Fault::InsufficientQuota => error_response(
             StatusCode::TOO_MANY_REQUESTS,
             "insufficient_quota",
             "insufficient_quota",
             "You exceeded your current quota, please check your plan and billing details.",
         ),
-    };
+    }
+}
+
+fn server_error() -> Response {
+    let mut response = error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "server_error",
+        "The server had an error while processing your request.",
+    );
+    response
+        .headers_mut()
+        .insert("x-should-retry", HeaderValue::from_static("true"));
+    response
+}
+
+fn with_rate_limit_headers(response: &mut Response) {
     let headers = response.headers_mut();
     headers.insert(
         "x-ratelimit-limit-requests",
@@ -122,58 +178,42 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
         HeaderValue::from_static("6ms"),
     );
     headers.insert("x-request-id", HeaderValue::from_static("req_sim"));
-    response
 }
 
 /// After a create was carried out: every n-th answer is lost as the faults say.
-async fn lose_create_answer(state: &Shared, response: Response) -> Response {
-    let (lost_as, slow) = {
+async fn lose_create_answer(state: &Shared, faults: &SimFaults, response: Response) -> Response {
+    {
         let mut state = lock(state);
         state.creates_seen += 1;
-        let faults = &state.settings.faults;
         let lose = faults
             .create_response_lost_every
             .is_some_and(|n| n > 0 && state.creates_seen.is_multiple_of(n));
         if !lose {
             return response;
         }
-        let how = (faults.create_response_lost_as, faults.slow_create);
         state.create_responses_lost += 1;
-        how
-    };
+    }
+    let lost_as = faults.create_response_lost_as;
     tracing::info!(
         ?lost_as,
         "simulated fault: the batch was created, its answer is lost"
     );
     match lost_as {
-        LostResponse::ServerError => {
-            let mut response = (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({"error": {"message": "The server had an error while processing your request.",
-                    "type": "server_error", "param": null, "code": "server_error"}})),
-            )
-                .into_response();
-            response
-                .headers_mut()
-                .insert("x-should-retry", HeaderValue::from_static("true"));
-            response
-        }
+        LostResponse::ServerError => server_error(),
         LostResponse::Dropped => dropped_after(response, 0).await,
         LostResponse::Slow => {
-            tokio::time::sleep(slow).await;
+            tokio::time::sleep(faults.slow_create).await;
             response
         }
     }
 }
 
 /// Every n-th download is cut off half-way.
-async fn cut_download(state: &Shared, response: Response) -> Response {
+async fn cut_download(state: &Shared, faults: &SimFaults, response: Response) -> Response {
     {
         let mut state = lock(state);
         state.downloads_seen += 1;
-        let cut = state
-            .settings
-            .faults
+        let cut = faults
             .download_dropped_every
             .is_some_and(|n| n > 0 && state.downloads_seen.is_multiple_of(n));
         if !cut {

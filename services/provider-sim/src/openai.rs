@@ -210,6 +210,32 @@ impl SimState {
         }
     }
 
+    /// The faults of the job a batch's metadata names, else the default faults.
+    pub(crate) fn faults_of_metadata(&self, metadata: &Option<Value>) -> SimFaults {
+        shard_of(metadata)
+            .and_then(|(job_id, _, _)| self.job_faults.get(&job_id))
+            .unwrap_or(&self.settings.faults)
+            .clone()
+    }
+
+    /// The faults of the job whose batch (or a batch's result file) an API path names, else
+    /// the default faults.
+    pub(crate) fn faults_of_path(&self, path: &str) -> SimFaults {
+        let batch = match path.strip_prefix("/v1/batches/") {
+            Some(rest) => rest.split('/').next().and_then(|id| self.batches.get(id)),
+            None => path
+                .strip_prefix("/v1/files/")
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|id| self.files.get(id))
+                .and_then(|file| file.filename.rsplit_once('_'))
+                .and_then(|(batch_id, _)| self.batches.get(batch_id)),
+        };
+        match batch {
+            Some(batch) => self.faults_of_metadata(&batch.metadata),
+            None => self.settings.faults.clone(),
+        }
+    }
+
     /// The faults in force for batch `batch_id` (its job's, else the default), if it exists.
     pub(crate) fn faults_of_batch(&self, batch_id: &str) -> Option<SimFaults> {
         self.batches

@@ -90,3 +90,43 @@ async fn faults_set_for_one_job_hit_only_that_job() {
     assert_eq!((doomed.counts.succeeded, doomed.counts.failed), (0, 36));
     assert_eq!((spared.counts.succeeded, spared.counts.failed), (36, 0));
 }
+
+/// HTTP faults set for one job meet only that job's calls: its create answer is lost (and
+/// the batch found again), while another job running at the same time is answered plainly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn create_and_download_faults_set_for_one_job_meet_only_its_calls() {
+    let stack = Stack::start_with(|settings: &mut rowsmith_config::Settings| {
+        settings.creation.unconfirmed_wait = Duration::from_millis(1200);
+    })
+    .await;
+    let lossy = rowsmith_config::SimFaults {
+        create_response_lost_every: Some(1),
+        create_response_lost_as: rowsmith_config::LostResponse::ServerError,
+        download_dropped_every: Some(2),
+        ..Default::default()
+    };
+    stack.set_sim_faults("lossy", &lossy).await;
+    for job_id in ["lossy", "plain"] {
+        let input = stack
+            .upload_input(&format!("{job_id}.csv"), to_csv(&awkward_rows(100)))
+            .await;
+        stack.submit(&spec(job_id, &input, "description")).await;
+    }
+    for job_id in ["lossy", "plain"] {
+        let job = stack.wait_for_end(job_id, Duration::from_secs(120)).await;
+        assert_eq!(job.state, JobState::Completed, "{job_id}: {:?}", job.error);
+        let (enriched, failures) = stack.output_tables(&job).await;
+        assert_eq!(enriched.1.len(), 100, "{job_id}");
+        assert!(failures.1.is_empty(), "{job_id}: {failures:?}");
+    }
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["batches_created"], 2, "one batch per job: {stats}");
+    assert_eq!(
+        stats["create_responses_lost"], 1,
+        "only the lossy job's create lost its answer: {stats}"
+    );
+    assert!(
+        stats["downloads_dropped"].as_u64() >= Some(1),
+        "the lossy job's downloads were cut: {stats}"
+    );
+}
