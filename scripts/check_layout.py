@@ -6,7 +6,8 @@ sources; prints one line per broken rule and exits 1 when any is.
   services on shared crates, shared crates on shared crates only; no service on another
   service (test-only dependencies aside);
 - no DuckDB or tiktoken under the poller, the submitter or the provider simulator;
-- within a crate, the modules below the root do not import each other in a circle.
+- within a crate, the modules below the root do not import each other in a circle;
+- no function of product code (tests and examples aside) is over 100 lines.
 """
 import json
 import pathlib
@@ -99,6 +100,57 @@ def find_cycle(graph: dict) -> list | None:
     return None
 
 
+# No function in product code is longer than this (lines from `fn` to its closing brace).
+MAX_FUNCTION_LINES = 100
+FN_START = re.compile(r"^(\s*)(pub(\([a-z]+\))? )?(const )?(async )?(unsafe )?fn (\w+)")
+
+
+def long_functions(path: pathlib.Path) -> list:
+    """(name, first line, length) of each function over MAX_FUNCTION_LINES in `path`, test
+    modules left out."""
+    lines = path.read_text().split("\n")
+    found = []
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() == "#[cfg(test)]" and i + 1 < len(lines) and lines[i + 1].startswith("mod tests"):
+            break
+        match = FN_START.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        indent, name = match.group(1), match.group(7)
+        # A declaration without a body (a trait's) ends with `;` before any `{`.
+        j = i
+        while j < len(lines) and "{" not in lines[j] and not lines[j].rstrip().endswith(";"):
+            j += 1
+        if j < len(lines) and "{" not in lines[j]:
+            i = j + 1
+            continue
+        end = j
+        while end < len(lines) and lines[end] != indent + "}" and not (
+            end == j and lines[end].rstrip().endswith("}")
+        ):
+            end += 1
+        length = end - i + 1
+        if length > MAX_FUNCTION_LINES:
+            found.append((name, i + 1, length))
+        i = end + 1
+    return found
+
+
+def check_function_length() -> None:
+    for top in ["shared", "services", "cli"]:
+        for path in sorted((ROOT / top).rglob("*.rs")):
+            relative = path.relative_to(ROOT)
+            if "examples" in relative.parts or "tests" in relative.parts:
+                continue
+            for name, line, length in long_functions(path):
+                problems.append(
+                    f"{relative}:{line}: fn {name} is {length} lines, over {MAX_FUNCTION_LINES}: "
+                    "split it into named steps"
+                )
+
+
 def main() -> int:
     metadata = json.loads(subprocess.run(
         ["cargo", "metadata", "--locked", "--format-version", "1", "--no-deps"],
@@ -107,12 +159,13 @@ def main() -> int:
     check_arrows(metadata)
     check_weight()
     check_module_cycles(metadata)
+    check_function_length()
     for problem in problems:
         print(f"check_layout: {problem}")
     if problems:
         return 1
     crates = len(metadata["packages"])
-    print(f"check_layout: ok: {crates} crates, arrows down only, no DuckDB or tiktoken under {', '.join(LIGHT)}, no module cycle")
+    print(f"check_layout: ok: {crates} crates, arrows down only, no DuckDB or tiktoken under {', '.join(LIGHT)}, no module cycle, no function over {MAX_FUNCTION_LINES} lines")
     return 0
 
 

@@ -29,7 +29,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let spec = args.job.to_spec()?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let out_dir = std::fs::canonicalize(&args.out_dir)?;
+    let out_dir = std::fs::canonicalize(&args.out_dir)
+        .with_context(|| format!("cannot resolve {}", args.out_dir.display()))?;
     let started = std::time::Instant::now();
     // The exact shards of a first ingest, with no result cache consulted.
     let (prepared, indexed_seconds) = render_offline(&settings, &spec, &out_dir, None).await?;

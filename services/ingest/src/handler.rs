@@ -253,7 +253,7 @@ async fn accept(ingest: &Ingest, spec: &JobSpec) -> Result<Accepted, StepError> 
 async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<(), StepError> {
     let job_id = spec.id();
     set_state(&ingest.bus, job_id, JobState::Ingesting).await?;
-    let scratch = tempfile::tempdir()?;
+    let scratch = rowsmith_store::scratch_dir()?;
     let (info, indexed) = index(ingest, spec, scratch.path()).await?;
 
     let limits = shard_limits(spec, &ingest.limits)?;

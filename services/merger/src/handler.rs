@@ -195,7 +195,7 @@ async fn start_retry(merger: &Merger, spec: &JobSpec, attempt: u32) -> Result<()
     let store = &merger.store;
     let job_id = spec.id();
     let job = require_job(bus, job_id).await?;
-    let scratch = tempfile::tempdir()?;
+    let scratch = rowsmith_store::scratch_dir()?;
     let indexed = store
         .fetch_local(&job.indexed_key(), scratch.path())
         .await?;
@@ -363,7 +363,7 @@ async fn merge_shard(
     } = tally;
     let rows_key = layout::rows(key);
     let attempt = key.attempt;
-    let scratch = tempfile::tempdir()?;
+    let scratch = rowsmith_store::scratch_dir()?;
     let target = store.local_target(&rows_key, scratch.path())?;
     let (target_for_task, fields, duckdb) =
         (target.clone(), job.spec.fields.clone(), merger.duckdb);

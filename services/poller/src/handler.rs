@@ -218,13 +218,7 @@ async fn cancel_overdue(
                 batch.id, key.shard, status.completed
             );
             tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "batch overdue, cancelled to collect what it finished");
-            poller
-                .bus
-                .emit(
-                    &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
-                        .with_shard(key.clone()),
-                )
-                .await;
+            shard_warning(&poller.bus, key, job, message).await;
         }
         Err(error) => {
             tracing::warn!(batch_id = %batch.id, %error, "could not cancel an overdue batch")
@@ -303,8 +297,8 @@ async fn collect_orphans(
     provider: &Provider,
     job: &JobRecord,
 ) -> Result<bool, StepError> {
-    let (bus, key) = (&poller.bus, &submitted.key);
-    let Some((shard, _)) = bus.read::<ShardRecord>(&shard_key(key)).await? else {
+    let key = &submitted.key;
+    let Some((shard, _)) = poller.bus.read::<ShardRecord>(&shard_key(key)).await? else {
         return Ok(true);
     };
     let pending: Vec<String> = shard
@@ -316,6 +310,45 @@ async fn collect_orphans(
     if pending.is_empty() {
         return Ok(true);
     }
+    let patient = within_orphan_patience(&poller.bus, key, &shard).await?;
+    let mut waiting = false;
+    for batch_id in pending {
+        let batch = BatchRef { id: batch_id };
+        match provider.status(&batch).await {
+            Ok(status) if status.state.is_terminal() => {
+                download_orphan(poller, key, provider, &batch, &status).await?;
+            }
+            Ok(status) if patient => {
+                if status.state != BatchState::Cancelling
+                    && let Err(error) = provider.cancel(&batch).await
+                {
+                    tracing::warn!(batch_id = %batch.id, %error, "could not cancel an orphan batch");
+                }
+                waiting = true;
+            }
+            Err(error) if patient && error.is_retryable() => {
+                tracing::warn!(batch_id = %batch.id, %error, "status check of an orphan batch failed, will check again");
+                waiting = true;
+            }
+            other => {
+                let why = match other {
+                    Ok(status) => format!("is still {}", status.state.as_str()),
+                    Err(error) => format!("cannot be checked ({error})"),
+                };
+                leave_out_orphan(poller, key, job, &batch, &why).await;
+            }
+        }
+    }
+    Ok(!waiting)
+}
+
+/// Whether the shard's batch ended less than `ORPHAN_PATIENCE` ago (noting when it ended, at
+/// the first look).
+async fn within_orphan_patience(
+    bus: &Bus,
+    key: &ShardKey,
+    shard: &ShardRecord,
+) -> Result<bool, StepError> {
     let now = rowsmith_contract::now_unix_ms();
     let ended_at_ms = match shard.batch_ended_at_ms {
         Some(at) => at,
@@ -335,56 +368,28 @@ async fn collect_orphans(
             .await?
         }
     };
-    let patient = now.saturating_sub(ended_at_ms) < ORPHAN_PATIENCE.as_millis() as i64;
-    let mut waiting = false;
-    for batch_id in pending {
-        let batch = BatchRef { id: batch_id };
-        let status = match provider.status(&batch).await {
-            Ok(status) if status.state.is_terminal() => status,
-            Ok(status) if patient => {
-                if status.state != BatchState::Cancelling
-                    && let Err(error) = provider.cancel(&batch).await
-                {
-                    tracing::warn!(batch_id = %batch.id, %error, "could not cancel an orphan batch");
-                }
-                waiting = true;
-                continue;
-            }
-            Err(error) if patient && error.is_retryable() => {
-                tracing::warn!(batch_id = %batch.id, %error, "status check of an orphan batch failed, will check again");
-                waiting = true;
-                continue;
-            }
-            other => {
-                let why = match other {
-                    Ok(status) => format!("is still {}", status.state.as_str()),
-                    Err(error) => format!("cannot be checked ({error})"),
-                };
-                let message = format!(
-                    "orphan batch {} of shard {} {why} {} minutes after the shard's batch \
-                     ended: the shard is merged without its answers",
-                    batch.id,
-                    key.shard,
-                    ORPHAN_PATIENCE.as_secs() / 60
-                );
-                tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "orphan batch left out");
-                bus.emit(
-                    &Event::new(&key.job_id, EventKind::Warning, message, job.counts)
-                        .with_shard(key.clone()),
-                )
-                .await;
-                continue;
-            }
-        };
-        let into = ResultPaths::of_orphan(key, &batch.id);
-        let files = provider.download(&status, &poller.store, &into).await?;
-        let results = OrphanResults {
-            batch_id: batch.id.clone(),
-            status: status.state.as_str().to_owned(),
-            output_path: files.output_path,
-            errors_path: files.errors_path,
-        };
-        bus.modify(
+    Ok(now.saturating_sub(ended_at_ms) < ORPHAN_PATIENCE.as_millis() as i64)
+}
+
+/// Stores an ended orphan's files next to the shard's and notes them in the shard record.
+async fn download_orphan(
+    poller: &Poller,
+    key: &ShardKey,
+    provider: &Provider,
+    batch: &BatchRef,
+    status: &BatchStatus,
+) -> Result<(), StepError> {
+    let into = ResultPaths::of_orphan(key, &batch.id);
+    let files = provider.download(status, &poller.store, &into).await?;
+    let results = OrphanResults {
+        batch_id: batch.id.clone(),
+        status: status.state.as_str().to_owned(),
+        output_path: files.output_path,
+        errors_path: files.errors_path,
+    };
+    poller
+        .bus
+        .modify(
             &shard_key(key),
             |shard: &mut ShardRecord| -> Result<Cas<()>, StepError> {
                 if shard
@@ -399,9 +404,35 @@ async fn collect_orphans(
             },
         )
         .await?;
-        tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, status = %results.status, "orphan batch collected");
-    }
-    Ok(!waiting)
+    tracing::info!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, status = %results.status, "orphan batch collected");
+    Ok(())
+}
+
+/// Past `ORPHAN_PATIENCE`: the shard is merged without the orphan, and the job says so.
+async fn leave_out_orphan(
+    poller: &Poller,
+    key: &ShardKey,
+    job: &JobRecord,
+    batch: &BatchRef,
+    why: &str,
+) {
+    let message = format!(
+        "orphan batch {} of shard {} {why} {} minutes after the shard's batch ended: the shard \
+         is merged without its answers",
+        batch.id,
+        key.shard,
+        ORPHAN_PATIENCE.as_secs() / 60
+    );
+    tracing::warn!(job_id = %key.job_id, shard = key.shard, batch_id = %batch.id, "orphan batch left out");
+    shard_warning(&poller.bus, key, job, message).await;
+}
+
+/// A warning event about shard `key` of `job`.
+async fn shard_warning(bus: &Bus, key: &ShardKey, job: &JobRecord, message: String) {
+    bus.emit(
+        &Event::new(&key.job_id, EventKind::Warning, message, job.counts).with_shard(key.clone()),
+    )
+    .await;
 }
 
 /// Downloads an ended batch's files into the store, records them in the shard and announces

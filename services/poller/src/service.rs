@@ -50,11 +50,14 @@ pub fn consumer_spec(poller: &PollerSettings) -> ConsumerSpec {
 
 /// Runs the poller service until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The keys are read here, by the two services that call providers, and nowhere else.
+    let mut provider = config.provider.clone();
+    provider.load_keys(&std::env::vars().collect())?;
     let bus = connect(&config.process, "rowsmith-poller", &shutdown).await?;
     let poller = Arc::new(Poller {
         bus: bus.clone(),
         store: Store::open(&config.process.store)?,
-        providers: Providers::from_settings(&config.provider)?,
+        providers: Providers::from_settings(&provider)?,
         schedule: config.poller.schedule()?,
         quota_wait: config.quota.wait,
         give_up_after: config.poller.completion_window + config.poller.grace,

@@ -55,11 +55,14 @@ pub fn consumer_spec(submitter: &WorkerSettings) -> ConsumerSpec {
 
 /// Runs the submitter service until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The keys are read here, by the two services that call providers, and nowhere else.
+    let mut provider = config.provider.clone();
+    provider.load_keys(&std::env::vars().collect())?;
     let bus = connect(&config.process, "rowsmith-submitter", &shutdown).await?;
     let submitter = Arc::new(Submitter {
         bus: bus.clone(),
         store: Store::open(&config.process.store)?,
-        providers: Providers::from_settings(&config.provider)?,
+        providers: Providers::from_settings(&provider)?,
         quota: config.quota.clone(),
         creation: config.creation.clone(),
         chaos_crash_after_create: config.submitter.chaos_crash_after_create,

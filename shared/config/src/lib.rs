@@ -804,8 +804,42 @@ pub enum ConfigError {
     },
 }
 
+impl ProviderSettings {
+    /// Fills the API keys not set in the configuration from `api_key_file` or, without one,
+    /// `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` in `env`. Only the services that call providers
+    /// (the submitter and the poller) do this; the others never hold a key.
+    pub fn load_keys(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        let sources = [
+            (
+                &mut self.openai.api_key,
+                &self.openai.api_key_file,
+                "OPENAI_API_KEY",
+            ),
+            (
+                &mut self.anthropic.api_key,
+                &self.anthropic.api_key_file,
+                "ANTHROPIC_API_KEY",
+            ),
+        ];
+        for (key, file, variable) in sources {
+            if key.is_some() {
+                continue;
+            }
+            *key = match file {
+                Some(path) => Some(read_secret_file(path)?),
+                None => env
+                    .get(variable)
+                    .map(|value| SecretString::from(value.clone())),
+            };
+        }
+        Ok(())
+    }
+}
+
 impl Settings {
     /// Loads defaults < `file` (when it exists) < `env` (`ROWSMITH_<SECTION>__<KEY>`).
+    /// Provider keys from files or `OPENAI_API_KEY` are left to
+    /// [`ProviderSettings::load_keys`].
     pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let mut builder =
             config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
@@ -827,23 +861,9 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(rowsmith_env)),
         );
+        // Provider keys are not read here: only the two services that call providers read
+        // them (`ProviderSettings::load_keys`).
         let mut settings: Settings = builder.build()?.try_deserialize()?;
-        if settings.provider.openai.api_key.is_none() {
-            settings.provider.openai.api_key = match &settings.provider.openai.api_key_file {
-                Some(path) => Some(read_secret_file(path)?),
-                None => env
-                    .get("OPENAI_API_KEY")
-                    .map(|key| SecretString::from(key.clone())),
-            };
-        }
-        if settings.provider.anthropic.api_key.is_none() {
-            settings.provider.anthropic.api_key = match &settings.provider.anthropic.api_key_file {
-                Some(path) => Some(read_secret_file(path)?),
-                None => env
-                    .get("ANTHROPIC_API_KEY")
-                    .map(|key| SecretString::from(key.clone())),
-            };
-        }
         if settings.nats.password.is_none()
             && let Some(path) = &settings.nats.password_file
         {
@@ -943,6 +963,39 @@ mod tests {
     }
 
     #[test]
+    fn only_load_keys_reads_provider_keys_and_a_missing_key_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("openai.key");
+        let variables = env(&[
+            (
+                "ROWSMITH_PROVIDER__OPENAI__API_KEY_FILE",
+                missing.to_str().expect("utf-8 path"),
+            ),
+            ("ANTHROPIC_API_KEY", "sk-ant-from-env"),
+        ]);
+        // Ingest, the merger and the CLI load settings without the key file they never use.
+        let mut settings = Settings::load(None, &variables).expect("load without keys");
+        assert!(settings.provider.openai.api_key.is_none());
+        assert!(settings.provider.anthropic.api_key.is_none());
+        let error = settings
+            .provider
+            .load_keys(&variables)
+            .expect_err("the key file is missing");
+        assert!(
+            error.to_string().contains(&missing.display().to_string()),
+            "{error}"
+        );
+        std::fs::write(&missing, "sk-openai-from-file\n").expect("write key");
+        settings.provider.load_keys(&variables).expect("keys");
+        let key = |k: &Option<SecretString>| k.as_ref().expect("key").expose_secret().to_owned();
+        assert_eq!(
+            key(&settings.provider.openai.api_key),
+            "sk-openai-from-file"
+        );
+        assert_eq!(key(&settings.provider.anthropic.api_key), "sk-ant-from-env");
+    }
+
+    #[test]
     fn environment_overrides_file_overrides_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("rowsmith.toml");
@@ -961,6 +1014,15 @@ mod tests {
             ]),
         )
         .expect("load");
+        assert!(
+            settings.provider.openai.api_key.is_none(),
+            "load reads no provider key"
+        );
+        let mut settings = settings;
+        settings
+            .provider
+            .load_keys(&env(&[("OPENAI_API_KEY", "k-123")]))
+            .expect("keys");
         assert_eq!(settings.nats.url, "nats://env:2");
         assert_eq!(settings.store.url, "/data");
         assert_eq!(settings.provider.openai.base_url, "http://x/v1");

@@ -50,6 +50,25 @@ pub enum TableError {
     OutOfMemory { what: &'static str, message: String },
     #[error("DuckDB's spill directory could not be created in TMPDIR: {0}")]
     Spill(#[source] std::io::Error),
+    /// A local file (a shard being written, a scratch file) could not be written.
+    #[error("cannot {what} {}: {source}", path.display())]
+    LocalFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TableError {
+    /// An error of writing the local file `path`, for `map_err`.
+    pub fn writing(path: &Path) -> impl Fn(std::io::Error) -> TableError + Copy + '_ {
+        move |source| TableError::LocalFile {
+            what: "write",
+            path: path.to_owned(),
+            source,
+        }
+    }
 }
 
 fn duck(what: &'static str) -> impl Fn(duckdb::Error) -> TableError {
@@ -216,71 +235,92 @@ fn preflight_csv(
     tab: bool,
     limits: &LimitsSettings,
 ) -> Result<CsvHeader, TableError> {
-    use std::io::Read;
     let name = input
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let fail = |message: String| Err(TableError::Input(format!("{name}: {message}")));
-    let file = std::fs::File::open(input)
-        .map_err(|e| TableError::Input(format!("{name} cannot be opened: {e}")))?;
+    let checked = || -> Result<CsvHeader, String> {
+        let (head, size) = read_head(input, gzip, limits)?;
+        let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+        if text.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(
+                "the file holds no text: a header row and at least one data row are needed".into(),
+            );
+        }
+        let (delimiter, header) = sniff_header(text, tab)?;
+        let columns = header_columns(&header, limits)?;
+        if !has_data_row(text, delimiter) {
+            return Err(format!(
+                "a header ({}) but no data rows",
+                columns.join(", ")
+            ));
+        }
+        Ok(CsvHeader {
+            delimiter,
+            columns,
+            row_bytes: head_row_bytes(text, delimiter, (head.len() as u64) < size),
+        })
+    };
+    checked().map_err(|message| TableError::Input(format!("{name}: {message}")))
+}
+
+/// The first `HEAD_BYTES` of the table's text and its whole size, decompressed. A gzip
+/// stream is read to its trailer: DuckDB reads one cut short without complaint, losing rows.
+fn read_head(input: &Path, gzip: bool, limits: &LimitsSettings) -> Result<(Vec<u8>, u64), String> {
+    use std::io::Read;
+    let file = std::fs::File::open(input).map_err(|e| format!("cannot be opened: {e}"))?;
     let on_disk = file.metadata().map(|m| m.len()).unwrap_or(0);
     if on_disk == 0 {
-        return fail(
+        return Err(
             "the file is empty (0 bytes): a header row and at least one data row are needed".into(),
         );
     }
     let mut head = Vec::with_capacity(HEAD_BYTES.min(on_disk as usize * 4));
-    let size = if gzip {
-        // DuckDB reads a gzip stream cut short without complaint, losing rows: read it to
-        // its trailer here, counting what it expands to.
-        let mut decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
-        let mut buffer = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        loop {
-            let read = match decoder.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(read) => read,
-                Err(error) => {
-                    return fail(format!(
-                        "not a complete gzip file ({error}): it may be truncated or not gzip at \
-                         all; check it with `gzip -t` and fetch it again"
-                    ));
-                }
-            };
-            total += read as u64;
-            if total > limits.max_input_bytes {
-                return fail(format!(
-                    "expands to more than {} bytes (limits.max_input_bytes); split the table \
-                     or raise the limit",
-                    limits.max_input_bytes
-                ));
-            }
-            if head.len() < HEAD_BYTES {
-                let take = read.min(HEAD_BYTES - head.len());
-                head.extend_from_slice(&buffer[..take]);
-            }
-        }
-        total
-    } else {
+    if !gzip {
         file.take(HEAD_BYTES as u64)
             .read_to_end(&mut head)
-            .map_err(|e| TableError::Input(format!("{name} cannot be read: {e}")))?;
-        on_disk
-    };
-    if size > limits.max_input_bytes {
-        return fail(format!(
-            "{size} bytes is more than limits.max_input_bytes ({}); split the table or raise \
-             the limit",
-            limits.max_input_bytes
-        ));
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        if on_disk > limits.max_input_bytes {
+            return Err(format!(
+                "{on_disk} bytes is more than limits.max_input_bytes ({}); split the table or \
+                 raise the limit",
+                limits.max_input_bytes
+            ));
+        }
+        return Ok((head, on_disk));
     }
-    let text = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
-    if text.iter().all(|b| b.is_ascii_whitespace()) {
-        return fail(
-            "the file holds no text: a header row and at least one data row are needed".into(),
-        );
+    let mut decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let read = match decoder.read(&mut buffer) {
+            Ok(0) => return Ok((head, total)),
+            Ok(read) => read,
+            Err(error) => {
+                return Err(format!(
+                    "not a complete gzip file ({error}): it may be truncated or not gzip at \
+                     all; check it with `gzip -t` and fetch it again"
+                ));
+            }
+        };
+        total += read as u64;
+        if total > limits.max_input_bytes {
+            return Err(format!(
+                "expands to more than {} bytes (limits.max_input_bytes); split the table or \
+                 raise the limit",
+                limits.max_input_bytes
+            ));
+        }
+        if head.len() < HEAD_BYTES {
+            let take = read.min(HEAD_BYTES - head.len());
+            head.extend_from_slice(&buffer[..take]);
+        }
     }
+}
+
+/// The delimiter (`tab` only, or the one of `,;\t|` that splits the first record into the
+/// most fields) and the header record it gives.
+fn sniff_header(text: &[u8], tab: bool) -> Result<(u8, csv::StringRecord), String> {
     let candidates: &[u8] = if tab { b"\t" } else { b",;\t|" };
     let mut best: Option<(u8, csv::StringRecord)> = None;
     for &delimiter in candidates {
@@ -294,7 +334,7 @@ fn preflight_csv(
             Ok(true) => {}
             Ok(false) => continue,
             Err(error) if matches!(error.kind(), csv::ErrorKind::Utf8 { .. }) => {
-                return fail(
+                return Err(
                     "the header is not UTF-8 text: save the file as UTF-8 (e.g. `iconv -f \
                      latin1 -t utf-8 in.csv > out.csv`)"
                         .into(),
@@ -306,11 +346,17 @@ fn preflight_csv(
             best = Some((delimiter, record));
         }
     }
-    let Some((delimiter, header)) = best else {
-        return fail("the header row could not be read".into());
-    };
+    best.ok_or_else(|| "the header row could not be read".into())
+}
+
+/// The header's column names (`column<i>` for an empty one), within `limits.max_columns` and
+/// each once.
+fn header_columns(
+    header: &csv::StringRecord,
+    limits: &LimitsSettings,
+) -> Result<Vec<String>, String> {
     if header.len() > limits.max_columns {
-        return fail(format!(
+        return Err(format!(
             "{} columns, more than limits.max_columns ({}); keep only the columns the job needs",
             header.len(),
             limits.max_columns
@@ -327,7 +373,7 @@ fn preflight_csv(
     let mut seen = std::collections::HashMap::new();
     for (i, column) in columns.iter().enumerate() {
         if let Some(first) = seen.insert(column.as_str(), i) {
-            return fail(format!(
+            return Err(format!(
                 "the column name {column:?} appears twice in the header (columns {} and {}); \
                  rename one",
                 first + 1,
@@ -335,33 +381,26 @@ fn preflight_csv(
             ));
         }
     }
+    Ok(columns)
+}
+
+/// Whether a record with a non-empty field follows the header in `text` (a record cut at the
+/// end of the head counts: more follows).
+fn has_data_row(text: &[u8], delimiter: u8) -> bool {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
         .flexible(true)
         .from_reader(text);
     let mut record = csv::ByteRecord::new();
-    let has_row = loop {
+    loop {
         match reader.read_byte_record(&mut record) {
             Ok(true) if record.iter().all(|f| f.is_empty()) => continue,
-            Ok(true) => break true,
-            Ok(false) => break false,
-            // Cut at the end of what was read: more follows.
-            Err(_) => break true,
+            Ok(true) => return true,
+            Ok(false) => return false,
+            Err(_) => return true,
         }
-    };
-    if !has_row {
-        return fail(format!(
-            "a header ({}) but no data rows",
-            columns.join(", ")
-        ));
     }
-    let row_bytes = head_row_bytes(text, delimiter, (head.len() as u64) < size);
-    Ok(CsvHeader {
-        delimiter,
-        columns,
-        row_bytes,
-    })
 }
 
 /// Bytes of a data row on average in `text`, the head of a CSV (`cut` when more follows, so
@@ -761,102 +800,137 @@ pub fn render_shards(
     duckdb: &DuckdbLimits,
 ) -> Result<Rendered, TableError> {
     let connection = connect(duckdb)?;
-    // The indexed table is stored in row order and a scan keeps it (preserve_insertion_order);
-    // only the semi-join of a retry needs sorting, and its rows are few.
-    let order = if retry_of.is_some() {
-        format!(" ORDER BY {ROW_INDEX}")
-    } else {
-        String::new()
-    };
-    let filter = match retry_of {
-        Some([]) => " WHERE false".to_owned(),
-        Some(files) => format!(
-            " WHERE {ROW_INDEX} IN (SELECT {ROW_INDEX} FROM read_parquet([{}]) \
-             WHERE NOT _ok AND _retryable)",
-            files
-                .iter()
-                .map(|p| path_literal(p))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        None => String::new(),
-    };
-    let sql = format!("SELECT * FROM {}{filter}{order}", indexed_relation(indexed));
     // The duplicate map is sized once for every row (counted before the streaming query,
     // which must have the connection to itself): growing it would briefly hold two tables.
     let rows_in_table = parquet_rows(&connection, indexed)?;
-    let mut statement = connection.prepare(&sql).map_err(duck("render query"))?;
+    let mut statement = connection
+        .prepare(&render_query(indexed, retry_of))
+        .map_err(duck("render query"))?;
     let batches = statement.stream_arrow([]).map_err(duck("render query"))?;
-    let mut stats = RenderStats::default();
+    let mut cutter = ShardCutter {
+        limits,
+        cache,
+        sink,
+        stats: RenderStats::default(),
+        shard: OpenShard::default(),
+        first_with_body: std::collections::HashMap::with_capacity(
+            usize::try_from(rows_in_table).unwrap_or(0),
+        ),
+    };
     let (mut scratch, mut escaped, mut line) = (String::new(), Vec::new(), Vec::new());
-    let mut shard = OpenShard::default();
-    let mut first_with_body: std::collections::HashMap<u128, i64> =
-        std::collections::HashMap::with_capacity(usize::try_from(rows_in_table).unwrap_or(0));
     for batch in batches {
         let (row_indexes, cells) = batch_columns(&batch)?;
         for row in 0..batch.num_rows() {
-            stats.rows += 1;
+            cutter.stats.rows += 1;
             let row_index = row_indexes.value(row);
             let cell = |column: usize| -> Option<&str> { cells[column].get(row) };
             template
                 .check_cells(&cell, limits.max_cell_bytes)
                 .map_err(|message| TableError::Cell { row_index, message })?;
             line.clear();
-            let Some(body_hash) =
-                template.render(row_index, cell, &mut scratch, &mut escaped, &mut line)
-            else {
-                stats.skipped += 1;
-                continue;
-            };
-            // Pay once: a request identical to an earlier row's is not sent; the row takes
-            // that row's answer.
-            match first_with_body.entry(body_hash) {
-                std::collections::hash_map::Entry::Occupied(first) => {
-                    stats.duplicates += 1;
-                    sink.duplicate(row_index, *first.get())?;
-                    continue;
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(row_index);
-                }
+            match template.render(row_index, cell, &mut scratch, &mut escaped, &mut line) {
+                Some(body_hash) => cutter.take(row_index, &line, body_hash)?,
+                None => cutter.stats.skipped += 1,
             }
-            // Pay once across jobs: an answer to this very request is in the cache.
-            if cache.is_some_and(|keys| keys.contains(&body_hash)) {
-                stats.cached += 1;
-                sink.cached(row_index, body_hash)?;
-                continue;
-            }
-            if line.len() as u64 > limits.max_bytes {
-                return Err(TableError::RowTooLarge {
-                    row_index,
-                    bytes: line.len(),
-                    limit: limits.max_bytes,
-                });
-            }
-            let full = shard.requests >= limits.max_requests
-                || shard.bytes + line.len() as u64 > limits.max_bytes;
-            if full {
-                sink.finish(shard.number, shard.requests, shard.bytes)?;
-                shard = OpenShard {
-                    number: shard.number + 1,
-                    ..OpenShard::default()
-                };
-            }
-            sink.write_line(shard.number, &line)?;
-            shard.requests += 1;
-            shard.bytes += line.len() as u64;
-            stats.requests += 1;
-            stats.bytes += line.len() as u64;
         }
     }
-    if shard.requests > 0 {
-        stats.shards = shard.number + 1;
-        sink.finish(shard.number, shard.requests, shard.bytes)?;
+    cutter.close()
+}
+
+/// The rows a render reads, in row order: all of them, or on a retry those that failed
+/// retryably in `retry_of`. The indexed table is stored in row order and a scan keeps it
+/// (preserve_insertion_order); only the semi-join of a retry needs sorting, and its rows are
+/// few.
+fn render_query(indexed: &Path, retry_of: Option<&[PathBuf]>) -> String {
+    let (filter, order) = match retry_of {
+        None => (String::new(), ""),
+        Some([]) => (" WHERE false".to_owned(), ""),
+        Some(files) => (
+            format!(
+                " WHERE {ROW_INDEX} IN (SELECT {ROW_INDEX} FROM read_parquet([{}]) \
+                 WHERE NOT _ok AND _retryable)",
+                files
+                    .iter()
+                    .map(|p| path_literal(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            " ORDER BY _row_index",
+        ),
+    };
+    format!("SELECT * FROM {}{filter}{order}", indexed_relation(indexed))
+}
+
+/// Cuts rendered request lines into shards, in one sequential pass: a line repeating an
+/// earlier row's request or answered by the result cache is not sent; a shard ends where the
+/// next line would cross a limit.
+struct ShardCutter<'a, S> {
+    limits: ShardLimits,
+    cache: Option<&'a CacheKeys>,
+    sink: &'a mut S,
+    stats: RenderStats,
+    shard: OpenShard,
+    first_with_body: std::collections::HashMap<u128, i64>,
+}
+
+impl<S: ShardSink> ShardCutter<'_, S> {
+    /// Row `row_index`'s request `line`, whose body hashes to `body_hash`.
+    #[inline]
+    fn take(&mut self, row_index: i64, line: &[u8], body_hash: u128) -> Result<(), TableError> {
+        // Pay once: a request identical to an earlier row's is not sent; the row takes that
+        // row's answer.
+        match self.first_with_body.entry(body_hash) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                self.stats.duplicates += 1;
+                return self.sink.duplicate(row_index, *first.get());
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(row_index);
+            }
+        }
+        // Pay once across jobs: an answer to this very request is in the cache.
+        if self.cache.is_some_and(|keys| keys.contains(&body_hash)) {
+            self.stats.cached += 1;
+            return self.sink.cached(row_index, body_hash);
+        }
+        let (limits, bytes) = (self.limits, line.len() as u64);
+        if bytes > limits.max_bytes {
+            return Err(TableError::RowTooLarge {
+                row_index,
+                bytes: line.len(),
+                limit: limits.max_bytes,
+            });
+        }
+        let shard = &mut self.shard;
+        if shard.requests >= limits.max_requests || shard.bytes + bytes > limits.max_bytes {
+            self.sink
+                .finish(shard.number, shard.requests, shard.bytes)?;
+            *shard = OpenShard {
+                number: shard.number + 1,
+                ..OpenShard::default()
+            };
+        }
+        self.sink.write_line(shard.number, line)?;
+        shard.requests += 1;
+        shard.bytes += bytes;
+        self.stats.requests += 1;
+        self.stats.bytes += bytes;
+        Ok(())
     }
-    Ok(Rendered {
-        stats,
-        first_with_body,
-    })
+
+    /// Ends the last shard.
+    fn close(mut self) -> Result<Rendered, TableError> {
+        let shard = &self.shard;
+        if shard.requests > 0 {
+            self.stats.shards = shard.number + 1;
+            self.sink
+                .finish(shard.number, shard.requests, shard.bytes)?;
+        }
+        Ok(Rendered {
+            stats: self.stats,
+            first_with_body: self.first_with_body,
+        })
+    }
 }
 
 /// The two halves of a body hash as DuckDB UBIGINTs.
@@ -898,10 +972,7 @@ pub fn write_hashes(
 ) -> Result<(), TableError> {
     use std::io::Write;
     let csv = path.with_extension("csv");
-    let io = |e: std::io::Error| TableError::Duckdb {
-        what: "write hashes",
-        message: e.to_string(),
-    };
+    let io = TableError::writing(&csv);
     {
         let mut writer = std::io::BufWriter::new(std::fs::File::create(&csv).map_err(io)?);
         writeln!(writer, "{ROW_INDEX},h_hi,h_lo").map_err(io)?;
@@ -1205,6 +1276,47 @@ pub fn finalize(
     duckdb: &DuckdbLimits,
 ) -> Result<FinalCounts, TableError> {
     let connection = connect(duckdb)?;
+    load_attempts(&connection, rows_files, cached, duplicates, fields)?;
+    outcome_in_input_order(&connection, indexed)?;
+    write_enriched(&connection, indexed, fields, outputs, duckdb)?;
+    connection
+        .execute_batch(&format!(
+            "COPY (SELECT r._outcome_row AS {ROW_INDEX}, r._reason, r._message, r._attempts, \
+             i.* EXCLUDE ({ROW_INDEX}) {SIDE_BY_SIDE} AND NOT r._ok) \
+             TO {} (FORMAT csv, HEADER true)",
+            path_literal(&outputs.failures_csv)
+        ))
+        .map_err(duck("write failures csv"))?;
+    if let (Some(hashes), Some(segment)) = (hashes, &outputs.cache_segment) {
+        write_cache_segment(&connection, hashes, segment, fields, outputs, duckdb)?;
+    }
+    let count = |sql: &str| -> Result<u64, TableError> {
+        let n: i64 = connection
+            .query_row(sql, [], |r| r.get(0))
+            .map_err(duck("count"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    Ok(FinalCounts {
+        enriched_rows: count("SELECT count(*) FROM outcome WHERE _ok IS NULL OR _ok")?,
+        failed_rows: count("SELECT count(*) FROM outcome WHERE NOT _ok")?,
+    })
+}
+
+/// The input (`i`) and its outcome (`r`) read by position; a row out of place (checked on
+/// `ROW_INDEX`, spelled out) stops the write.
+const SIDE_BY_SIDE: &str = "FROM input i POSITIONAL JOIN outcome r WHERE \
+    (i._row_index = r._outcome_row OR error('finalize: results out of step with the input rows'))";
+
+/// Every attempt's result rows into table `attempts`: the sent attempts', the cached rows'
+/// (attempt 0, before any sent one) and those of rows that repeated an earlier row's request
+/// (that row's answers).
+fn load_attempts(
+    connection: &Connection,
+    rows_files: &[PathBuf],
+    cached: Option<&Path>,
+    duplicates: Option<&Path>,
+    fields: &[FieldSpec],
+) -> Result<(), TableError> {
     connection
         .execute_batch(&rows_table_sql("attempts", fields))
         .map_err(duck("results table"))?;
@@ -1218,7 +1330,6 @@ pub fn finalize(
             .map_err(duck("read results"))?;
     }
     if let Some(cached) = cached {
-        // Rows answered from the result cache: attempt 0, before any sent attempt.
         connection
             .execute_batch(&format!(
                 "INSERT INTO attempts BY NAME SELECT * FROM read_parquet({})",
@@ -1227,7 +1338,6 @@ pub fn finalize(
             .map_err(duck("read cached rows"))?;
     }
     if let Some(duplicates) = duplicates {
-        // A row that repeated an earlier row's request shares that row's answers.
         connection
             .execute_batch(&format!(
                 "INSERT INTO attempts BY NAME SELECT d.{ROW_INDEX} AS {ROW_INDEX}, a.* EXCLUDE ({ROW_INDEX}) \
@@ -1236,13 +1346,19 @@ pub fn finalize(
             ))
             .map_err(duck("read duplicates"))?;
     }
+    Ok(())
+}
+
+/// View `input` over the indexed table, and table `outcome`: one row per input row, in input
+/// order, with its latest attempt's result (none for a skipped row) and `_attempts`, how
+/// often it was sent.
+fn outcome_in_input_order(connection: &Connection, indexed: &Path) -> Result<(), TableError> {
     connection
         .execute_batch(&format!(
             "CREATE VIEW input AS SELECT * FROM {}",
             indexed_relation(indexed)
         ))
         .map_err(duck("read input"))?;
-    // A row's result is its latest attempt's; `_attempts` counts how often it was sent.
     connection
         .execute_batch(&format!(
             "CREATE TABLE results AS SELECT *, count(*) OVER (PARTITION BY {ROW_INDEX}) AS _attempts \
@@ -1251,8 +1367,8 @@ pub fn finalize(
              DROP TABLE attempts;"
         ))
         .map_err(duck("latest results"))?;
-    // One row per input row, in input order (none for a skipped row). Separate statements:
-    // the window and this sort together do not fit where each alone spills.
+    // Separate statements: the window and this sort together do not fit where each alone
+    // spills.
     connection
         .execute_batch(&format!(
             "CREATE TABLE outcome AS SELECT i.{ROW_INDEX} AS _outcome_row, r.* EXCLUDE ({ROW_INDEX}) \
@@ -1261,19 +1377,18 @@ pub fn finalize(
              DROP TABLE results;"
         ))
         .map_err(duck("results in input order"))?;
-    // The two sides are read by position; a row out of place stops the write.
-    let side_by_side = format!(
-        "FROM input i POSITIONAL JOIN outcome r WHERE (i.{ROW_INDEX} = r._outcome_row \
-         OR error('finalize: results out of step with the input rows'))"
-    );
-    // Generated text is untrusted (a row can steer the model): in CSV, a cell a spreadsheet
-    // would run as a formula is prefixed with `'`. Numbers (`-3`) are left alone.
-    let text_fields: Vec<String> = fields
+    Ok(())
+}
+
+/// The new columns as CSV writes them, as text. Generated text is untrusted (a row can steer
+/// the model): with `formula_escape`, a cell a spreadsheet would run as a formula is prefixed
+/// with `'`. Numbers (`-3`) are left alone.
+fn csv_fields(fields: &[FieldSpec], formula_escape: bool) -> Vec<String> {
+    fields
         .iter()
         .map(|f| {
             let column = format!("r.{}", ident(&f.name));
-            match outputs.csv_formula_escape
-                && !matches!(f.field_type, FieldType::Number | FieldType::Boolean)
+            match formula_escape && !matches!(f.field_type, FieldType::Number | FieldType::Boolean)
             {
                 true => format!(
                     "CASE WHEN regexp_matches({column}, '^[=+\\-@\t\r]') \
@@ -1284,8 +1399,12 @@ pub fn finalize(
                 false => column,
             }
         })
-        .collect();
-    let typed_fields: Vec<String> = fields
+        .collect()
+}
+
+/// The new columns typed, as Parquet and JSON lines write them.
+fn typed_fields(fields: &[FieldSpec]) -> Vec<String> {
+    fields
         .iter()
         .map(|f| {
             let column = format!("r.{}", ident(&f.name));
@@ -1303,78 +1422,73 @@ pub fn finalize(
                 _ => column,
             }
         })
-        .collect();
-    let enriched = |select_fields: &[String]| {
-        format!(
-            "SELECT i.* EXCLUDE ({ROW_INDEX}), {} {side_by_side} AND (r._ok IS NULL OR r._ok)",
-            select_fields.join(", ")
-        )
-    };
-    let row_bytes = parquet_row_bytes(&connection, &path_literal(indexed))
+        .collect()
+}
+
+/// Every row that did not fail, in input order, in each format asked for.
+fn write_enriched(
+    connection: &Connection,
+    indexed: &Path,
+    fields: &[FieldSpec],
+    outputs: &FinalOutputs,
+    duckdb: &DuckdbLimits,
+) -> Result<(), TableError> {
+    let row_bytes = parquet_row_bytes(connection, &path_literal(indexed))
         .map_err(duck("measure the input"))?
-        + average_row_bytes(&connection, "outcome", fields)?;
+        + average_row_bytes(connection, "outcome", fields)?;
     let parquet = format!(
         "FORMAT parquet, COMPRESSION zstd, {}",
         row_groups(duckdb, row_bytes)
     );
-    // CSV keeps every value as text; Parquet and JSON lines type the new columns.
+    let text = csv_fields(fields, outputs.csv_formula_escape);
+    let typed = typed_fields(fields);
     let formats = [
-        (
-            &outputs.enriched_csv,
-            "FORMAT csv, HEADER true",
-            &text_fields,
-        ),
-        (&outputs.enriched_parquet, parquet.as_str(), &typed_fields),
-        (&outputs.enriched_jsonl, "FORMAT json", &typed_fields),
+        (&outputs.enriched_csv, "FORMAT csv, HEADER true", &text),
+        (&outputs.enriched_parquet, parquet.as_str(), &typed),
+        (&outputs.enriched_jsonl, "FORMAT json", &typed),
     ];
     for (target, options, select_fields) in formats {
         let Some(path) = target else { continue };
         connection
             .execute_batch(&format!(
-                "COPY ({}) TO {} ({options})",
-                enriched(select_fields),
+                "COPY (SELECT i.* EXCLUDE ({ROW_INDEX}), {} {SIDE_BY_SIDE} AND (r._ok IS NULL OR r._ok)) \
+                 TO {} ({options})",
+                select_fields.join(", "),
                 path_literal(path)
             ))
             .map_err(duck("write enriched output"))?;
     }
+    Ok(())
+}
+
+/// The answers this job paid for, by request body, for later jobs to reuse; not those of a
+/// fallback attempt, which was sent as another request.
+fn write_cache_segment(
+    connection: &Connection,
+    hashes: &Path,
+    segment: &Path,
+    fields: &[FieldSpec],
+    outputs: &FinalOutputs,
+    duckdb: &DuckdbLimits,
+) -> Result<(), TableError> {
+    let columns: Vec<String> = fields
+        .iter()
+        .map(|f| format!("r.{}", ident(&f.name)))
+        .collect();
     connection
         .execute_batch(&format!(
-            "COPY (SELECT r._outcome_row AS {ROW_INDEX}, r._reason, r._message, r._attempts, \
-             i.* EXCLUDE ({ROW_INDEX}) {side_by_side} AND NOT r._ok) \
-             TO {} (FORMAT csv, HEADER true)",
-            path_literal(&outputs.failures_csv)
+            "COPY (SELECT h.h_hi, h.h_lo, {} FROM outcome r \
+             JOIN read_parquet({}) h ON h.{ROW_INDEX} = r._outcome_row \
+             WHERE r._ok AND r._attempt > 0 AND r._attempt <= {}) \
+             TO {} (FORMAT parquet, COMPRESSION zstd, {})",
+            columns.join(", "),
+            path_literal(hashes),
+            outputs.cache_last_attempt,
+            path_literal(segment),
+            row_groups(duckdb, average_row_bytes(connection, "outcome", fields)?)
         ))
-        .map_err(duck("write failures csv"))?;
-    if let (Some(hashes), Some(segment)) = (hashes, &outputs.cache_segment) {
-        // The answers this job paid for, by request body, for later jobs to reuse.
-        let columns: Vec<String> = fields
-            .iter()
-            .map(|f| format!("r.{}", ident(&f.name)))
-            .collect();
-        connection
-            .execute_batch(&format!(
-                "COPY (SELECT h.h_hi, h.h_lo, {} FROM outcome r \
-                 JOIN read_parquet({}) h ON h.{ROW_INDEX} = r._outcome_row \
-                 WHERE r._ok AND r._attempt > 0 AND r._attempt <= {}) \
-                 TO {} (FORMAT parquet, COMPRESSION zstd, {})",
-                columns.join(", "),
-                path_literal(hashes),
-                outputs.cache_last_attempt,
-                path_literal(segment),
-                row_groups(duckdb, average_row_bytes(&connection, "outcome", fields)?)
-            ))
-            .map_err(duck("write cache segment"))?;
-    }
-    let count = |sql: &str| -> Result<u64, TableError> {
-        let n: i64 = connection
-            .query_row(sql, [], |r| r.get(0))
-            .map_err(duck("count"))?;
-        Ok(u64::try_from(n).unwrap_or(0))
-    };
-    Ok(FinalCounts {
-        enriched_rows: count("SELECT count(*) FROM outcome WHERE _ok IS NULL OR _ok")?,
-        failed_rows: count("SELECT count(*) FROM outcome WHERE NOT _ok")?,
-    })
+        .map_err(duck("write cache segment"))?;
+    Ok(())
 }
 
 /// Bytes of a row of a Parquet file (`path`, a SQL literal) on average, uncompressed and
@@ -1405,6 +1519,21 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn a_local_file_that_cannot_be_written_is_named_in_the_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gone").join("hashes.parquet");
+        let hashes = std::collections::HashMap::from([(7u128, 0i64)]);
+        let error = write_hashes(&path, &hashes, &DuckdbLimits::default())
+            .expect_err("the directory does not exist");
+        let text = error.to_string();
+        assert!(
+            text.contains(&path.with_extension("csv").display().to_string()),
+            "{text}"
+        );
+        assert!(text.contains("No such file or directory"), "{text}");
+    }
 
     #[test]
     fn indexing_keeps_text_and_order_of_a_large_csv() {

@@ -312,7 +312,7 @@ async fn write_outputs(
         }),
         _ => None,
     };
-    let scratch = tempfile::tempdir()?;
+    let scratch = rowsmith_store::scratch_dir()?;
     let answers = gather_answers(store, cache, duckdb, job, unanswered, scratch.path()).await?;
     let wants = |format: &str| job.spec.options.output_formats.iter().any(|f| f == format);
     let target =

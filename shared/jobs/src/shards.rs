@@ -73,7 +73,8 @@ pub async fn prepare_shards(
         let (keys, hits) = match cache {
             Some(cache) => {
                 use std::io::Write;
-                let file = std::fs::File::create(&cache.hits).map_err(FileShardSink::io)?;
+                let file = std::fs::File::create(&cache.hits)
+                    .map_err(table::TableError::writing(&cache.hits))?;
                 let mut writer = std::io::BufWriter::new(file);
                 writeln!(writer, "{},h_hi,h_lo", table::ROW_INDEX).map_err(FileShardSink::io)?;
                 (Some(cache.keys), Some(writer))
@@ -180,7 +181,7 @@ pub async fn store_hashes(
     duckdb: DuckdbLimits,
 ) -> Result<(), StepError> {
     let key = layout::hashes(job_id);
-    let scratch = tempfile::tempdir()?;
+    let scratch = rowsmith_store::scratch_dir()?;
     let target = store.local_target(&key, scratch.path())?;
     let target_for_task = target.clone();
     tokio::task::spawn_blocking(move || {
@@ -200,7 +201,7 @@ pub async fn store_duplicates(
     duckdb: DuckdbLimits,
 ) -> Result<(), StepError> {
     let key = layout::duplicates(job_id);
-    let scratch = tempfile::tempdir()?;
+    let scratch = rowsmith_store::scratch_dir()?;
     let target = store.local_target(&key, scratch.path())?;
     let target_for_task = target.clone();
     tokio::task::spawn_blocking(move || {
@@ -325,15 +326,17 @@ impl table::ShardSink for FileShardSink {
                 .store
                 .local_target(&object_key, &self.scratch)
                 .map_err(Self::io)?;
-            let file = std::fs::File::create(&path).map_err(Self::io)?;
+            let file = std::fs::File::create(&path).map_err(table::TableError::writing(&path))?;
             self.open = Some((shard, object_key, path, BackgroundWriter::new(file)));
         }
-        let (_, _, _, writer) = self
+        let (_, _, path, writer) = self
             .open
             .as_mut()
             .ok_or_else(|| Self::io("no shard open"))?;
         self.sample.offer(line);
-        writer.write_all(line).map_err(Self::io)
+        writer
+            .write_all(line)
+            .map_err(table::TableError::writing(path))
     }
 
     fn finish(&mut self, shard: u32, requests: u64, bytes: u64) -> Result<(), table::TableError> {
@@ -342,8 +345,8 @@ impl table::ShardSink for FileShardSink {
             return Err(Self::io(format!("shard {shard} was never opened")));
         };
         debug_assert_eq!(open, shard);
-        writer.flush().map_err(Self::io)?;
-        writer.finish().map_err(Self::io)?;
+        writer.flush().map_err(table::TableError::writing(&path))?;
+        writer.finish().map_err(table::TableError::writing(&path))?;
         self.sender
             .blocking_send(FinishedShard {
                 object_key,

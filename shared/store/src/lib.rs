@@ -54,6 +54,15 @@ pub enum StorageError {
     },
 }
 
+/// A scratch directory of its own under the system's temporary directory (`TMPDIR`), removed
+/// when dropped; an error names the directory that refused it.
+pub fn scratch_dir() -> Result<tempfile::TempDir, StorageError> {
+    tempfile::tempdir().map_err(|source| StorageError::Io {
+        path: std::env::temp_dir(),
+        source,
+    })
+}
+
 /// Part size of uploads; files larger than this go up as a multipart upload.
 const UPLOAD_PART: usize = 16 * 1024 * 1024;
 
