@@ -165,6 +165,8 @@ def main():
         "ROWSMITH_PROVIDER__ANTHROPIC__BASE_URL": f"http://127.0.0.1:{sim_port}",
         "ROWSMITH_PROVIDER__OPENAI__TIMEOUT": "2s",
         "ROWSMITH_PROVIDER__ANTHROPIC__TIMEOUT": "2s",
+        # The simulator answers no call without a key, as the real APIs do.
+        "ANTHROPIC_API_KEY": "sk-ant-chaos",
         "ROWSMITH_CREATION__LEASE": "8s",
         "ROWSMITH_CREATION__UNCONFIRMED_WAIT": "4s",
         "ROWSMITH_POLLER__SCHEDULE": "300ms,600ms,1s",

@@ -25,8 +25,14 @@ pub struct JobArgs {
     /// openai, anthropic or sim.
     #[arg(long)]
     pub provider: Option<String>,
+    /// The model (default: the provider's, gpt-4o-mini for openai and sim,
+    /// claude-3-5-haiku-latest for anthropic).
     #[arg(long)]
     pub model: Option<String>,
+    /// Sampling temperature (openai 0 to 2, anthropic 0 to 1). Unset: 0 on OpenAI chat
+    /// models, the model's own default on reasoning models and Anthropic.
+    #[arg(long)]
+    pub temperature: Option<f64>,
     /// Columns given as context (default: every non-target column).
     #[arg(long = "context", num_args = 1..)]
     pub context: Option<Vec<String>>,
@@ -82,8 +88,15 @@ impl JobArgs {
         if let Some(provider) = &self.provider {
             spec.provider = provider.clone();
         }
-        if let Some(model) = &self.model {
-            spec.model = model.clone();
+        match &self.model {
+            Some(model) => spec.model = model.clone(),
+            // Another provider without a model: that provider's default, not the spec's.
+            None if self.provider.is_some() => spec.model.clear(),
+            None => {}
+        }
+        let mut spec = spec.with_default_model();
+        if let Some(temperature) = self.temperature {
+            spec.options.temperature = Some(temperature);
         }
         if self.no_context {
             spec.context_columns = Some(Vec::new());

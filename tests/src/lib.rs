@@ -328,6 +328,9 @@ impl Stack {
         settings.sim.rows_per_second = 20_000.0;
         settings.sim.validating = Duration::from_millis(50);
         settings.sim.finalizing = Duration::from_millis(50);
+        // The simulator, like the real APIs, answers no call without a key.
+        settings.provider.openai.api_key = Some("sk-test-openai".to_owned().into());
+        settings.provider.anthropic.api_key = Some("sk-ant-test".to_owned().into());
         configure(&mut settings);
         let shutdown = CancellationToken::new();
         let (sim_address, _sim) =

@@ -37,6 +37,14 @@ fn estimate_json(stack: &Stack, table: &str, job: &[&str]) -> serde_json::Value 
     serde_json::from_slice(&output.stdout).expect("estimate json")
 }
 
+/// `rowsmith render TABLE --out-dir OUT EXTRA... JOB...`.
+fn render(stack: &Stack, table: &str, out: &Path, extra: &[&str], job: &[&str]) -> Output {
+    let mut args = vec!["render", table, "--out-dir", out.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(job);
+    rowsmith(stack, &args)
+}
+
 fn write_table(dir: &Path) -> String {
     let path = dir.join("products.csv");
     let mut writer = csv::Writer::from_path(&path).expect("csv");
@@ -132,14 +140,7 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
     assert_eq!(kinds.last().map(String::as_str), Some("completed"));
 
     let shards = dir.path().join("shards");
-    let mut render = vec![
-        "render",
-        table.as_str(),
-        "--out-dir",
-        shards.to_str().expect("utf-8"),
-    ];
-    render.extend_from_slice(&job);
-    let rendered = rowsmith(&stack, &render);
+    let rendered = render(&stack, &table, &shards, &[], &job);
     assert!(
         rendered.status.success(),
         "{}",
@@ -147,6 +148,43 @@ async fn enrich_status_events_and_render_work_from_the_command_line() {
     );
     let lines = std::fs::read_to_string(shards.join("a1-s0.jsonl")).expect("shard file");
     assert_eq!(lines.lines().count(), 40);
+
+    // Another provider without --model gets that provider's default model, and Anthropic
+    // gets no temperature unless one is asked for.
+    let anthropic_shards = dir.path().join("anthropic-shards");
+    let rendered = render(
+        &stack,
+        &table,
+        &anthropic_shards,
+        &["--provider", "anthropic"],
+        &job,
+    );
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let text = std::fs::read_to_string(anthropic_shards.join("a1-s0.jsonl")).expect("shard");
+    let first: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+    assert_eq!(
+        first["params"]["model"], "claude-3-5-haiku-latest",
+        "{first}"
+    );
+    assert!(first["params"].get("temperature").is_none(), "{first}");
+    let refused = render(
+        &stack,
+        &table,
+        &anthropic_shards,
+        &["--temperature", "2.5"],
+        &job,
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("options.temperature is 2.5"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     // The job just paid for these 40 requests: an estimate of the same job counts them as
     // answered by the result cache, free.

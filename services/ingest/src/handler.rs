@@ -62,6 +62,8 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
     if spec.job_id.is_none() {
         spec.job_id = Some(derived_job_id(&delivery));
     }
+    // A spec that names no model gets its provider's default.
+    let spec = spec.with_default_model();
     if let Err(error) = spec
         .validate()
         .and_then(|()| spec.validate_limits(&ingest.limits))

@@ -55,11 +55,13 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
         return next.run(request).await;
     }
     let call = Call::of(&request);
+    let anthropic = request.uri().path().starts_with("/v1/messages");
     let (request, faults) = faults_of_request(&state, request).await;
     if !faults.response_delay.is_zero() {
         tokio::time::sleep(faults.response_delay).await;
     }
     let mut response = match before_effect(&state, &faults, call) {
+        Some(fault) if anthropic => anthropic_fault_response(fault),
         Some(fault) => fault_response(fault),
         None => {
             let response = next.run(request).await;
@@ -137,7 +139,7 @@ fn fault_response(fault: Fault) -> Response {
                 .insert("retry-after-ms", HeaderValue::from_static("20"));
             response
                 .headers_mut()
-                .insert("retry-after", HeaderValue::from_static("0.02"));
+                .insert("retry-after", HeaderValue::from_static("1"));
             response
         }
         Fault::ServerError => server_error(),
@@ -146,6 +148,40 @@ fn fault_response(fault: Fault) -> Response {
             "insufficient_quota",
             "insufficient_quota",
             "You exceeded your current quota, please check your plan and billing details.",
+        ),
+    }
+}
+
+/// The same faults as Anthropic answers them: its error shape, `retry-after` in whole
+/// seconds, `x-should-retry` on overload.
+fn anthropic_fault_response(fault: Fault) -> Response {
+    match fault {
+        Fault::RateLimited => {
+            let mut response = crate::auth::anthropic_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit.",
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            response
+        }
+        Fault::ServerError => {
+            let mut response = crate::auth::anthropic_error(
+                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "overloaded_error",
+                "Overloaded",
+            );
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("true"));
+            response
+        }
+        Fault::InsufficientQuota => crate::auth::anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "Your credit balance is too low to access the Anthropic API.",
         ),
     }
 }

@@ -8,6 +8,7 @@
 
 mod anthropic;
 mod anthropic_state;
+mod auth;
 pub mod faults;
 mod http_faults;
 mod model;
@@ -93,6 +94,7 @@ pub fn router(state: Shared) -> Router {
             state.clone(),
             http_faults::refuse_status_checks,
         ))
+        .layer(axum::middleware::from_fn(auth::require_credentials))
         .layer(DefaultBodyLimit::max(512 * 1024 * 1024))
         .with_state(state)
 }

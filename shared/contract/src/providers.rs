@@ -23,6 +23,39 @@ pub const ANTHROPIC: Limits = Limits {
 /// The providers a job may name.
 pub const NAMES: [&str; 3] = ["openai", "anthropic", "sim"];
 
+/// The model a job of provider `name` uses when it names none.
+pub fn default_model(name: &str) -> Option<&'static str> {
+    match name {
+        "openai" | "sim" => Some("gpt-4o-mini"),
+        "anthropic" => Some("claude-3-5-haiku-latest"),
+        _ => None,
+    }
+}
+
+/// The temperatures provider `name` takes (OpenAI 0 to 2, Anthropic 0 to 1).
+pub fn temperature_range(name: &str) -> std::ops::RangeInclusive<f64> {
+    match name {
+        "anthropic" => 0.0..=1.0,
+        _ => 0.0..=2.0,
+    }
+}
+
+/// Whether an OpenAI `model` is a reasoning model (o1, o3, o4-mini, gpt-5…), which takes no
+/// `temperature`.
+pub fn is_reasoning_model(model: &str) -> bool {
+    let model = model.trim().to_ascii_lowercase();
+    ["o1", "o3", "o4", "gpt-5"]
+        .iter()
+        .any(|family| model == *family || model.starts_with(&format!("{family}-")))
+}
+
+/// OpenAI Structured Outputs: enum values across the whole schema.
+pub const OPENAI_MAX_ENUM_VALUES: usize = 1_000;
+/// OpenAI Structured Outputs: one enum property with more than this many values ...
+pub const OPENAI_LARGE_ENUM: usize = 250;
+/// ... may hold at most this many characters of values in all.
+pub const OPENAI_LARGE_ENUM_CHARS: usize = 15_000;
+
 /// The batch limits of the provider called `name`; `None` for a name rowsmith does not know.
 pub fn batch_limits(name: &str) -> Option<Limits> {
     match name {

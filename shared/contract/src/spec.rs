@@ -47,8 +47,10 @@ fn default_provider() -> String {
     "sim".to_owned()
 }
 
+/// Empty: the provider's default model (`providers::default_model`), filled in by ingest and
+/// the CLI.
 fn default_model() -> String {
-    "gpt-4o-mini".to_owned()
+    String::new()
 }
 
 /// One new column and the type its values must have.
@@ -94,6 +96,8 @@ pub struct JobOptions {
     pub max_attempts: u32,
     pub max_requests_per_batch: u64,
     pub max_batch_bytes: u64,
+    /// Sent as set. Unset: OpenAI chat models get 0 (repeatable answers), reasoning models and
+    /// Anthropic get none (the model's own default).
     pub temperature: Option<f64>,
     pub output_formats: Vec<String>,
     pub budget_usd: Option<f64>,
@@ -110,7 +114,7 @@ impl Default for JobOptions {
             max_attempts: 3,
             max_requests_per_batch: 50_000,
             max_batch_bytes: 200_000_000,
-            temperature: Some(0.0),
+            temperature: None,
             output_formats: vec!["csv".to_owned(), "parquet".to_owned()],
             budget_usd: None,
             max_output_tokens: None,
@@ -166,6 +170,16 @@ impl JobSpec {
             options: JobOptions::default(),
             fallback: None,
         }
+    }
+
+    /// The provider's default model when the spec names none (an empty `model`).
+    pub fn with_default_model(mut self) -> JobSpec {
+        if self.model.trim().is_empty()
+            && let Some(model) = crate::providers::default_model(&self.provider)
+        {
+            self.model = model.to_owned();
+        }
+        self
     }
 
     pub fn with_id(mut self, job_id: impl Into<String>) -> JobSpec {
@@ -334,6 +348,11 @@ impl JobSpec {
         if self.model.trim().is_empty() {
             return fail("model is empty".into());
         }
+        self.validate_temperature(&self.provider, &self.model)?;
+        if let Some(fallback) = &self.fallback {
+            self.validate_temperature(&fallback.provider, &fallback.model)?;
+        }
+        self.validate_structured_output_limits()?;
         if let Some(fallback) = &self.fallback {
             if !PROVIDERS.contains(&fallback.provider.as_str()) {
                 return fail(format!(
@@ -347,6 +366,69 @@ impl JobSpec {
             }
             if self.options.max_attempts < 2 {
                 return fail("a fallback needs options.max_attempts of at least 2".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// `options.temperature` within what `provider` takes, and not set for a model that takes
+    /// none.
+    fn validate_temperature(&self, provider: &str, model: &str) -> Result<(), SpecError> {
+        let Some(temperature) = self.options.temperature else {
+            return Ok(());
+        };
+        let range = crate::providers::temperature_range(provider);
+        if !range.contains(&temperature) {
+            return Err(SpecError(format!(
+                "options.temperature is {temperature}; {provider} takes {} to {}",
+                range.start(),
+                range.end()
+            )));
+        }
+        if provider != "anthropic" && crate::providers::is_reasoning_model(model) {
+            return Err(SpecError(format!(
+                "options.temperature is set, but {model} is a reasoning model and takes none; \
+                 leave it unset"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The enum fields within OpenAI Structured Outputs' limits, for the providers that speak
+    /// its format: 1,000 values in all, and no more than 15,000 characters of values in one
+    /// enum of over 250 values.
+    fn validate_structured_output_limits(&self) -> Result<(), SpecError> {
+        use crate::providers::{
+            OPENAI_LARGE_ENUM, OPENAI_LARGE_ENUM_CHARS, OPENAI_MAX_ENUM_VALUES,
+        };
+        let speaks_openai = |provider: &str| matches!(provider, "openai" | "sim");
+        if !speaks_openai(&self.provider)
+            && !self
+                .fallback
+                .as_ref()
+                .is_some_and(|f| speaks_openai(&f.provider))
+        {
+            return Ok(());
+        }
+        let values = |field: &FieldSpec| field.values.as_deref().unwrap_or_default().to_vec();
+        let total: usize = self.fields.iter().map(|f| values(f).len()).sum();
+        if total > OPENAI_MAX_ENUM_VALUES {
+            return Err(SpecError(format!(
+                "the enum fields have {total} values in all; OpenAI structured output takes at \
+                 most {OPENAI_MAX_ENUM_VALUES}: use fewer values, or a string field"
+            )));
+        }
+        for field in &self.fields {
+            let values = values(field);
+            let chars: usize = values.iter().map(|v| v.chars().count()).sum();
+            if values.len() > OPENAI_LARGE_ENUM && chars > OPENAI_LARGE_ENUM_CHARS {
+                return Err(SpecError(format!(
+                    "enum field {:?} has {} values of {chars} characters in all; OpenAI \
+                     structured output takes at most {OPENAI_LARGE_ENUM_CHARS} characters in \
+                     an enum of over {OPENAI_LARGE_ENUM} values: shorten or drop values",
+                    field.name,
+                    values.len()
+                )));
             }
         }
         Ok(())
@@ -630,5 +712,66 @@ mod tests {
         s.fields.push(parse_field("title:number").expect("f"));
         assert!(s.validate().unwrap_err().0.contains("given twice"));
         assert!(spec().validate().is_ok());
+    }
+
+    #[test]
+    fn a_spec_without_a_model_gets_its_providers_default() {
+        let json = r#"{"job_id":"j","input":"inputs/a.csv","instructions":"do it",
+            "target_columns":["description"],"fields":[{"name":"t","type":"string"}],
+            "provider":"anthropic"}"#;
+        let parsed: JobSpec = serde_json::from_str(json).expect("spec");
+        assert_eq!(parsed.model, "");
+        let filled = parsed.with_default_model();
+        assert_eq!(filled.model, "claude-3-5-haiku-latest");
+        assert!(filled.validate().is_ok());
+        let openai = spec().with_provider("openai", "").with_default_model();
+        assert_eq!(openai.model, "gpt-4o-mini");
+        // A model given is kept.
+        assert_eq!(spec().with_default_model().model, "m");
+    }
+
+    #[test]
+    fn temperature_is_checked_against_the_provider_and_the_model() {
+        let with = |provider: &str, model: &str, t: f64| {
+            let mut s = spec().with_provider(provider, model);
+            s.options.temperature = Some(t);
+            s.validate().map_err(|e| e.0)
+        };
+        let error = with("openai", "gpt-4o-mini", 2.5).unwrap_err();
+        assert!(
+            error.contains("options.temperature is 2.5; openai takes 0 to 2"),
+            "{error}"
+        );
+        assert!(with("openai", "gpt-4o-mini", 1.5).is_ok());
+        let error = with("anthropic", "claude-3-5-haiku-latest", 1.5).unwrap_err();
+        assert!(error.contains("anthropic takes 0 to 1"), "{error}");
+        assert!(with("anthropic", "claude-3-5-haiku-latest", 0.7).is_ok());
+        assert!(with("openai", "gpt-4o", f64::NAN).is_err());
+        let error = with("openai", "o3-mini", 0.0).unwrap_err();
+        assert!(error.contains("reasoning model"), "{error}");
+        // Unset is fine everywhere.
+        assert!(spec().with_provider("openai", "o3-mini").validate().is_ok());
+    }
+
+    #[test]
+    fn enum_fields_beyond_structured_outputs_limits_are_refused_for_openai() {
+        let enum_of = |name: &str, count: usize, width: usize| {
+            let values: Vec<String> = (0..count).map(|i| format!("{i:0width$}")).collect();
+            parse_field(&format!("{name}:enum({})", values.join("|"))).expect("field")
+        };
+        let mut s = spec().with_provider("openai", "gpt-4o-mini");
+        s.fields = vec![enum_of("a", 600, 3), enum_of("b", 401, 3)];
+        let error = s.validate().unwrap_err().0;
+        assert!(error.contains("1001 values in all"), "{error}");
+        s.fields = vec![enum_of("a", 600, 3), enum_of("b", 400, 3)];
+        assert!(s.validate().is_ok(), "1,000 values are allowed");
+        // 300 values of 60 characters: 18,000 characters in one enum of over 250 values.
+        s.fields = vec![enum_of("long", 300, 60)];
+        let error = s.validate().unwrap_err().0;
+        assert!(error.contains("18000 characters"), "{error}");
+        // Anthropic's tool schema is not held to OpenAI's limits.
+        s.provider = "anthropic".into();
+        s.model = "claude-3-5-haiku-latest".into();
+        assert!(s.validate().is_ok());
     }
 }

@@ -8,6 +8,7 @@
 
 use serde_json::{Map, Value, json};
 
+use rowsmith_contract::providers::is_reasoning_model;
 use rowsmith_contract::spec::{FieldSpec, FieldType, JobSpec};
 
 pub const SYSTEM_MESSAGE: &str = "You are an AI assistant enhancing CSV data. Follow the user's \
@@ -68,7 +69,13 @@ fn field_descriptions(fields: &[FieldSpec]) -> String {
 fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
     let mut body = Map::new();
     body.insert("model".into(), Value::String(spec.model.clone()));
-    if let Some(temperature) = spec.options.temperature {
+    // Unset: 0 for repeatable answers, except on reasoning models, which take none.
+    let temperature = match spec.options.temperature {
+        Some(temperature) => Some(temperature),
+        None if is_reasoning_model(&spec.model) => None,
+        None => Some(0.0),
+    };
+    if let Some(temperature) = temperature {
         body.insert("temperature".into(), json!(temperature));
     }
     if let Some(tokens) = spec.options.max_output_tokens {
@@ -354,6 +361,42 @@ mod tests {
             template.render(9, |i| other[i], &mut scratch, &mut escaped, &mut again),
             hash
         );
+    }
+
+    /// The request of row 0 of a one-column table, as JSON.
+    fn rendered(spec: &JobSpec) -> Value {
+        let columns = vec!["description".to_owned()];
+        let template = RequestTemplate::new(spec, &columns);
+        let cells = [Some("a ball")];
+        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+        template
+            .render(0, |i| cells[i], &mut scratch, &mut escaped, &mut out)
+            .expect("rendered");
+        serde_json::from_slice(&out).expect("valid json")
+    }
+
+    #[test]
+    fn schema_properties_keep_the_field_order_the_user_gave() {
+        let line = rendered(&spec());
+        let properties = &line["body"]["response_format"]["json_schema"]["schema"]["properties"];
+        let names: Vec<&String> = properties.as_object().expect("object").keys().collect();
+        assert_eq!(names, ["title", "category", "tags"]);
+    }
+
+    #[test]
+    fn temperature_goes_only_where_the_model_takes_it() {
+        // OpenAI chat model, unset: 0, for repeatable answers.
+        assert_eq!(rendered(&spec())["body"]["temperature"], json!(0.0));
+        // A reasoning model, unset: none.
+        let reasoning = spec().with_provider("openai", "o3-mini");
+        assert!(rendered(&reasoning)["body"].get("temperature").is_none());
+        // Anthropic, unset: none (the API default); set: as set.
+        let mut anthropic = spec().with_provider("anthropic", "claude-3-5-haiku-latest");
+        let line = rendered(&anthropic);
+        assert!(line["params"].get("temperature").is_none(), "{line}");
+        assert_eq!(line["params"]["max_tokens"], json!(ANTHROPIC_MAX_TOKENS));
+        anthropic.options.temperature = Some(0.3);
+        assert_eq!(rendered(&anthropic)["params"]["temperature"], json!(0.3));
     }
 
     #[test]

@@ -146,9 +146,20 @@ impl AnthropicClient {
         operation: &'static str,
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
+        self.require_key()?;
         self.http
             .send(operation, || self.authorize(build(&self.http.client)))
             .await
+    }
+
+    /// No call goes out without an API key.
+    fn require_key(&self) -> Result<(), ProviderError> {
+        match self.api_key {
+            Some(_) => Ok(()),
+            None => Err(ProviderError::NoKey {
+                provider: self.name().to_owned(),
+            }),
+        }
     }
 
     pub async fn retrieve(&self, batch_id: &str) -> Result<MessageBatch, ProviderError> {
@@ -196,6 +207,7 @@ impl BatchProvider for AnthropicClient {
     ) -> Result<BatchRef, ProviderError> {
         let url = self.url("/v1/messages/batches");
         let body = Bytes::from(requests_array(&lines));
+        self.require_key()?;
         let response = self
             .http
             .send_unrepeatable("create batch", || {

@@ -8,6 +8,7 @@ pub mod openai;
 use std::future::Future;
 
 use bytes::Bytes;
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use rowsmith_config::ProviderSettings;
@@ -166,8 +167,22 @@ pub enum ProviderError {
     },
     #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic")]
     Unknown(String),
+    /// No API key: nothing is sent without one.
+    #[error(
+        "no API key for {provider}: set {} for the submitter and the poller; nothing was sent",
+        key_source(provider)
+    )]
+    NoKey { provider: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+}
+
+/// Where provider `provider`'s API key comes from.
+fn key_source(provider: &str) -> &'static str {
+    match provider {
+        "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
+        _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
+    }
 }
 
 impl ProviderError {
@@ -183,10 +198,7 @@ impl ProviderError {
         if !matches!(status, 401 | 403) {
             return None;
         }
-        let key = match provider.as_str() {
-            "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
-            _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
-        };
+        let key = key_source(provider);
         Some(format!(
             "the {provider} API key was refused (rotated or revoked?): set a valid key in {key} \
              for the poller and the submitter"
@@ -205,7 +217,9 @@ impl ProviderError {
             ProviderError::Transport { .. }
             | ProviderError::Unconfirmed { .. }
             | ProviderError::Storage(_) => true,
-            ProviderError::Decode { .. } | ProviderError::Unknown(_) => false,
+            ProviderError::Decode { .. }
+            | ProviderError::Unknown(_)
+            | ProviderError::NoKey { .. } => false,
         }
     }
 }
@@ -378,7 +392,13 @@ impl Providers {
             anthropic_settings.api_key.clone(),
             anthropic_settings.timeout,
         )?;
-        let sim = OpenAiClient::new("sim", &settings.sim.base_url, None, openai_settings.timeout)?;
+        // The simulator checks that a key is sent, as the real API does; any key will do.
+        let sim = OpenAiClient::new(
+            "sim",
+            &settings.sim.base_url,
+            Some(SecretString::from("sk-sim")),
+            openai_settings.timeout,
+        )?;
         Ok(Self {
             openai: Provider::OpenAi(openai),
             anthropic: Provider::Anthropic(anthropic),

@@ -146,9 +146,20 @@ impl OpenAiClient {
         operation: &'static str,
         build: impl Fn(&reqwest::Client) -> RequestBuilder,
     ) -> Result<reqwest::Response, ProviderError> {
+        self.require_key()?;
         self.http
             .send(operation, || self.authorize(build(&self.http.client)))
             .await
+    }
+
+    /// No call goes out without an API key.
+    fn require_key(&self) -> Result<(), ProviderError> {
+        match self.api_key {
+            Some(_) => Ok(()),
+            None => Err(ProviderError::NoKey {
+                provider: self.name().to_owned(),
+            }),
+        }
     }
 
     /// One page of batches, newest first, after `after`.
@@ -263,6 +274,7 @@ impl BatchProvider for OpenAiClient {
                 JOB_METADATA_KEY: key.job_id,
             },
         });
+        self.require_key()?;
         let response = self
             .http
             .send_unrepeatable("create batch", || {

@@ -130,3 +130,77 @@ async fn create_and_download_faults_set_for_one_job_meet_only_its_calls() {
         "the lossy job's downloads were cut: {stats}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_without_an_api_key_is_never_called_and_the_job_says_which_key_to_set() {
+    let stack = Stack::start_with(|settings| settings.provider.openai.api_key = None).await;
+    let input = stack
+        .upload_input("keyless.csv", to_csv(&awkward_rows(20)))
+        .await;
+    let mut job_spec = spec("keyless", &input, "description");
+    job_spec.provider = "openai".into();
+    stack.submit(&job_spec).await;
+    let job = stack
+        .wait_for("keyless", Duration::from_secs(60), |job| {
+            job.state.is_stopped()
+        })
+        .await;
+    let error = job.error.expect("error");
+    assert!(
+        error.contains("no API key for openai") && error.contains("OPENAI_API_KEY"),
+        "{error}"
+    );
+    assert_eq!(stack.sim_stats().await["api_calls"], 0, "nothing was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_simulator_refuses_calls_without_credentials_as_each_api_does() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let base = format!("http://{}", stack.sim_address);
+    let client = reqwest::Client::new();
+    let answer = client
+        .get(format!("{base}/v1/batches"))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(answer.status(), 401);
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("didn't provide an API key")),
+        "{body}"
+    );
+    let answer = client
+        .get(format!("{base}/v1/messages/batches"))
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(answer.status(), 401);
+    let body: serde_json::Value = answer.json().await.expect("json");
+    assert_eq!(
+        (body["type"].as_str(), body["error"]["type"].as_str()),
+        (Some("error"), Some("authentication_error")),
+        "{body}"
+    );
+    let answer = client
+        .get(format!("{base}/v1/messages/batches"))
+        .header("x-api-key", "sk-ant-x")
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(answer.status(), 400, "anthropic-version is required");
+    let answer = client
+        .get(format!("{base}/v1/batches"))
+        .bearer_auth("sk-x")
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        stack.sim_stats().await["api_calls"],
+        1,
+        "refusals come first"
+    );
+}
