@@ -29,8 +29,8 @@ pub struct JobArgs {
     /// claude-3-5-haiku-latest for anthropic).
     #[arg(long)]
     pub model: Option<String>,
-    /// Sampling temperature (openai 0 to 2, anthropic 0 to 1). Unset: 0 on OpenAI chat
-    /// models, the model's own default on reasoning models and Anthropic.
+    /// Sampling temperature, openai 0 to 2 (anthropic's API takes none). Unset: 0 on OpenAI
+    /// chat models, none on reasoning models.
     #[arg(long)]
     pub temperature: Option<f64>,
     /// Columns given as context (default: every non-target column).

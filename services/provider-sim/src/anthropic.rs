@@ -27,8 +27,11 @@ use crate::openai::{Shared, lock};
 pub const STATS_JOB: &str = "anthropic";
 
 fn rfc3339_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
+    rfc3339_at(time::OffsetDateTime::now_utc())
+}
+
+fn rfc3339_at(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
@@ -122,12 +125,15 @@ pub async fn create(
         }
     }
     let id = state.new_id("msgbatch_");
+    let now = time::OffsetDateTime::now_utc();
     let batch = Batch {
         id: id.clone(),
         requests: body.requests,
         attempts,
         created: Instant::now(),
-        created_at: rfc3339_now(),
+        created_at: rfc3339_at(now),
+        // Anthropic's batches expire 24 hours after creation.
+        expires_at: rfc3339_at(now + time::Duration::hours(24)),
         expires_after,
         cancel_requested: None,
         ended: None,
@@ -165,7 +171,9 @@ fn advance(state: &mut crate::openai::SimState, id: &str, host: &str) -> Option<
     if batch.ended.is_none() {
         let now_done = done_at(Instant::now());
         if let Some((at, _)) = &batch.cancel_requested {
-            batch.ended = Some(end(state, &batch, done_at(*at), "canceled"));
+            if at.elapsed() >= state.settings.cancelling {
+                batch.ended = Some(end(state, &batch, done_at(*at), "canceled"));
+            }
         } else if let Some(limit) = batch.expires_after.filter(|limit| now_done >= *limit) {
             batch.ended = Some(end(state, &batch, limit, "expired"));
         } else if now_done >= total
@@ -193,7 +201,7 @@ fn advance(state: &mut crate::openai::SimState, id: &str, host: &str) -> Option<
         "request_counts": counts,
         "ended_at": batch.ended.as_ref().map(|e| e.at.clone()),
         "created_at": batch.created_at,
-        "expires_at": batch.created_at,
+        "expires_at": batch.expires_at,
         "archived_at": null,
         "cancel_initiated_at": batch.cancel_requested.as_ref().map(|(_, at)| at.clone()),
         "results_url": batch.ended.as_ref().map(|_| format!("http://{host}/v1/messages/batches/{}/results", batch.id)),
@@ -247,6 +255,53 @@ fn end(state: &mut crate::openai::SimState, batch: &Batch, done: usize, not_done
     }
 }
 
+/// The parameters of a batch request's `params` that the Messages API declares: the
+/// official SDK's `MessageCreateParamsNonStreaming` (anthropic 2.14.0, as pinned).
+const MESSAGE_PARAMETERS: &[&str] = &[
+    "max_tokens",
+    "messages",
+    "model",
+    "cache_control",
+    "container",
+    "diagnostics",
+    "inference_geo",
+    "metadata",
+    "output_config",
+    "service_tier",
+    "speed",
+    "stop_sequences",
+    "system",
+    "thinking",
+    "tool_choice",
+    "tools",
+    "user_profile_id",
+    "workspace_id",
+    "stream",
+];
+
+/// Why the API would refuse these `params`: a missing required one, one it does not declare,
+/// or streaming.
+fn params_refusal(params: &Value) -> Option<String> {
+    let Some(object) = params.as_object() else {
+        return Some("params: Input should be an object".into());
+    };
+    for required in ["model", "max_tokens", "messages"] {
+        if !object.contains_key(required) {
+            return Some(format!("params.{required}: Field required"));
+        }
+    }
+    if let Some(extra) = object
+        .keys()
+        .find(|key| !MESSAGE_PARAMETERS.contains(&key.as_str()))
+    {
+        return Some(format!("params.{extra}: Extra inputs are not permitted"));
+    }
+    if object.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Some("params.stream: batch requests cannot stream".into());
+    }
+    None
+}
+
 /// One request's result, shaped by its fate: `(count kind, result object)`.
 fn answer(batch_id: &str, index: usize, params: &Value, row_fate: Fate) -> (&'static str, Value) {
     let errored = |kind: &str, message: &str| {
@@ -256,6 +311,10 @@ fn answer(batch_id: &str, index: usize, params: &Value, row_fate: Fate) -> (&'st
             "error": {"type": kind, "message": message}, "request_id": format!("req_{index}")}}),
         )
     };
+    // Anthropic checks `params` when it runs the request: a bad one is an errored result.
+    if let Some(message) = params_refusal(params) {
+        return errored("invalid_request_error", &message);
+    }
     match row_fate {
         Fate::ServerError => return errored("api_error", "Internal server error"),
         Fate::BadRequest => {

@@ -24,6 +24,7 @@ pub(crate) struct Batch {
     pub(crate) attempts: Vec<u32>,
     pub(crate) created: Instant,
     pub(crate) created_at: String,
+    pub(crate) expires_at: String,
     /// How many requests get done before it expires, when it does.
     pub(crate) expires_after: Option<usize>,
     pub(crate) cancel_requested: Option<(Instant, String)>,

@@ -76,6 +76,17 @@ struct SimBatch {
     tokens: u64,
     /// Whether it passed validation, the quota check included.
     admitted: bool,
+    /// Unix seconds of the state changes seen so far.
+    in_progress_at: Option<i64>,
+    finalizing_at: Option<i64>,
+    cancelling_at: Option<i64>,
+}
+
+impl SimBatch {
+    /// `at` as Unix seconds, on the clock of `created_at`.
+    fn unix_at(&self, at: Instant) -> i64 {
+        self.created_at + at.saturating_duration_since(self.created).as_secs() as i64
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -102,13 +113,13 @@ fn batch_object(batch: &SimBatch, status: &str, completed: u64) -> Value {
         "output_file_id": null,
         "error_file_id": null,
         "created_at": batch.created_at,
-        "in_progress_at": null,
+        "in_progress_at": batch.in_progress_at,
         "expires_at": batch.created_at + 86_400,
-        "finalizing_at": null,
+        "finalizing_at": batch.finalizing_at,
         "completed_at": null,
         "failed_at": null,
         "expired_at": null,
-        "cancelling_at": null,
+        "cancelling_at": batch.cancelling_at,
         "cancelled_at": null,
         "request_counts": {"total": batch.total, "completed": completed, "failed": 0},
         "metadata": batch.metadata,
@@ -268,11 +279,21 @@ impl SimState {
         {
             self.admit(&mut batch, faults.enqueued_token_quota);
         }
+        if batch.admitted && batch.in_progress_at.is_none() {
+            batch.in_progress_at = Some(batch.unix_at(created + validating));
+        }
         if batch.ended.is_none() {
             if batch.errors.is_some() && elapsed >= validating {
                 batch.ended = Some(self.end(&batch, "failed", 0));
             } else if let Some(cancelled) = batch.cancel_requested {
-                batch.ended = Some(self.end(&batch, "cancelled", progress_at(cancelled)));
+                batch.cancelling_at = Some(batch.unix_at(cancelled));
+                // What runs when the cancel comes is done; the rest is not.
+                let done = progress_at(cancelled);
+                if cancelled.elapsed() >= self.settings.cancelling {
+                    batch.ended = Some(self.end(&batch, "cancelled", done));
+                } else {
+                    (status, completed) = ("cancelling", done);
+                }
             } else if elapsed >= validating {
                 completed = progress_at(Instant::now());
                 status = "in_progress";
@@ -284,6 +305,7 @@ impl SimState {
                         let all_done_after =
                             validating + Duration::from_secs_f64(batch.total as f64 / rate);
                         status = "finalizing";
+                        batch.finalizing_at = Some(batch.unix_at(created + all_done_after));
                         if elapsed >= all_done_after + finalizing {
                             batch.ended = Some(self.end(&batch, "completed", batch.total));
                         }
@@ -430,15 +452,84 @@ fn not_done_line(batch_id: &str, index: usize, custom_id: &str, status: &str) ->
 }
 
 /// One result line: the fake model's answer to one request, shaped by its fate.
+/// The body parameters of a chat completion the API declares; another is refused per request
+/// (`Unrecognized request argument supplied`), as the live API does.
+const CHAT_PARAMETERS: &[&str] = &[
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "user",
+    "response_format",
+    "seed",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "store",
+    "metadata",
+    "reasoning_effort",
+    "service_tier",
+    "modalities",
+    "prediction",
+    "audio",
+    "stream",
+    "stream_options",
+    "web_search_options",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+    "functions",
+    "function_call",
+];
+
+/// The first body parameter the chat completions API does not declare.
+fn unrecognized_parameter(body: &Value) -> Option<&str> {
+    body.as_object()?
+        .keys()
+        .map(String::as_str)
+        .find(|key| !CHAT_PARAMETERS.contains(key))
+}
+
+/// A result line of request `index` that failed with HTTP `status`.
+fn http_error_line(
+    batch_id: &str,
+    index: usize,
+    request: &Value,
+    status: u16,
+    kind: &str,
+    message: &str,
+) -> String {
+    json!({"id": format!("batch_req_{index}_{batch_id}"), "custom_id": request["custom_id"],
+        "response": {"status_code": status, "request_id": format!("req_{index}"),
+        "body": {"error": {"message": message, "type": kind, "param": null, "code": null}}},
+        "error": null})
+    .to_string()
+}
+
 fn answer_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Line {
     let body = &request["body"];
     let id = format!("batch_req_{index}_{batch_id}");
+    if let Some(parameter) = unrecognized_parameter(body) {
+        return Line::Error(http_error_line(
+            batch_id,
+            index,
+            request,
+            400,
+            "invalid_request_error",
+            &format!("Unrecognized request argument supplied: {parameter}"),
+        ));
+    }
     let http_error = |status: u16, kind: &str, message: &str| {
-        json!({"id": id, "custom_id": request["custom_id"], "response": {
-            "status_code": status, "request_id": format!("req_{index}"),
-            "body": {"error": {"message": message, "type": kind, "param": null, "code": null}}},
-            "error": null})
-        .to_string()
+        http_error_line(batch_id, index, request, status, kind, message)
     };
     match fate {
         Fate::ServerError => {
@@ -647,6 +738,7 @@ pub(crate) struct CreateBatch {
 /// Checks the input lines as the real service does after creation; errors fail the batch.
 fn validate_lines(bytes: &[u8], endpoint: &str) -> (u64, Option<Vec<Value>>) {
     let mut total = 0;
+    let mut model: Option<String> = None;
     let mut seen = std::collections::HashSet::new();
     for (number, line) in bytes
         .split(|b| *b == b'\n')
@@ -690,6 +782,43 @@ fn validate_lines(bytes: &[u8], endpoint: &str) -> (u64, Option<Vec<Value>>) {
                 fail(
                     "url_mismatch",
                     "The provided URL for this request does not match the batch endpoint.",
+                ),
+            );
+        }
+        if request["method"].as_str() != Some("POST") {
+            return (
+                total,
+                fail(
+                    "invalid_method",
+                    "The method for this request must be POST.",
+                ),
+            );
+        }
+        let Some(line_model) = request["body"]["model"].as_str() else {
+            return (
+                total,
+                fail("missing_required_parameter", "body.model is required."),
+            );
+        };
+        match &model {
+            None => model = Some(line_model.to_owned()),
+            Some(first) if first != line_model => {
+                return (
+                    total,
+                    fail(
+                        "mismatched_model",
+                        "All requests in a batch must use the same model.",
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+        if request["body"]["stream"].as_bool() == Some(true) {
+            return (
+                total,
+                fail(
+                    "invalid_request",
+                    "Streaming is not supported in the Batch API: remove body.stream.",
                 ),
             );
         }
@@ -772,6 +901,9 @@ pub(crate) async fn create_batch(
         total: if errors.is_some() { 0 } else { total },
         errors,
         cancel_requested: None,
+        in_progress_at: None,
+        finalizing_at: None,
+        cancelling_at: None,
         ended: None,
         tokens: (file_bytes / 4) as u64,
         admitted: false,
@@ -841,10 +973,12 @@ pub(crate) async fn cancel_batch(State(state): State<Shared>, Path(id): Path<Str
         );
     }
     if let Some(batch) = state.batches.get_mut(&id) {
-        batch.cancel_requested.get_or_insert(Instant::now());
+        let at = *batch.cancel_requested.get_or_insert(Instant::now());
+        batch.cancelling_at = Some(batch.unix_at(at));
     }
     let mut object = object;
     object["status"] = json!("cancelling");
+    object["cancelling_at"] = json!(state.batches.get(&id).and_then(|b| b.cancelling_at));
     Json(object).into_response()
 }
 

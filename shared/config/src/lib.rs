@@ -662,6 +662,10 @@ pub struct SimSettings {
     pub validating: Duration,
     #[serde(with = "humantime_serde")]
     pub finalizing: Duration,
+    /// How long a cancel takes to end (`cancelling`, OpenAI; `canceling`, Anthropic): the
+    /// requests done by the cancel are answered, the rest not.
+    #[serde(with = "humantime_serde")]
+    pub cancelling: Duration,
     /// Faults for every job (a job's own, set through `POST /sim/faults/<job_id>`, win).
     pub faults: SimFaults,
 }
@@ -673,6 +677,7 @@ impl Default for SimSettings {
             rows_per_second: 2000.0,
             validating: Duration::from_millis(300),
             finalizing: Duration::from_millis(300),
+            cancelling: Duration::from_millis(300),
             faults: SimFaults::default(),
         }
     }

@@ -32,11 +32,13 @@ pub fn default_model(name: &str) -> Option<&'static str> {
     }
 }
 
-/// The temperatures provider `name` takes (OpenAI 0 to 2, Anthropic 0 to 1).
-pub fn temperature_range(name: &str) -> std::ops::RangeInclusive<f64> {
+/// The temperatures provider `name` takes: OpenAI 0 to 2; none for Anthropic, whose current
+/// Messages API (the official SDK's `MessageCreateParams`, 1.0 to 2.15) declares no
+/// `temperature`.
+pub fn temperature_range(name: &str) -> Option<std::ops::RangeInclusive<f64>> {
     match name {
-        "anthropic" => 0.0..=1.0,
-        _ => 0.0..=2.0,
+        "anthropic" => None,
+        _ => Some(0.0..=2.0),
     }
 }
 

@@ -96,8 +96,8 @@ pub struct JobOptions {
     pub max_attempts: u32,
     pub max_requests_per_batch: u64,
     pub max_batch_bytes: u64,
-    /// Sent as set. Unset: OpenAI chat models get 0 (repeatable answers), reasoning models and
-    /// Anthropic get none (the model's own default).
+    /// OpenAI only (0 to 2), sent as set. Unset: OpenAI chat models get 0 (repeatable
+    /// answers), reasoning models none. Anthropic's current API takes none.
     pub temperature: Option<f64>,
     pub output_formats: Vec<String>,
     pub budget_usd: Option<f64>,
@@ -377,7 +377,12 @@ impl JobSpec {
         let Some(temperature) = self.options.temperature else {
             return Ok(());
         };
-        let range = crate::providers::temperature_range(provider);
+        let Some(range) = crate::providers::temperature_range(provider) else {
+            return Err(SpecError(format!(
+                "options.temperature is set, but {provider}'s API takes no temperature; leave \
+                 it unset"
+            )));
+        };
         if !range.contains(&temperature) {
             return Err(SpecError(format!(
                 "options.temperature is {temperature}; {provider} takes {} to {}",
@@ -743,9 +748,11 @@ mod tests {
             "{error}"
         );
         assert!(with("openai", "gpt-4o-mini", 1.5).is_ok());
-        let error = with("anthropic", "claude-3-5-haiku-latest", 1.5).unwrap_err();
-        assert!(error.contains("anthropic takes 0 to 1"), "{error}");
-        assert!(with("anthropic", "claude-3-5-haiku-latest", 0.7).is_ok());
+        let error = with("anthropic", "claude-3-5-haiku-latest", 0.7).unwrap_err();
+        assert!(
+            error.contains("anthropic's API takes no temperature"),
+            "{error}"
+        );
         assert!(with("openai", "gpt-4o", f64::NAN).is_err());
         let error = with("openai", "o3-mini", 0.0).unwrap_err();
         assert!(error.contains("reasoning model"), "{error}");

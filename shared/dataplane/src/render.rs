@@ -111,9 +111,8 @@ fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
         .max_output_tokens
         .unwrap_or(ANTHROPIC_MAX_TOKENS);
     params.insert("max_tokens".into(), json!(max_tokens));
-    if let Some(temperature) = spec.options.temperature {
-        params.insert("temperature".into(), json!(temperature));
-    }
+    // No `temperature`: the current Messages API declares none (a spec that sets one is
+    // refused at submit).
     params.insert("system".into(), Value::String(SYSTEM_MESSAGE.into()));
     params.insert(
         "tools".into(),
@@ -390,13 +389,11 @@ mod tests {
         // A reasoning model, unset: none.
         let reasoning = spec().with_provider("openai", "o3-mini");
         assert!(rendered(&reasoning)["body"].get("temperature").is_none());
-        // Anthropic, unset: none (the API default); set: as set.
-        let mut anthropic = spec().with_provider("anthropic", "claude-3-5-haiku-latest");
+        // Anthropic: never (its current API declares none).
+        let anthropic = spec().with_provider("anthropic", "claude-3-5-haiku-latest");
         let line = rendered(&anthropic);
         assert!(line["params"].get("temperature").is_none(), "{line}");
         assert_eq!(line["params"]["max_tokens"], json!(ANTHROPIC_MAX_TOKENS));
-        anthropic.options.temperature = Some(0.3);
-        assert_eq!(rendered(&anthropic)["params"]["temperature"], json!(0.3));
     }
 
     #[test]

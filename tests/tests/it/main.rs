@@ -16,3 +16,4 @@ mod quota;
 mod retries;
 mod sdk;
 mod settings;
+mod sim_contract;

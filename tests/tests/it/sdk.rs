@@ -113,3 +113,68 @@ async fn a_job_published_with_the_official_nats_python_client_completes() {
     assert_eq!(job.counts.rows_total, event.counts.rows_total);
     assert!(job.counts.succeeded > 100, "{:?}", job.counts);
 }
+
+/// Request lines as rowsmith renders them, for every provider format, validated against the
+/// official SDKs' request types with unknown keys refused (`sdk/check_contract.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_requests_fit_the_official_sdks_request_types() {
+    use rowsmith_contract::spec::JobSpec;
+    use rowsmith_dataplane::render::RequestTemplate;
+
+    let columns = vec!["sku".to_owned(), "description".to_owned()];
+    let cells = [Some("00501"), Some("A \"red\" ball,\nround ✓")];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut paths = Vec::new();
+    for (provider, model) in [
+        ("openai", "gpt-4o-mini"),
+        ("openai", "o3-mini"),
+        ("anthropic", "claude-3-5-haiku-latest"),
+    ] {
+        let mut spec = JobSpec::builder("in.csv", "Write a title, pick a shelf, list tags.")
+            .with_id("contract")
+            .with_targets(["description"])
+            .with_field_texts([
+                "title:string:a title",
+                "shelf:enum(toys|tools|garden):the shelf",
+                "in_stock:boolean",
+                "tags:array:3 to 5 keywords",
+                "price:number",
+            ])
+            .expect("fields")
+            .with_provider(provider, model);
+        spec.options.max_output_tokens = Some(512);
+        spec.validate().expect("a valid spec");
+        let template = RequestTemplate::new(&spec, &columns);
+        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+        for row in 0..3 {
+            template
+                .render(row, |i| cells[i], &mut scratch, &mut escaped, &mut out)
+                .expect("rendered");
+        }
+        let path = dir.path().join(format!("{provider}-{model}.jsonl"));
+        std::fs::write(&path, &out).expect("write");
+        paths.push((provider, path));
+    }
+    for (provider, path) in paths.iter().filter(|(p, _)| *p == "openai") {
+        let anthropic = &paths
+            .iter()
+            .find(|(p, _)| *p == "anthropic")
+            .expect("anthropic")
+            .1;
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_contract.py");
+        let output = tokio::process::Command::new(python())
+            .arg(&script)
+            .arg(path)
+            .arg(anthropic)
+            .output()
+            .await
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "{provider} {}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

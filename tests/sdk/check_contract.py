@@ -1,0 +1,66 @@
+"""Rendered request lines checked against the official SDKs' own request types (pinned in
+scripts/tools-requirements.txt), with unknown keys refused at every level:
+  check_contract.py OPENAI_LINES ANTHROPIC_LINES
+- an OpenAI batch line is {custom_id, method: POST, url: /v1/chat/completions, body} and its
+  body a `CompletionCreateParamsNonStreaming` of the `openai` SDK;
+- an Anthropic line is a `batch_create_params.Request` of the `anthropic` SDK.
+Exits 1 naming the first line and key that do not fit."""
+import importlib
+import json
+import pkgutil
+import sys
+
+import anthropic
+import openai
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+
+def forbid_extras(package: str) -> None:
+    """Every TypedDict of `package` refuses keys it does not declare (they allow them by
+    default, which would let any misspelt parameter through)."""
+    root = importlib.import_module(package)
+    for info in pkgutil.walk_packages(root.__path__, package + "."):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:
+            continue
+        for value in vars(module).values():
+            if isinstance(value, type) and hasattr(value, "__required_keys__"):
+                value.__pydantic_config__ = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+def check(path: str, validate) -> int:
+    count = 0
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                validate(json.loads(line))
+            except (ValidationError, ValueError) as error:
+                sys.exit(f"{path}:{number}: {error}")
+            count += 1
+    return count
+
+
+def main() -> None:
+    forbid_extras("openai.types")
+    forbid_extras("anthropic.types")
+    from anthropic.types.messages.batch_create_params import Request
+    from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
+
+    chat = TypeAdapter(CompletionCreateParamsNonStreaming)
+    request = TypeAdapter(Request)
+
+    def openai_line(line: dict) -> None:
+        if set(line) != {"custom_id", "method", "url", "body"}:
+            raise ValueError(f"batch line keys {sorted(line)}")
+        if line["method"] != "POST" or line["url"] != "/v1/chat/completions":
+            raise ValueError(f"method/url {line['method']} {line['url']}")
+        chat.validate_python(line["body"])
+
+    checked = check(sys.argv[1], openai_line)
+    checked += check(sys.argv[2], request.validate_python)
+    print(f"checked {checked} lines against openai {openai.__version__} and anthropic {anthropic.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+//! The simulator refuses what the real APIs refuse, in their own shapes (issue 14, point 5):
+//! a table of malformed requests, each sent through the provider clients, with the refusal
+//! the API gives — at validation for OpenAI's file format, per request for the parameters
+//! (both APIs check those when they run the request).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use rowsmith_contract::messages::ShardKey;
+use rowsmith_providers::{BatchProvider, BatchRef, BatchState, BatchStatus, Provider, Providers};
+use rowsmith_store::layout::ResultPaths;
+use rowsmith_tests::Stack;
+
+fn key(shard: u32) -> ShardKey {
+    ShardKey {
+        job_id: "contract".into(),
+        attempt: 1,
+        shard,
+    }
+}
+
+fn jsonl(lines: &[Value]) -> Bytes {
+    let mut text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    if text.is_empty() {
+        text.push('\n');
+    }
+    Bytes::from(text)
+}
+
+async fn ended(provider: &Provider, batch: &BatchRef) -> BatchStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = provider.status(batch).await.expect("status");
+        if status.state.is_terminal() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the batch never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Uploads and creates a batch of `lines` and returns how it ended, with its result text.
+async fn run(
+    stack: &Stack,
+    provider: &Provider,
+    shard: u32,
+    lines: &[Value],
+) -> (BatchStatus, String) {
+    let bytes = jsonl(lines);
+    let file_id = match provider.name() {
+        "anthropic" => String::new(),
+        _ => provider
+            .upload(&key(shard), bytes.clone())
+            .await
+            .expect("upload"),
+    };
+    let batch = provider
+        .create(&key(shard), &file_id, bytes)
+        .await
+        .expect("create");
+    let status = ended(provider, &batch).await;
+    let files = provider
+        .download(&status, &stack.store, &ResultPaths::of_shard(&key(shard)))
+        .await
+        .expect("download");
+    let mut text = String::new();
+    for path in [files.output_path, files.errors_path].into_iter().flatten() {
+        text.push_str(&stack.read_text(&path).await);
+    }
+    (status, text)
+}
+
+fn openai_line(id: &str, body: Value) -> Value {
+    json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openai_format_is_refused_where_the_batch_api_refuses_it() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let sim = providers.get("sim").expect("sim");
+    let mut get = openai_line("r1", chat("gpt-4o-mini"));
+    get["method"] = json!("GET");
+    let mut streaming = chat("gpt-4o-mini");
+    streaming["stream"] = json!(true);
+    // (lines, the validation error code the batch fails with)
+    let refused: Vec<(Vec<Value>, &str)> = vec![
+        (
+            vec![openai_line("r0", chat("gpt-4o-mini")), get],
+            "invalid_method",
+        ),
+        (
+            vec![
+                openai_line("r0", chat("gpt-4o-mini")),
+                openai_line("r1", chat("gpt-4o")),
+            ],
+            "mismatched_model",
+        ),
+        (vec![openai_line("r0", streaming)], "invalid_request"),
+        (
+            vec![openai_line("r0", json!({"messages": []}))],
+            "missing_required_parameter",
+        ),
+        (
+            vec![openai_line("r0", chat("m")), openai_line("r0", chat("m"))],
+            "duplicate_custom_id",
+        ),
+    ];
+    for (shard, (lines, code)) in refused.into_iter().enumerate() {
+        let (status, _) = run(&stack, sim, shard as u32, &lines).await;
+        assert_eq!(status.state, BatchState::Failed, "{code}");
+        assert!(
+            status.errors.iter().any(|e| e.starts_with(code)),
+            "{code}: {:?}",
+            status.errors
+        );
+    }
+    // A parameter the API does not declare fails that request only, with HTTP 400.
+    let mut odd = chat("gpt-4o-mini");
+    odd["temprature"] = json!(0);
+    let lines = [
+        openai_line("r0", chat("gpt-4o-mini")),
+        openai_line("r1", odd),
+    ];
+    let (status, text) = run(&stack, sim, 10, &lines).await;
+    assert_eq!(
+        (status.state, status.completed, status.failed),
+        (BatchState::Completed, 1, 1)
+    );
+    assert!(
+        text.contains("Unrecognized request argument supplied: temprature"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_params_the_messages_api_does_not_declare_are_errored_results() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let anthropic = providers.get("anthropic").expect("anthropic");
+    let params = |extra: Value| {
+        let mut params = json!({"model": "claude-3-5-haiku-latest", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().expect("object") {
+            params[k] = v.clone();
+        }
+        params
+    };
+    let mut no_max_tokens = params(json!({}));
+    no_max_tokens
+        .as_object_mut()
+        .expect("object")
+        .remove("max_tokens");
+    let cases = [
+        (params(json!({})), None),
+        (
+            params(json!({"temperature": 0.0})),
+            Some("params.temperature: Extra inputs are not permitted"),
+        ),
+        (no_max_tokens, Some("params.max_tokens: Field required")),
+        (
+            params(json!({"stream": true})),
+            Some("params.stream: batch requests cannot stream"),
+        ),
+    ];
+    let lines: Vec<Value> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (params, _))| json!({"custom_id": format!("r{i}"), "params": params}))
+        .collect();
+    let (status, text) = run(&stack, anthropic, 0, &lines).await;
+    assert!(status.state.is_terminal(), "{status:?}");
+    let results: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    for (i, (_, refusal)) in cases.iter().enumerate() {
+        let result = results
+            .iter()
+            .find(|r| r["custom_id"] == format!("r{i}"))
+            .expect("a result per request");
+        match refusal {
+            None => assert_eq!(result["result"]["type"], "succeeded", "{result}"),
+            Some(message) => {
+                assert_eq!(result["result"]["type"], "errored", "{result}");
+                assert_eq!(result["result"]["error"]["error"]["message"], *message);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
+    let stack = Stack::start_services(
+        |settings| {
+            settings.sim.rows_per_second = 20.0;
+            settings.sim.cancelling = Duration::from_millis(500);
+        },
+        &[],
+    )
+    .await;
+    let base = format!("http://{}", stack.sim_address);
+    let client = reqwest::Client::new();
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let sim = providers.get("sim").expect("sim");
+    let lines: Vec<Value> = (0..100)
+        .map(|i| openai_line(&format!("r{i}"), chat("m")))
+        .collect();
+    let bytes = jsonl(&lines);
+    let file_id = sim.upload(&key(0), bytes.clone()).await.expect("upload");
+    let batch = sim.create(&key(0), &file_id, bytes).await.expect("create");
+    let object = |id: String| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .get(format!("{base}/v1/batches/{id}"))
+                .bearer_auth("sk-x")
+                .send()
+                .await
+                .expect("get")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let running = loop {
+        let running = object(batch.id.clone()).await;
+        if running["status"] == "in_progress" {
+            break running;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never in progress: {running}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let created = running["created_at"].as_i64().expect("created_at");
+    assert!(
+        running["in_progress_at"].as_i64() >= Some(created),
+        "{running}"
+    );
+    assert_eq!(running["expires_at"].as_i64(), Some(created + 86_400));
+    sim.cancel(&batch).await.expect("cancel");
+    let cancelling = object(batch.id.clone()).await;
+    assert_eq!(
+        cancelling["status"], "cancelling",
+        "a cancel takes a while: {cancelling}"
+    );
+    assert!(
+        cancelling["cancelling_at"].as_i64() >= Some(created),
+        "{cancelling}"
+    );
+    let done = ended(sim, &batch).await;
+    assert_eq!(done.state, BatchState::Cancelled);
+    assert!(
+        done.completed < 100,
+        "the cancel stopped it part-way: {done:?}"
+    );
+
+    // Anthropic: expires 24 hours after it was created.
+    let anthropic = providers.get("anthropic").expect("anthropic");
+    let line = json!({"custom_id": "r0", "params": {"model": "m", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "hi"}]}});
+    let batch = anthropic
+        .create(&key(1), "", jsonl(&[line]))
+        .await
+        .expect("create");
+    let object: Value = client
+        .get(format!("{base}/v1/messages/batches/{}", batch.id))
+        .header("x-api-key", "sk-ant-x")
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let parse = |field: &str| {
+        time::OffsetDateTime::parse(
+            object[field].as_str().expect("a timestamp"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("RFC 3339")
+    };
+    assert_eq!(
+        parse("expires_at") - parse("created_at"),
+        time::Duration::hours(24)
+    );
+}
