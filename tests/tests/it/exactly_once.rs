@@ -137,23 +137,30 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     assert_eq!(stack.sim_stats().await["batches_created"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_orphan_batch_is_cancelled_and_its_answers_fill_the_rows_the_recorded_batch_failed() {
-    // No submitter at first: the test plays a first life that made two batches for the shard
-    // (a zombie and a crashed delivery) and died before recording either.
-    let stack = Stack::start_services(|_| {}, &["ingest", "poller", "merger"]).await;
-    let rows = awkward_rows(80);
-    let input = stack.upload_input("orphan.csv", to_csv(&rows)).await;
-    let mut job = spec("orphan", &input, "description");
+/// Submits an 80-row job of `rows` as `job_id` (one attempt, `faults` in the simulator) and
+/// plays a first life of the submitter that made two batches for its shard (a zombie and a
+/// crashed delivery) and died before recording either; with `until_ended`, both batches run
+/// to the end before it returns. Returns the shard and the two batches.
+async fn first_life_with_two_batches(
+    stack: &Stack,
+    job_id: &str,
+    rows: &[Vec<String>],
+    faults: &rowsmith_config::SimFaults,
+    until_ended: bool,
+) -> (
+    ShardKey,
+    rowsmith_providers::BatchRef,
+    rowsmith_providers::BatchRef,
+) {
+    let input = stack
+        .upload_input(&format!("{job_id}.csv"), to_csv(rows))
+        .await;
+    let mut job = spec(job_id, &input, "description");
     job.options.max_attempts = 1;
-    let faults = rowsmith_config::SimFaults {
-        server_error_rate: 0.4,
-        ..Default::default()
-    };
-    stack.set_sim_faults("orphan", &faults).await;
+    stack.set_sim_faults(job_id, faults).await;
     stack.submit(&job).await;
     let key = ShardKey {
-        job_id: "orphan".into(),
+        job_id: job_id.into(),
         attempt: 1,
         shard: 0,
     };
@@ -189,15 +196,75 @@ async fn an_orphan_batch_is_cancelled_and_its_answers_fill_the_rows_the_recorded
         .create(&key, &file_id, lines.clone())
         .await
         .expect("create");
-    // Both ran to the end before anyone looked: the orphan's answers are all there.
-    for batch in [&first, &second] {
+    for batch in [&first, &second].into_iter().filter(|_| until_ended) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !sim.status(batch).await.expect("status").state.is_terminal() {
             assert!(tokio::time::Instant::now() < deadline, "batch never ended");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    record_first_life(&stack, &key, &file_id, 30_000).await;
+    record_first_life(stack, &key, &file_id, 30_000).await;
+    (key, first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orphan_still_being_cancelled_when_the_shards_batch_ends_is_waited_for() {
+    // A batch runs about 2.6 s (80 rows at 40 a second, plus its phases); a cancel takes 4 s
+    // to end, so the orphan cancelled at the start is still `cancelling` when the adopted
+    // batch ends.
+    let stack = Stack::start_services(
+        |settings| {
+            settings.sim.rows_per_second = 40.0;
+            settings.sim.cancelling = Duration::from_secs(4);
+        },
+        &["ingest", "poller", "merger"],
+    )
+    .await;
+    let rows = awkward_rows(80);
+    let faults = rowsmith_config::SimFaults {
+        server_error_rate: 0.4,
+        ..Default::default()
+    };
+    let (key, _, _) =
+        first_life_with_two_batches(&stack, "orphan-late", &rows, &faults, false).await;
+    stack.start_service("submitter");
+    let done = stack
+        .wait_for_end("orphan-late", Duration::from_secs(60))
+        .await;
+    assert_eq!(done.state, JobState::Completed, "{:?}", done.error);
+    let (shard, _) = stack
+        .bus
+        .read::<ShardRecord>(&shard_key(&key))
+        .await
+        .expect("read")
+        .expect("shard");
+    assert_eq!(shard.own_orphans.len(), 1, "{shard:?}");
+    let collected: Vec<&str> = shard
+        .orphan_results
+        .iter()
+        .map(|r| r.status.as_str())
+        .collect();
+    assert_eq!(
+        collected,
+        ["cancelled"],
+        "the poller waited for the cancel to end"
+    );
+    let ((_, enriched), (_, failures)) = stack.output_tables(&done).await;
+    assert_eq!(enriched.len() + failures.len(), rows.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orphan_batch_is_cancelled_and_its_answers_fill_the_rows_the_recorded_batch_failed() {
+    // No submitter at first: the test plays a first life that made two batches for the shard
+    // (a zombie and a crashed delivery) and died before recording either.
+    let stack = Stack::start_services(|_| {}, &["ingest", "poller", "merger"]).await;
+    let rows = awkward_rows(80);
+    let faults = rowsmith_config::SimFaults {
+        server_error_rate: 0.4,
+        ..Default::default()
+    };
+    let (key, first, second) =
+        first_life_with_two_batches(&stack, "orphan", &rows, &faults, true).await;
 
     // The second life finds both batches, adopts one and cancels the other.
     stack.start_service("submitter");
