@@ -11,6 +11,7 @@ use rowsmith_config::{
 };
 use rowsmith_contract::events::{Counts, Event, EventKind};
 use rowsmith_contract::records::{JobRecord, JobState, job_key};
+use rowsmith_contract::records::{SUBMITTER_CAPABILITY_KEY, SubmitterCapability};
 use rowsmith_contract::spec::JobSpec;
 use rowsmith_dataplane::estimate::{Estimate, dollars};
 use rowsmith_dataplane::render::RequestTemplate;
@@ -77,6 +78,9 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
         return refuse(ingest, &job_id, &error.to_string()).await;
     }
     let job_id = spec.id().to_owned();
+    if let Some(reason) = keyless_provider(ingest, &spec).await {
+        return refuse(ingest, &job_id, &reason).await;
+    }
     match accept(ingest, &spec).await {
         Ok(Accepted::New | Accepted::Resume) => {}
         Ok(Accepted::AlreadyDone) => return Outcome::Done,
@@ -121,6 +125,36 @@ pub async fn handle(ingest: &Ingest, delivery: Delivery) -> Outcome {
         Ok(()) => Outcome::Done,
         Err(error) => settle(&ingest.bus, &job_id, &delivery, error).await,
     }
+}
+
+/// Why no submitter could send this job: its provider (or its fallback's) is missing from
+/// the providers the submitters announced a key for. None when they all are, or when no
+/// submitter announced anything (an older one, or none started yet).
+async fn keyless_provider(ingest: &Ingest, spec: &JobSpec) -> Option<String> {
+    let (capability, _) = match ingest
+        .bus
+        .read::<SubmitterCapability>(SUBMITTER_CAPABILITY_KEY)
+        .await
+    {
+        Ok(Some(found)) => found,
+        Ok(None) => return None,
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the submitters' providers; accepting");
+            return None;
+        }
+    };
+    let fallback = spec.fallback.as_ref().map(|f| f.provider.as_str());
+    let missing = std::iter::once(spec.provider.as_str())
+        .chain(fallback)
+        .find(|provider| !capability.providers.contains(*provider))?;
+    let variable = match missing {
+        "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
+        _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
+    };
+    Some(format!(
+        "job refused: no API key for {missing} at any submitter: set {variable} for the \
+         submitter and the poller, restart them, and submit again; nothing was read or sent"
+    ))
 }
 
 /// A message that is not a JobSpec: say why on the job's events when it names a valid job id.

@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
-use rowsmith_bus::ConsumerSpec;
+use rowsmith_bus::{Cas, ConsumerSpec};
 use rowsmith_config::{
     CreationSettings, ProcessSettings, ProviderSettings, QuotaSettings, Settings, WorkerSettings,
 };
 use rowsmith_contract::messages::subjects;
+use rowsmith_contract::records::{SUBMITTER_CAPABILITY_KEY, SubmitterCapability};
 use rowsmith_providers::Providers;
 use rowsmith_runtime::{ServiceSettings, connect, run_service};
 use rowsmith_store::Store;
@@ -68,6 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         chaos_crash_after_create: config.submitter.chaos_crash_after_create,
         abandoned: Default::default(),
     });
+    announce_capability(&submitter).await;
     let spec = consumer_spec(&config.submitter);
     let concurrency = config.submitter.concurrency;
     run_service(
@@ -79,4 +81,45 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         |submitter, delivery| async move { handle(&submitter, delivery).await },
     )
     .await
+}
+
+/// Adds the providers this submitter holds a key for to `capability.submitter`, so that
+/// ingest refuses a job for a provider no submitter can call. Best effort: without it ingest
+/// accepts every job, and a keyless one stops at its first call.
+pub async fn announce_capability(submitter: &Submitter) {
+    let providers: std::collections::BTreeSet<String> = submitter
+        .providers
+        .with_keys()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let bus = &submitter.bus;
+    let first = SubmitterCapability {
+        providers: providers.clone(),
+        updated_at_ms: rowsmith_contract::now_unix_ms(),
+    };
+    let announced = match bus.create(SUBMITTER_CAPABILITY_KEY, &first).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            bus.modify(
+                SUBMITTER_CAPABILITY_KEY,
+                |capability: &mut SubmitterCapability| -> Result<Cas<()>, rowsmith_bus::BusError> {
+                    if providers.is_subset(&capability.providers) {
+                        return Ok(Cas::Keep(()));
+                    }
+                    capability.providers.extend(providers.iter().cloned());
+                    capability.updated_at_ms = rowsmith_contract::now_unix_ms();
+                    Ok(Cas::Write(()))
+                },
+            )
+            .await
+        }
+        Err(error) => Err(error),
+    };
+    match announced {
+        Ok(()) => tracing::info!(?providers, "providers with an API key announced"),
+        Err(error) => {
+            tracing::warn!(%error, "could not announce the providers with an API key")
+        }
+    }
 }

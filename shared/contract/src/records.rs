@@ -280,6 +280,18 @@ impl CreateClaim {
     }
 }
 
+/// `capability.submitter`: the providers some submitter holds an API key for (never the keys),
+/// so that ingest refuses a job no submitter could send instead of accepting it. Submitters
+/// add to it when they start; nothing removes from it, so it may claim more than holds now
+/// (the job then stops at its first provider call), never less.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SubmitterCapability {
+    pub providers: std::collections::BTreeSet<String>,
+    pub updated_at_ms: i64,
+}
+
+pub const SUBMITTER_CAPABILITY_KEY: &str = "capability.submitter";
+
 /// `lease.create.<provider>`: for providers whose batches carry no shard key, one create at a
 /// time, so that a claim's time window holds no other shard's batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -324,6 +324,16 @@ macro_rules! delegate {
     };
 }
 
+impl Provider {
+    /// Whether this client holds an API key.
+    pub fn has_key(&self) -> bool {
+        match self {
+            Provider::OpenAi(client) => client.has_key(),
+            Provider::Anthropic(client) => client.has_key(),
+        }
+    }
+}
+
 impl BatchProvider for Provider {
     fn name(&self) -> &str {
         delegate!(self, client => client.name())
@@ -406,6 +416,18 @@ impl Providers {
         })
     }
 
+    /// The providers whose clients hold an API key (the simulator always does).
+    pub fn with_keys(&self) -> Vec<&'static str> {
+        let mut names = vec!["sim"];
+        if self.openai.has_key() {
+            names.push("openai");
+        }
+        if self.anthropic.has_key() {
+            names.push("anthropic");
+        }
+        names
+    }
+
     pub fn get(&self, name: &str) -> Result<&Provider, ProviderError> {
         match name {
             "openai" => Ok(&self.openai),
@@ -419,5 +441,40 @@ impl Providers {
 impl rowsmith_contract::step::Retryable for ProviderError {
     fn is_retryable(&self) -> bool {
         ProviderError::is_retryable(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn no_call_goes_out_without_an_api_key() {
+        // Nothing listens on this port: a call that went out would fail with Transport.
+        let settings = ProviderSettings {
+            openai: rowsmith_config::OpenAiSettings {
+                base_url: "http://127.0.0.1:9/v1".into(),
+                ..Default::default()
+            },
+            anthropic: rowsmith_config::AnthropicSettings {
+                base_url: "http://127.0.0.1:9".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let providers = Providers::from_settings(&settings).expect("providers");
+        assert_eq!(providers.with_keys(), ["sim"]);
+        let batch = BatchRef { id: "b".into() };
+        for name in ["openai", "anthropic"] {
+            let error = providers
+                .get(name)
+                .expect("provider")
+                .status(&batch)
+                .await
+                .expect_err("no key");
+            assert!(matches!(error, ProviderError::NoKey { .. }), "{error:?}");
+            assert!(!error.is_retryable());
+            assert!(error.to_string().contains("nothing was sent"), "{error}");
+        }
     }
 }

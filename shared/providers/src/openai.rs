@@ -152,6 +152,10 @@ impl OpenAiClient {
             .await
     }
 
+    pub fn has_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+
     /// No call goes out without an API key.
     fn require_key(&self) -> Result<(), ProviderError> {
         match self.api_key {

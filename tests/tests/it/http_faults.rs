@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rowsmith_contract::records::JobState;
+use rowsmith_contract::records::{JobState, SUBMITTER_CAPABILITY_KEY, SubmitterCapability};
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, spec, to_csv};
@@ -132,8 +132,31 @@ async fn create_and_download_faults_set_for_one_job_meet_only_its_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_provider_without_an_api_key_is_never_called_and_the_job_says_which_key_to_set() {
+async fn a_job_for_a_provider_no_submitter_has_a_key_for_is_refused_before_anything_is_sent() {
     let stack = Stack::start_with(|settings| settings.provider.openai.api_key = None).await;
+    // The submitter announces the providers it holds a key for when it starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let capability = loop {
+        let record = stack
+            .bus
+            .read::<SubmitterCapability>(SUBMITTER_CAPABILITY_KEY)
+            .await
+            .expect("read");
+        if let Some((capability, _)) = record {
+            break capability;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no capability announced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let announced: Vec<&str> = capability.providers.iter().map(String::as_str).collect();
+    assert_eq!(
+        announced,
+        ["anthropic", "sim"],
+        "never a key, only provider names"
+    );
     let input = stack
         .upload_input("keyless.csv", to_csv(&awkward_rows(20)))
         .await;
@@ -145,12 +168,15 @@ async fn a_provider_without_an_api_key_is_never_called_and_the_job_says_which_ke
             job.state.is_stopped()
         })
         .await;
+    assert_eq!(job.state, JobState::Failed);
     let error = job.error.expect("error");
     assert!(
-        error.contains("no API key for openai") && error.contains("OPENAI_API_KEY"),
+        error.contains("no API key for openai at any submitter")
+            && error.contains("OPENAI_API_KEY"),
         "{error}"
     );
     assert_eq!(stack.sim_stats().await["api_calls"], 0, "nothing was sent");
+    assert_eq!(job.counts.rows_total, 0, "nothing was read");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
