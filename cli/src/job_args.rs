@@ -22,7 +22,7 @@ pub struct JobArgs {
     /// enum(a|b|c).
     #[arg(long = "field")]
     pub fields: Vec<String>,
-    /// openai, anthropic or sim.
+    /// openai, anthropic, mistral or sim.
     #[arg(long)]
     pub provider: Option<String>,
     /// The model (default: the provider's, gpt-4o-mini for openai and sim,

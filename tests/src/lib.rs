@@ -59,6 +59,18 @@ pub struct NatsServer {
     config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
+/// Whether what listens at `address` is a NATS server: it greets a new connection with
+/// `INFO` (another test's listener on a reused port does not).
+fn greets_as_nats(address: &SocketAddr) -> bool {
+    use std::io::Read;
+    let Ok(mut stream) = TcpStream::connect_timeout(address, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut greeting = [0u8; 4];
+    stream.read_exact(&mut greeting).is_ok() && &greeting == b"INFO"
+}
+
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
@@ -87,11 +99,26 @@ impl NatsServer {
             store_dir,
             config,
         };
+        // A free port can be taken by another test between asking for it and binding it:
+        // then this server exits at start, and it tries again on another port.
+        for _ in 0..5 {
+            if server.try_spawn().is_ok() {
+                return server;
+            }
+            server.port = free_port();
+        }
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
+        if let Err(status) = self.try_spawn() {
+            panic!("nats-server exited at start with {status}");
+        }
+    }
+
+    /// Starts the server and waits until it greets on its port; `Err` when it exited first.
+    fn try_spawn(&mut self) -> Result<(), std::process::ExitStatus> {
         let binary = nats_server_binary();
         let mut command = Command::new(&binary);
         if let Some((config, env)) = &self.config {
@@ -120,9 +147,10 @@ impl NatsServer {
         self.child = Some(child);
         let address = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+        while !greets_as_nats(&address) {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("nats-server exited at start with {status}");
+                self.child = None;
+                return Err(status);
             }
             assert!(
                 Instant::now() < deadline,
@@ -130,6 +158,7 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     pub fn url(&self) -> String {
@@ -331,6 +360,7 @@ impl Stack {
         // The simulator, like the real APIs, answers no call without a key.
         settings.provider.openai.api_key = Some("sk-test-openai".to_owned().into());
         settings.provider.anthropic.api_key = Some("sk-ant-test".to_owned().into());
+        settings.provider.mistral.api_key = Some("sk-mistral-test".to_owned().into());
         configure(&mut settings);
         let shutdown = CancellationToken::new();
         let (sim_address, _sim) =
@@ -341,6 +371,7 @@ impl Stack {
         // The simulator serves both APIs on one address.
         settings.provider.openai.base_url = format!("http://{sim_address}/v1");
         settings.provider.anthropic.base_url = format!("http://{sim_address}");
+        settings.provider.mistral.base_url = format!("http://{sim_address}/v1");
         settings.validate().expect("test settings are valid");
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await

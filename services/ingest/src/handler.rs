@@ -147,10 +147,7 @@ async fn keyless_provider(ingest: &Ingest, spec: &JobSpec) -> Option<String> {
     let missing = std::iter::once(spec.provider.as_str())
         .chain(fallback)
         .find(|provider| !capability.providers.contains(*provider))?;
-    let variable = match missing {
-        "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
-        _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
-    };
+    let variable = rowsmith_contract::providers::api_key_source(missing);
     Some(format!(
         "job refused: no API key for {missing} at any submitter: set {variable} for the \
          submitter and the poller, restart them, and submit again; nothing was read or sent"

@@ -37,7 +37,14 @@ impl Call {
     fn of(request: &Request) -> Call {
         let path = request.uri().path();
         match *request.method() {
-            Method::POST if matches!(path, "/v1/batches" | "/v1/messages/batches") => Call::Create,
+            Method::POST
+                if matches!(
+                    path,
+                    "/v1/batches" | "/v1/messages/batches" | "/v1/batch/jobs"
+                ) =>
+            {
+                Call::Create
+            }
             Method::GET if path.ends_with("/content") || path.ends_with("/results") => {
                 Call::Download
             }
@@ -82,7 +89,8 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
 /// job (Anthropic's API carries none).
 async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFaults) {
     let path = request.uri().path().to_owned();
-    if request.method() == Method::POST && path == "/v1/batches" {
+    if request.method() == Method::POST && matches!(path.as_str(), "/v1/batches" | "/v1/batch/jobs")
+    {
         let (parts, body) = request.into_parts();
         let bytes = axum::body::to_bytes(body, CREATE_BODY_LIMIT)
             .await

@@ -11,6 +11,7 @@ mod anthropic_state;
 mod auth;
 pub mod faults;
 mod http_faults;
+mod mistral;
 mod model;
 mod openai;
 
@@ -83,6 +84,9 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/v1/messages/batches/{id}/cancel", post(anthropic::cancel))
         .route("/v1/messages/batches/{id}/results", get(anthropic::results))
+        .route("/v1/batch/jobs", post(mistral::create).get(mistral::list))
+        .route("/v1/batch/jobs/{id}", get(mistral::get))
+        .route("/v1/batch/jobs/{id}/cancel", post(mistral::cancel))
         .route("/sim/stats", get(openai::stats))
         .route("/sim/faults", post(openai::set_faults))
         .route("/sim/faults/{job_id}", post(openai::set_job_faults))

@@ -25,13 +25,13 @@ pub(crate) type Shared = Arc<Mutex<SimState>>;
 pub struct SimState {
     pub(crate) settings: SimSettings,
     pub(crate) anthropic: crate::anthropic_state::AnthropicState,
-    files: HashMap<String, SimFile>,
-    batches: HashMap<String, SimBatch>,
+    pub(crate) files: HashMap<String, SimFile>,
+    pub(crate) batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
-    batch_order: Vec<String>,
+    pub(crate) batch_order: Vec<String>,
     next_id: u64,
     files_uploaded: u64,
-    batches_per_shard: BTreeMap<String, u64>,
+    pub(crate) batches_per_shard: BTreeMap<String, u64>,
     /// Faults set for one job (`POST /sim/faults/<job_id>`).
     job_faults: HashMap<String, SimFaults>,
     /// custom_ids made to fail permanently, per job.
@@ -50,47 +50,81 @@ pub struct SimState {
 }
 
 #[derive(Debug, Clone)]
-struct SimFile {
-    id: String,
-    bytes: Bytes,
-    filename: String,
-    purpose: String,
-    created_at: i64,
+pub(crate) struct SimFile {
+    pub(crate) id: String,
+    pub(crate) bytes: Bytes,
+    pub(crate) filename: String,
+    pub(crate) purpose: String,
+    pub(crate) created_at: i64,
 }
 
 #[derive(Debug, Clone)]
-struct SimBatch {
-    id: String,
-    input_file_id: String,
-    endpoint: String,
-    metadata: Option<Value>,
-    created: Instant,
-    created_at: i64,
-    total: u64,
+pub(crate) struct SimBatch {
+    pub(crate) id: String,
+    pub(crate) input_file_id: String,
+    pub(crate) endpoint: String,
+    pub(crate) metadata: Option<Value>,
+    pub(crate) created: Instant,
+    pub(crate) created_at: i64,
+    pub(crate) total: u64,
     /// Set when the input fails validation.
-    errors: Option<Vec<Value>>,
-    cancel_requested: Option<Instant>,
+    pub(crate) errors: Option<Vec<Value>>,
+    pub(crate) cancel_requested: Option<Instant>,
     /// Terminal state once reached, with its files.
-    ended: Option<Ended>,
+    pub(crate) ended: Option<Ended>,
     /// Input tokens (bytes / 4) the batch holds in the enqueued-token quota.
-    tokens: u64,
+    pub(crate) tokens: u64,
     /// Whether it passed validation, the quota check included.
-    admitted: bool,
+    pub(crate) admitted: bool,
+    /// A Mistral batch job (lines without method or url; listed only by Mistral's API), and
+    /// the model it names.
+    pub(crate) mistral: bool,
+    pub(crate) model: Option<String>,
     /// Unix seconds of the state changes seen so far.
-    in_progress_at: Option<i64>,
-    finalizing_at: Option<i64>,
-    cancelling_at: Option<i64>,
+    pub(crate) in_progress_at: Option<i64>,
+    pub(crate) finalizing_at: Option<i64>,
+    pub(crate) cancelling_at: Option<i64>,
 }
 
 impl SimBatch {
+    /// A batch created now of file `input_file_id`; `errors` fail it at validation.
+    pub(crate) fn new(
+        id: String,
+        input_file_id: String,
+        endpoint: String,
+        metadata: Option<Value>,
+        (total, errors): (u64, Option<Vec<Value>>),
+        tokens: u64,
+    ) -> Self {
+        SimBatch {
+            id,
+            input_file_id,
+            endpoint,
+            metadata,
+            created: Instant::now(),
+            created_at: unix_now(),
+            total: if errors.is_some() { 0 } else { total },
+            errors,
+            cancel_requested: None,
+            mistral: false,
+            model: None,
+            in_progress_at: None,
+            finalizing_at: None,
+            cancelling_at: None,
+            ended: None,
+            tokens,
+            admitted: false,
+        }
+    }
+
     /// `at` as Unix seconds, on the clock of `created_at`.
-    fn unix_at(&self, at: Instant) -> i64 {
+    pub(crate) fn unix_at(&self, at: Instant) -> i64 {
         self.created_at + at.saturating_duration_since(self.created).as_secs() as i64
     }
 }
 
 #[derive(Debug, Clone)]
-struct Ended {
+pub(crate) struct Ended {
     status: &'static str,
     at: i64,
     completed: u64,
@@ -156,7 +190,7 @@ pub(crate) fn unix_now() -> i64 {
     rowsmith_contract::now_unix_ms() / 1000
 }
 
-fn error(status: StatusCode, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}});
     (status, Json(body)).into_response()
 }
@@ -182,6 +216,17 @@ impl SimState {
             create_responses_lost: 0,
             downloads_seen: 0,
             downloads_dropped: 0,
+        }
+    }
+
+    /// Counts a batch created for the shard its metadata names.
+    pub(crate) fn count_for_shard(&mut self, metadata: &Option<Value>) {
+        if let Some(shard) = metadata
+            .as_ref()
+            .and_then(|m| m.get("rowsmith_shard"))
+            .and_then(Value::as_str)
+        {
+            *self.batches_per_shard.entry(shard.to_owned()).or_default() += 1;
         }
     }
 
@@ -232,7 +277,10 @@ impl SimState {
     /// The faults of the job whose batch (or a batch's result file) an API path names, else
     /// the default faults.
     pub(crate) fn faults_of_path(&self, path: &str) -> SimFaults {
-        let batch = match path.strip_prefix("/v1/batches/") {
+        let batch_path = path
+            .strip_prefix("/v1/batches/")
+            .or_else(|| path.strip_prefix("/v1/batch/jobs/"));
+        let batch = match batch_path {
             Some(rest) => rest.split('/').next().and_then(|id| self.batches.get(id)),
             None => path
                 .strip_prefix("/v1/files/")
@@ -255,7 +303,7 @@ impl SimState {
     }
 
     /// Moves a batch along by the clock and returns its API object.
-    fn advance(&mut self, batch_id: &str) -> Option<Value> {
+    pub(crate) fn advance(&mut self, batch_id: &str) -> Option<Value> {
         let mut batch = self.batches.get(batch_id)?.clone();
         let validating = self.settings.validating;
         let finalizing = self.settings.finalizing;
@@ -515,38 +563,38 @@ fn http_error_line(
     .to_string()
 }
 
+/// The error line of a request the service refuses before the model sees it: a parameter
+/// the API does not declare, or the fate's HTTP error.
+fn refused_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Option<Line> {
+    let http_error = |status: u16, kind: &str, message: &str| {
+        Some(Line::Error(http_error_line(
+            batch_id, index, request, status, kind, message,
+        )))
+    };
+    if let Some(parameter) = unrecognized_parameter(&request["body"]) {
+        let message = format!("Unrecognized request argument supplied: {parameter}");
+        return http_error(400, "invalid_request_error", &message);
+    }
+    match fate {
+        Fate::ServerError => http_error(
+            500,
+            "server_error",
+            "The server had an error while processing your request.",
+        ),
+        Fate::BadRequest => http_error(
+            400,
+            "invalid_request_error",
+            "Invalid request: the messages could not be processed.",
+        ),
+        _ => None,
+    }
+}
+
 fn answer_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Line {
     let body = &request["body"];
     let id = format!("batch_req_{index}_{batch_id}");
-    if let Some(parameter) = unrecognized_parameter(body) {
-        return Line::Error(http_error_line(
-            batch_id,
-            index,
-            request,
-            400,
-            "invalid_request_error",
-            &format!("Unrecognized request argument supplied: {parameter}"),
-        ));
-    }
-    let http_error = |status: u16, kind: &str, message: &str| {
-        http_error_line(batch_id, index, request, status, kind, message)
-    };
-    match fate {
-        Fate::ServerError => {
-            return Line::Error(http_error(
-                500,
-                "server_error",
-                "The server had an error while processing your request.",
-            ));
-        }
-        Fate::BadRequest => {
-            return Line::Error(http_error(
-                400,
-                "invalid_request_error",
-                "Invalid request: the messages could not be processed.",
-            ));
-        }
-        _ => {}
+    if let Some(refused) = refused_line(batch_id, index, request, fate) {
+        return refused;
     }
     let schema = body
         .pointer("/response_format/json_schema/schema")
@@ -736,110 +784,115 @@ pub(crate) struct CreateBatch {
 }
 
 /// Checks the input lines as the real service does after creation; errors fail the batch.
-fn validate_lines(bytes: &[u8], endpoint: &str) -> (u64, Option<Vec<Value>>) {
+/// Checks a batch file's lines as the service does after creation; `mistral` lines carry no
+/// method or url (the job names the endpoint).
+pub(crate) fn validate_lines(
+    bytes: &[u8],
+    endpoint: &str,
+    mistral: bool,
+) -> (u64, Option<Vec<Value>>) {
+    let mut check = LineCheck {
+        endpoint,
+        mistral,
+        model: None,
+        seen: std::collections::HashSet::new(),
+    };
     let mut total = 0;
-    let mut model: Option<String> = None;
-    let mut seen = std::collections::HashSet::new();
     for (number, line) in bytes
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .enumerate()
     {
         total += 1;
-        let line_number = number as u64 + 1;
-        let fail = |code: &str, message: &str| {
-            Some(vec![
-                json!({"code": code, "message": message, "param": null, "line": line_number}),
-            ])
-        };
-        let Ok(request) = serde_json::from_slice::<Value>(line) else {
-            return (
-                total,
-                fail(
-                    "invalid_json_line",
-                    "This line is not parseable as valid JSON.",
-                ),
-            );
-        };
-        let Some(custom_id) = request["custom_id"].as_str() else {
-            return (
-                total,
-                fail("missing_required_parameter", "custom_id is required."),
-            );
-        };
-        if !seen.insert(custom_id.to_owned()) {
-            return (
-                total,
-                fail(
-                    "duplicate_custom_id",
-                    "The custom_id for this request is a duplicate of another request.",
-                ),
-            );
+        if let Err((code, message)) = check.line(line) {
+            let error =
+                json!({"code": code, "message": message, "param": null, "line": number as u64 + 1});
+            return (total, Some(vec![error]));
         }
-        if request["url"].as_str() != Some(endpoint) {
-            return (
-                total,
-                fail(
-                    "url_mismatch",
-                    "The provided URL for this request does not match the batch endpoint.",
-                ),
-            );
+    }
+    let file_error = |code: &str, message: &str| {
+        Some(vec![
+            json!({"code": code, "message": message, "param": null, "line": null}),
+        ])
+    };
+    let cap = if mistral { 1_000_000 } else { 50_000 };
+    if total == 0 {
+        return (
+            0,
+            file_error("empty_file", "The batch input file is empty."),
+        );
+    }
+    if total > cap {
+        let message = format!("The batch has more than {cap} requests.");
+        return (total, file_error("too_many_tasks", &message));
+    }
+    (total, None)
+}
+
+/// The checks of one batch file's lines, with what earlier lines set (ids, the model).
+struct LineCheck<'a> {
+    endpoint: &'a str,
+    /// Mistral lines carry no method or url and may leave the model to the job.
+    mistral: bool,
+    model: Option<String>,
+    seen: std::collections::HashSet<String>,
+}
+
+impl LineCheck<'_> {
+    /// One line as the service checks it; an `Err((code, message))` fails the batch.
+    fn line(&mut self, line: &[u8]) -> Result<(), (&'static str, &'static str)> {
+        let request: Value = serde_json::from_slice(line).map_err(|_| {
+            (
+                "invalid_json_line",
+                "This line is not parseable as valid JSON.",
+            )
+        })?;
+        let custom_id = request["custom_id"]
+            .as_str()
+            .ok_or(("missing_required_parameter", "custom_id is required."))?;
+        if !self.seen.insert(custom_id.to_owned()) {
+            return Err((
+                "duplicate_custom_id",
+                "The custom_id for this request is a duplicate of another request.",
+            ));
         }
-        if request["method"].as_str() != Some("POST") {
-            return (
-                total,
-                fail(
-                    "invalid_method",
-                    "The method for this request must be POST.",
-                ),
-            );
+        if !self.mistral && request["url"].as_str() != Some(self.endpoint) {
+            return Err((
+                "url_mismatch",
+                "The provided URL for this request does not match the batch endpoint.",
+            ));
         }
-        let Some(line_model) = request["body"]["model"].as_str() else {
-            return (
-                total,
-                fail("missing_required_parameter", "body.model is required."),
-            );
+        if !self.mistral && request["method"].as_str() != Some("POST") {
+            return Err((
+                "invalid_method",
+                "The method for this request must be POST.",
+            ));
+        }
+        let line_model = match request["body"]["model"].as_str() {
+            Some(line_model) => line_model,
+            None if self.mistral => "",
+            None => {
+                return Err(("missing_required_parameter", "body.model is required."));
+            }
         };
-        match &model {
-            None => model = Some(line_model.to_owned()),
+        match &self.model {
+            None => self.model = Some(line_model.to_owned()),
             Some(first) if first != line_model => {
-                return (
-                    total,
-                    fail(
-                        "mismatched_model",
-                        "All requests in a batch must use the same model.",
-                    ),
-                );
+                return Err((
+                    "mismatched_model",
+                    "All requests in a batch must use the same model.",
+                ));
             }
             Some(_) => {}
         }
         if request["body"]["stream"].as_bool() == Some(true) {
-            return (
-                total,
-                fail(
-                    "invalid_request",
-                    "Streaming is not supported in the Batch API: remove body.stream.",
-                ),
-            );
+            return Err((
+                "invalid_request",
+                "Streaming is not supported in the Batch API: remove body.stream.",
+            ));
         }
+        Ok(())
     }
-    if total == 0 {
-        return (
-            0,
-            Some(vec![
-                json!({"code": "empty_file", "message": "The batch input file is empty.", "param": null, "line": null}),
-            ]),
-        );
-    }
-    if total > 50_000 {
-        return (
-            total,
-            Some(vec![
-                json!({"code": "too_many_tasks", "message": "The batch has more than 50,000 requests.", "param": null, "line": null}),
-            ]),
-        );
-    }
-    (total, None)
 }
 
 pub(crate) async fn create_batch(
@@ -880,34 +933,18 @@ pub(crate) async fn create_batch(
             "The input file must have purpose batch.",
         );
     }
-    let (total, errors) = validate_lines(&file.bytes, &request.endpoint);
-    let file_bytes = file.bytes.len();
+    let checked = validate_lines(&file.bytes, &request.endpoint, false);
+    let tokens = (file.bytes.len() / 4) as u64;
     let id = state.new_id("batch_");
-    if let Some(shard) = request
-        .metadata
-        .as_ref()
-        .and_then(|m| m.get("rowsmith_shard"))
-        .and_then(Value::as_str)
-    {
-        *state.batches_per_shard.entry(shard.to_owned()).or_default() += 1;
-    }
-    let batch = SimBatch {
-        id: id.clone(),
-        input_file_id: request.input_file_id,
-        endpoint: request.endpoint,
-        metadata: request.metadata,
-        created: Instant::now(),
-        created_at: unix_now(),
-        total: if errors.is_some() { 0 } else { total },
-        errors,
-        cancel_requested: None,
-        in_progress_at: None,
-        finalizing_at: None,
-        cancelling_at: None,
-        ended: None,
-        tokens: (file_bytes / 4) as u64,
-        admitted: false,
-    };
+    state.count_for_shard(&request.metadata);
+    let batch = SimBatch::new(
+        id.clone(),
+        request.input_file_id,
+        request.endpoint,
+        request.metadata,
+        checked,
+        tokens,
+    );
     state.batches.insert(id.clone(), batch);
     state.batch_order.push(id.clone());
     match state.advance(&id) {
@@ -939,7 +976,13 @@ pub(crate) async fn list_batches(
     let mut state = lock(&state);
     let limit = query.limit.unwrap_or(20).clamp(1, 100);
     // Newest first; `after` is the last id of the previous page.
-    let ids: Vec<String> = state.batch_order.iter().rev().cloned().collect();
+    let ids: Vec<String> = state
+        .batch_order
+        .iter()
+        .rev()
+        .filter(|id| state.batches.get(*id).is_some_and(|b| !b.mistral))
+        .cloned()
+        .collect();
     let start = match &query.after {
         Some(after) => ids
             .iter()

@@ -479,6 +479,7 @@ pub struct S3Settings {
 pub struct ProviderSettings {
     pub openai: OpenAiSettings,
     pub anthropic: AnthropicSettings,
+    pub mistral: MistralSettings,
     pub sim: SimProviderSettings,
 }
 
@@ -510,6 +511,31 @@ pub struct AnthropicSettings {
     pub api_key_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+/// Mistral batch jobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MistralSettings {
+    /// Base URL including `/v1`.
+    pub base_url: String,
+    /// Never serialized; `MISTRAL_API_KEY` or `api_key_file` are the usual sources.
+    #[serde(skip_serializing)]
+    pub api_key: Option<SecretString>,
+    pub api_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for MistralSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.mistral.ai/v1".into(),
+            api_key: None,
+            api_key_file: None,
+            timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 impl Default for AnthropicSettings {
@@ -824,6 +850,11 @@ impl ProviderSettings {
                 &mut self.anthropic.api_key,
                 &self.anthropic.api_key_file,
                 "ANTHROPIC_API_KEY",
+            ),
+            (
+                &mut self.mistral.api_key,
+                &self.mistral.api_key_file,
+                "MISTRAL_API_KEY",
             ),
         ];
         for (key, file, variable) in sources {

@@ -21,13 +21,29 @@ pub const ANTHROPIC: Limits = Limits {
 };
 
 /// The providers a job may name.
-pub const NAMES: [&str; 3] = ["openai", "anthropic", "sim"];
+/// Mistral's batch jobs: 1,000,000 requests per job, files up to 512 MB.
+pub const MISTRAL: Limits = Limits {
+    max_requests: 1_000_000,
+    max_bytes: 512 * 1024 * 1024,
+};
+
+pub const NAMES: [&str; 4] = ["openai", "anthropic", "mistral", "sim"];
+
+/// Where provider `name`'s API key comes from, as a user sets it.
+pub fn api_key_source(name: &str) -> &'static str {
+    match name {
+        "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
+        "mistral" => "MISTRAL_API_KEY (or provider.mistral.api_key_file)",
+        _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
+    }
+}
 
 /// The model a job of provider `name` uses when it names none.
 pub fn default_model(name: &str) -> Option<&'static str> {
     match name {
         "openai" | "sim" => Some("gpt-4o-mini"),
         "anthropic" => Some("claude-3-5-haiku-latest"),
+        "mistral" => Some("mistral-small-latest"),
         _ => None,
     }
 }
@@ -63,6 +79,7 @@ pub fn batch_limits(name: &str) -> Option<Limits> {
     match name {
         "openai" | "sim" => Some(OPENAI),
         "anthropic" => Some(ANTHROPIC),
+        "mistral" => Some(MISTRAL),
         _ => None,
     }
 }

@@ -67,6 +67,32 @@ fn field_descriptions(fields: &[FieldSpec]) -> String {
 
 /// Everything of an OpenAI batch line between the custom id and the user message's text.
 fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
+    let body_open = chat_body_open(spec, "max_completion_tokens");
+    let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
+    format!(
+        "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
+         \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
+         {{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+/// The same for a Mistral batch line: `{custom_id, body}` (no method or url; the endpoint is
+/// the job's), the body a Mistral chat completion (`max_tokens`, `response_format`
+/// json_schema).
+fn mistral_middle(spec: &JobSpec, static_open: &str) -> String {
+    let body_open = chat_body_open(spec, "max_tokens");
+    let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
+    format!(
+        "\",\"body\":{body_open},\
+         \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
+         {{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+/// A chat completion body without its closing brace and without `messages`, which goes last
+/// so that the row's text can be spliced at the end of the line; `tokens_key` names the
+/// output allowance.
+fn chat_body_open(spec: &JobSpec, tokens_key: &str) -> String {
     let mut body = Map::new();
     body.insert("model".into(), Value::String(spec.model.clone()));
     // Unset: 0 for repeatable answers, except on reasoning models, which take none.
@@ -79,7 +105,7 @@ fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
         body.insert("temperature".into(), json!(temperature));
     }
     if let Some(tokens) = spec.options.max_output_tokens {
-        body.insert("max_completion_tokens".into(), json!(tokens));
+        body.insert(tokens_key.into(), json!(tokens));
     }
     body.insert(
         "response_format".into(),
@@ -88,15 +114,8 @@ fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
             "json_schema": {"name": SCHEMA_NAME, "strict": true, "schema": field_schema(&spec.fields)},
         }),
     );
-    // `messages` goes last so that the row's text can be spliced at the end of the line.
     let body_fields = serde_json::to_string(&Value::Object(body)).unwrap_or_default();
-    let body_open = &body_fields[..body_fields.len() - 1];
-    let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
-    format!(
-        "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
-         \"messages\":[{{\"role\":\"system\",\"content\":{system}}},\
-         {{\"role\":\"user\",\"content\":{static_open}"
-    )
+    body_fields[..body_fields.len() - 1].to_owned()
 }
 
 pub use rowsmith_contract::spec::ANTHROPIC_MAX_TOKENS;
@@ -176,10 +195,10 @@ impl RequestTemplate {
         );
         let static_json = serde_json::to_string(&static_text).unwrap_or_default();
         let static_open = &static_json[..static_json.len() - 1];
-        let middle = if spec.provider == "anthropic" {
-            anthropic_middle(spec, static_open)
-        } else {
-            openai_middle(spec, static_open)
+        let middle = match spec.provider.as_str() {
+            "anthropic" => anthropic_middle(spec, static_open),
+            "mistral" => mistral_middle(spec, static_open),
+            _ => openai_middle(spec, static_open),
         };
         Self {
             head: b"{\"custom_id\":\"r".to_vec(),
@@ -394,6 +413,20 @@ mod tests {
         let line = rendered(&anthropic);
         assert!(line["params"].get("temperature").is_none(), "{line}");
         assert_eq!(line["params"]["max_tokens"], json!(ANTHROPIC_MAX_TOKENS));
+    }
+
+    #[test]
+    fn a_mistral_line_is_custom_id_and_body_only() {
+        let mut mistral = spec().with_provider("mistral", "mistral-small-latest");
+        mistral.options.max_output_tokens = Some(256);
+        let line = rendered(&mistral);
+        let keys: Vec<&String> = line.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["custom_id", "body"]);
+        assert_eq!(line["body"]["model"], "mistral-small-latest");
+        assert_eq!(line["body"]["max_tokens"], 256);
+        assert!(line["body"].get("max_completion_tokens").is_none());
+        assert_eq!(line["body"]["response_format"]["type"], "json_schema");
+        assert_eq!(line["body"]["messages"][1]["role"], "user");
     }
 
     #[test]

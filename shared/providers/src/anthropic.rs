@@ -158,12 +158,7 @@ impl AnthropicClient {
 
     /// No call goes out without an API key.
     fn require_key(&self) -> Result<(), ProviderError> {
-        match self.api_key {
-            Some(_) => Ok(()),
-            None => Err(ProviderError::NoKey {
-                provider: self.name().to_owned(),
-            }),
-        }
+        super::require_key(self.name(), &self.api_key)
     }
 
     pub async fn retrieve(&self, batch_id: &str) -> Result<MessageBatch, ProviderError> {

@@ -3,6 +3,7 @@
 
 pub mod anthropic;
 pub mod http;
+pub mod mistral;
 pub mod openai;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use rowsmith_store::layout::ResultPaths;
 use rowsmith_store::{StorageError, Store};
 
 pub use anthropic::AnthropicClient;
+pub use mistral::MistralClient;
 pub use openai::OpenAiClient;
 
 pub use rowsmith_contract::providers::Limits;
@@ -165,7 +167,7 @@ pub enum ProviderError {
         #[source]
         source: BoxError,
     },
-    #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic")]
+    #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic, mistral")]
     Unknown(String),
     /// No API key: nothing is sent without one.
     #[error(
@@ -177,12 +179,19 @@ pub enum ProviderError {
     Storage(#[from] StorageError),
 }
 
+/// No call goes out without an API key: `NoKey` for `provider` when `key` is unset.
+pub(crate) fn require_key(provider: &str, key: &Option<SecretString>) -> Result<(), ProviderError> {
+    match key {
+        Some(_) => Ok(()),
+        None => Err(ProviderError::NoKey {
+            provider: provider.to_owned(),
+        }),
+    }
+}
+
 /// Where provider `provider`'s API key comes from.
 fn key_source(provider: &str) -> &'static str {
-    match provider {
-        "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
-        _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
-    }
+    rowsmith_contract::providers::api_key_source(provider)
 }
 
 impl ProviderError {
@@ -313,6 +322,7 @@ pub trait BatchProvider: Send + Sync {
 pub enum Provider {
     OpenAi(OpenAiClient),
     Anthropic(AnthropicClient),
+    Mistral(MistralClient),
 }
 
 macro_rules! delegate {
@@ -320,6 +330,7 @@ macro_rules! delegate {
         match $self {
             Provider::OpenAi($client) => $call,
             Provider::Anthropic($client) => $call,
+            Provider::Mistral($client) => $call,
         }
     };
 }
@@ -327,10 +338,7 @@ macro_rules! delegate {
 impl Provider {
     /// Whether this client holds an API key.
     pub fn has_key(&self) -> bool {
-        match self {
-            Provider::OpenAi(client) => client.has_key(),
-            Provider::Anthropic(client) => client.has_key(),
-        }
+        delegate!(self, client => client.has_key())
     }
 }
 
@@ -383,6 +391,7 @@ impl BatchProvider for Provider {
 pub struct Providers {
     openai: Provider,
     anthropic: Provider,
+    mistral: Provider,
     sim: Provider,
 }
 
@@ -409,9 +418,16 @@ impl Providers {
             Some(SecretString::from("sk-sim")),
             openai_settings.timeout,
         )?;
+        let mistral_settings = &settings.mistral;
+        let mistral = MistralClient::new(
+            &mistral_settings.base_url,
+            mistral_settings.api_key.clone(),
+            mistral_settings.timeout,
+        )?;
         Ok(Self {
             openai: Provider::OpenAi(openai),
             anthropic: Provider::Anthropic(anthropic),
+            mistral: Provider::Mistral(mistral),
             sim: Provider::OpenAi(sim),
         })
     }
@@ -425,6 +441,9 @@ impl Providers {
         if self.anthropic.has_key() {
             names.push("anthropic");
         }
+        if self.mistral.has_key() {
+            names.push("mistral");
+        }
         names
     }
 
@@ -432,6 +451,7 @@ impl Providers {
         match name {
             "openai" => Ok(&self.openai),
             "anthropic" => Ok(&self.anthropic),
+            "mistral" => Ok(&self.mistral),
             "sim" => Ok(&self.sim),
             other => Err(ProviderError::Unknown(other.to_owned())),
         }
@@ -465,7 +485,7 @@ mod tests {
         let providers = Providers::from_settings(&settings).expect("providers");
         assert_eq!(providers.with_keys(), ["sim"]);
         let batch = BatchRef { id: "b".into() };
-        for name in ["openai", "anthropic"] {
+        for name in ["openai", "anthropic", "mistral"] {
             let error = providers
                 .get(name)
                 .expect("provider")

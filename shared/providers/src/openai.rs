@@ -22,6 +22,14 @@ use rowsmith_store::layout::ResultPaths;
 pub const SHARD_METADATA_KEY: &str = "rowsmith_shard";
 const JOB_METADATA_KEY: &str = "rowsmith_job";
 
+/// Whether `metadata` names shard `shard` (`<job>.<attempt>.<n>`).
+pub(crate) fn tagged_for(metadata: Option<&HashMap<String, String>>, shard: &str) -> bool {
+    metadata
+        .and_then(|m| m.get(SHARD_METADATA_KEY))
+        .map(String::as_str)
+        == Some(shard)
+}
+
 #[derive(Clone)]
 pub struct OpenAiClient {
     name: String,
@@ -158,12 +166,7 @@ impl OpenAiClient {
 
     /// No call goes out without an API key.
     fn require_key(&self) -> Result<(), ProviderError> {
-        match self.api_key {
-            Some(_) => Ok(()),
-            None => Err(ProviderError::NoKey {
-                provider: self.name().to_owned(),
-            }),
-        }
+        super::require_key(self.name(), &self.api_key)
     }
 
     /// One page of batches, newest first, after `after`.
@@ -313,12 +316,7 @@ impl BatchProvider for OpenAiClient {
                     past_window = true;
                     break;
                 }
-                let tagged = batch
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.get(SHARD_METADATA_KEY))
-                    == Some(&wanted);
-                if tagged && batch.status != "failed" {
+                if tagged_for(batch.metadata.as_ref(), &wanted) && batch.status != "failed" {
                     found.push(BatchRef {
                         id: batch.id.clone(),
                     });

@@ -91,6 +91,11 @@ async fn openai_create_slower_than_the_client_timeout_makes_no_second_batch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mistral_create_answered_500_after_the_job_exists_makes_no_second_job() {
+    every_create_answer_lost("mistral", LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn anthropic_create_answered_500_after_the_batch_exists_makes_no_second_batch() {
     every_create_answer_lost("anthropic", LostResponse::ServerError).await;
 }

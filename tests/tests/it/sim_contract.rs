@@ -297,3 +297,46 @@ async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
         time::Duration::hours(24)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mistral_jobs_are_refused_where_the_batch_jobs_api_refuses_them() {
+    let stack = Stack::start_services(|_| {}, &[]).await;
+    let base = format!("http://{}/v1", stack.sim_address);
+    let client = reqwest::Client::new();
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let mistral = providers.get("mistral").expect("mistral");
+    let line = json!({"custom_id": "r0", "body": chat("mistral-small-latest")});
+    let file_id = mistral
+        .upload(&key(0), jsonl(std::slice::from_ref(&line)))
+        .await
+        .expect("upload");
+    let create = |body: Value| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            client
+                .post(format!("{base}/batch/jobs"))
+                .bearer_auth("sk-x")
+                .json(&body)
+                .send()
+                .await
+                .expect("create")
+                .status()
+        }
+    };
+    let endpoint = "/v1/chat/completions";
+    assert_eq!(
+        create(json!({"input_files": [file_id], "endpoint": endpoint})).await,
+        422,
+        "a job names its model"
+    );
+    assert_eq!(
+        create(json!({"input_files": [file_id], "endpoint": "/v1/nope", "model": "m"})).await,
+        422
+    );
+    // A whole job through the client: OpenAI's result lines, Mistral's statuses.
+    let (status, text) = run(&stack, mistral, 1, &[line]).await;
+    assert_eq!((status.state, status.completed), (BatchState::Completed, 1));
+    let result: Value = serde_json::from_str(text.lines().next().expect("a line")).expect("json");
+    assert_eq!(result["custom_id"], "r0");
+    assert_eq!(result["response"]["status_code"], 200);
+}
