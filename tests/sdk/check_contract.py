@@ -1,9 +1,11 @@
 """Rendered request lines checked against the official SDKs' own request types (pinned in
 scripts/tools-requirements.txt), with unknown keys refused at every level:
-  check_contract.py OPENAI_LINES ANTHROPIC_LINES
+  check_contract.py OPENAI_LINES ANTHROPIC_LINES MISTRAL_LINES
 - an OpenAI batch line is {custom_id, method: POST, url: /v1/chat/completions, body} and its
   body a `CompletionCreateParamsNonStreaming` of the `openai` SDK;
-- an Anthropic line is a `batch_create_params.Request` of the `anthropic` SDK.
+- an Anthropic line is a `batch_create_params.Request` of the `anthropic` SDK;
+- a Mistral line is a `BatchRequest` of the `mistralai` SDK and its body a
+  `ChatCompletionRequest` with no key the model does not declare.
 Exits 1 naming the first line and key that do not fit."""
 import importlib
 import json
@@ -11,6 +13,7 @@ import pkgutil
 import sys
 
 import anthropic
+import mistralai.client.models as mistral_models
 import openai
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
@@ -57,9 +60,22 @@ def main() -> None:
             raise ValueError(f"method/url {line['method']} {line['url']}")
         chat.validate_python(line["body"])
 
+    def mistral_line(line: dict) -> None:
+        mistral_models.BatchRequest.model_validate(line)
+        if set(line) != {"custom_id", "body"}:
+            raise ValueError(f"batch line keys {sorted(line)}")
+        declared = {f.alias or name for name, f in mistral_models.ChatCompletionRequest.model_fields.items()}
+        unknown = set(line["body"]) - declared
+        if unknown:
+            raise ValueError(f"body keys ChatCompletionRequest does not declare: {sorted(unknown)}")
+        mistral_models.ChatCompletionRequest.model_validate(line["body"])
+
     checked = check(sys.argv[1], openai_line)
     checked += check(sys.argv[2], request.validate_python)
-    print(f"checked {checked} lines against openai {openai.__version__} and anthropic {anthropic.__version__}")
+    checked += check(sys.argv[3], mistral_line)
+    from importlib.metadata import version
+    print(f"checked {checked} lines against openai {openai.__version__}, anthropic "
+          f"{anthropic.__version__} and mistralai {version('mistralai')}")
 
 
 if __name__ == "__main__":

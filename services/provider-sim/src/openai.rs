@@ -671,11 +671,19 @@ pub(crate) fn lock(state: &Shared) -> MutexGuard<'_, SimState> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A file as OpenAI shows it, with the two fields Mistral's Files API (the same paths) adds:
+/// `sample_type` and `source`; each client reads its own and ignores the rest.
 fn file_object(file: &SimFile) -> Value {
+    let sample_type = match (file.purpose.as_str(), file.filename.rsplit('_').next()) {
+        ("batch_output", Some("error.jsonl")) => "batch_error",
+        ("batch_output", _) => "batch_result",
+        _ => "batch_request",
+    };
     json!({
         "id": file.id, "object": "file", "bytes": file.bytes.len(), "created_at": file.created_at,
         "expires_at": file.created_at + 2_592_000, "filename": file.filename,
         "purpose": file.purpose, "status": "processed", "status_details": null,
+        "sample_type": sample_type, "source": "upload",
     })
 }
 

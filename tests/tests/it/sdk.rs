@@ -63,6 +63,13 @@ async fn the_official_openai_sdk_works_against_the_simulator() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_mistral_sdk_works_against_the_simulator() {
+    let (address, shutdown) = start_sim().await;
+    run_check("check_mistral.py", format!("http://{address}")).await;
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_anthropic_sdk_works_against_the_simulator() {
     let (address, shutdown) = start_sim().await;
     run_check("check_anthropic.py", format!("http://{address}")).await;
@@ -129,6 +136,7 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
         ("openai", "gpt-4o-mini"),
         ("openai", "o3-mini"),
         ("anthropic", "claude-3-5-haiku-latest"),
+        ("mistral", "mistral-small-latest"),
     ] {
         let mut spec = JobSpec::builder("in.csv", "Write a title, pick a shelf, list tags.")
             .with_id("contract")
@@ -155,17 +163,21 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
         std::fs::write(&path, &out).expect("write");
         paths.push((provider, path));
     }
-    for (provider, path) in paths.iter().filter(|(p, _)| *p == "openai") {
-        let anthropic = &paths
+    let of = |wanted: &str| {
+        paths
             .iter()
-            .find(|(p, _)| *p == "anthropic")
-            .expect("anthropic")
-            .1;
+            .find(|(p, _)| *p == wanted)
+            .map(|(_, path)| path.clone())
+            .expect("rendered")
+    };
+    let (anthropic, mistral) = (of("anthropic"), of("mistral"));
+    for (provider, path) in paths.iter().filter(|(p, _)| *p == "openai") {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_contract.py");
         let output = tokio::process::Command::new(python())
             .arg(&script)
             .arg(path)
-            .arg(anthropic)
+            .arg(&anthropic)
+            .arg(&mistral)
             .output()
             .await
             .expect("run python");
