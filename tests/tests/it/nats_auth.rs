@@ -123,6 +123,30 @@ async fn services_run_as_their_own_users_and_nothing_more() {
         job.counts.succeeded + job.counts.rows_skipped,
         rows.len() as u64
     );
+    // The Anthropic format writes two more kinds of record as the submitter: the provider's
+    // create mutex (`lease.*`) and which shard a batch is for (`batch.*`).
+    let mut anthropic = spec("least-privilege-anthropic", &input, "description");
+    anthropic.provider = "anthropic".into();
+    anthropic.model = "claude-3-5-haiku-latest".into();
+    stack.submit(&anthropic).await;
+    let job = stack
+        .wait_for_end("least-privilege-anthropic", Duration::from_secs(120))
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    assert_eq!(
+        job.counts.succeeded + job.counts.rows_skipped,
+        rows.len() as u64
+    );
+    // ...and the providers it holds a key for (`capability.*`).
+    let (capability, _) = stack
+        .bus
+        .read::<rowsmith_contract::records::SubmitterCapability>(
+            rowsmith_contract::records::SUBMITTER_CAPABILITY_KEY,
+        )
+        .await
+        .expect("read")
+        .expect("the submitter announced its providers");
+    assert!(capability.providers.contains("anthropic"), "{capability:?}");
 
     // ingest may publish shards.ready, not batches.ended: the server refuses the publish.
     let (sender, mut errors) = tokio::sync::mpsc::unbounded_channel();
