@@ -207,9 +207,9 @@ impl BatchProvider for AnthropicClient {
         let url = self.url("/v1/messages/batches");
         let body = Bytes::from(requests_array(&lines));
         self.require_key()?;
-        let response = self
+        let batch: MessageBatch = self
             .http
-            .send_unrepeatable("create batch", || {
+            .create("create batch", || {
                 self.authorize(
                     self.http
                         .client
@@ -219,12 +219,6 @@ impl BatchProvider for AnthropicClient {
                 )
             })
             .await?;
-        // An answer that cannot be read may still stand for a created batch.
-        let batch: MessageBatch = self
-            .http
-            .json("create batch", response)
-            .await
-            .map_err(ProviderError::unconfirmed)?;
         Ok(BatchRef { id: batch.id })
     }
 

@@ -160,6 +160,20 @@ impl Http {
             })
     }
 
+    /// A call that creates something: sent once (see `send_unrepeatable`) and its answer read
+    /// as `T`; an answer that cannot be read may still stand for a created object, so that
+    /// failure is unconfirmed too.
+    pub async fn create<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<T, ProviderError> {
+        let response = self.send_unrepeatable(operation, build).await?;
+        self.json(operation, response)
+            .await
+            .map_err(ProviderError::unconfirmed)
+    }
+
     pub async fn json<T: DeserializeOwned>(
         &self,
         operation: &'static str,

@@ -172,7 +172,7 @@ pub enum ProviderError {
     /// No API key: nothing is sent without one.
     #[error(
         "no API key for {provider}: set {} for the submitter and the poller; nothing was sent",
-        key_source(provider)
+        rowsmith_contract::providers::api_key_source(provider)
     )]
     NoKey { provider: String },
     #[error(transparent)]
@@ -189,11 +189,6 @@ pub(crate) fn require_key(provider: &str, key: &Option<SecretString>) -> Result<
     }
 }
 
-/// Where provider `provider`'s API key comes from.
-fn key_source(provider: &str) -> &'static str {
-    rowsmith_contract::providers::api_key_source(provider)
-}
-
 impl ProviderError {
     /// What a user does about an error that no retry fixes, when there is something to say:
     /// a refused API key names the key to fix.
@@ -207,7 +202,7 @@ impl ProviderError {
         if !matches!(status, 401 | 403) {
             return None;
         }
-        let key = key_source(provider);
+        let key = rowsmith_contract::providers::api_key_source(provider);
         Some(format!(
             "the {provider} API key was refused (rotated or revoked?): set a valid key in {key} \
              for the poller and the submitter"

@@ -209,17 +209,12 @@ impl BatchProvider for MistralClient {
             "timeout_hours": 24,
         });
         self.require_key()?;
-        let response = self
+        let job: Job = self
             .http
-            .send_unrepeatable("create batch job", || {
+            .create("create batch job", || {
                 self.authorize(self.http.client.post(&url).json(&body))
             })
             .await?;
-        let job: Job = self
-            .http
-            .json("create batch job", response)
-            .await
-            .map_err(ProviderError::unconfirmed)?;
         Ok(BatchRef { id: job.id })
     }
 

@@ -282,18 +282,12 @@ impl BatchProvider for OpenAiClient {
             },
         });
         self.require_key()?;
-        let response = self
+        let batch: Batch = self
             .http
-            .send_unrepeatable("create batch", || {
+            .create("create batch", || {
                 self.authorize(self.http.client.post(&url).json(&body))
             })
             .await?;
-        // An answer that cannot be read may still stand for a created batch.
-        let batch: Batch = self
-            .http
-            .json("create batch", response)
-            .await
-            .map_err(ProviderError::unconfirmed)?;
         Ok(BatchRef { id: batch.id })
     }
 
