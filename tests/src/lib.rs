@@ -361,6 +361,7 @@ impl Stack {
         settings.provider.openai.api_key = Some("sk-test-openai".to_owned().into());
         settings.provider.anthropic.api_key = Some("sk-ant-test".to_owned().into());
         settings.provider.mistral.api_key = Some("sk-mistral-test".to_owned().into());
+        settings.provider.gemini.api_key = Some("gemini-test-key".to_owned().into());
         configure(&mut settings);
         let shutdown = CancellationToken::new();
         let (sim_address, _sim) =
@@ -368,10 +369,11 @@ impl Stack {
                 .await
                 .expect("start the simulator");
         settings.provider.sim.base_url = format!("http://{sim_address}/v1");
-        // The simulator serves both APIs on one address.
+        // The simulator serves every API on one address.
         settings.provider.openai.base_url = format!("http://{sim_address}/v1");
         settings.provider.anthropic.base_url = format!("http://{sim_address}");
         settings.provider.mistral.base_url = format!("http://{sim_address}/v1");
+        settings.provider.gemini.base_url = format!("http://{sim_address}");
         settings.validate().expect("test settings are valid");
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await

@@ -80,10 +80,11 @@ impl Anomalies {
     }
 }
 
-/// The custom id of a line that is not JSON, if it still shows one.
-fn salvage_custom_id(line: &[u8]) -> Option<i64> {
+/// The custom id (`id_field`) of a line that is not JSON, if it still shows one.
+fn salvage_custom_id(line: &[u8], id_field: &str) -> Option<i64> {
     let text = std::str::from_utf8(line).ok()?;
-    let start = text.find("\"custom_id\"")? + "\"custom_id\"".len();
+    let quoted = format!("\"{id_field}\"");
+    let start = text.find(&quoted)? + quoted.len();
     let rest = text[start..].trim_start().strip_prefix(':')?.trim_start();
     let id = rest.strip_prefix('"')?.split('"').next()?;
     row_index_of(id)
@@ -91,7 +92,8 @@ fn salvage_custom_id(line: &[u8]) -> Option<i64> {
 
 #[derive(Deserialize)]
 struct RequestId<'a> {
-    #[serde(borrow)]
+    /// Gemini's lines call it `key`.
+    #[serde(borrow, alias = "key")]
     custom_id: std::borrow::Cow<'a, str>,
 }
 
@@ -125,7 +127,7 @@ pub fn merge_lines(
                 None => {
                     anomalies.unreadable += 1;
                     readable = false;
-                    let Some(row_index) = salvage_custom_id(line) else {
+                    let Some(row_index) = salvage_custom_id(line, format.id_field()) else {
                         continue;
                     };
                     anomalies.example(format!("r{row_index}"));

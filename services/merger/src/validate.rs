@@ -185,14 +185,23 @@ fn fast_result(line: FastLine<'_>, fields: &[FieldSpec]) -> LineResult {
 pub enum LineFormat {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 impl LineFormat {
     pub fn of_provider(provider: &str) -> Self {
-        if provider == "anthropic" {
-            LineFormat::Anthropic
-        } else {
-            LineFormat::OpenAi
+        match provider {
+            "anthropic" => LineFormat::Anthropic,
+            "gemini" => LineFormat::Gemini,
+            _ => LineFormat::OpenAi,
+        }
+    }
+
+    /// The field that names a line's row.
+    pub fn id_field(self) -> &'static str {
+        match self {
+            LineFormat::Gemini => "key",
+            _ => "custom_id",
         }
     }
 
@@ -200,8 +209,106 @@ impl LineFormat {
         match self {
             LineFormat::OpenAi => parse_line(line, fields),
             LineFormat::Anthropic => parse_anthropic_line(line, fields),
+            LineFormat::Gemini => parse_gemini_line(line, fields),
         }
     }
+}
+
+/// Parses one line of a Gemini batch's responses file: the top-level `key` and either a
+/// `response` (a GenerateContentResponse) or a `google.rpc.Status` under `error` (some
+/// implementers read `status`: both are taken).
+pub fn parse_gemini_line(line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)> {
+    let parsed: Value = serde_json::from_slice(line).ok()?;
+    let key = parsed
+        .get("key")
+        .or_else(|| parsed.pointer("/metadata/key"))?
+        .as_str()?;
+    let row_index = row_index_of(key)?;
+    let status = ["error", "status"]
+        .iter()
+        .filter_map(|name| parsed.get(*name))
+        .find(|status| status.is_object());
+    let outcome = match (status, parsed.get("response")) {
+        (Some(status), _) => Err(gemini_status_failure(status)),
+        (None, Some(response)) => gemini_response(response, fields),
+        (None, None) => Err(failure(
+            "no_result",
+            "the line has neither a response nor an error",
+        )),
+    };
+    Some((row_index, outcome))
+}
+
+/// A per-request `google.rpc.Status`: its code (HTTP-like or gRPC), status name and message.
+fn gemini_status_failure(status: &Value) -> RowFailure {
+    let code = status.get("code").and_then(Value::as_i64).unwrap_or(0);
+    let name = status.get("status").and_then(Value::as_str).unwrap_or("");
+    let message = status.get("message").and_then(Value::as_str).unwrap_or("");
+    let text = format!("{code} {name}: {message}");
+    // Retryable: unavailable, deadline, exhausted, internal (HTTP or gRPC numbering).
+    let retryable = matches!(code, 408 | 429 | 500..=599 | 4 | 8 | 13 | 14)
+        || matches!(
+            name,
+            "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "INTERNAL"
+        );
+    if retryable || code == 0 {
+        failure("http_error", text)
+    } else {
+        permanent("invalid_request", text)
+    }
+}
+
+fn gemini_response(response: &Value, fields: &[FieldSpec]) -> LineResult {
+    let Some(candidate) = response.pointer("/candidates/0") else {
+        let reason = response
+            .pointer("/promptFeedback/blockReason")
+            .and_then(Value::as_str)
+            .unwrap_or("no candidates");
+        return Err(permanent(
+            "content_filter",
+            format!("the prompt was blocked ({reason})"),
+        ));
+    };
+    match candidate.get("finishReason").and_then(Value::as_str) {
+        None | Some("STOP" | "FINISH_REASON_UNSPECIFIED") => {}
+        Some("MAX_TOKENS") => {
+            return Err(failure(
+                "truncated",
+                "the answer was cut off at maxOutputTokens (finishReason: MAX_TOKENS)",
+            ));
+        }
+        Some(
+            reason @ ("SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII"
+            | "IMAGE_SAFETY"),
+        ) => {
+            return Err(permanent(
+                "content_filter",
+                format!("the provider withheld the answer (finishReason: {reason})"),
+            ));
+        }
+        Some(other) => {
+            return Err(failure(
+                "invalid_json",
+                format!("the answer ended with finishReason {other}"),
+            ));
+        }
+    }
+    let text: String = candidate
+        .pointer("/content/parts")
+        .and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                // Thought summaries are not the answer.
+                .filter(|part| part.get("thought").and_then(Value::as_bool) != Some(true))
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    if text.is_empty() {
+        return Err(failure("invalid_json", "the answer has no text part"));
+    }
+    validate_answer(&text, fields)
 }
 
 /// Parses one Anthropic results line: `{"custom_id", "result": {"type": succeeded | errored |
@@ -547,5 +654,61 @@ mod tests {
         let invalid: Value =
             serde_json::from_slice(&response_line("r1", "{oops", "stop")).expect("json");
         assert!(retryable(invalid));
+    }
+
+    #[test]
+    fn gemini_lines_give_the_answer_or_the_reason_it_has_none() {
+        let good = r#"{"title":"Ball","category":"toys","in_stock":true,"tags":["a"],"price":2}"#;
+        let answer = |text: &str, finish: &str| {
+            json!({"key": "r7", "response": {"candidates": [{"content": {"role": "model",
+                "parts": [{"text": text}]}, "finishReason": finish}],
+                "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5}}})
+            .to_string()
+            .into_bytes()
+        };
+        let parse = |line: Vec<u8>| parse_gemini_line(&line, &fields()).expect("line");
+        let (row, result) = parse(answer(good, "STOP"));
+        assert_eq!(row, 7);
+        assert_eq!(
+            result.expect("valid"),
+            ["Ball", "toys", "true", "[\"a\"]", "2"]
+        );
+        let failed = |line: Vec<u8>| parse(line).1.unwrap_err();
+        let cut = failed(answer(&good[..20], "MAX_TOKENS"));
+        assert_eq!((cut.reason.as_str(), cut.retryable), ("truncated", true));
+        let withheld = failed(answer("", "SAFETY"));
+        assert_eq!(
+            (withheld.reason.as_str(), withheld.retryable),
+            ("content_filter", false)
+        );
+        let blocked = failed(
+            json!({"key": "r7", "response": {"promptFeedback": {"blockReason": "OTHER"}}})
+                .to_string()
+                .into_bytes(),
+        );
+        assert_eq!(blocked.reason, "content_filter");
+        assert!(blocked.message.contains("OTHER"), "{}", blocked.message);
+        // Per-request errors under either name; a server error is worth another attempt.
+        for name in ["error", "status"] {
+            let refused = failed(
+                json!({"key": "r7", name: {"code": 400, "status": "INVALID_ARGUMENT",
+                    "message": "bad schema"}})
+                .to_string()
+                .into_bytes(),
+            );
+            assert_eq!(
+                (refused.reason.as_str(), refused.retryable),
+                ("invalid_request", false)
+            );
+            assert!(refused.message.contains("bad schema"));
+            let busy = failed(
+                json!({"key": "r7", name: {"code": 503, "status": "UNAVAILABLE", "message": "x"}})
+                    .to_string()
+                    .into_bytes(),
+            );
+            assert!(busy.retryable);
+        }
+        // A key that is not one rowsmith wrote names no row.
+        assert!(parse_gemini_line(br#"{"key":"r07","response":{}}"#, &fields()).is_none());
     }
 }

@@ -1,7 +1,8 @@
 //! Credentials, checked before anything else as the real APIs do: OpenAI wants
 //! `Authorization: Bearer <key>` (or Azure's `api-key`), Anthropic `x-api-key` (its SDK from
 //! 0.7x sends the key as `Authorization: Bearer`, also accepted) and `anthropic-version`. Any non-empty key is accepted; a call without one gets the provider's
-//! own refusal. The simulator's own `/sim/…` endpoints need none.
+//! own refusal; Gemini wants `x-goog-api-key` (or `?key=`). The simulator's own `/sim/…`
+//! endpoints need none.
 
 use axum::Json;
 use axum::extract::Request;
@@ -12,6 +13,12 @@ use serde_json::json;
 
 pub async fn require_credentials(request: Request, next: Next) -> Response {
     let path = request.uri().path();
+    if is_gemini(path) {
+        return match gemini_refusal(&request) {
+            Some(response) => response,
+            None => next.run(request).await,
+        };
+    }
     if !path.starts_with("/v1/") {
         return next.run(request).await;
     }
@@ -23,6 +30,29 @@ pub async fn require_credentials(request: Request, next: Next) -> Response {
         Some(response) => response,
         None => next.run(request).await,
     }
+}
+
+/// Whether a path is Gemini's (the Developer API's `v1beta` surfaces).
+pub fn is_gemini(path: &str) -> bool {
+    ["/v1beta/", "/upload/v1beta/", "/download/v1beta/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+}
+
+/// Gemini takes the key as `x-goog-api-key` or `?key=`; without one it answers 403.
+fn gemini_refusal(request: &Request) -> Option<Response> {
+    let in_query = request.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair.starts_with("key=") && pair.len() > 4)
+    });
+    if in_query || header(request.headers(), "x-goog-api-key").is_some() {
+        return None;
+    }
+    Some(crate::gemini::google_error(
+        StatusCode::FORBIDDEN,
+        "Method doesn't allow unregistered callers (callers without established identity). \
+         Please use API Key or other form of API consumer identity to call this API.",
+    ))
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

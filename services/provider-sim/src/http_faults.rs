@@ -45,12 +45,21 @@ impl Call {
             {
                 Call::Create
             }
-            Method::GET if path.ends_with("/content") || path.ends_with("/results") => {
+            Method::POST if is_gemini_create(path) => Call::Create,
+            Method::GET
+                if path.ends_with("/content")
+                    || path.ends_with("/results")
+                    || path.starts_with("/download/") =>
+            {
                 Call::Download
             }
             _ => Call::Other,
         }
     }
+}
+
+fn is_gemini_create(path: &str) -> bool {
+    path.starts_with("/v1beta/models/") && path.ends_with(":batchGenerateContent")
 }
 
 /// The largest create body read to find its job (an OpenAI create is a few hundred bytes; an
@@ -63,12 +72,14 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
     }
     let call = Call::of(&request);
     let anthropic = request.uri().path().starts_with("/v1/messages");
+    let gemini = crate::auth::is_gemini(request.uri().path());
     let (request, faults) = faults_of_request(&state, request).await;
     if !faults.response_delay.is_zero() {
         tokio::time::sleep(faults.response_delay).await;
     }
     let mut response = match before_effect(&state, &faults, call) {
         Some(fault) if anthropic => anthropic_fault_response(fault),
+        Some(fault) if gemini => gemini_fault_response(fault),
         Some(fault) => fault_response(fault),
         None => {
             let response = next.run(request).await;
@@ -89,15 +100,23 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
 /// job (Anthropic's API carries none).
 async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFaults) {
     let path = request.uri().path().to_owned();
-    if request.method() == Method::POST && matches!(path.as_str(), "/v1/batches" | "/v1/batch/jobs")
-    {
+    let reads_body =
+        matches!(path.as_str(), "/v1/batches" | "/v1/batch/jobs") || is_gemini_create(&path);
+    if request.method() == Method::POST && reads_body {
         let (parts, body) = request.into_parts();
         let bytes = axum::body::to_bytes(body, CREATE_BODY_LIMIT)
             .await
             .unwrap_or_default();
-        let metadata = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|body| body.get("metadata").cloned());
+        let body = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+        // Gemini names the shard in the batch's display name.
+        let metadata = body.and_then(|body| {
+            body.get("metadata").cloned().or_else(|| {
+                body.pointer("/batch/displayName")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|name| name.strip_prefix("rowsmith-"))
+                    .map(|shard| json!({"rowsmith_shard": shard}))
+            })
+        });
         let faults = lock(state).faults_of_metadata(&metadata);
         return (Request::from_parts(parts, Body::from(bytes)), faults);
     }
@@ -190,6 +209,21 @@ fn anthropic_fault_response(fault: Fault) -> Response {
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "Your credit balance is too low to access the Anthropic API.",
+        ),
+    }
+}
+
+/// The same faults as Google answers them: `RESOURCE_EXHAUSTED` (429) for rate and quota,
+/// `UNAVAILABLE` (503) for an overloaded server.
+fn gemini_fault_response(fault: Fault) -> Response {
+    match fault {
+        Fault::RateLimited | Fault::InsufficientQuota => crate::gemini::google_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Resource has been exhausted (e.g. check quota).",
+        ),
+        Fault::ServerError => crate::gemini::google_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The model is overloaded. Please try again later.",
         ),
     }
 }

@@ -10,6 +10,7 @@ mod anthropic;
 mod anthropic_state;
 mod auth;
 pub mod faults;
+mod gemini;
 mod http_faults;
 mod mistral;
 mod model;
@@ -55,7 +56,8 @@ pub async fn start(
     Ok((address, task))
 }
 
-/// The simulator's HTTP API: OpenAI Files + Batches, Anthropic Message Batches, and its own
+/// The simulator's HTTP API: OpenAI Files + Batches, Anthropic Message Batches, Mistral batch
+/// jobs, Gemini batch mode (Developer API), and its own
 /// `/sim/stats` and `/sim/faults`, behind the HTTP fault layers.
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -87,6 +89,15 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/batch/jobs", post(mistral::create).get(mistral::list))
         .route("/v1/batch/jobs/{id}", get(mistral::get))
         .route("/v1/batch/jobs/{id}/cancel", post(mistral::cancel))
+        .route("/upload/v1beta/files", post(gemini::upload))
+        .route("/v1beta/files/{id}", get(gemini::get_file))
+        .route("/download/v1beta/files/{action}", get(gemini::download))
+        .route("/v1beta/models/{action}", post(gemini::create))
+        .route("/v1beta/batches", get(gemini::list))
+        .route(
+            "/v1beta/batches/{action}",
+            get(gemini::get).post(gemini::cancel).delete(gemini::delete),
+        )
         .route("/sim/stats", get(openai::stats))
         .route("/sim/faults", post(openai::set_faults))
         .route("/sim/faults/{job_id}", post(openai::set_job_faults))

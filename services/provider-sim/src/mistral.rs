@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::openai::{Shared, SimBatch, error, lock, validate_lines};
+use crate::openai::{Api, Shared, SimBatch, error, lock, validate_lines};
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct CreateJob {
@@ -120,7 +120,7 @@ pub(crate) async fn create(
         checked,
         tokens,
     );
-    batch.mistral = true;
+    batch.api = Api::Mistral;
     batch.model = Some(model.clone());
     state.batches.insert(id.clone(), batch);
     state.batch_order.push(id.clone());
@@ -134,7 +134,7 @@ fn job_of(state: &mut crate::openai::SimState, id: &str) -> Option<Value> {
     let model = state
         .batches
         .get(id)
-        .filter(|b| b.mistral)?
+        .filter(|b| b.api == Api::Mistral)?
         .model
         .clone()
         .unwrap_or_default();
@@ -163,7 +163,12 @@ pub(crate) async fn list(State(state): State<Shared>, Query(query): Query<ListQu
         .batch_order
         .iter()
         .rev()
-        .filter(|id| state.batches.get(*id).is_some_and(|b| b.mistral))
+        .filter(|id| {
+            state
+                .batches
+                .get(*id)
+                .is_some_and(|b| b.api == Api::Mistral)
+        })
         .cloned()
         .collect();
     let total = ids.len();

@@ -25,6 +25,7 @@ pub(crate) type Shared = Arc<Mutex<SimState>>;
 pub struct SimState {
     pub(crate) settings: SimSettings,
     pub(crate) anthropic: crate::anthropic_state::AnthropicState,
+    pub(crate) gemini: crate::gemini::GeminiState,
     pub(crate) files: HashMap<String, SimFile>,
     pub(crate) batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
@@ -58,6 +59,14 @@ pub(crate) struct SimFile {
     pub(crate) created_at: i64,
 }
 
+/// The API a batch was created through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    OpenAi,
+    Mistral,
+    Gemini,
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct SimBatch {
     pub(crate) id: String,
@@ -76,9 +85,9 @@ pub(crate) struct SimBatch {
     pub(crate) tokens: u64,
     /// Whether it passed validation, the quota check included.
     pub(crate) admitted: bool,
-    /// A Mistral batch job (lines without method or url; listed only by Mistral's API), and
-    /// the model it names.
-    pub(crate) mistral: bool,
+    /// Whose API made it (each lists only its own; Mistral lines carry no method or url,
+    /// Gemini lines are `{key, request}`), and the model the job names.
+    pub(crate) api: Api,
     pub(crate) model: Option<String>,
     /// Unix seconds of the state changes seen so far.
     pub(crate) in_progress_at: Option<i64>,
@@ -106,7 +115,7 @@ impl SimBatch {
             total: if errors.is_some() { 0 } else { total },
             errors,
             cancel_requested: None,
-            mistral: false,
+            api: Api::OpenAi,
             model: None,
             in_progress_at: None,
             finalizing_at: None,
@@ -200,6 +209,7 @@ impl SimState {
         Self {
             settings,
             anthropic: Default::default(),
+            gemini: Default::default(),
             files: HashMap::new(),
             batches: HashMap::new(),
             batch_order: Vec::new(),
@@ -240,6 +250,9 @@ impl SimState {
     }
 
     fn model_of(&self, batch: &SimBatch) -> String {
+        if let Some(model) = &batch.model {
+            return model.clone();
+        }
         self.files
             .get(&batch.input_file_id)
             .and_then(|f| f.bytes.split(|b| *b == b'\n').next().map(<[u8]>::to_vec))
@@ -279,12 +292,17 @@ impl SimState {
     pub(crate) fn faults_of_path(&self, path: &str) -> SimFaults {
         let batch_path = path
             .strip_prefix("/v1/batches/")
-            .or_else(|| path.strip_prefix("/v1/batch/jobs/"));
+            .or_else(|| path.strip_prefix("/v1/batch/jobs/"))
+            .or_else(|| path.strip_prefix("/v1beta/batches/"));
         let batch = match batch_path {
-            Some(rest) => rest.split('/').next().and_then(|id| self.batches.get(id)),
+            Some(rest) => rest
+                .split(['/', ':'])
+                .next()
+                .and_then(|id| self.batches.get(id)),
             None => path
                 .strip_prefix("/v1/files/")
-                .and_then(|rest| rest.split('/').next())
+                .or_else(|| path.strip_prefix("/download/v1beta/files/"))
+                .and_then(|rest| rest.split(['/', ':']).next())
                 .and_then(|id| self.files.get(id))
                 .and_then(|file| file.filename.rsplit_once('_'))
                 .and_then(|(batch_id, _)| self.batches.get(batch_id)),
@@ -401,6 +419,14 @@ impl SimState {
             .map(|f| f.bytes.clone())
             .unwrap_or_default();
         let (mut output, mut errors) = (Vec::new(), Vec::new());
+        let gemini = batch.api == Api::Gemini;
+        // An expired Gemini batch keeps no results at all.
+        let done = if gemini && status == "expired" {
+            0
+        } else {
+            done
+        };
+        let mut inline_failures = 0u64;
         if status != "failed" {
             for (index, line) in input
                 .split(|b| *b == b'\n')
@@ -408,14 +434,21 @@ impl SimState {
                 .enumerate()
             {
                 let request: Value = serde_json::from_slice(line).unwrap_or(Value::Null);
-                let custom_id = request["custom_id"].as_str().unwrap_or("").to_owned();
+                let id_field = if gemini { "key" } else { "custom_id" };
+                let custom_id = request[id_field].as_str().unwrap_or("").to_owned();
                 if index as u64 >= done {
-                    errors.push(not_done_line(&batch.id, index, &custom_id, status));
+                    // Gemini writes nothing for a request it did not get to.
+                    if !gemini {
+                        errors.push(not_done_line(&batch.id, index, &custom_id, status));
+                    }
                     continue;
                 }
                 let allowed = request["body"]["max_completion_tokens"]
                     .as_u64()
-                    .or(request["body"]["max_tokens"].as_u64());
+                    .or(request["body"]["max_tokens"].as_u64())
+                    .or(request
+                        .pointer("/request/generationConfig/maxOutputTokens")
+                        .and_then(Value::as_u64));
                 let fate = with_room(
                     &faults,
                     allowed,
@@ -428,6 +461,17 @@ impl SimState {
                         .insert(custom_id.clone());
                 }
                 self.requests_answered += 1;
+                if gemini {
+                    // One responses file, errors inline.
+                    match crate::gemini::answer_line(index, &request, fate) {
+                        Line::Output(text) => output.push(text),
+                        Line::Error(text) => {
+                            inline_failures += 1;
+                            output.push(text);
+                        }
+                    }
+                    continue;
+                }
                 match answer_line(&batch.id, index, &request, fate) {
                     Line::Output(text) => output.push(text),
                     Line::Error(text) => errors.push(text),
@@ -441,7 +485,10 @@ impl SimState {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         output.shuffle(&mut rng);
         errors.shuffle(&mut rng);
-        let (completed, failed) = (output.len() as u64, errors.len() as u64);
+        let (completed, failed) = (
+            output.len() as u64 - inline_failures,
+            errors.len() as u64 + inline_failures,
+        );
         let output_file_id = self.store_lines(&batch.id, "output", output);
         let error_file_id = self.store_lines(&batch.id, "error", errors);
         Ended {
@@ -477,7 +524,7 @@ fn nuid_like(n: u64) -> u64 {
     n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (unix_now() as u64)
 }
 
-enum Line {
+pub(crate) enum Line {
     Output(String),
     Error(String),
 }
@@ -988,7 +1035,7 @@ pub(crate) async fn list_batches(
         .batch_order
         .iter()
         .rev()
-        .filter(|id| state.batches.get(*id).is_some_and(|b| !b.mistral))
+        .filter(|id| state.batches.get(*id).is_some_and(|b| b.api == Api::OpenAi))
         .cloned()
         .collect();
     let start = match &query.after {

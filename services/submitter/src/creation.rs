@@ -102,11 +102,12 @@ impl AbandonedClaims {
 pub async fn ensure_batch(
     submitter: &Submitter,
     provider: &Provider,
+    model: &str,
     record: &ShardRecord,
     owner: &str,
     create: bool,
 ) -> Result<Creation, StepError> {
-    let outcome = ensure_batch_once(submitter, provider, record, owner, create).await;
+    let outcome = ensure_batch_once(submitter, provider, model, record, owner, create).await;
     if outcome.is_err() {
         submitter.abandoned.abandon(owner);
     }
@@ -116,6 +117,7 @@ pub async fn ensure_batch(
 async fn ensure_batch_once(
     submitter: &Submitter,
     provider: &Provider,
+    model: &str,
     record: &ShardRecord,
     owner: &str,
     create: bool,
@@ -127,7 +129,7 @@ async fn ensure_batch_once(
     {
         return Ok(Creation::Later(wait_until(until_ms)));
     }
-    let outcome = claim_and_create(submitter, provider, record, owner, create).await;
+    let outcome = claim_and_create(submitter, (provider, model), record, owner, create).await;
     match (&mutex, outcome) {
         // An unconfirmed create keeps the mutex as long as the claim: no other create may
         // land in the window that the next look at this shard searches.
@@ -169,7 +171,7 @@ impl Step {
 
 async fn claim_and_create(
     submitter: &Submitter,
-    provider: &Provider,
+    (provider, model): (&Provider, &str),
     record: &ShardRecord,
     owner: &str,
     create: bool,
@@ -208,7 +210,15 @@ async fn claim_and_create(
     }
     let lines = submitter.store.get_bytes(&record.requests_path).await?;
     let file_id = record.provider_file_id.clone().unwrap_or_default();
-    let created = match create_holding_claim(submitter, provider, key, owner, &file_id, lines).await
+    let created = match create_holding_claim(
+        submitter,
+        provider,
+        key,
+        owner,
+        (model, &file_id),
+        lines,
+    )
+    .await
     {
         Ok(created) => created,
         Err(error) if error.is_unconfirmed() => {
@@ -242,12 +252,12 @@ async fn create_holding_claim(
     provider: &Provider,
     key: &ShardKey,
     owner: &str,
-    file_id: &str,
+    (model, file_id): (&str, &str),
     lines: bytes::Bytes,
 ) -> Result<BatchRef, ProviderError> {
     let lease = submitter.creation.lease;
     let mutex = (!provider.tags_batches()).then(|| create_mutex_key(provider.name()));
-    let create = provider.create(key, file_id, lines);
+    let create = provider.create(key, model, file_id, lines);
     tokio::pin!(create);
     let mut renew = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
     renew.tick().await;

@@ -99,13 +99,15 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
         .await?
         .ok_or_else(|| StepError::Job(format!("shard {} has no record", key.dotted())))?;
     let provider = submitter.providers.get(&ready.provider)?;
+    // The attempt's model: a fallback attempt names its own.
+    let model = job.spec.for_attempt(key.attempt).model;
     // One name per delivery: a claim of this name is this delivery's own.
     let owner = format!("{}-{}", key.dotted(), nuid::next());
     if job.cancel_requested && record.provider_batch_id.is_none() {
         // Cancelled before it went out, unless an earlier delivery's create took effect.
         let found = match &record.creating {
             None => Creation::NoneExists,
-            Some(_) => ensure_batch(submitter, provider, &record, &owner, false).await?,
+            Some(_) => ensure_batch(submitter, provider, &model, &record, &owner, false).await?,
         };
         match found {
             Creation::Recorded(batch_id) => {
@@ -126,8 +128,8 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
                 (not_before - now) as u64,
             )));
         }
-        if !reserve_quota(submitter, ready, &job.spec.model, record.estimated_tokens()).await? {
-            tracing::info!(job_id = %key.job_id, shard = key.shard, model = %job.spec.model, "enqueued-token quota in use, holding the shard back");
+        if !reserve_quota(submitter, ready, &model, record.estimated_tokens()).await? {
+            tracing::info!(job_id = %key.job_id, shard = key.shard, %model, "enqueued-token quota in use, holding the shard back");
             return Ok(Submitted::Later(submitter.quota.wait));
         }
     }
@@ -156,7 +158,7 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
 
     let batch_id = match &record.provider_batch_id {
         Some(batch_id) => batch_id.clone(),
-        None => match ensure_batch(submitter, provider, &record, &owner, true).await? {
+        None => match ensure_batch(submitter, provider, &model, &record, &owner, true).await? {
             Creation::Recorded(batch_id) => batch_id,
             Creation::Later(after) => return Ok(Submitted::Later(after)),
             Creation::NoneExists => {

@@ -480,6 +480,7 @@ pub struct ProviderSettings {
     pub openai: OpenAiSettings,
     pub anthropic: AnthropicSettings,
     pub mistral: MistralSettings,
+    pub gemini: GeminiSettings,
     pub sim: SimProviderSettings,
 }
 
@@ -525,6 +526,31 @@ pub struct MistralSettings {
     pub api_key_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+/// Gemini batch mode through the Developer API (an API key, not Vertex).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeminiSettings {
+    /// Base URL without the API version (`/v1beta` and `/upload/v1beta` are appended).
+    pub base_url: String,
+    /// Never serialized; `GEMINI_API_KEY` or `api_key_file` are the usual sources.
+    #[serde(skip_serializing)]
+    pub api_key: Option<SecretString>,
+    pub api_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for GeminiSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://generativelanguage.googleapis.com".into(),
+            api_key: None,
+            api_key_file: None,
+            timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for MistralSettings {
@@ -855,6 +881,11 @@ impl ProviderSettings {
                 &mut self.mistral.api_key,
                 &self.mistral.api_key_file,
                 "MISTRAL_API_KEY",
+            ),
+            (
+                &mut self.gemini.api_key,
+                &self.gemini.api_key_file,
+                "GEMINI_API_KEY",
             ),
         ];
         for (key, file, variable) in sources {

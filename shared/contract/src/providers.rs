@@ -20,20 +20,29 @@ pub const ANTHROPIC: Limits = Limits {
     max_bytes: 256 * 1000 * 1000,
 };
 
-/// The providers a job may name.
 /// Mistral's batch jobs: 1,000,000 requests per job, files up to 512 MB.
 pub const MISTRAL: Limits = Limits {
     max_requests: 1_000_000,
     max_bytes: 512 * 1024 * 1024,
 };
 
-pub const NAMES: [&str; 4] = ["openai", "anthropic", "mistral", "sim"];
+/// Gemini batch mode (Developer API): no published request cap (an enqueued-token quota
+/// bounds a job instead), input files up to 2 GB. rowsmith keeps a shard to 100,000 requests
+/// and 1 GB so that one failed or expired job (Gemini keeps no partial results) costs little.
+pub const GEMINI: Limits = Limits {
+    max_requests: 100_000,
+    max_bytes: 1024 * 1024 * 1024,
+};
+
+/// The providers a job may name.
+pub const NAMES: [&str; 5] = ["openai", "anthropic", "mistral", "gemini", "sim"];
 
 /// Where provider `name`'s API key comes from, as a user sets it.
 pub fn api_key_source(name: &str) -> &'static str {
     match name {
         "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
         "mistral" => "MISTRAL_API_KEY (or provider.mistral.api_key_file)",
+        "gemini" => "GEMINI_API_KEY (or provider.gemini.api_key_file)",
         _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
     }
 }
@@ -44,6 +53,7 @@ pub fn default_model(name: &str) -> Option<&'static str> {
         "openai" | "sim" => Some("gpt-4o-mini"),
         "anthropic" => Some("claude-3-5-haiku-latest"),
         "mistral" => Some("mistral-small-latest"),
+        "gemini" => Some("gemini-2.5-flash"),
         _ => None,
     }
 }
@@ -80,6 +90,7 @@ pub fn batch_limits(name: &str) -> Option<Limits> {
         "openai" | "sim" => Some(OPENAI),
         "anthropic" => Some(ANTHROPIC),
         "mistral" => Some(MISTRAL),
+        "gemini" => Some(GEMINI),
         _ => None,
     }
 }

@@ -118,6 +118,62 @@ fn chat_body_open(spec: &JobSpec, tokens_key: &str) -> String {
     body_fields[..body_fields.len() - 1].to_owned()
 }
 
+/// The fields' schema in Gemini's `responseSchema` dialect (the OpenAPI 3.0 subset: upper-case
+/// types, `propertyOrdering` so the answer keeps the `--field` order). Gemini batches take it
+/// where `responseJsonSchema` is reported to give malformed answers.
+pub fn gemini_schema(fields: &[FieldSpec]) -> Value {
+    let mut properties = Map::new();
+    for field in fields {
+        let mut property = match field.field_type {
+            FieldType::String => json!({"type": "STRING"}),
+            FieldType::Number => json!({"type": "NUMBER"}),
+            FieldType::Boolean => json!({"type": "BOOLEAN"}),
+            FieldType::Array => json!({"type": "ARRAY", "items": {"type": "STRING"}}),
+            FieldType::Enum => json!({
+                "type": "STRING",
+                "format": "enum",
+                "enum": field.values.clone().unwrap_or_default(),
+            }),
+        };
+        if let (Some(description), Some(object)) = (&field.description, property.as_object_mut()) {
+            object.insert("description".into(), Value::String(description.clone()));
+        }
+        properties.insert(field.name.clone(), property);
+    }
+    let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+    json!({
+        "type": "OBJECT",
+        "properties": properties,
+        "required": names,
+        "propertyOrdering": names,
+    })
+}
+
+/// Everything of a Gemini batch line (`{key, request}`, a GenerateContentRequest without the
+/// model, which the job names) between the key and the user part's text: the system
+/// instruction, then `generationConfig` with the JSON answer's schema, then `contents` last.
+fn gemini_middle(spec: &JobSpec, static_open: &str) -> String {
+    let mut config = Map::new();
+    config.insert("responseMimeType".into(), json!("application/json"));
+    config.insert("responseSchema".into(), gemini_schema(&spec.fields));
+    config.insert(
+        "temperature".into(),
+        json!(spec.options.temperature.unwrap_or(0.0)),
+    );
+    if let Some(tokens) = spec.options.max_output_tokens {
+        config.insert("maxOutputTokens".into(), json!(tokens));
+    }
+    let request = json!({
+        "systemInstruction": {"parts": [{"text": SYSTEM_MESSAGE}]},
+        "generationConfig": Value::Object(config),
+    });
+    let request_fields = serde_json::to_string(&request).unwrap_or_default();
+    let request_open = &request_fields[..request_fields.len() - 1];
+    format!(
+        "\",\"request\":{request_open},\"contents\":[{{\"role\":\"user\",\"parts\":[{{\"text\":{static_open}"
+    )
+}
+
 pub use rowsmith_contract::spec::ANTHROPIC_MAX_TOKENS;
 
 /// Everything of an Anthropic Message Batches request between the custom id and the user
@@ -152,10 +208,13 @@ fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
     )
 }
 
+/// How most providers' lines open: the custom id, whose row index follows.
+const CUSTOM_ID_HEAD: &[u8] = b"{\"custom_id\":\"r";
+
 /// A job's request line with the row's parts left open; built once per job.
 #[derive(Debug, Clone)]
 pub struct RequestTemplate {
-    /// `{"custom_id":"r` — the row index follows.
+    /// `{"custom_id":"r` (Gemini: `{"key":"r`) — the row index follows.
     head: Vec<u8>,
     /// From the end of the custom id to the opening quote and static text of the user message.
     middle: Vec<u8>,
@@ -195,15 +254,25 @@ impl RequestTemplate {
         );
         let static_json = serde_json::to_string(&static_text).unwrap_or_default();
         let static_open = &static_json[..static_json.len() - 1];
-        let middle = match spec.provider.as_str() {
-            "anthropic" => anthropic_middle(spec, static_open),
-            "mistral" => mistral_middle(spec, static_open),
-            _ => openai_middle(spec, static_open),
+        let (head, middle, tail): (&[u8], String, &[u8]) = match spec.provider.as_str() {
+            "anthropic" => (
+                CUSTOM_ID_HEAD,
+                anthropic_middle(spec, static_open),
+                b"}]}}\n",
+            ),
+            "mistral" => (CUSTOM_ID_HEAD, mistral_middle(spec, static_open), b"}]}}\n"),
+            // The text part, the parts, the content, the contents, the request, the line.
+            "gemini" => (
+                b"{\"key\":\"r",
+                gemini_middle(spec, static_open),
+                b"}]}]}}\n",
+            ),
+            _ => (CUSTOM_ID_HEAD, openai_middle(spec, static_open), b"}]}}\n"),
         };
         Self {
-            head: b"{\"custom_id\":\"r".to_vec(),
+            head: head.to_vec(),
             middle: middle.into_bytes(),
-            tail: b"}]}}\n".to_vec(),
+            tail: tail.to_vec(),
             targets,
             context,
         }
@@ -427,6 +496,45 @@ mod tests {
         assert!(line["body"].get("max_completion_tokens").is_none());
         assert_eq!(line["body"]["response_format"]["type"], "json_schema");
         assert_eq!(line["body"]["messages"][1]["role"], "user");
+    }
+
+    #[test]
+    fn a_gemini_line_is_key_and_a_generate_content_request_without_the_model() {
+        let mut gemini = spec().with_provider("gemini", "gemini-2.5-flash");
+        gemini.options.max_output_tokens = Some(300);
+        let line = rendered(&gemini);
+        let keys: Vec<&String> = line.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["key", "request"]);
+        assert_eq!(line["key"], "r0");
+        assert_eq!(row_index_of(line["key"].as_str().expect("key")), Some(0));
+        let request = &line["request"];
+        assert!(request.get("model").is_none(), "the job names the model");
+        assert_eq!(
+            request["systemInstruction"]["parts"][0]["text"],
+            SYSTEM_MESSAGE
+        );
+        let config = &request["generationConfig"];
+        assert_eq!(config["responseMimeType"], "application/json");
+        assert_eq!(config["maxOutputTokens"], 300);
+        assert_eq!(config["temperature"], 0.0);
+        let schema = &config["responseSchema"];
+        assert_eq!(schema["type"], "OBJECT");
+        assert_eq!(
+            schema["propertyOrdering"],
+            json!(["title", "category", "tags"])
+        );
+        assert_eq!(
+            schema["properties"]["category"]["enum"],
+            json!(["toys", "tools"])
+        );
+        assert_eq!(schema["properties"]["tags"]["items"]["type"], "STRING");
+        let user = &request["contents"][0];
+        assert_eq!(user["role"], "user");
+        let text = user["parts"][0]["text"].as_str().expect("text");
+        assert!(
+            text.ends_with("description: a ball\n\nRow context: \n"),
+            "{text:?}"
+        );
     }
 
     #[test]

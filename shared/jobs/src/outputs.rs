@@ -245,6 +245,8 @@ async fn write_unanswered(
 ) -> Result<std::path::PathBuf, StepError> {
     #[derive(serde::Deserialize)]
     struct RequestId {
+        /// Gemini's lines call it `key`.
+        #[serde(alias = "key")]
         custom_id: String,
     }
     let mut rows = Vec::new();

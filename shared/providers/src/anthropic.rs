@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::RequestBuilder;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::http::Http;
+use super::http::{Endpoint, Http};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
     ResultFiles,
@@ -21,20 +21,9 @@ use rowsmith_store::layout::ResultPaths;
 
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AnthropicClient {
-    base_url: String,
-    api_key: Option<SecretString>,
-    http: Http,
-}
-
-impl std::fmt::Debug for AnthropicClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AnthropicClient")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
+    api: Endpoint,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -122,49 +111,28 @@ impl AnthropicClient {
         api_key: Option<SecretString>,
         timeout: Duration,
     ) -> Result<Self, ProviderError> {
+        let http = Http::new("anthropic", timeout, Duration::from_secs(60))?;
+        let authorize = |request: RequestBuilder, key: &str| {
+            request
+                .header("anthropic-version", ANTHROPIC_VERSION)
+                .header("x-api-key", key)
+        };
         Ok(Self {
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
-            http: Http::new("anthropic", timeout, Duration::from_secs(60))?,
+            api: Endpoint::new(http, base_url, api_key, authorize),
         })
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base_url)
-    }
-
-    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
-        let request = request.header("anthropic-version", ANTHROPIC_VERSION);
-        match &self.api_key {
-            Some(key) => request.header("x-api-key", key.expose_secret()),
-            None => request,
-        }
-    }
-
-    async fn send(
-        &self,
-        operation: &'static str,
-        build: impl Fn(&reqwest::Client) -> RequestBuilder,
-    ) -> Result<reqwest::Response, ProviderError> {
-        self.require_key()?;
-        self.http
-            .send(operation, || self.authorize(build(&self.http.client)))
-            .await
-    }
-
     pub fn has_key(&self) -> bool {
-        self.api_key.is_some()
-    }
-
-    /// No call goes out without an API key.
-    fn require_key(&self) -> Result<(), ProviderError> {
-        super::require_key(self.name(), &self.api_key)
+        self.api.has_key()
     }
 
     pub async fn retrieve(&self, batch_id: &str) -> Result<MessageBatch, ProviderError> {
-        let url = self.url(&format!("/v1/messages/batches/{batch_id}"));
-        let response = self.send("retrieve batch", |http| http.get(&url)).await?;
-        self.http.json("retrieve batch", response).await
+        let url = self.api.url(&format!("/v1/messages/batches/{batch_id}"));
+        let response = self
+            .api
+            .send("retrieve batch", |http| http.get(&url))
+            .await?;
+        self.api.http.json("retrieve batch", response).await
     }
 }
 
@@ -201,22 +169,18 @@ impl BatchProvider for AnthropicClient {
     async fn create(
         &self,
         _key: &ShardKey,
+        _model: &str,
         _file_id: &str,
         lines: Bytes,
     ) -> Result<BatchRef, ProviderError> {
-        let url = self.url("/v1/messages/batches");
+        let url = self.api.url("/v1/messages/batches");
         let body = Bytes::from(requests_array(&lines));
-        self.require_key()?;
         let batch: MessageBatch = self
-            .http
-            .create("create batch", || {
-                self.authorize(
-                    self.http
-                        .client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body.clone()),
-                )
+            .api
+            .create("create batch", |http| {
+                http.post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
             })
             .await?;
         Ok(BatchRef { id: batch.id })
@@ -293,9 +257,10 @@ impl BatchProvider for AnthropicClient {
             return Ok(ResultFiles::default());
         };
         let response = self
+            .api
             .send("download results", |http| http.get(results_url))
             .await?;
-        let bytes = self.http.bytes("download results", response).await?;
+        let bytes = self.api.http.bytes("download results", response).await?;
         let path = into.output.clone();
         store.put_bytes(&path, bytes).await?;
         Ok(ResultFiles {
@@ -305,8 +270,11 @@ impl BatchProvider for AnthropicClient {
     }
 
     async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
-        let url = self.url(&format!("/v1/messages/batches/{}/cancel", batch.id));
-        self.send("cancel batch", |http| http.post(&url))
+        let url = self
+            .api
+            .url(&format!("/v1/messages/batches/{}/cancel", batch.id));
+        self.api
+            .send("cancel batch", |http| http.post(&url))
             .await
             .map(|_| ())
     }
@@ -320,13 +288,13 @@ impl AnthropicClient {
         &self,
         after: Option<&str>,
     ) -> Result<(BatchList, Option<i64>), ProviderError> {
-        let mut url = self.url("/v1/messages/batches?limit=100");
+        let mut url = self.api.url("/v1/messages/batches?limit=100");
         if let Some(after) = after {
             url.push_str(&format!("&after_id={after}"));
         }
-        let response = self.send("list batches", |http| http.get(&url)).await?;
+        let response = self.api.send("list batches", |http| http.get(&url)).await?;
         let offset = super::clock_offset_ms(&response, rowsmith_contract::now_unix_ms());
-        Ok((self.http.json("list batches", response).await?, offset))
+        Ok((self.api.http.json("list batches", response).await?, offset))
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::{RequestBuilder, Response};
+use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 
 use super::ProviderError;
@@ -188,6 +189,85 @@ impl Http {
     }
 }
 
+/// One provider's API at a base URL with its key: every call refuses to go out without the
+/// key, carries it the provider's way (`authorize`), and follows the [`Http`] policy.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub base_url: String,
+    api_key: Option<SecretString>,
+    pub http: Http,
+    authorize: fn(RequestBuilder, &str) -> RequestBuilder,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("provider", &self.http.name)
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl Endpoint {
+    pub fn new(
+        http: Http,
+        base_url: &str,
+        api_key: Option<SecretString>,
+        authorize: fn(RequestBuilder, &str) -> RequestBuilder,
+    ) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            http,
+            authorize,
+        }
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    fn authorized(&self, request: RequestBuilder) -> RequestBuilder {
+        match &self.api_key {
+            Some(key) => (self.authorize)(request, key.expose_secret()),
+            None => request,
+        }
+    }
+
+    fn require_key(&self) -> Result<(), ProviderError> {
+        super::require_key(&self.http.name, &self.api_key)
+    }
+
+    /// A call that may be repeated (see [`Http::send`]).
+    pub async fn send(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Response, ProviderError> {
+        self.require_key()?;
+        self.http
+            .send(operation, || self.authorized(build(&self.http.client)))
+            .await
+    }
+
+    /// A call that creates something (see [`Http::create`]).
+    pub async fn create<T: DeserializeOwned>(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<T, ProviderError> {
+        self.require_key()?;
+        self.http
+            .create(operation, || self.authorized(build(&self.http.client)))
+            .await
+    }
+}
+
 /// Whether a call may be sent again after a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Repeat {
@@ -222,6 +302,7 @@ pub fn error_message(body: &str) -> String {
     let message = field("/error/message").unwrap_or_else(|| body.to_owned());
     let code = field("/error/code")
         .or_else(|| field("/error/type"))
+        .or_else(|| field("/error/status"))
         .map(|c| format!(" ({c})"))
         .unwrap_or_default();
     let mut text = format!("{message}{code}");

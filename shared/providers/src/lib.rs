@@ -2,6 +2,7 @@
 //! for a job's `provider`.
 
 pub mod anthropic;
+pub mod gemini;
 pub mod http;
 pub mod mistral;
 pub mod openai;
@@ -18,6 +19,7 @@ use rowsmith_store::layout::ResultPaths;
 use rowsmith_store::{StorageError, Store};
 
 pub use anthropic::AnthropicClient;
+pub use gemini::GeminiClient;
 pub use mistral::MistralClient;
 pub use openai::OpenAiClient;
 
@@ -167,7 +169,9 @@ pub enum ProviderError {
         #[source]
         source: BoxError,
     },
-    #[error("provider {0:?} is not configured; providers are: sim, openai, anthropic, mistral")]
+    #[error(
+        "provider {0:?} is not configured; providers are: sim, openai, anthropic, mistral, gemini"
+    )]
     Unknown(String),
     /// No API key: nothing is sent without one.
     #[error(
@@ -279,10 +283,12 @@ pub trait BatchProvider: Send + Sync {
         lines: Bytes,
     ) -> impl Future<Output = Result<String, ProviderError>> + Send;
     /// Creates the batch for an uploaded file (or, where the provider takes requests inline,
-    /// for `lines`), tagged with the shard key where the provider keeps metadata.
+    /// for `lines`), tagged with the shard key where the provider keeps metadata; `model` is
+    /// the attempt's (providers whose lines name no model take it from here).
     fn create(
         &self,
         key: &ShardKey,
+        model: &str,
         file_id: &str,
         lines: Bytes,
     ) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
@@ -318,6 +324,7 @@ pub enum Provider {
     OpenAi(OpenAiClient),
     Anthropic(AnthropicClient),
     Mistral(MistralClient),
+    Gemini(GeminiClient),
 }
 
 macro_rules! delegate {
@@ -326,6 +333,7 @@ macro_rules! delegate {
             Provider::OpenAi($client) => $call,
             Provider::Anthropic($client) => $call,
             Provider::Mistral($client) => $call,
+            Provider::Gemini($client) => $call,
         }
     };
 }
@@ -350,10 +358,11 @@ impl BatchProvider for Provider {
     async fn create(
         &self,
         key: &ShardKey,
+        model: &str,
         file_id: &str,
         lines: Bytes,
     ) -> Result<BatchRef, ProviderError> {
-        delegate!(self, client => client.create(key, file_id, lines).await)
+        delegate!(self, client => client.create(key, model, file_id, lines).await)
     }
     async fn find(
         &self,
@@ -387,6 +396,7 @@ pub struct Providers {
     openai: Provider,
     anthropic: Provider,
     mistral: Provider,
+    gemini: Provider,
     sim: Provider,
 }
 
@@ -419,7 +429,14 @@ impl Providers {
             mistral_settings.api_key.clone(),
             mistral_settings.timeout,
         )?;
+        let gemini_settings = &settings.gemini;
+        let gemini = GeminiClient::new(
+            &gemini_settings.base_url,
+            gemini_settings.api_key.clone(),
+            gemini_settings.timeout,
+        )?;
         Ok(Self {
+            gemini: Provider::Gemini(gemini),
             openai: Provider::OpenAi(openai),
             anthropic: Provider::Anthropic(anthropic),
             mistral: Provider::Mistral(mistral),
@@ -439,6 +456,9 @@ impl Providers {
         if self.mistral.has_key() {
             names.push("mistral");
         }
+        if self.gemini.has_key() {
+            names.push("gemini");
+        }
         names
     }
 
@@ -447,6 +467,7 @@ impl Providers {
             "openai" => Ok(&self.openai),
             "anthropic" => Ok(&self.anthropic),
             "mistral" => Ok(&self.mistral),
+            "gemini" => Ok(&self.gemini),
             "sim" => Ok(&self.sim),
             other => Err(ProviderError::Unknown(other.to_owned())),
         }
@@ -475,12 +496,20 @@ mod tests {
                 base_url: "http://127.0.0.1:9".into(),
                 ..Default::default()
             },
+            mistral: rowsmith_config::MistralSettings {
+                base_url: "http://127.0.0.1:9/v1".into(),
+                ..Default::default()
+            },
+            gemini: rowsmith_config::GeminiSettings {
+                base_url: "http://127.0.0.1:9".into(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let providers = Providers::from_settings(&settings).expect("providers");
         assert_eq!(providers.with_keys(), ["sim"]);
         let batch = BatchRef { id: "b".into() };
-        for name in ["openai", "anthropic", "mistral"] {
+        for name in ["openai", "anthropic", "mistral", "gemini"] {
             let error = providers
                 .get(name)
                 .expect("provider")

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use reqwest::RequestBuilder;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::http::Http;
+use super::http::{Endpoint, Http};
 use super::openai::{OpenAiClient, SHARD_METADATA_KEY, tagged_for};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
@@ -20,22 +20,11 @@ use rowsmith_contract::messages::ShardKey;
 use rowsmith_store::Store;
 use rowsmith_store::layout::ResultPaths;
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct MistralClient {
-    base_url: String,
-    api_key: Option<SecretString>,
+    api: Endpoint,
     /// Uploads and file downloads: Mistral's Files API speaks OpenAI's.
     files: OpenAiClient,
-    http: Http,
-}
-
-impl std::fmt::Debug for MistralClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MistralClient")
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
 }
 
 /// A batch job; only what rowsmith reads.
@@ -85,64 +74,37 @@ impl MistralClient {
         api_key: Option<SecretString>,
         timeout: std::time::Duration,
     ) -> Result<Self, ProviderError> {
+        let http = Http::new("mistral", timeout, std::time::Duration::from_secs(120))?;
+        let authorize = |request: RequestBuilder, key: &str| request.bearer_auth(key);
         Ok(Self {
-            base_url: base_url.trim_end_matches('/').to_owned(),
             files: OpenAiClient::new("mistral", base_url, api_key.clone(), timeout)?,
-            api_key,
-            http: Http::new("mistral", timeout, std::time::Duration::from_secs(120))?,
+            api: Endpoint::new(http, base_url, api_key, authorize),
         })
     }
 
     pub fn has_key(&self) -> bool {
-        self.api_key.is_some()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base_url)
-    }
-
-    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
-        match &self.api_key {
-            Some(key) => request.bearer_auth(key.expose_secret()),
-            None => request,
-        }
-    }
-
-    fn require_key(&self) -> Result<(), ProviderError> {
-        super::require_key("mistral", &self.api_key)
-    }
-
-    async fn send(
-        &self,
-        operation: &'static str,
-        build: impl Fn(&reqwest::Client) -> RequestBuilder,
-    ) -> Result<reqwest::Response, ProviderError> {
-        self.require_key()?;
-        self.http
-            .send(operation, || self.authorize(build(&self.http.client)))
-            .await
+        self.api.has_key()
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Job, ProviderError> {
-        let url = self.url(&format!("/batch/jobs/{id}"));
+        let url = self.api.url(&format!("/batch/jobs/{id}"));
         let response = self
+            .api
             .send("retrieve batch job", |http| http.get(&url))
             .await?;
-        self.http.json("retrieve batch job", response).await
+        self.api.http.json("retrieve batch job", response).await
     }
 
     async fn list_page(&self, page: usize) -> Result<JobList, ProviderError> {
-        let url = self.url(&format!("/batch/jobs?page={page}&page_size={PAGE_SIZE}"));
-        let response = self.send("list batch jobs", |http| http.get(&url)).await?;
-        self.http.json("list batch jobs", response).await
+        let url = self
+            .api
+            .url(&format!("/batch/jobs?page={page}&page_size={PAGE_SIZE}"));
+        let response = self
+            .api
+            .send("list batch jobs", |http| http.get(&url))
+            .await?;
+        self.api.http.json("list batch jobs", response).await
     }
-}
-
-/// The model the shard's lines name (a Mistral job names one model for all its lines).
-fn model_of(lines: &[u8]) -> Option<String> {
-    let first = lines.split(|b| *b == b'\n').find(|l| !l.is_empty())?;
-    let line: serde_json::Value = serde_json::from_slice(first).ok()?;
-    line.pointer("/body/model")?.as_str().map(str::to_owned)
 }
 
 impl Job {
@@ -192,15 +154,11 @@ impl BatchProvider for MistralClient {
     async fn create(
         &self,
         key: &ShardKey,
+        model: &str,
         file_id: &str,
-        lines: Bytes,
+        _lines: Bytes,
     ) -> Result<BatchRef, ProviderError> {
-        let model = model_of(&lines).ok_or_else(|| ProviderError::Decode {
-            provider: "mistral".into(),
-            operation: "create batch job",
-            source: "the shard's first line names no body.model".into(),
-        })?;
-        let url = self.url("/batch/jobs");
+        let url = self.api.url("/batch/jobs");
         let body = serde_json::json!({
             "input_files": [file_id],
             "endpoint": "/v1/chat/completions",
@@ -208,12 +166,9 @@ impl BatchProvider for MistralClient {
             "metadata": {SHARD_METADATA_KEY: key.dotted(), "rowsmith_job": key.job_id},
             "timeout_hours": 24,
         });
-        self.require_key()?;
         let job: Job = self
-            .http
-            .create("create batch job", || {
-                self.authorize(self.http.client.post(&url).json(&body))
-            })
+            .api
+            .create("create batch job", |http| http.post(&url).json(&body))
             .await?;
         Ok(BatchRef { id: job.id })
     }
@@ -265,8 +220,9 @@ impl BatchProvider for MistralClient {
     }
 
     async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
-        let url = self.url(&format!("/batch/jobs/{}/cancel", batch.id));
-        self.send("cancel batch job", |http| http.post(&url))
+        let url = self.api.url(&format!("/batch/jobs/{}/cancel", batch.id));
+        self.api
+            .send("cancel batch job", |http| http.post(&url))
             .await
             .map(drop)
     }

@@ -268,6 +268,7 @@ impl BatchProvider for OpenAiClient {
     async fn create(
         &self,
         key: &ShardKey,
+        _model: &str,
         file_id: &str,
         _lines: Bytes,
     ) -> Result<BatchRef, ProviderError> {

@@ -96,6 +96,16 @@ async fn mistral_create_answered_500_after_the_job_exists_makes_no_second_job() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_create_answered_503_after_the_batch_exists_makes_no_second_batch() {
+    every_create_answer_lost("gemini", LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_create_whose_connection_drops_makes_no_second_batch() {
+    every_create_answer_lost("gemini", LostResponse::Dropped).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn anthropic_create_answered_500_after_the_batch_exists_makes_no_second_batch() {
     every_create_answer_lost("anthropic", LostResponse::ServerError).await;
 }
@@ -292,7 +302,12 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
         ..key.clone()
     };
     let unrelated = anthropic
-        .create(&other_key, "", Bytes::from(other))
+        .create(
+            &other_key,
+            "claude-3-5-haiku-latest",
+            "",
+            Bytes::from(other),
+        )
         .await
         .expect("unrelated batch");
     // First life: claimed the creation, created the batch, died before recording it; its
@@ -317,7 +332,7 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
         .expect("claim");
     let file_id = format!("inline:{}", key.dotted());
     let lost = anthropic
-        .create(&key, &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
         .await
         .expect("create");
     assert_ne!(lost.id, unrelated.id);

@@ -94,7 +94,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
     record_first_life(&stack, &key, &file_id, 1_000).await;
     let orphan = sim
-        .create(&key, &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
         .await
         .expect("create");
 
@@ -189,11 +189,11 @@ async fn first_life_with_two_batches(
     let sim = providers.get("sim").expect("sim");
     let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
     let first = sim
-        .create(&key, &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
         .await
         .expect("create");
     let second = sim
-        .create(&key, &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
         .await
         .expect("create");
     for batch in [&first, &second].into_iter().filter(|_| until_ended) {

@@ -26,6 +26,12 @@ async fn mistral_failed_and_expired_rows_are_retried_and_only_permanent_failures
     retried_until_only_permanent_failures_remain("mistral", "faulty").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+    // Gemini keeps nothing of an expired batch: the whole expired shard goes again.
+    retried_until_only_permanent_failures_remain("gemini", "faulty").await;
+}
+
 /// A 10,000-row job with 5% row errors, 2% invalid JSON, a few schema violations and cut-off
 /// answers, and one of its three shards expiring half done: every row ends in enriched.csv
 /// but the ones made to fail permanently, which end in failures.csv.
@@ -54,6 +60,9 @@ async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key:
     let input = stack.upload_input("faulty.csv", to_csv(&rows)).await;
     let mut job_spec = spec("faulty", &input, "description");
     job_spec.provider = provider.into();
+    job_spec.model = rowsmith_contract::providers::default_model(provider)
+        .expect("a default model")
+        .into();
     job_spec.options.max_requests_per_batch = 4000;
     stack.submit(&job_spec).await;
     let job = stack.wait_for_end("faulty", Duration::from_secs(180)).await;
@@ -96,9 +105,15 @@ async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key:
         failed, permanent,
         "failures.csv holds exactly the rows made to fail permanently"
     );
+    // Gemini has no refusal: it withholds the answer for safety.
+    let refusal = if provider == "gemini" {
+        "content_filter"
+    } else {
+        "refusal"
+    };
     for row in &failures {
         assert!(
-            ["http_error", "invalid_request", "refusal"].contains(&row[1].as_str()),
+            ["http_error", "invalid_request", refusal].contains(&row[1].as_str()),
             "reason {}",
             row[1]
         );

@@ -59,8 +59,9 @@ async fn run(
             .await
             .expect("upload"),
     };
+    let model = rowsmith_contract::providers::default_model(provider.name()).unwrap_or("");
     let batch = provider
-        .create(&key(shard), &file_id, bytes)
+        .create(&key(shard), model, &file_id, bytes)
         .await
         .expect("create");
     let status = ended(provider, &batch).await;
@@ -217,7 +218,10 @@ async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
         .collect();
     let bytes = jsonl(&lines);
     let file_id = sim.upload(&key(0), bytes.clone()).await.expect("upload");
-    let batch = sim.create(&key(0), &file_id, bytes).await.expect("create");
+    let batch = sim
+        .create(&key(0), "gpt-4o-mini", &file_id, bytes)
+        .await
+        .expect("create");
     let object = |id: String| {
         let (client, base) = (client.clone(), base.clone());
         async move {
@@ -272,7 +276,7 @@ async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
     let line = json!({"custom_id": "r0", "params": {"model": "m", "max_tokens": 8,
         "messages": [{"role": "user", "content": "hi"}]}});
     let batch = anthropic
-        .create(&key(1), "", jsonl(&[line]))
+        .create(&key(1), "m", "", jsonl(&[line]))
         .await
         .expect("create");
     let object: Value = client
