@@ -39,13 +39,17 @@ pub fn is_gemini(path: &str) -> bool {
         .any(|prefix| path.starts_with(prefix))
 }
 
-/// Gemini takes the key as `x-goog-api-key` or `?key=`; without one it answers 403.
+/// Gemini takes the key as `x-goog-api-key` or `?key=`; without one it answers 403. An upload
+/// session's URL (its `upload_id`) is its own credential: the SDK sends chunks without a key.
 fn gemini_refusal(request: &Request) -> Option<Response> {
-    let in_query = request.uri().query().is_some_and(|q| {
-        q.split('&')
-            .any(|pair| pair.starts_with("key=") && pair.len() > 4)
-    });
-    if in_query || header(request.headers(), "x-goog-api-key").is_some() {
+    let query_has = |name: &str| {
+        request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|pair| pair.strip_prefix(name).is_some_and(|v| !v.is_empty()))
+        })
+    };
+    let session = request.uri().path() == "/upload/v1beta/files" && query_has("upload_id=");
+    if session || query_has("key=") || header(request.headers(), "x-goog-api-key").is_some() {
         return None;
     }
     Some(crate::gemini::google_error(

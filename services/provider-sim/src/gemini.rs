@@ -162,6 +162,7 @@ const SCHEMA_FIELDS: &[&str] = &[
     "items",
     "minimum",
     "maximum",
+    "additionalProperties",
 ];
 
 const SCHEMA_TYPES: &[&str] = &[
@@ -585,12 +586,16 @@ pub(crate) async fn upload(
     response
 }
 
-/// `GET /v1beta/files/{id}`.
+/// `GET /v1beta/files/{id}`, or `{id}:download?alt=media` (the path google-genai 3.x uses).
 pub(crate) async fn get_file(
     State(state): State<Shared>,
     Path(id): Path<String>,
+    query: Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> Response {
+    if id.ends_with(":download") {
+        return download(State(state), Path(id), query).await;
+    }
     match lock(&state).files.get(&id) {
         Some(file) => Json(file_resource(file, &host(&headers))).into_response(),
         None => google_error(StatusCode::NOT_FOUND, &format!("File files/{id} not found")),
@@ -602,7 +607,8 @@ pub(crate) struct DownloadQuery {
     alt: Option<String>,
 }
 
-/// `GET /download/v1beta/files/{id}:download?alt=media`: generated files only.
+/// `GET /download/v1beta/files/{id}:download?alt=media` (and the same under `/v1beta/files/`):
+/// generated files only.
 pub(crate) async fn download(
     State(state): State<Shared>,
     Path(action): Path<String>,
@@ -926,8 +932,8 @@ mod tests {
         lower["generationConfig"]["responseSchema"]["type"] = json!("object");
         assert!(refused(lower).contains(".type"));
         let mut extra = good.clone();
-        extra["generationConfig"]["responseSchema"]["additionalProperties"] = json!(false);
-        assert!(refused(extra).contains("additionalProperties"));
+        extra["generationConfig"]["responseSchema"]["patternProperties"] = json!({});
+        assert!(refused(extra).contains("patternProperties"));
         let mut both = good.clone();
         both["generationConfig"]["responseJsonSchema"] = json!({"type": "object"});
         assert!(refused(both).contains("cannot both"));

@@ -62,6 +62,31 @@ async fn the_official_openai_sdk_works_against_the_simulator() {
     shutdown.cancel();
 }
 
+/// Gemini lines as rendered, checked by `google-genai`'s types, then a whole batch of them
+/// through the simulator driven by that SDK (`sdk/check_gemini.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_lines_fit_google_genai_and_the_sdk_drives_a_batch_through_the_simulator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gemini.jsonl");
+    std::fs::write(&path, rendered_lines("gemini", "gemini-2.5-flash", 5)).expect("write");
+    let (address, shutdown) = start_sim().await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_gemini.py");
+    let output = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(format!("http://{address}"))
+        .arg(&path)
+        .output()
+        .await
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_mistral_sdk_works_against_the_simulator() {
     let (address, shutdown) = start_sim().await;
@@ -121,15 +146,42 @@ async fn a_job_published_with_the_official_nats_python_client_completes() {
     assert!(job.counts.succeeded > 100, "{:?}", job.counts);
 }
 
-/// Request lines as rowsmith renders them, for every provider format, validated against the
-/// official SDKs' request types with unknown keys refused (`sdk/check_contract.py`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rendered_requests_fit_the_official_sdks_request_types() {
+/// `rows` request lines of `provider` as rowsmith renders them, for a spec with a field of
+/// every type.
+fn rendered_lines(provider: &str, model: &str, rows: i64) -> Vec<u8> {
     use rowsmith_contract::spec::JobSpec;
     use rowsmith_dataplane::render::RequestTemplate;
 
     let columns = vec!["sku".to_owned(), "description".to_owned()];
     let cells = [Some("00501"), Some("A \"red\" ball,\nround ✓")];
+    let mut spec = JobSpec::builder("in.csv", "Write a title, pick a shelf, list tags.")
+        .with_id("contract")
+        .with_targets(["description"])
+        .with_field_texts([
+            "title:string:a title",
+            "shelf:enum(toys|tools|garden):the shelf",
+            "in_stock:boolean",
+            "tags:array:3 to 5 keywords",
+            "price:number",
+        ])
+        .expect("fields")
+        .with_provider(provider, model);
+    spec.options.max_output_tokens = Some(512);
+    spec.validate().expect("a valid spec");
+    let template = RequestTemplate::new(&spec, &columns);
+    let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
+    for row in 0..rows {
+        template
+            .render(row, |i| cells[i], &mut scratch, &mut escaped, &mut out)
+            .expect("rendered");
+    }
+    out
+}
+
+/// Request lines as rowsmith renders them, for every provider format, validated against the
+/// official SDKs' request types with unknown keys refused (`sdk/check_contract.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendered_requests_fit_the_official_sdks_request_types() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut paths = Vec::new();
     for (provider, model) in [
@@ -138,27 +190,7 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
         ("anthropic", "claude-3-5-haiku-latest"),
         ("mistral", "mistral-small-latest"),
     ] {
-        let mut spec = JobSpec::builder("in.csv", "Write a title, pick a shelf, list tags.")
-            .with_id("contract")
-            .with_targets(["description"])
-            .with_field_texts([
-                "title:string:a title",
-                "shelf:enum(toys|tools|garden):the shelf",
-                "in_stock:boolean",
-                "tags:array:3 to 5 keywords",
-                "price:number",
-            ])
-            .expect("fields")
-            .with_provider(provider, model);
-        spec.options.max_output_tokens = Some(512);
-        spec.validate().expect("a valid spec");
-        let template = RequestTemplate::new(&spec, &columns);
-        let (mut scratch, mut escaped, mut out) = (String::new(), Vec::new(), Vec::new());
-        for row in 0..3 {
-            template
-                .render(row, |i| cells[i], &mut scratch, &mut escaped, &mut out)
-                .expect("rendered");
-        }
+        let out = rendered_lines(provider, model, 3);
         let path = dir.path().join(format!("{provider}-{model}.jsonl"));
         std::fs::write(&path, &out).expect("write");
         paths.push((provider, path));
