@@ -362,6 +362,7 @@ impl Stack {
         settings.provider.anthropic.api_key = Some("sk-ant-test".to_owned().into());
         settings.provider.mistral.api_key = Some("sk-mistral-test".to_owned().into());
         settings.provider.gemini.api_key = Some("gemini-test-key".to_owned().into());
+        settings.provider.groq.api_key = Some("gsk-test".to_owned().into());
         configure(&mut settings);
         let shutdown = CancellationToken::new();
         let (sim_address, _sim) =
@@ -374,6 +375,7 @@ impl Stack {
         settings.provider.anthropic.base_url = format!("http://{sim_address}");
         settings.provider.mistral.base_url = format!("http://{sim_address}/v1");
         settings.provider.gemini.base_url = format!("http://{sim_address}");
+        settings.provider.groq.base_url = format!("http://{sim_address}/v1");
         settings.validate().expect("test settings are valid");
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await

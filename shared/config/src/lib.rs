@@ -474,14 +474,32 @@ pub struct S3Settings {
     pub secret_access_key: Option<SecretString>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSettings {
     pub openai: OpenAiSettings,
     pub anthropic: AnthropicSettings,
     pub mistral: MistralSettings,
     pub gemini: GeminiSettings,
+    /// Groq's OpenAI-compatible Batch API (`GROQ_API_KEY`).
+    pub groq: OpenAiSettings,
     pub sim: SimProviderSettings,
+}
+
+impl Default for ProviderSettings {
+    fn default() -> Self {
+        Self {
+            openai: OpenAiSettings::default(),
+            anthropic: AnthropicSettings::default(),
+            mistral: MistralSettings::default(),
+            gemini: GeminiSettings::default(),
+            groq: OpenAiSettings {
+                base_url: "https://api.groq.com/openai/v1".into(),
+                ..OpenAiSettings::default()
+            },
+            sim: SimProviderSettings::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -886,6 +904,11 @@ impl ProviderSettings {
                 &mut self.gemini.api_key,
                 &self.gemini.api_key_file,
                 "GEMINI_API_KEY",
+            ),
+            (
+                &mut self.groq.api_key,
+                &self.groq.api_key_file,
+                "GROQ_API_KEY",
             ),
         ];
         for (key, file, variable) in sources {

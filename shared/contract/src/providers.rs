@@ -35,7 +35,9 @@ pub const GEMINI: Limits = Limits {
 };
 
 /// The providers a job may name.
-pub const NAMES: [&str; 5] = ["openai", "anthropic", "mistral", "gemini", "sim"];
+/// `groq` is Groq's OpenAI-compatible Batch API, spoken by the OpenAI client (same lines,
+/// files, batches and statuses) at Groq's base URL.
+pub const NAMES: [&str; 6] = ["openai", "anthropic", "mistral", "gemini", "groq", "sim"];
 
 /// Where provider `name`'s API key comes from, as a user sets it.
 pub fn api_key_source(name: &str) -> &'static str {
@@ -43,6 +45,7 @@ pub fn api_key_source(name: &str) -> &'static str {
         "anthropic" => "ANTHROPIC_API_KEY (or provider.anthropic.api_key_file)",
         "mistral" => "MISTRAL_API_KEY (or provider.mistral.api_key_file)",
         "gemini" => "GEMINI_API_KEY (or provider.gemini.api_key_file)",
+        "groq" => "GROQ_API_KEY (or provider.groq.api_key_file)",
         _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
     }
 }
@@ -54,6 +57,8 @@ pub fn default_model(name: &str) -> Option<&'static str> {
         "anthropic" => Some("claude-3-5-haiku-latest"),
         "mistral" => Some("mistral-small-latest"),
         "gemini" => Some("gemini-2.5-flash"),
+        // One of the models Groq serves with json_schema structured outputs.
+        "groq" => Some("openai/gpt-oss-20b"),
         _ => None,
     }
 }
@@ -87,7 +92,8 @@ pub const OPENAI_LARGE_ENUM_CHARS: usize = 15_000;
 /// The batch limits of the provider called `name`; `None` for a name rowsmith does not know.
 pub fn batch_limits(name: &str) -> Option<Limits> {
     match name {
-        "openai" | "sim" => Some(OPENAI),
+        // Groq: up to 50,000 lines and 200 MB per batch file, as OpenAI.
+        "openai" | "groq" | "sim" => Some(OPENAI),
         "anthropic" => Some(ANTHROPIC),
         "mistral" => Some(MISTRAL),
         "gemini" => Some(GEMINI),

@@ -397,6 +397,7 @@ pub struct Providers {
     anthropic: Provider,
     mistral: Provider,
     gemini: Provider,
+    groq: Provider,
     sim: Provider,
 }
 
@@ -435,8 +436,17 @@ impl Providers {
             gemini_settings.api_key.clone(),
             gemini_settings.timeout,
         )?;
+        // Groq speaks OpenAI's Batch API as it is: the OpenAI client at Groq's base URL.
+        let groq_settings = &settings.groq;
+        let groq = OpenAiClient::new(
+            "groq",
+            &groq_settings.base_url,
+            groq_settings.api_key.clone(),
+            groq_settings.timeout,
+        )?;
         Ok(Self {
             gemini: Provider::Gemini(gemini),
+            groq: Provider::OpenAi(groq),
             openai: Provider::OpenAi(openai),
             anthropic: Provider::Anthropic(anthropic),
             mistral: Provider::Mistral(mistral),
@@ -459,6 +469,9 @@ impl Providers {
         if self.gemini.has_key() {
             names.push("gemini");
         }
+        if self.groq.has_key() {
+            names.push("groq");
+        }
         names
     }
 
@@ -468,6 +481,7 @@ impl Providers {
             "anthropic" => Ok(&self.anthropic),
             "mistral" => Ok(&self.mistral),
             "gemini" => Ok(&self.gemini),
+            "groq" => Ok(&self.groq),
             "sim" => Ok(&self.sim),
             other => Err(ProviderError::Unknown(other.to_owned())),
         }
@@ -504,12 +518,16 @@ mod tests {
                 base_url: "http://127.0.0.1:9".into(),
                 ..Default::default()
             },
+            groq: rowsmith_config::OpenAiSettings {
+                base_url: "http://127.0.0.1:9/v1".into(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let providers = Providers::from_settings(&settings).expect("providers");
         assert_eq!(providers.with_keys(), ["sim"]);
         let batch = BatchRef { id: "b".into() };
-        for name in ["openai", "anthropic", "mistral", "gemini"] {
+        for name in ["openai", "anthropic", "mistral", "gemini", "groq"] {
             let error = providers
                 .get(name)
                 .expect("provider")

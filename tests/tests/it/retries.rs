@@ -32,6 +32,11 @@ async fn gemini_failed_and_expired_rows_are_retried_and_only_permanent_failures_
     retried_until_only_permanent_failures_remain("gemini", "faulty").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groq_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+    retried_until_only_permanent_failures_remain("groq", "faulty").await;
+}
+
 /// A 10,000-row job with 5% row errors, 2% invalid JSON, a few schema violations and cut-off
 /// answers, and one of its three shards expiring half done: every row ends in enriched.csv
 /// but the ones made to fail permanently, which end in failures.csv.
