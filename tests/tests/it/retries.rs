@@ -158,6 +158,34 @@ async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
+    falls_back("fallback", "sim", "anthropic", "claude-fallback").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_falls_back_to_gemini() {
+    falls_back(
+        "fallback-to-gemini",
+        "anthropic",
+        "gemini",
+        "gemini-fallback",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_falls_back_to_mistral() {
+    falls_back(
+        "fallback-to-mistral",
+        "gemini",
+        "mistral",
+        "mistral-fallback",
+    )
+    .await;
+}
+
+/// A 1,000-row job on `from` with 10% server errors and two attempts: the second goes to
+/// `to` with `model`, in `to`'s own format, and every row ends once.
+async fn falls_back(job_id: &str, from: &str, to: &str, model: &str) {
     let stack = Stack::start_with(|settings| {
         settings.sim.faults = SimFaults {
             server_error_rate: 0.1,
@@ -167,20 +195,22 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
     .await;
     let rows = awkward_rows(1000);
     let input = stack.upload_input("fallback.csv", to_csv(&rows)).await;
-    let mut job_spec = spec("fallback", &input, "description");
+    let mut job_spec = spec(job_id, &input, "description");
+    job_spec.provider = from.into();
+    job_spec.model = rowsmith_contract::providers::default_model(from)
+        .expect("a default model")
+        .into();
     job_spec.options.max_attempts = 2;
     job_spec.fallback = Some(rowsmith_contract::spec::Fallback {
-        provider: "anthropic".into(),
-        model: "claude-fallback".into(),
+        provider: to.into(),
+        model: model.into(),
     });
     stack.submit(&job_spec).await;
-    let job = stack
-        .wait_for_end("fallback", Duration::from_secs(120))
-        .await;
+    let job = stack.wait_for_end(job_id, Duration::from_secs(120)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.shards_per_attempt.len(), 2);
     let key = rowsmith_contract::messages::ShardKey {
-        job_id: "fallback".into(),
+        job_id: job_id.into(),
         attempt: 2,
         shard: 0,
     };
@@ -192,13 +222,60 @@ async fn the_last_attempt_goes_to_the_fallback_provider_and_model() {
         .await
         .expect("read")
         .expect("attempt 2 shard");
-    assert_eq!(shard.provider, "anthropic");
+    assert_eq!(shard.provider, to);
     let requests = stack.read_text(&shard.requests_path).await;
     let first: serde_json::Value =
         serde_json::from_str(requests.lines().next().expect("a line")).expect("json");
-    assert_eq!(first["params"]["model"], "claude-fallback");
-    assert_eq!(first["params"]["tool_choice"]["name"], "row_enrichment");
-    // Roughly the 10% that failed on OpenAI went to Anthropic, and all came back.
+    match to {
+        "anthropic" => {
+            assert_eq!(first["params"]["model"], model);
+            assert_eq!(first["params"]["tool_choice"]["name"], "row_enrichment");
+        }
+        "gemini" => {
+            assert!(first["key"].is_string() && first["request"]["contents"].is_array());
+        }
+        _ => assert_eq!(first["body"]["model"], model),
+    }
+    // The fallback's model reached the create call (Gemini and Mistral name it there).
+    let batch_id = shard.provider_batch_id.clone().expect("a batch");
+    let client = reqwest::Client::new();
+    let base = &stack.settings.provider.gemini.base_url;
+    let named = match to {
+        "gemini" => Some(
+            client
+                .get(format!("{base}/v1beta/{batch_id}"))
+                .header("x-goog-api-key", "k")
+                .send()
+                .await
+                .expect("get")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")["metadata"]["model"]
+                .clone(),
+        ),
+        "mistral" => Some(
+            client
+                .get(format!("{base}/v1/batch/jobs/{batch_id}"))
+                .bearer_auth("k")
+                .send()
+                .await
+                .expect("get")
+                .json::<serde_json::Value>()
+                .await
+                .expect("json")["model"]
+                .clone(),
+        ),
+        _ => None,
+    };
+    if let Some(named) = named {
+        let expected = if to == "gemini" {
+            format!("models/{model}")
+        } else {
+            model.to_owned()
+        };
+        assert_eq!(named, serde_json::json!(expected));
+    }
+    // Roughly the 10% that failed on the first provider went to the second; all came back.
     let retried = requests.lines().count();
     assert!(
         (50..=150).contains(&retried),
