@@ -6,7 +6,8 @@
   whose models refuse any key they do not declare; the request holds no other key;
 - the SDK uploads the file (resumable protocol), creates a batch from it, polls it to its
   end, finds it in the listing and downloads its responses, each parsed as the SDK's
-  `GenerateContentResponse`. A field the simulator leaves out or misnames fails here.
+  `GenerateContentResponse`; then sends the same requests inline and reads the answers from
+  the batch (`dest.inlined_responses`). A field the simulator leaves out or misnames fails here.
 Exits 1 with the first misfit."""
 import json
 import sys
@@ -36,6 +37,18 @@ def check_line(line: dict) -> list:
     return config.response_schema.property_ordering
 
 
+def ended(client, job):
+    """The batch polled until it ends, which must be in success."""
+    terminal = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+    deadline = time.time() + 60
+    while job.state.name not in terminal:
+        assert time.time() < deadline, f"batch never ended: {job.state}"
+        time.sleep(0.1)
+        job = client.batches.get(name=job.name)
+    assert job.state.name == "JOB_STATE_SUCCEEDED", job
+    return job
+
+
 def main() -> None:
     base_url, path = sys.argv[1], sys.argv[2]
     orderings = []
@@ -57,13 +70,7 @@ def main() -> None:
     job = client.batches.create(
         model="gemini-2.5-flash", src=uploaded.name, config={"display_name": "rowsmith-sdk.1.0"}
     )
-    ended = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
-    deadline = time.time() + 60
-    while job.state.name not in ended:
-        assert time.time() < deadline, f"batch never ended: {job.state}"
-        time.sleep(0.1)
-        job = client.batches.get(name=job.name)
-    assert job.state.name == "JOB_STATE_SUCCEEDED", job
+    job = ended(client, job)
     assert job.display_name == "rowsmith-sdk.1.0", job
     assert job.create_time is not None and job.end_time is not None, job
     listed = [j.name for j in client.batches.list(config={"page_size": 10})]
@@ -77,6 +84,24 @@ def main() -> None:
         assert list(answer) == orderings[0], (list(answer), orderings[0])
         answered.append(result["key"])
     assert sorted(answered) == sorted(keys), (answered, keys)
+    # The same requests inline: the SDK's own inline wire shape, its answers in the operation.
+    inline = []
+    for line in open(path, encoding="utf-8"):
+        line = json.loads(line)
+        request = line["request"]
+        config = types.GenerateContentConfig.model_validate(
+            {**request["generationConfig"], "systemInstruction": request["systemInstruction"]}
+        )
+        inline.append(types.InlinedRequest(contents=request["contents"], config=config,
+                                           metadata={"key": line["key"]}))
+    job = client.batches.create(model="gemini-2.5-flash", src=inline,
+                                config={"display_name": "rowsmith-sdk.1.1"})
+    job = ended(client, job)
+    inlined = job.dest.inlined_responses
+    assert sorted(r.metadata["key"] for r in inlined) == sorted(keys), inlined
+    for answer in inlined:
+        assert answer.error is None, answer
+        assert list(json.loads(answer.response.text)) == orderings[0]
     from importlib.metadata import version
     print(f"checked {len(keys)} lines; google-genai {version('google-genai')} drove {job.name} to {job.state.name}")
 

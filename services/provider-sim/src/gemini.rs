@@ -1,14 +1,14 @@
 //! Gemini batch mode as the Developer API serves it, over the same batch machinery as the
 //! other APIs: the resumable Files API (`/upload/v1beta/files`, start then chunks at their
 //! offsets, the last one finalizing), batches created by `models/{model}:batchGenerateContent`
-//! from an uploaded JSONL file of `{key, request}` lines, long-running operations with
+//! from an uploaded JSONL file of `{key, request}` lines or inline requests (answers then in the
+//! operation; the whole call under 20 MB), long-running operations with
 //! `BATCH_STATE_*` and string counts, results as one generated file (errors inline, in any
 //! order) that only generated files may be downloaded from, and Google's error shape
 //! (`{"error": {code, message, status}}`). Requests are checked as the proto-JSON parser does:
 //! an unknown field, a `responseSchema` outside its dialect, or both schema kinds at once is
 //! refused per line; a malformed file fails the batch.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use axum::Json;
@@ -17,28 +17,20 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::faults::Fate;
-use crate::openai::{Api, Line, Shared, SimBatch, SimFile, SimState, lock, unix_now};
+use crate::gemini_state::{GeminiBatch, Upload};
+use crate::gemini_wire::{field, unknown_field, unknown_name, validate_file};
+use crate::openai::{Api, Shared, SimBatch, SimFile, SimState, lock, unix_now};
 
 /// The largest file the Files API takes: 2 GB.
 const MAX_FILE_BYTES: u64 = 2 * 1000 * 1000 * 1000;
 
-/// Upload sessions and what Gemini shows of its batches beyond the shared machinery.
-#[derive(Debug, Default)]
-pub(crate) struct GeminiState {
-    uploads: HashMap<String, Upload>,
-    /// Batch id → (display name, model).
-    batches: HashMap<String, (String, String)>,
-}
+/// Batches one project may have running at once.
+const MAX_CONCURRENT_BATCHES: usize = 100;
 
-#[derive(Debug)]
-struct Upload {
-    display_name: String,
-    declared: u64,
-    bytes: Vec<u8>,
-}
+/// The largest create call Gemini takes (inline requests included): 20 MB.
+const MAX_CREATE_BYTES: usize = 20 * 1000 * 1000;
 
 /// An error in Google's shape, with the canonical status name of the HTTP code.
 pub(crate) fn google_error(status: StatusCode, message: &str) -> Response {
@@ -65,362 +57,6 @@ fn rfc3339(unix_seconds: i64) -> String {
                 .ok()
         })
         .unwrap_or_default()
-}
-
-/// A proto-JSON field name in lowerCamelCase (the parser takes both spellings).
-fn camel(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut upper = false;
-    for c in name.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.extend(c.to_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The first field of `object` not among `known` (lowerCamelCase names).
-fn unknown_field<'a>(object: &'a Map<String, Value>, known: &[&str]) -> Option<&'a str> {
-    object
-        .keys()
-        .find(|key| !known.contains(&camel(key).as_str()))
-        .map(String::as_str)
-}
-
-fn unknown_name(field: &str, at: &str) -> String {
-    format!("Invalid JSON payload received. Unknown name \"{field}\" at '{at}': Cannot find field.")
-}
-
-fn field<'a>(object: &'a Value, camel_name: &str) -> Option<&'a Value> {
-    let object = object.as_object()?;
-    object
-        .iter()
-        .find(|(key, _)| camel(key) == camel_name)
-        .map(|(_, value)| value)
-}
-
-const REQUEST_FIELDS: &[&str] = &[
-    "model",
-    "contents",
-    "systemInstruction",
-    "generationConfig",
-    "safetySettings",
-    "tools",
-    "toolConfig",
-    "cachedContent",
-    "labels",
-];
-
-const GENERATION_CONFIG_FIELDS: &[&str] = &[
-    "stopSequences",
-    "responseMimeType",
-    "responseSchema",
-    "responseJsonSchema",
-    "responseModalities",
-    "candidateCount",
-    "maxOutputTokens",
-    "temperature",
-    "topP",
-    "topK",
-    "seed",
-    "presencePenalty",
-    "frequencyPenalty",
-    "responseLogprobs",
-    "logprobs",
-    "enableEnhancedCivicAnswers",
-    "speechConfig",
-    "thinkingConfig",
-    "mediaResolution",
-];
-
-/// `responseSchema`'s dialect: the OpenAPI 3.0 subset of Gemini's `Schema` message.
-const SCHEMA_FIELDS: &[&str] = &[
-    "type",
-    "format",
-    "title",
-    "description",
-    "nullable",
-    "enum",
-    "maxItems",
-    "minItems",
-    "properties",
-    "required",
-    "minProperties",
-    "maxProperties",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "example",
-    "anyOf",
-    "propertyOrdering",
-    "default",
-    "items",
-    "minimum",
-    "maximum",
-    "additionalProperties",
-];
-
-const SCHEMA_TYPES: &[&str] = &[
-    "TYPE_UNSPECIFIED",
-    "STRING",
-    "NUMBER",
-    "INTEGER",
-    "BOOLEAN",
-    "ARRAY",
-    "OBJECT",
-    "NULL",
-];
-
-fn check_schema(schema: &Value, at: &str) -> Result<(), String> {
-    let Some(object) = schema.as_object() else {
-        return Err(format!("{at}: a schema is an object"));
-    };
-    if let Some(name) = unknown_field(object, SCHEMA_FIELDS) {
-        return Err(unknown_name(name, at));
-    }
-    if let Some(kind) = field(schema, "type") {
-        let known = kind.as_str().is_some_and(|k| SCHEMA_TYPES.contains(&k));
-        if !known {
-            return Err(format!(
-                "Invalid value at '{at}.type' ({}), expected one of {}",
-                kind,
-                SCHEMA_TYPES.join(", ")
-            ));
-        }
-    }
-    let properties = field(schema, "properties").and_then(Value::as_object);
-    if let Some(properties) = properties {
-        for (name, property) in properties {
-            check_schema(property, &format!("{at}.properties[{name}]"))?;
-        }
-    }
-    if let Some(ordering) = field(schema, "propertyOrdering").and_then(Value::as_array) {
-        let named = |name: &Value| {
-            name.as_str()
-                .is_some_and(|n| properties.is_some_and(|p| p.contains_key(n)))
-        };
-        if !ordering.iter().all(named) {
-            return Err(format!(
-                "{at}.property_ordering: every name must be a property of the schema"
-            ));
-        }
-    }
-    if let Some(items) = field(schema, "items") {
-        check_schema(items, &format!("{at}.items"))?;
-    }
-    Ok(())
-}
-
-/// A GenerateContentRequest as the service parses it; `Err` is the per-request 400.
-fn check_request(request: &Value) -> Result<(), String> {
-    let Some(object) = request.as_object() else {
-        return Err("request: a GenerateContentRequest object is required".into());
-    };
-    if let Some(name) = unknown_field(object, REQUEST_FIELDS) {
-        return Err(unknown_name(name, "request"));
-    }
-    let contents = field(request, "contents").and_then(Value::as_array);
-    if contents.is_none_or(Vec::is_empty) {
-        return Err("* GenerateContentRequest.contents: contents is not specified".into());
-    }
-    for content in contents.into_iter().flatten() {
-        let parts = field(content, "parts").and_then(Value::as_array);
-        if parts.is_none_or(Vec::is_empty) {
-            return Err(
-                "* GenerateContentRequest.contents.parts: contents.parts must not be empty".into(),
-            );
-        }
-        if let Some(role) = field(content, "role").and_then(Value::as_str)
-            && !matches!(role, "user" | "model")
-        {
-            return Err(format!(
-                "Please use a valid role: user, model (not {role:?})."
-            ));
-        }
-    }
-    let Some(config) = field(request, "generationConfig") else {
-        return Ok(());
-    };
-    let Some(config_object) = config.as_object() else {
-        return Err("request.generation_config: an object is required".into());
-    };
-    if let Some(name) = unknown_field(config_object, GENERATION_CONFIG_FIELDS) {
-        return Err(unknown_name(name, "request.generation_config"));
-    }
-    let schema = field(config, "responseSchema");
-    if schema.is_some() && field(config, "responseJsonSchema").is_some() {
-        return Err("response_schema and response_json_schema cannot both be set".into());
-    }
-    if let Some(schema) = schema {
-        let mime = field(config, "responseMimeType").and_then(Value::as_str);
-        if !matches!(mime, Some("application/json" | "text/x.enum")) {
-            return Err(
-                "response_mime_type must be application/json or text/x.enum when response_schema is set".into(),
-            );
-        }
-        check_schema(schema, "request.generation_config.response_schema")?;
-    }
-    if let Some(t) = field(config, "temperature").and_then(Value::as_f64)
-        && !(0.0..=2.0).contains(&t)
-    {
-        return Err(format!("temperature must be in [0, 2], got {t}"));
-    }
-    Ok(())
-}
-
-/// A `responseSchema` with its types in lower case: the JSON schema the fake model reads.
-fn as_json_schema(schema: &Value) -> Value {
-    match schema {
-        Value::Object(object) => Value::Object(
-            object
-                .iter()
-                .map(|(key, value)| {
-                    let value = match (key.as_str(), value) {
-                        ("type", Value::String(kind)) => Value::String(kind.to_lowercase()),
-                        _ => as_json_schema(value),
-                    };
-                    (key.clone(), value)
-                })
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.iter().map(as_json_schema).collect()),
-        other => other.clone(),
-    }
-}
-
-/// The result line of one `{key, request}` line, shaped by its fate: `{key, response}` with
-/// the fake model's JSON answer, or `{key, error}` (a `google.rpc.Status`).
-pub(crate) fn answer_line(index: usize, line: &Value, fate: Fate) -> Line {
-    let key = &line["key"];
-    let request = &line["request"];
-    let error = |code: u16, status: &str, message: &str| {
-        Line::Error(
-            json!({"key": key, "error": {"code": code, "message": message, "status": status}})
-                .to_string(),
-        )
-    };
-    if let Err(message) = check_request(request) {
-        return error(400, "INVALID_ARGUMENT", &message);
-    }
-    match fate {
-        Fate::ServerError => {
-            return error(
-                500,
-                "INTERNAL",
-                "An internal error has occurred. Please retry or report in \
-                 https://developers.generativeai.google/guide/troubleshooting",
-            );
-        }
-        Fate::BadRequest => {
-            return error(
-                400,
-                "INVALID_ARGUMENT",
-                "Request contains an invalid argument.",
-            );
-        }
-        _ => {}
-    }
-    let schema = field(request, "generationConfig")
-        .and_then(|config| field(config, "responseSchema"))
-        .map(as_json_schema)
-        .unwrap_or(json!({}));
-    let user: String = field(request, "contents")
-        .and_then(Value::as_array)
-        .and_then(|contents| {
-            contents
-                .iter()
-                .rev()
-                .find(|c| field(c, "role").and_then(Value::as_str) != Some("model"))
-        })
-        .and_then(|content| field(content, "parts"))
-        .and_then(Value::as_array)
-        .map(|parts| parts.iter().filter_map(|p| p["text"].as_str()).collect())
-        .unwrap_or_default();
-    let mut answer = crate::model::answer(&schema, &user);
-    let prompt_tokens = (request.to_string().len() / 4) as u64;
-    let full = answer.to_string();
-    let (text, finish) = match fate {
-        Fate::InvalidJson => (full[..full.len() / 2].to_owned(), "STOP"),
-        Fate::SchemaViolation => {
-            if let Some(object) = answer.as_object_mut() {
-                let first = object.keys().next().cloned();
-                if let Some(first) = first {
-                    object.remove(&first);
-                }
-            }
-            (answer.to_string(), "STOP")
-        }
-        Fate::Length => (full[..full.len() / 3].to_owned(), "MAX_TOKENS"),
-        Fate::Refusal => {
-            return Line::Output(
-                json!({"key": key, "response": {
-                    "candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": [
-                        {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": true}]}],
-                    "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
-                    "responseId": format!("resp-{index}")}})
-                .to_string(),
-            );
-        }
-        _ => (full, "STOP"),
-    };
-    let candidates_tokens = (text.len() / 4) as u64;
-    Line::Output(
-        json!({"key": key, "response": {
-            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"},
-                            "finishReason": finish, "index": 0}],
-            "usageMetadata": {"promptTokenCount": prompt_tokens,
-                              "candidatesTokenCount": candidates_tokens,
-                              "totalTokenCount": prompt_tokens + candidates_tokens},
-            "responseId": format!("resp-{index}")}})
-        .to_string(),
-    )
-}
-
-/// Checks a batch file as the service does before running it: every line a JSON object of
-/// `key` (a string, unique) and `request` (an object), nothing else. A failure fails the batch.
-fn validate_file(bytes: &[u8]) -> (u64, Option<Vec<Value>>) {
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0;
-    let fail = |line: u64, message: String| {
-        Some(vec![
-            json!({"code": "INVALID_ARGUMENT", "message": message, "line": line}),
-        ])
-    };
-    for (number, line) in bytes
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .enumerate()
-    {
-        total += 1;
-        let at = number as u64 + 1;
-        let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(line) else {
-            return (total, fail(at, format!("line {at} is not a JSON object")));
-        };
-        if let Some(name) = unknown_field(&object, &["key", "request"]) {
-            return (total, fail(at, unknown_name(name, "line")));
-        }
-        let Some(key) = object.get("key").and_then(Value::as_str) else {
-            return (total, fail(at, format!("line {at} has no string key")));
-        };
-        if !seen.insert(key.to_owned()) {
-            return (
-                total,
-                fail(at, format!("line {at}: key {key:?} is used twice")),
-            );
-        }
-        if !object.get("request").is_some_and(Value::is_object) {
-            return (total, fail(at, format!("line {at} has no request object")));
-        }
-    }
-    if total == 0 {
-        return (0, fail(0, "the input file is empty".into()));
-    }
-    (total, None)
 }
 
 fn file_resource(file: &SimFile, host: &str) -> Value {
@@ -475,58 +111,75 @@ pub(crate) async fn upload(
 ) -> Response {
     let command = header(&headers, "x-goog-upload-command").unwrap_or("");
     let mut state = lock(&state);
-    let Some(upload_id) = query.upload_id else {
-        if header(&headers, "x-goog-upload-protocol") != Some("resumable") || command != "start" {
-            return google_error(
-                StatusCode::BAD_REQUEST,
-                "the simulator takes resumable uploads: X-Goog-Upload-Protocol: resumable, \
-                 X-Goog-Upload-Command: start",
-            );
-        }
-        let Some(declared) =
-            header(&headers, "x-goog-upload-header-content-length").and_then(|v| v.parse().ok())
-        else {
-            return google_error(
-                StatusCode::BAD_REQUEST,
-                "X-Goog-Upload-Header-Content-Length is required",
-            );
-        };
-        if declared > MAX_FILE_BYTES {
-            return google_error(StatusCode::BAD_REQUEST, "File size exceeds the 2 GB limit.");
-        }
-        let metadata: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let display_name = metadata
-            .get("file")
-            .and_then(|f| field(f, "displayName"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        let id = state.new_id("up");
-        state.gemini.uploads.insert(
-            id.clone(),
-            Upload {
-                display_name,
-                declared,
-                bytes: Vec::new(),
-            },
+    match query.upload_id {
+        None => start_upload(&mut state, &headers, command, &body),
+        Some(upload_id) => upload_chunk(&mut state, &upload_id, &headers, command, &body),
+    }
+}
+
+/// A resumable upload's start: the declared size and the file's display name; answers with
+/// the session URL.
+fn start_upload(state: &mut SimState, headers: &HeaderMap, command: &str, body: &[u8]) -> Response {
+    if header(headers, "x-goog-upload-protocol") != Some("resumable") || command != "start" {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "the simulator takes resumable uploads: X-Goog-Upload-Protocol: resumable, \
+             X-Goog-Upload-Command: start",
         );
-        let url = format!(
-            "http://{}/upload/v1beta/files?upload_id={id}&upload_protocol=resumable",
-            host(&headers)
+    }
+    let Some(declared) =
+        header(headers, "x-goog-upload-header-content-length").and_then(|v| v.parse().ok())
+    else {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "X-Goog-Upload-Header-Content-Length is required",
         );
-        let mut response = StatusCode::OK.into_response();
-        let headers_out = response.headers_mut();
-        if let Ok(url) = HeaderValue::from_str(&url) {
-            headers_out.insert("x-goog-upload-url", url);
-        }
-        headers_out.insert("x-goog-upload-status", HeaderValue::from_static("active"));
-        headers_out.insert(
-            "x-goog-upload-chunk-granularity",
-            HeaderValue::from_static("262144"),
-        );
-        return response;
     };
-    let Some(upload) = state.gemini.uploads.get_mut(&upload_id) else {
+    if declared > MAX_FILE_BYTES {
+        return google_error(StatusCode::BAD_REQUEST, "File size exceeds the 2 GB limit.");
+    }
+    let metadata: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let display_name = metadata
+        .get("file")
+        .and_then(|f| field(f, "displayName"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let id = state.new_id("up");
+    state.gemini.uploads.insert(
+        id.clone(),
+        Upload {
+            display_name,
+            declared,
+            bytes: Vec::new(),
+        },
+    );
+    let url = format!(
+        "http://{}/upload/v1beta/files?upload_id={id}&upload_protocol=resumable",
+        host(headers)
+    );
+    let mut response = StatusCode::OK.into_response();
+    let headers_out = response.headers_mut();
+    if let Ok(url) = HeaderValue::from_str(&url) {
+        headers_out.insert("x-goog-upload-url", url);
+    }
+    headers_out.insert("x-goog-upload-status", HeaderValue::from_static("active"));
+    headers_out.insert(
+        "x-goog-upload-chunk-granularity",
+        HeaderValue::from_static("262144"),
+    );
+    response
+}
+
+/// A chunk of a resumable upload at its offset; the last one (`finalize`) makes the file.
+fn upload_chunk(
+    state: &mut SimState,
+    upload_id: &str,
+    headers: &HeaderMap,
+    command: &str,
+    body: &[u8],
+) -> Response {
+    let Some(upload) = state.gemini.uploads.get_mut(upload_id) else {
         return google_error(StatusCode::NOT_FOUND, "no such upload session");
     };
     if !command.contains("upload") {
@@ -536,7 +189,7 @@ pub(crate) async fn upload(
         );
     }
     let offset: Option<usize> =
-        header(&headers, "x-goog-upload-offset").and_then(|v| v.parse().ok());
+        header(headers, "x-goog-upload-offset").and_then(|v| v.parse().ok());
     if offset != Some(upload.bytes.len()) {
         return google_error(
             StatusCode::BAD_REQUEST,
@@ -546,7 +199,7 @@ pub(crate) async fn upload(
             ),
         );
     }
-    upload.bytes.extend_from_slice(&body);
+    upload.bytes.extend_from_slice(body);
     if upload.bytes.len() as u64 > upload.declared {
         return google_error(
             StatusCode::BAD_REQUEST,
@@ -566,7 +219,7 @@ pub(crate) async fn upload(
             "the upload was finalized before all declared bytes arrived",
         );
     }
-    let Some(upload) = state.gemini.uploads.remove(&upload_id) else {
+    let Some(upload) = state.gemini.uploads.remove(upload_id) else {
         return google_error(StatusCode::NOT_FOUND, "no such upload session");
     };
     let id = state.new_id("");
@@ -577,8 +230,9 @@ pub(crate) async fn upload(
         purpose: "batch".into(),
         created_at: unix_now(),
     };
-    let resource = file_resource(&file, &host(&headers));
+    let resource = file_resource(&file, &host(headers));
     state.files.insert(id, file);
+    state.files_uploaded += 1;
     let mut response = Json(json!({"file": resource})).into_response();
     response
         .headers_mut()
@@ -638,9 +292,57 @@ pub(crate) async fn download(
         .into_response()
 }
 
+/// The answers of an inline batch as the operation shows them: `{response | error,
+/// metadata: {key}}` per request, from the output lines the machinery wrote.
+fn inlined(state: &SimState, file_id: &str) -> Vec<Value> {
+    let Some(file) = state.files.get(file_id) else {
+        return Vec::new();
+    };
+    file.bytes
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .map(|mut line| {
+            let key = line.get("key").cloned().unwrap_or(Value::Null);
+            if let Some(object) = line.as_object_mut() {
+                object.remove("key");
+                object.insert("metadata".into(), json!({"key": key}));
+            }
+            line
+        })
+        .collect()
+}
+
+/// An inline `inputConfig.requests` as the lines of a batch file (`{key, request}`), or the
+/// 400 it gets.
+fn inline_lines(requests: &Value) -> Result<Vec<u8>, String> {
+    let items = field(requests, "requests")
+        .and_then(Value::as_array)
+        .ok_or("batch.input_config.requests.requests is required")?;
+    let mut lines = Vec::new();
+    for item in items {
+        let object = item.as_object().ok_or("an inlined request is an object")?;
+        if let Some(name) = unknown_field(object, &["request", "metadata"]) {
+            return Err(unknown_name(name, "batch.input_config.requests.requests[]"));
+        }
+        let key = field(item, "metadata")
+            .and_then(|m| m.get("key"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        let request = field(item, "request").cloned().unwrap_or(Value::Null);
+        serde_json::to_writer(&mut lines, &json!({"key": key, "request": request}))
+            .map_err(|e| e.to_string())?;
+        lines.push(b'\n');
+    }
+    Ok(lines)
+}
+
 /// The batch's long-running operation, from the shared machinery's view of it.
 fn operation(state: &mut SimState, id: &str) -> Option<Value> {
-    let (display_name, model) = state.gemini.batches.get(id)?.clone();
+    let GeminiBatch {
+        display_name,
+        model,
+        inline,
+    } = state.gemini.batches.get(id)?.clone();
     let object = state.advance(id)?;
     let batch_state = match object["status"].as_str().unwrap_or("") {
         "validating" => "BATCH_STATE_PENDING",
@@ -679,12 +381,20 @@ fn operation(state: &mut SimState, id: &str) -> Option<Value> {
     let mut operation = json!({"name": name, "metadata": metadata.clone()});
     if let Some(ended) = ended {
         metadata["endTime"] = json!(rfc3339(ended));
-        let output = object["output_file_id"]
-            .as_str()
-            .map(|file| json!({"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput",
-                               "responsesFile": format!("files/{file}")}));
+        let output = object["output_file_id"].as_str().map(|file| {
+            let mut output = json!({"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"});
+            match inline {
+                true => output["inlinedResponses"] = json!({"inlinedResponses": inlined(state, file)}),
+                false => output["responsesFile"] = json!(format!("files/{file}")),
+            }
+            output
+        });
         if let Some(output) = &output {
-            metadata["output"] = json!({"responsesFile": output["responsesFile"]});
+            let mut shown = output.clone();
+            if let Some(object) = shown.as_object_mut() {
+                object.remove("@type");
+            }
+            metadata["output"] = shown;
         }
         operation["metadata"] = metadata;
         operation["done"] = json!(true);
@@ -708,6 +418,66 @@ fn operation(state: &mut SimState, id: &str) -> Option<Value> {
 }
 
 /// `POST /v1beta/models/{model}:batchGenerateContent`.
+/// The file a create names, or the file its inline requests make; the refusal's status and
+/// message otherwise.
+fn input_file(
+    state: &mut SimState,
+    file_name: Option<&str>,
+    inline: Option<&Value>,
+    display_name: &str,
+) -> Result<String, (StatusCode, String)> {
+    match (file_name, inline) {
+        (Some(file_name), None) => Ok(file_name
+            .strip_prefix("files/")
+            .unwrap_or(file_name)
+            .to_owned()),
+        (None, Some(requests)) => {
+            let lines = match inline_lines(requests) {
+                Ok(lines) => lines,
+                Err(message) => return Err((StatusCode::BAD_REQUEST, message)),
+            };
+            // Kept as a file the batch machinery reads; no client can name it.
+            let id = state.new_id("inline-");
+            let file = SimFile {
+                id: id.clone(),
+                bytes: Bytes::from(lines),
+                filename: display_name.to_owned(),
+                purpose: "batch".into(),
+                created_at: unix_now(),
+            };
+            state.files.insert(id.clone(), file);
+            Ok(id)
+        }
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            "batch.input_config: exactly one of file_name and requests".into(),
+        )),
+    }
+}
+
+/// Gemini refuses at create what it cannot hold: 100 batches at once, and the model's
+/// enqueued-token quota (429 `RESOURCE_EXHAUSTED`).
+fn over_capacity(state: &SimState, metadata: &Option<Value>, tokens: u64) -> Option<Response> {
+    let running: Vec<u64> = state
+        .batches
+        .values()
+        .filter(|b| b.api == Api::Gemini && b.ended.is_none())
+        .map(|b| b.tokens)
+        .collect();
+    let quota = state.faults_of_metadata(metadata).enqueued_token_quota;
+    let in_use: u64 = running.iter().sum();
+    if running.len() >= MAX_CONCURRENT_BATCHES
+        || quota.is_some_and(|quota| in_use > 0 && in_use + tokens > quota)
+    {
+        return Some(google_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Resource has been exhausted (e.g. check quota): too many batch jobs or enqueued \
+             tokens in progress.",
+        ));
+    }
+    None
+}
+
 pub(crate) async fn create(
     State(state): State<Shared>,
     Path(action): Path<String>,
@@ -719,6 +489,12 @@ pub(crate) async fn create(
             "the simulator serves batchGenerateContent only",
         );
     };
+    if body.len() > MAX_CREATE_BYTES {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "Request payload size exceeds the limit: 20971520 bytes.",
+        );
+    }
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return google_error(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
     };
@@ -750,31 +526,29 @@ pub(crate) async fn create(
     };
     let input = field(&batch, "inputConfig").cloned().unwrap_or(Value::Null);
     let file_name = field(&input, "fileName").and_then(Value::as_str);
-    let Some(file_name) = file_name else {
-        return google_error(
-            StatusCode::BAD_REQUEST,
-            "batch.input_config: the simulator takes file_name (an uploaded JSONL file)",
-        );
-    };
-    let file_id = file_name
-        .strip_prefix("files/")
-        .unwrap_or(file_name)
-        .to_owned();
+    let inline = field(&input, "requests");
     let mut state = lock(&state);
+    let file_id = match input_file(&mut state, file_name, inline, &display_name) {
+        Ok(file_id) => file_id,
+        Err((status, message)) => return google_error(status, &message),
+    };
     let Some(file) = state.files.get(&file_id) else {
         return google_error(
             StatusCode::NOT_FOUND,
-            &format!("File {file_name} not found"),
+            &format!("File files/{file_id} not found"),
         );
     };
     let checked = validate_file(&file.bytes);
     let tokens = (file.bytes.len() / 4) as u64;
-    let id = state.new_id("");
     // The shard a display name names, where the other APIs keep it in metadata: the faults
     // of its job apply.
     let metadata = display_name
         .strip_prefix("rowsmith-")
         .map(|shard| json!({"rowsmith_shard": shard}));
+    if let Some(refusal) = over_capacity(&state, &metadata, tokens) {
+        return refusal;
+    }
+    let id = state.new_id("");
     state.count_for_shard(&metadata);
     let mut sim_batch = SimBatch::new(
         id.clone(),
@@ -785,13 +559,17 @@ pub(crate) async fn create(
         tokens,
     );
     sim_batch.api = Api::Gemini;
+    // Admitted at create (the quota was checked there), never failed for it later.
+    sim_batch.admitted = sim_batch.errors.is_none();
     sim_batch.model = Some(model.to_owned());
     state.batches.insert(id.clone(), sim_batch);
     state.batch_order.push(id.clone());
-    state
-        .gemini
-        .batches
-        .insert(id.clone(), (display_name, model.to_owned()));
+    let shown = GeminiBatch {
+        display_name,
+        model: model.to_owned(),
+        inline: inline.is_some(),
+    };
+    state.gemini.batches.insert(id.clone(), shown);
     match operation(&mut state, &id) {
         Some(operation) => Json(operation).into_response(),
         None => google_error(StatusCode::INTERNAL_SERVER_ERROR, "batch vanished"),
@@ -881,96 +659,4 @@ pub(crate) async fn list(State(state): State<Shared>, Query(query): Query<ListQu
         page["nextPageToken"] = json!((start + size).to_string());
     }
     Json(page).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn line(request: Value) -> Value {
-        json!({"key": "r1", "request": request})
-    }
-
-    fn refused(request: Value) -> String {
-        match answer_line(0, &line(request), Fate::Answer) {
-            Line::Error(text) => {
-                let line: Value = serde_json::from_str(&text).expect("json");
-                assert_eq!(line["error"]["code"], 400, "{text}");
-                line["error"]["message"]
-                    .as_str()
-                    .expect("message")
-                    .to_owned()
-            }
-            Line::Output(text) => panic!("answered: {text}"),
-        }
-    }
-
-    #[test]
-    fn requests_outside_the_proto_are_refused_per_line() {
-        let contents =
-            json!([{"role": "user", "parts": [{"text": "Row data to enhance:\ntitle: a ball"}]}]);
-        let schema = json!({"type": "OBJECT", "properties": {"title": {"type": "STRING"}},
-                            "required": ["title"], "propertyOrdering": ["title"]});
-        let good = json!({"contents": contents, "generationConfig": {
-            "responseMimeType": "application/json", "responseSchema": schema}});
-        let Line::Output(text) = answer_line(0, &line(good.clone()), Fate::Answer) else {
-            panic!("refused a good request");
-        };
-        let answer: Value = serde_json::from_str(&text).expect("json");
-        let inner = answer
-            .pointer("/response/candidates/0/content/parts/0/text")
-            .and_then(Value::as_str)
-            .expect("text");
-        assert_eq!(
-            serde_json::from_str::<Value>(inner).expect("json")["title"],
-            "a ball"
-        );
-        let mut unknown = good.clone();
-        unknown["temperature"] = json!(0);
-        assert!(refused(unknown).contains("Unknown name \"temperature\""));
-        let mut lower = good.clone();
-        lower["generationConfig"]["responseSchema"]["type"] = json!("object");
-        assert!(refused(lower).contains(".type"));
-        let mut extra = good.clone();
-        extra["generationConfig"]["responseSchema"]["patternProperties"] = json!({});
-        assert!(refused(extra).contains("patternProperties"));
-        let mut both = good.clone();
-        both["generationConfig"]["responseJsonSchema"] = json!({"type": "object"});
-        assert!(refused(both).contains("cannot both"));
-        let mut no_mime = good.clone();
-        no_mime["generationConfig"]
-            .as_object_mut()
-            .expect("config")
-            .remove("responseMimeType");
-        assert!(refused(no_mime).contains("response_mime_type"));
-        assert!(refused(json!({"contents": []})).contains("contents is not specified"));
-        // Snake case is the proto's own spelling, and is taken.
-        let snake = json!({"contents": contents, "generation_config": {"max_output_tokens": 5}});
-        assert!(matches!(
-            answer_line(0, &line(snake), Fate::Answer),
-            Line::Output(_)
-        ));
-    }
-
-    #[test]
-    fn a_malformed_file_fails_the_batch() {
-        assert!(
-            validate_file(b"{\"key\":\"r1\",\"request\":{}}\n")
-                .1
-                .is_none()
-        );
-        for bad in [
-            &b"not json\n"[..],
-            b"{\"request\":{}}\n",
-            b"{\"key\":\"r1\",\"request\":{}}\n{\"key\":\"r1\",\"request\":{}}\n",
-            b"{\"key\":\"r1\",\"request\":{},\"custom_id\":\"x\"}\n",
-            b"",
-        ] {
-            assert!(
-                validate_file(bad).1.is_some(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
 }

@@ -63,8 +63,10 @@ fn is_gemini_create(path: &str) -> bool {
 }
 
 /// The largest create body read to find its job (an OpenAI create is a few hundred bytes; an
-/// Anthropic create holds its requests and names no job, so it is not read).
+/// Anthropic create holds its requests and names no job, so it is not read; a Gemini create
+/// names its shard but may hold its requests).
 const CREATE_BODY_LIMIT: usize = 1 << 20;
+const GEMINI_CREATE_BODY_LIMIT: usize = 64 << 20;
 
 pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -> Response {
     if request.uri().path().starts_with("/sim/") {
@@ -104,9 +106,14 @@ async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFau
         matches!(path.as_str(), "/v1/batches" | "/v1/batch/jobs") || is_gemini_create(&path);
     if request.method() == Method::POST && reads_body {
         let (parts, body) = request.into_parts();
-        let bytes = axum::body::to_bytes(body, CREATE_BODY_LIMIT)
-            .await
-            .unwrap_or_default();
+        // A Gemini create may carry its requests inline (up to 20 MB; more is refused by the
+        // handler, which must see it whole to say so).
+        let limit = if is_gemini_create(&path) {
+            GEMINI_CREATE_BODY_LIMIT
+        } else {
+            CREATE_BODY_LIMIT
+        };
+        let bytes = axum::body::to_bytes(body, limit).await.unwrap_or_default();
         let body = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
         // Gemini names the shard in the batch's display name.
         let metadata = body.and_then(|body| {

@@ -11,6 +11,8 @@ mod anthropic_state;
 mod auth;
 pub mod faults;
 mod gemini;
+mod gemini_state;
+mod gemini_wire;
 mod http_faults;
 mod mistral;
 mod model;

@@ -4,6 +4,13 @@
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+/// One result line: an answer (the output file), or an error (the error file, where the API
+/// keeps one).
+pub(crate) enum Line {
+    Output(String),
+    Error(String),
+}
+
 /// The row's own text in a rendered user message: the values of the `column: value` lines
 /// that follow "Row data to enhance:".
 fn row_text(user_message: &str) -> String {

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use rowsmith_config::{SimFaults, SimSettings};
 
 use crate::faults::{Fate, fate, with_room};
+use crate::model::Line;
 
 pub(crate) type Shared = Arc<Mutex<SimState>>;
 
@@ -25,13 +26,13 @@ pub(crate) type Shared = Arc<Mutex<SimState>>;
 pub struct SimState {
     pub(crate) settings: SimSettings,
     pub(crate) anthropic: crate::anthropic_state::AnthropicState,
-    pub(crate) gemini: crate::gemini::GeminiState,
+    pub(crate) gemini: crate::gemini_state::GeminiState,
     pub(crate) files: HashMap<String, SimFile>,
     pub(crate) batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
     pub(crate) batch_order: Vec<String>,
     next_id: u64,
-    files_uploaded: u64,
+    pub(crate) files_uploaded: u64,
     pub(crate) batches_per_shard: BTreeMap<String, u64>,
     /// Faults set for one job (`POST /sim/faults/<job_id>`).
     job_faults: HashMap<String, SimFaults>,
@@ -463,7 +464,7 @@ impl SimState {
                 self.requests_answered += 1;
                 if gemini {
                     // One responses file, errors inline.
-                    match crate::gemini::answer_line(index, &request, fate) {
+                    match crate::gemini_wire::answer_line(index, &request, fate) {
                         Line::Output(text) => output.push(text),
                         Line::Error(text) => {
                             inline_failures += 1;
@@ -522,11 +523,6 @@ impl SimState {
 
 fn nuid_like(n: u64) -> u64 {
     n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (unix_now() as u64)
-}
-
-pub(crate) enum Line {
-    Output(String),
-    Error(String),
 }
 
 /// The error line of a request the batch did not get to.

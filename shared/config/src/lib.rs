@@ -558,6 +558,9 @@ pub struct GeminiSettings {
     pub api_key_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Shards up to this many bytes go inline in the create call (Gemini caps the call at
+    /// 20 MB); larger ones are uploaded through the Files API. 0 uploads every shard.
+    pub inline_max_bytes: u64,
 }
 
 impl Default for GeminiSettings {
@@ -567,6 +570,7 @@ impl Default for GeminiSettings {
             api_key: None,
             api_key_file: None,
             timeout: Duration::from_secs(300),
+            inline_max_bytes: 8 * 1024 * 1024,
         }
     }
 }

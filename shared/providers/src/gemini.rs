@@ -1,5 +1,6 @@
-//! Gemini batch mode through the Developer API (an API key, `x-goog-api-key`): the shard is
-//! uploaded through the resumable Files API, a batch is created from the file with
+//! Gemini batch mode through the Developer API (an API key, `x-goog-api-key`): a small shard
+//! goes inline in the create call and its answers come back in the operation; a larger one is
+//! uploaded through the resumable Files API. A batch is created from the file with
 //! `models/{model}:batchGenerateContent` under a display name that names the shard (creates
 //! are not idempotent: reconciliation lists batches and matches it), its state is read from
 //! the long-running operation (`BATCH_STATE_*`, or the SDKs' `JOB_STATE_*`), and its
@@ -24,6 +25,13 @@ use rowsmith_store::layout::ResultPaths;
 /// the whole file.
 pub const UPLOAD_CHUNK: usize = 8 * 1024 * 1024;
 
+/// The most an inline create may carry: Gemini caps the whole call at 20 MB; the rest is room
+/// for the wrapping.
+pub const INLINE_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// The "file id" of a shard sent inline, and the "output file" of a batch answered inline.
+const INLINE: &str = "inline:";
+
 /// The display name of shard `key`'s batches (and files): what reconciliation matches.
 pub fn display_name(key: &ShardKey) -> String {
     format!("rowsmith-{}", key.dotted())
@@ -32,6 +40,8 @@ pub fn display_name(key: &ShardKey) -> String {
 #[derive(Debug, Clone)]
 pub struct GeminiClient {
     api: Endpoint,
+    /// Shards up to this size go inline (no upload; the answers come in the operation).
+    inline_max_bytes: u64,
 }
 
 /// A batch's long-running operation; only what rowsmith reads.
@@ -83,6 +93,67 @@ pub struct Output {
     /// `files/<id>`.
     #[serde(default)]
     pub responses_file: Option<String>,
+    /// The answers of a batch sent inline.
+    #[serde(default)]
+    pub inlined_responses: Option<InlinedResponses>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InlinedResponses {
+    #[serde(default)]
+    pub inlined_responses: Vec<Value>,
+}
+
+impl Output {
+    fn inlined(&self) -> Option<&[Value]> {
+        self.inlined_responses
+            .as_ref()
+            .map(|r| r.inlined_responses.as_slice())
+    }
+}
+
+impl Operation {
+    /// The answers of a batch sent inline, from the metadata or the response.
+    fn inlined(&self) -> Option<&[Value]> {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.output.as_ref())
+            .and_then(Output::inlined)
+            .or_else(|| self.response.as_ref().and_then(Output::inlined))
+    }
+}
+
+/// One inline answer as a line of a responses file: the key at the top, then the `response`
+/// or the `error`.
+fn inline_line(item: &Value) -> Value {
+    let mut line = serde_json::Map::new();
+    if let Some(key) = item.pointer("/metadata/key") {
+        line.insert("key".into(), key.clone());
+    }
+    for name in ["response", "error"] {
+        if let Some(value) = item.get(name) {
+            line.insert(name.into(), value.clone());
+        }
+    }
+    Value::Object(line)
+}
+
+/// The shard's `{key, request}` lines as inline requests: `{request, metadata: {key}}`.
+fn inline_requests(lines: &[u8]) -> Result<Vec<Value>, serde_json::Error> {
+    lines
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let mut line: Value = serde_json::from_slice(line)?;
+            let key = line.get("key").cloned().unwrap_or(Value::Null);
+            let request = line
+                .get_mut("request")
+                .map(Value::take)
+                .unwrap_or(Value::Null);
+            Ok(serde_json::json!({"request": request, "metadata": {"key": key}}))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -160,11 +231,15 @@ impl Operation {
             state = BatchState::Failed;
         }
         let stats = metadata.batch_stats.unwrap_or_default();
-        let output_file_id = metadata.output.and_then(|o| o.responses_file).or_else(|| {
-            self.response
-                .as_ref()
-                .and_then(|r| r.responses_file.clone())
-        });
+        let output_file_id = metadata
+            .output
+            .and_then(|o| o.responses_file)
+            .or_else(|| {
+                self.response
+                    .as_ref()
+                    .and_then(|r| r.responses_file.clone())
+            })
+            .or_else(|| self.inlined().map(|_| format!("{INLINE}{}", self.name)));
         BatchStatus {
             state,
             total: count(&stats.request_count),
@@ -187,11 +262,13 @@ impl GeminiClient {
         base_url: &str,
         api_key: Option<SecretString>,
         timeout: std::time::Duration,
+        inline_max_bytes: u64,
     ) -> Result<Self, ProviderError> {
         let http = Http::new("gemini", timeout, std::time::Duration::from_secs(120))?;
         let authorize = |request: RequestBuilder, key: &str| request.header("x-goog-api-key", key);
         Ok(Self {
             api: Endpoint::new(http, base_url, api_key, authorize),
+            inline_max_bytes: inline_max_bytes.min(INLINE_LIMIT),
         })
     }
 
@@ -239,12 +316,16 @@ impl BatchProvider for GeminiClient {
         rowsmith_contract::providers::GEMINI
     }
 
-    /// The resumable protocol: a start call names the file and its size and answers with the
+    /// A small shard goes inline (nothing to upload). A larger one takes the resumable
+    /// protocol: a start call names the file and its size and answers with the
     /// session URL; the bytes follow in chunks, the last one finalizing. A chunk is sent again
     /// on failure (same offset: the protocol makes that safe); an upload that fails for good
     /// leaves an unused file that Gemini deletes after 48 h.
     async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
         const OPERATION: &str = "upload file";
+        if lines.len() as u64 <= self.inline_max_bytes {
+            return Ok(format!("{INLINE}{}", key.dotted()));
+        }
         let start_url = self.api.url("/upload/v1beta/files");
         let body = serde_json::json!({"file": {"displayName": display_name(key)}});
         let size = lines.len().to_string();
@@ -293,17 +374,24 @@ impl BatchProvider for GeminiClient {
         key: &ShardKey,
         model: &str,
         file_id: &str,
-        _lines: Bytes,
+        lines: Bytes,
     ) -> Result<BatchRef, ProviderError> {
         let model = model.strip_prefix("models/").unwrap_or(model);
         let url = self
             .api
             .url(&format!("/v1beta/models/{model}:batchGenerateContent"));
+        let input = if file_id.starts_with(INLINE) {
+            let requests = inline_requests(&lines).map_err(|e| ProviderError::Decode {
+                provider: "gemini".into(),
+                operation: "create batch",
+                source: format!("the shard's request lines: {e}").into(),
+            })?;
+            serde_json::json!({"requests": {"requests": requests}})
+        } else {
+            serde_json::json!({"fileName": file_id})
+        };
         let body = serde_json::json!({
-            "batch": {
-                "displayName": display_name(key),
-                "inputConfig": {"fileName": file_id},
-            }
+            "batch": {"displayName": display_name(key), "inputConfig": input}
         });
         let created: Operation = self
             .api
@@ -376,6 +464,28 @@ impl BatchProvider for GeminiClient {
         into: &ResultPaths,
     ) -> Result<ResultFiles, ProviderError> {
         let mut files = ResultFiles::default();
+        if let Some(name) = status
+            .output_file_id
+            .as_deref()
+            .and_then(|f| f.strip_prefix(INLINE))
+        {
+            // Answered inline: the operation holds the answers.
+            let operation = self.operation(name).await?;
+            let mut lines = Vec::new();
+            for item in operation.inlined().unwrap_or_default() {
+                serde_json::to_writer(&mut lines, &inline_line(item)).map_err(|e| {
+                    ProviderError::Decode {
+                        provider: "gemini".into(),
+                        operation: "download responses",
+                        source: e.into(),
+                    }
+                })?;
+                lines.push(b'\n');
+            }
+            store.put_bytes(&into.output, Bytes::from(lines)).await?;
+            files.output_path = Some(into.output.clone());
+            return Ok(files);
+        }
         if let Some(file) = &status.output_file_id {
             const OPERATION: &str = "download responses";
             let url = self
@@ -454,5 +564,39 @@ mod tests {
         let status = failed.to_status();
         assert_eq!(status.state, BatchState::Failed);
         assert_eq!(status.errors, ["3: malformed file"]);
+    }
+
+    #[test]
+    fn a_shard_sent_inline_keeps_its_keys_both_ways() {
+        let lines =
+            b"{\"key\":\"r3\",\"request\":{\"contents\":[]}}\n{\"key\":\"r5\",\"request\":{}}\n";
+        let requests = inline_requests(lines).expect("requests");
+        assert_eq!(
+            requests[0],
+            serde_json::json!({"request": {"contents": []}, "metadata": {"key": "r3"}})
+        );
+        assert_eq!(requests[1]["metadata"]["key"], "r5");
+        let operation: Operation = serde_json::from_str(
+            r#"{"name": "batches/b3", "done": true,
+                "metadata": {"state": "BATCH_STATE_SUCCEEDED", "output": {"inlinedResponses": {
+                  "inlinedResponses": [
+                    {"response": {"candidates": []}, "metadata": {"key": "r3"}},
+                    {"error": {"code": 400, "message": "bad"}, "metadata": {"key": "r5"}}]}}}}"#,
+        )
+        .expect("operation");
+        let status = operation.to_status();
+        assert_eq!(status.output_file_id.as_deref(), Some("inline:batches/b3"));
+        let lines: Vec<Value> = operation
+            .inlined()
+            .expect("inlined")
+            .iter()
+            .map(inline_line)
+            .collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"key": "r3", "response": {"candidates": []}})
+        );
+        assert_eq!(lines[1]["key"], "r5");
+        assert_eq!(lines[1]["error"]["code"], 400);
     }
 }

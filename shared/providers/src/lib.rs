@@ -435,6 +435,7 @@ impl Providers {
             &gemini_settings.base_url,
             gemini_settings.api_key.clone(),
             gemini_settings.timeout,
+            gemini_settings.inline_max_bytes,
         )?;
         // Groq speaks OpenAI's Batch API as it is: the OpenAI client at Groq's base URL.
         let groq_settings = &settings.groq;

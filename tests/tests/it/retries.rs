@@ -28,8 +28,17 @@ async fn mistral_failed_and_expired_rows_are_retried_and_only_permanent_failures
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gemini_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
-    // Gemini keeps nothing of an expired batch: the whole expired shard goes again.
+    // Gemini keeps nothing of an expired batch: the whole expired shard goes again. Each
+    // shard (about 6 MB) goes inline, its answers in the batch's operation.
     retried_until_only_permanent_failures_remain("gemini", "faulty").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_shards_uploaded_as_files_are_retried_the_same() {
+    retried_until_only_permanent_failures_remain_with("gemini", "faulty", |settings| {
+        settings.provider.gemini.inline_max_bytes = 0;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -41,7 +50,16 @@ async fn groq_failed_and_expired_rows_are_retried_and_only_permanent_failures_re
 /// answers, and one of its three shards expiring half done: every row ends in enriched.csv
 /// but the ones made to fail permanently, which end in failures.csv.
 async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key: &str) {
+    retried_until_only_permanent_failures_remain_with(provider, stats_key, |_| {}).await;
+}
+
+async fn retried_until_only_permanent_failures_remain_with(
+    provider: &str,
+    stats_key: &str,
+    configure: fn(&mut rowsmith_config::Settings),
+) {
     let stack = Stack::start_with(|settings| {
+        configure(settings);
         settings.sim.faults = SimFaults {
             server_error_rate: 0.04,
             bad_request_rate: 0.01,
@@ -81,6 +99,14 @@ async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key:
     assert_eq!(job.shards_per_attempt[0], 3);
 
     let stats = stack.sim_stats().await;
+    if provider == "gemini" {
+        // Inline shards upload nothing; with inline off, every shard is a file.
+        let uploaded = stats["files_uploaded"].as_u64().expect("files_uploaded");
+        match stack.settings.provider.gemini.inline_max_bytes {
+            0 => assert!(uploaded >= 4, "{uploaded} files uploaded"),
+            _ => assert_eq!(uploaded, 0, "shards went inline"),
+        }
+    }
     let permanent: BTreeSet<i64> = stats["permanent_failures"][stats_key]
         .as_array()
         .expect("permanent failures")

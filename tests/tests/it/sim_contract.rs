@@ -1,4 +1,5 @@
-//! The simulator refuses what the real APIs refuse, in their own shapes (issue 14, point 5):
+//! The simulator refuses what the real APIs refuse, in their own shapes (issue 14, point 5;
+//! Gemini's table below):
 //! a table of malformed requests, each sent through the provider clients, with the refusal
 //! the API gives — at validation for OpenAI's file format, per request for the parameters
 //! (both APIs check those when they run the request).
@@ -343,4 +344,200 @@ async fn mistral_jobs_are_refused_where_the_batch_jobs_api_refuses_them() {
     let result: Value = serde_json::from_str(text.lines().next().expect("a line")).expect("json");
     assert_eq!(result["custom_id"], "r0");
     assert_eq!(result["response"]["status_code"], 200);
+}
+
+/// A Gemini request line of rowsmith's shape with `request` as given.
+fn gemini_line(key: &str, request: Value) -> Value {
+    json!({"key": key, "request": request})
+}
+
+fn gemini_request() -> Value {
+    json!({"contents": [{"role": "user", "parts": [{"text": "Row data to enhance:\ntitle: a ball"}]}],
+           "generationConfig": {"responseMimeType": "application/json", "responseSchema": {
+               "type": "OBJECT", "properties": {"title": {"type": "STRING"}},
+               "required": ["title"], "propertyOrdering": ["title"]}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_calls_are_refused_where_the_batch_api_refuses_them() {
+    let stack = Stack::start_services(
+        |settings| settings.sim.faults.enqueued_token_quota = Some(1),
+        &[],
+    )
+    .await;
+    let base = format!("http://{}", stack.sim_address);
+    let client = reqwest::Client::new();
+    // An uploaded file, by the resumable protocol.
+    let lines = jsonl(&[gemini_line("r0", gemini_request())]);
+    let session = client
+        .post(format!("{base}/upload/v1beta/files"))
+        .header("x-goog-api-key", "k")
+        .header("X-Goog-Upload-Protocol", "resumable")
+        .header("X-Goog-Upload-Command", "start")
+        .header(
+            "X-Goog-Upload-Header-Content-Length",
+            lines.len().to_string(),
+        )
+        .json(&json!({"file": {"displayName": "d"}}))
+        .send()
+        .await
+        .expect("start");
+    let url = session.headers()["x-goog-upload-url"]
+        .to_str()
+        .expect("url")
+        .to_owned();
+    let chunk = |offset: usize, command: &'static str, bytes: Bytes| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            client
+                .post(&url)
+                .header("X-Goog-Upload-Command", command)
+                .header("X-Goog-Upload-Offset", offset.to_string())
+                .body(bytes)
+                .send()
+                .await
+                .expect("chunk")
+        }
+    };
+    let skipped = chunk(5, "upload, finalize", lines.clone()).await;
+    assert_eq!(
+        skipped.status(),
+        400,
+        "a chunk at another offset than received"
+    );
+    let early = chunk(0, "upload, finalize", lines.slice(..4)).await;
+    assert_eq!(early.status(), 400, "finalized before every declared byte");
+    let done = chunk(4, "upload, finalize", lines.slice(4..)).await;
+    assert_eq!(done.headers()["x-goog-upload-status"], "final");
+    let file: Value = done.json().await.expect("file");
+    let file_name = file["file"]["name"].as_str().expect("name").to_owned();
+
+    let create = |body: Value, key: Option<&'static str>| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let mut request = client
+                .post(format!(
+                    "{base}/v1beta/models/gemini-2.5-flash:batchGenerateContent"
+                ))
+                .json(&body);
+            if let Some(key) = key {
+                request = request.header("x-goog-api-key", key);
+            }
+            let response = request.send().await.expect("create");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["error"]["status"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    let from_file = json!({"fileName": file_name});
+    let cases: Vec<(&str, Value, Option<&'static str>, u16, &str)> = vec![
+        (
+            "no key",
+            json!({"batch": {"displayName": "x", "inputConfig": from_file}}),
+            None,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "no display name",
+            json!({"batch": {"inputConfig": from_file}}),
+            Some("k"),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "an unknown batch field",
+            json!({"batch": {"displayName": "x", "inputConfig": from_file, "labels": {}}}),
+            Some("k"),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "file and inline at once",
+            json!({"batch": {"displayName": "x", "inputConfig": {"fileName": file_name, "requests": {"requests": []}}}}),
+            Some("k"),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "no such file",
+            json!({"batch": {"displayName": "x", "inputConfig": {"fileName": "files/nope"}}}),
+            Some("k"),
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            "an unknown inline field",
+            json!({"batch": {"displayName": "x", "inputConfig": {"requests": {"requests": [{"request": gemini_request(), "key": "r0"}]}}}}),
+            Some("k"),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "a call over 20 MB",
+            json!({"batch": {"displayName": "x", "inputConfig": {"requests": {"requests": [{"request": {"contents": [{"parts": [{"text": "x".repeat(21_000_000)}]}]}}]}}}}),
+            Some("k"),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+    ];
+    for (what, body, key, status, name) in cases {
+        assert_eq!(create(body, key).await, (status, name.to_owned()), "{what}");
+    }
+    // The first batch takes the whole enqueued-token quota; the next is refused at create.
+    let first = create(
+        json!({"batch": {"displayName": "x", "inputConfig": from_file}}),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(first.0, 200);
+    let second = create(
+        json!({"batch": {"displayName": "y", "inputConfig": from_file}}),
+        Some("k"),
+    )
+    .await;
+    assert_eq!(
+        second,
+        (429, "RESOURCE_EXHAUSTED".to_owned()),
+        "over the quota"
+    );
+    // An uploaded file cannot be downloaded back.
+    let download = client
+        .get(format!("{base}/v1beta/{file_name}:download?alt=media"))
+        .header("x-goog-api-key", "k")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(download.status(), 400);
+
+    // Per request, once it runs: a field the proto does not declare is that line's 400, the
+    // others are answered; through the client, inline.
+    let mut unknown = gemini_request();
+    unknown["generationConfig"]["responseFormat"] = json!({});
+    let lines = [
+        gemini_line("r0", gemini_request()),
+        gemini_line("r1", unknown),
+    ];
+    let unlimited = Stack::start_services(|_| {}, &[]).await;
+    let providers = Providers::from_settings(&unlimited.settings.provider).expect("providers");
+    let gemini = providers.get("gemini").expect("gemini");
+    let (status, text) = run(&unlimited, gemini, 2, &lines).await;
+    assert_eq!(status.state, BatchState::Completed);
+    let mut results: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    results.sort_by_key(|r| r["key"].as_str().unwrap_or("").to_owned());
+    assert!(results[0]["response"]["candidates"][0]["content"]["parts"][0]["text"].is_string());
+    assert_eq!(results[1]["error"]["code"], 400, "{}", results[1]);
+    assert!(
+        results[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("responseFormat")),
+        "{}",
+        results[1]
+    );
 }
