@@ -224,6 +224,12 @@ impl Endpoint {
         }
     }
 
+    /// The same endpoint with the key sent another way.
+    pub fn authorized_by(mut self, authorize: fn(RequestBuilder, &str) -> RequestBuilder) -> Self {
+        self.authorize = authorize;
+        self
+    }
+
     pub fn has_key(&self) -> bool {
         self.api_key.is_some()
     }

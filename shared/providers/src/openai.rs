@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::{RequestBuilder, StatusCode};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::http::Http;
+use super::http::{Endpoint, Http};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
     ResultFiles,
@@ -30,24 +30,11 @@ pub(crate) fn tagged_for(metadata: Option<&HashMap<String, String>>, shard: &str
         == Some(shard)
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OpenAiClient {
-    name: String,
-    base_url: String,
-    api_key: Option<SecretString>,
+    api: Endpoint,
     /// Azure OpenAI: the `api-version` query value; the key then goes in an `api-key` header.
     azure_api_version: Option<String>,
-    http: Http,
-}
-
-impl std::fmt::Debug for OpenAiClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpenAiClient")
-            .field("name", &self.name)
-            .field("base_url", &self.base_url)
-            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
 }
 
 /// The Batch object; only the fields the spec requires are not optional.
@@ -116,17 +103,20 @@ impl OpenAiClient {
         timeout: Duration,
     ) -> Result<Self, ProviderError> {
         let http = Http::new(name, timeout, Duration::from_secs(120))?;
+        let bearer = |request: RequestBuilder, key: &str| request.bearer_auth(key);
         Ok(Self {
-            name: name.into(),
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
+            api: Endpoint::new(http, base_url, api_key, bearer),
             azure_api_version: None,
-            http,
         })
     }
 
     /// Talks to Azure OpenAI: `api-key` header and `api-version` query.
     pub fn with_azure_api_version(mut self, api_version: Option<String>) -> Self {
+        if api_version.is_some() {
+            self.api = self
+                .api
+                .authorized_by(|request: RequestBuilder, key: &str| request.header("api-key", key));
+        }
         self.azure_api_version = api_version;
         self
     }
@@ -135,38 +125,14 @@ impl OpenAiClient {
         match &self.azure_api_version {
             Some(version) => {
                 let separator = if path.contains('?') { '&' } else { '?' };
-                format!("{}{path}{separator}api-version={version}", self.base_url)
+                format!("{}{separator}api-version={version}", self.api.url(path))
             }
-            None => format!("{}{path}", self.base_url),
+            None => self.api.url(path),
         }
-    }
-
-    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
-        match (&self.api_key, &self.azure_api_version) {
-            (Some(key), Some(_)) => request.header("api-key", key.expose_secret()),
-            (Some(key), None) => request.bearer_auth(key.expose_secret()),
-            (None, _) => request,
-        }
-    }
-
-    async fn send(
-        &self,
-        operation: &'static str,
-        build: impl Fn(&reqwest::Client) -> RequestBuilder,
-    ) -> Result<reqwest::Response, ProviderError> {
-        self.require_key()?;
-        self.http
-            .send(operation, || self.authorize(build(&self.http.client)))
-            .await
     }
 
     pub fn has_key(&self) -> bool {
-        self.api_key.is_some()
-    }
-
-    /// No call goes out without an API key.
-    fn require_key(&self) -> Result<(), ProviderError> {
-        super::require_key(self.name(), &self.api_key)
+        self.api.has_key()
     }
 
     /// One page of batches, newest first, after `after`.
@@ -175,20 +141,26 @@ impl OpenAiClient {
         if let Some(after) = after {
             url.push_str(&format!("&after={after}"));
         }
-        let response = self.send("list batches", |http| http.get(&url)).await?;
-        self.http.json("list batches", response).await
+        let response = self.api.send("list batches", |http| http.get(&url)).await?;
+        self.api.http.json("list batches", response).await
     }
 
     pub async fn retrieve(&self, batch_id: &str) -> Result<Batch, ProviderError> {
         let url = self.url(&format!("/batches/{batch_id}"));
-        let response = self.send("retrieve batch", |http| http.get(&url)).await?;
-        self.http.json("retrieve batch", response).await
+        let response = self
+            .api
+            .send("retrieve batch", |http| http.get(&url))
+            .await?;
+        self.api.http.json("retrieve batch", response).await
     }
 
     pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
         let url = self.url(&format!("/files/{file_id}/content"));
-        let response = self.send("download file", |http| http.get(&url)).await?;
-        self.http.bytes("download file", response).await
+        let response = self
+            .api
+            .send("download file", |http| http.get(&url))
+            .await?;
+        self.api.http.bytes("download file", response).await
     }
 }
 
@@ -240,7 +212,7 @@ impl Batch {
 
 impl BatchProvider for OpenAiClient {
     fn name(&self) -> &str {
-        &self.name
+        &self.api.http.name
     }
 
     fn limits(&self) -> Limits {
@@ -260,8 +232,8 @@ impl BatchProvider for OpenAiClient {
                 .part("file", part);
             http.post(&url).multipart(form)
         };
-        let response = self.send("upload file", build).await?;
-        let file: FileObject = self.http.json("upload file", response).await?;
+        let response = self.api.send("upload file", build).await?;
+        let file: FileObject = self.api.http.json("upload file", response).await?;
         Ok(file.id)
     }
 
@@ -282,12 +254,9 @@ impl BatchProvider for OpenAiClient {
                 JOB_METADATA_KEY: key.job_id,
             },
         });
-        self.require_key()?;
         let batch: Batch = self
-            .http
-            .create("create batch", || {
-                self.authorize(self.http.client.post(&url).json(&body))
-            })
+            .api
+            .create("create batch", |http| http.post(&url).json(&body))
             .await?;
         Ok(BatchRef { id: batch.id })
     }
@@ -360,7 +329,7 @@ impl BatchProvider for OpenAiClient {
 
     async fn cancel(&self, batch: &BatchRef) -> Result<(), ProviderError> {
         let url = self.url(&format!("/batches/{}/cancel", batch.id));
-        match self.send("cancel batch", |http| http.post(&url)).await {
+        match self.api.send("cancel batch", |http| http.post(&url)).await {
             Ok(_) => Ok(()),
             // Already ended: nothing to cancel.
             Err(ProviderError::Http { status, .. }) if status == StatusCode::CONFLICT.as_u16() => {
@@ -400,6 +369,75 @@ mod tests {
         assert!(status.state.is_terminal());
         assert_eq!(status.error_file_id.as_deref(), Some("file-e"));
         assert_eq!(status.failed, 2);
+    }
+
+    /// The request head a call sends to `listener`, answered with `body`.
+    async fn request_head(
+        call: impl std::future::Future<Output = ()>,
+        listener: tokio::net::TcpListener,
+        body: &'static str,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut buffer = vec![0; 8192];
+            let read = socket.read(&mut buffer).await.expect("read");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            socket.write_all(answer.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&buffer[..read]).into_owned()
+        });
+        call.await;
+        server.await.expect("server")
+    }
+
+    #[tokio::test]
+    async fn azure_gets_the_key_as_api_key_and_the_api_version_on_every_call() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}/openai", listener.local_addr().expect("address"));
+        let key = Some(SecretString::from("azure-key-1"));
+        let azure = OpenAiClient::new("openai", &base, key.clone(), Duration::from_secs(5))
+            .expect("client")
+            .with_azure_api_version(Some("2024-10-21".into()));
+        let batch = BatchRef { id: "b1".into() };
+        let head = request_head(
+            async {
+                azure.status(&batch).await.expect("status");
+            },
+            listener,
+            r#"{"id":"b1","status":"in_progress"}"#,
+        )
+        .await;
+        assert!(
+            head.starts_with("GET /openai/batches/b1?api-version=2024-10-21 "),
+            "{head}"
+        );
+        assert!(head.contains("api-key: azure-key-1"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("authorization"),
+            "{head}"
+        );
+        // OpenAI itself: a bearer token, no api-version.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}/v1", listener.local_addr().expect("address"));
+        let openai =
+            OpenAiClient::new("openai", &base, key, Duration::from_secs(5)).expect("client");
+        let head = request_head(
+            async {
+                openai.status(&batch).await.expect("status");
+            },
+            listener,
+            r#"{"id":"b1","status":"in_progress"}"#,
+        )
+        .await;
+        assert!(head.starts_with("GET /v1/batches/b1 "), "{head}");
+        assert!(head.contains("authorization: Bearer azure-key-1"), "{head}");
     }
 
     #[test]
