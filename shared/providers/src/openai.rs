@@ -371,17 +371,26 @@ mod tests {
         assert_eq!(status.failed, 2);
     }
 
-    /// The request head a call sends to `listener`, answered with `body`.
-    async fn request_head(
-        call: impl std::future::Future<Output = ()>,
-        listener: tokio::net::TcpListener,
-        body: &'static str,
+    /// The request head of a status call of the client `configure` makes for a base URL of
+    /// path `path` (on a listener that answers it).
+    async fn status_request_head(
+        path: &str,
+        configure: impl FnOnce(OpenAiClient) -> OpenAiClient,
     ) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}{path}", listener.local_addr().expect("address"));
+        let key = Some(SecretString::from("azure-key-1"));
+        let client = configure(
+            OpenAiClient::new("openai", &base, key, Duration::from_secs(5)).expect("client"),
+        );
         let server = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
             let mut buffer = vec![0; 8192];
             let read = socket.read(&mut buffer).await.expect("read");
+            let body = r#"{"id":"b1","status":"in_progress"}"#;
             let answer = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                 body.len()
@@ -389,28 +398,16 @@ mod tests {
             socket.write_all(answer.as_bytes()).await.expect("write");
             String::from_utf8_lossy(&buffer[..read]).into_owned()
         });
-        call.await;
+        let batch = BatchRef { id: "b1".into() };
+        client.status(&batch).await.expect("status");
         server.await.expect("server")
     }
 
     #[tokio::test]
     async fn azure_gets_the_key_as_api_key_and_the_api_version_on_every_call() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}/openai", listener.local_addr().expect("address"));
-        let key = Some(SecretString::from("azure-key-1"));
-        let azure = OpenAiClient::new("openai", &base, key.clone(), Duration::from_secs(5))
-            .expect("client")
-            .with_azure_api_version(Some("2024-10-21".into()));
-        let batch = BatchRef { id: "b1".into() };
-        let head = request_head(
-            async {
-                azure.status(&batch).await.expect("status");
-            },
-            listener,
-            r#"{"id":"b1","status":"in_progress"}"#,
-        )
+        let head = status_request_head("/openai", |client| {
+            client.with_azure_api_version(Some("2024-10-21".into()))
+        })
         .await;
         assert!(
             head.starts_with("GET /openai/batches/b1?api-version=2024-10-21 "),
@@ -422,20 +419,7 @@ mod tests {
             "{head}"
         );
         // OpenAI itself: a bearer token, no api-version.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}/v1", listener.local_addr().expect("address"));
-        let openai =
-            OpenAiClient::new("openai", &base, key, Duration::from_secs(5)).expect("client");
-        let head = request_head(
-            async {
-                openai.status(&batch).await.expect("status");
-            },
-            listener,
-            r#"{"id":"b1","status":"in_progress"}"#,
-        )
-        .await;
+        let head = status_request_head("/v1", |client| client).await;
         assert!(head.starts_with("GET /v1/batches/b1 "), "{head}");
         assert!(head.contains("authorization: Bearer azure-key-1"), "{head}");
     }
