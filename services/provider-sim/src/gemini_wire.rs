@@ -235,12 +235,13 @@ fn as_json_schema(schema: &Value) -> Value {
 
 /// The result line of one `{key, request}` line, shaped by its fate: `{key, response}` with
 /// the fake model's JSON answer, or `{key, error}` (a `google.rpc.Status`).
-pub(crate) fn answer_line(index: usize, line: &Value, fate: Fate) -> Line {
+/// `error_name` is the field that holds a request's error (`error`, or `status`).
+pub(crate) fn answer_line(index: usize, line: &Value, fate: Fate, error_name: &str) -> Line {
     let key = &line["key"];
     let request = &line["request"];
     let error = |code: u16, status: &str, message: &str| {
         Line::Error(
-            json!({"key": key, "error": {"code": code, "message": message, "status": status}})
+            json!({"key": key, error_name: {"code": code, "message": message, "status": status}})
                 .to_string(),
         )
     };
@@ -372,7 +373,7 @@ mod tests {
     }
 
     fn refused(request: Value) -> String {
-        match answer_line(0, &line(request), Fate::Answer) {
+        match answer_line(0, &line(request), Fate::Answer, "error") {
             Line::Error(text) => {
                 let line: Value = serde_json::from_str(&text).expect("json");
                 assert_eq!(line["error"]["code"], 400, "{text}");
@@ -393,7 +394,7 @@ mod tests {
                             "required": ["title"], "propertyOrdering": ["title"]});
         let good = json!({"contents": contents, "generationConfig": {
             "responseMimeType": "application/json", "responseSchema": schema}});
-        let Line::Output(text) = answer_line(0, &line(good.clone()), Fate::Answer) else {
+        let Line::Output(text) = answer_line(0, &line(good.clone()), Fate::Answer, "error") else {
             panic!("refused a good request");
         };
         let answer: Value = serde_json::from_str(&text).expect("json");
@@ -427,7 +428,7 @@ mod tests {
         // Snake case is the proto's own spelling, and is taken.
         let snake = json!({"contents": contents, "generation_config": {"max_output_tokens": 5}});
         assert!(matches!(
-            answer_line(0, &line(snake), Fate::Answer),
+            answer_line(0, &line(snake), Fate::Answer, "error"),
             Line::Output(_)
         ));
     }

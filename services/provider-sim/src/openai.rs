@@ -428,6 +428,11 @@ impl SimState {
             done
         };
         let mut inline_failures = 0u64;
+        let gemini_error_name = if faults.gemini_errors_as_status {
+            "status"
+        } else {
+            "error"
+        };
         if status != "failed" {
             for (index, line) in input
                 .split(|b| *b == b'\n')
@@ -464,7 +469,8 @@ impl SimState {
                 self.requests_answered += 1;
                 if gemini {
                     // One responses file, errors inline.
-                    match crate::gemini_wire::answer_line(index, &request, fate) {
+                    match crate::gemini_wire::answer_line(index, &request, fate, gemini_error_name)
+                    {
                         Line::Output(text) => output.push(text),
                         Line::Error(text) => {
                             inline_failures += 1;

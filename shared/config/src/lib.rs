@@ -809,6 +809,9 @@ pub struct SimFaults {
     /// Batch status checks (`GET /v1/batches/<id>`) are answered 401, as after an API key
     /// rotation; set per job and cleared again to "fix the key".
     pub status_unauthorized: bool,
+    /// Gemini result lines name a request's error `status` instead of `error` (implementers
+    /// report both).
+    pub gemini_errors_as_status: bool,
 }
 
 /// How a lost create answer is lost.
@@ -847,6 +850,7 @@ impl Default for SimFaults {
             download_dropped_every: None,
             answer_tokens: None,
             status_unauthorized: false,
+            gemini_errors_as_status: false,
         }
     }
 }

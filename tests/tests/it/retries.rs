@@ -35,8 +35,10 @@ async fn gemini_failed_and_expired_rows_are_retried_and_only_permanent_failures_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gemini_shards_uploaded_as_files_are_retried_the_same() {
+    // And each request's error named `status`, as some implementers read them.
     retried_until_only_permanent_failures_remain_with("gemini", "faulty", |settings| {
         settings.provider.gemini.inline_max_bytes = 0;
+        settings.sim.faults.gemini_errors_as_status = true;
     })
     .await;
 }
