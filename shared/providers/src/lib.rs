@@ -170,7 +170,8 @@ pub enum ProviderError {
         source: BoxError,
     },
     #[error(
-        "provider {0:?} is not configured; providers are: sim, openai, anthropic, mistral, gemini"
+        "provider {0:?} is not configured; providers are: {}",
+        rowsmith_contract::providers::NAMES.join(", ")
     )]
     Unknown(String),
     /// No API key: nothing is sent without one.
