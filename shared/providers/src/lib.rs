@@ -170,8 +170,9 @@ pub enum ProviderError {
         source: BoxError,
     },
     #[error(
-        "provider {0:?} is not configured; providers are: {}",
-        rowsmith_contract::providers::NAMES.join(", ")
+        "provider {name:?} is not configured; providers are: {list}",
+        name = .0,
+        list = rowsmith_contract::providers::NAMES.join(", ")
     )]
     Unknown(String),
     /// No API key: nothing is sent without one.
