@@ -32,6 +32,8 @@ async fn every_create_answer_lost(provider: &str, how: LostResponse) {
         settings.sim.faults.slow_create = Duration::from_millis(1500);
         settings.provider.openai.timeout = Duration::from_millis(700);
         settings.provider.anthropic.timeout = Duration::from_millis(700);
+        settings.provider.gemini.timeout = Duration::from_millis(700);
+        settings.provider.mistral.timeout = Duration::from_millis(700);
         settings.creation.unconfirmed_wait = Duration::from_millis(1200);
     })
     .await;
@@ -103,6 +105,11 @@ async fn gemini_create_answered_503_after_the_batch_exists_makes_no_second_batch
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gemini_create_whose_connection_drops_makes_no_second_batch() {
     every_create_answer_lost("gemini", LostResponse::Dropped).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_create_slower_than_the_client_timeout_makes_no_second_batch() {
+    every_create_answer_lost("gemini", LostResponse::Slow).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
