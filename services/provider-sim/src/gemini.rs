@@ -113,8 +113,40 @@ pub(crate) async fn upload(
     let mut state = lock(&state);
     match query.upload_id {
         None => start_upload(&mut state, &headers, command, &body),
+        Some(upload_id) if command == "query" => query_upload(&state, &upload_id, &headers),
         Some(upload_id) => upload_chunk(&mut state, &upload_id, &headers, command, &body),
     }
+}
+
+/// `X-Goog-Upload-Command: query`: how many bytes the session holds (`active`), or the file
+/// it made (`final`): what a client asks after a chunk whose answer it did not get.
+fn query_upload(state: &SimState, upload_id: &str, headers: &HeaderMap) -> Response {
+    if let Some(upload) = state.gemini.uploads.get(upload_id) {
+        let mut response = StatusCode::OK.into_response();
+        let headers_out = response.headers_mut();
+        headers_out.insert("x-goog-upload-status", HeaderValue::from_static("active"));
+        headers_out.insert(
+            "x-goog-upload-size-received",
+            HeaderValue::from(upload.bytes.len()),
+        );
+        return response;
+    }
+    let Some(file) = state
+        .gemini
+        .finalized
+        .get(upload_id)
+        .and_then(|id| state.files.get(id))
+    else {
+        return google_error(StatusCode::NOT_FOUND, "no such upload session");
+    };
+    let mut response = Json(json!({"file": file_resource(file, &host(headers))})).into_response();
+    let headers_out = response.headers_mut();
+    headers_out.insert("x-goog-upload-status", HeaderValue::from_static("final"));
+    headers_out.insert(
+        "x-goog-upload-size-received",
+        HeaderValue::from(file.bytes.len()),
+    );
+    response
 }
 
 /// A resumable upload's start: the declared size and the file's display name; answers with
@@ -231,6 +263,10 @@ fn upload_chunk(
         created_at: unix_now(),
     };
     let resource = file_resource(&file, &host(headers));
+    state
+        .gemini
+        .finalized
+        .insert(upload_id.to_owned(), id.clone());
     state.files.insert(id, file);
     state.files_uploaded += 1;
     let mut response = Json(json!({"file": resource})).into_response();

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 #[derive(Debug, Default)]
 pub(crate) struct GeminiState {
     pub(crate) uploads: HashMap<String, Upload>,
+    /// Finalized upload sessions and the file each made: a query on one answers `final`.
+    pub(crate) finalized: HashMap<String, String>,
     pub(crate) batches: HashMap<String, GeminiBatch>,
 }
 

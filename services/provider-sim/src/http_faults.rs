@@ -30,6 +30,8 @@ enum Fault {
 enum Call {
     Create,
     Download,
+    /// A chunk of a Gemini resumable upload (not its start, nor a query).
+    UploadChunk,
     Other,
 }
 
@@ -46,6 +48,20 @@ impl Call {
                 Call::Create
             }
             Method::POST if is_gemini_create(path) => Call::Create,
+            Method::POST
+                if path == "/upload/v1beta/files"
+                    && request
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.contains("upload_id="))
+                    && request
+                        .headers()
+                        .get("x-goog-upload-command")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|command| command.contains("upload")) =>
+            {
+                Call::UploadChunk
+            }
             Method::GET
                 if path.ends_with("/content")
                     || path.ends_with("/results")
@@ -89,6 +105,7 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
                 _ if !response.status().is_success() => response,
                 Call::Create => lose_create_answer(&state, &faults, response).await,
                 Call::Download => cut_download(&state, &faults, response).await,
+                Call::UploadChunk => lose_chunk_answer(&state, &faults, response).await,
                 Call::Other => response,
             }
         }
@@ -267,22 +284,47 @@ fn with_rate_limit_headers(response: &mut Response) {
 
 /// After a create was carried out: every n-th answer is lost as the faults say.
 async fn lose_create_answer(state: &Shared, faults: &SimFaults, response: Response) -> Response {
-    {
-        let mut state = lock(state);
-        state.creates_seen += 1;
-        let lose = faults
-            .create_response_lost_every
-            .is_some_and(|n| n > 0 && state.creates_seen.is_multiple_of(n));
-        if !lose {
-            return response;
-        }
-        state.create_responses_lost += 1;
+    let lost = counted_every(state, faults.create_response_lost_every, |state| {
+        (&mut state.creates_seen, &mut state.create_responses_lost)
+    });
+    if !lost {
+        return response;
     }
-    let lost_as = faults.create_response_lost_as;
-    tracing::info!(
-        ?lost_as,
-        "simulated fault: the batch was created, its answer is lost"
-    );
+    tracing::info!(lost_as = ?faults.create_response_lost_as, "simulated fault: the batch was created, its answer is lost");
+    lose(faults, faults.create_response_lost_as, response).await
+}
+
+/// After a chunk was stored: every n-th answer is lost as the faults say.
+async fn lose_chunk_answer(state: &Shared, faults: &SimFaults, response: Response) -> Response {
+    let lost = counted_every(state, faults.upload_chunk_lost_every, |state| {
+        (&mut state.upload_chunks_seen, &mut state.upload_chunks_lost)
+    });
+    if !lost {
+        return response;
+    }
+    tracing::info!(lost_as = ?faults.create_response_lost_as, "simulated fault: an upload chunk was stored, its answer is lost");
+    lose(faults, faults.create_response_lost_as, response).await
+}
+
+/// Counts one more call in the `(seen, hit)` counters `counters` picks; whether it is an n-th
+/// one (`every`), counted as hit.
+fn counted_every(
+    state: &Shared,
+    every: Option<u64>,
+    counters: impl FnOnce(&mut crate::openai::SimState) -> (&mut u64, &mut u64),
+) -> bool {
+    let mut state = lock(state);
+    let (seen, hit) = counters(&mut state);
+    *seen += 1;
+    let is_nth = every.is_some_and(|n| n > 0 && seen.is_multiple_of(n));
+    if is_nth {
+        *hit += 1;
+    }
+    is_nth
+}
+
+/// A response lost as `lost_as` says.
+async fn lose(faults: &SimFaults, lost_as: LostResponse, response: Response) -> Response {
     match lost_as {
         LostResponse::ServerError => server_error(),
         LostResponse::Dropped => dropped_after(response, 0).await,
@@ -295,16 +337,11 @@ async fn lose_create_answer(state: &Shared, faults: &SimFaults, response: Respon
 
 /// Every n-th download is cut off half-way.
 async fn cut_download(state: &Shared, faults: &SimFaults, response: Response) -> Response {
-    {
-        let mut state = lock(state);
-        state.downloads_seen += 1;
-        let cut = faults
-            .download_dropped_every
-            .is_some_and(|n| n > 0 && state.downloads_seen.is_multiple_of(n));
-        if !cut {
-            return response;
-        }
-        state.downloads_dropped += 1;
+    let cut = counted_every(state, faults.download_dropped_every, |state| {
+        (&mut state.downloads_seen, &mut state.downloads_dropped)
+    });
+    if !cut {
+        return response;
     }
     tracing::info!("simulated fault: a download is cut off half-way");
     dropped_after(response, 2).await

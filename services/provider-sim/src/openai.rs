@@ -46,6 +46,8 @@ pub struct SimState {
     /// Batch creations seen and answers of them lost after the batch was made.
     pub(crate) creates_seen: u64,
     pub(crate) create_responses_lost: u64,
+    pub(crate) upload_chunks_seen: u64,
+    pub(crate) upload_chunks_lost: u64,
     /// Result downloads seen and cut off by a dropped connection.
     pub(crate) downloads_seen: u64,
     pub(crate) downloads_dropped: u64,
@@ -225,6 +227,8 @@ impl SimState {
             http_faults_injected: 0,
             creates_seen: 0,
             create_responses_lost: 0,
+            upload_chunks_seen: 0,
+            upload_chunks_lost: 0,
             downloads_seen: 0,
             downloads_dropped: 0,
         }
@@ -1094,6 +1098,7 @@ pub(crate) async fn stats(State(state): State<Shared>) -> Response {
         "api_calls": state.api_calls,
         "http_faults_injected": state.http_faults_injected,
         "create_responses_lost": state.create_responses_lost,
+        "upload_chunks_lost": state.upload_chunks_lost,
         "downloads_dropped": state.downloads_dropped,
         "batches_cancelled": state.batches.values().filter(|b| b.cancel_requested.is_some()).count()
             + state.anthropic.cancelled(),

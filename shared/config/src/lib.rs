@@ -793,6 +793,9 @@ pub struct SimFaults {
     /// as `create_response_lost_as` says: the fault that makes a blind retry pay twice.
     pub create_response_lost_every: Option<u64>,
     pub create_response_lost_as: LostResponse,
+    /// Every n-th chunk of a Gemini resumable upload is stored, and then its answer is lost
+    /// as `create_response_lost_as` says: the client must ask the session how far it got.
+    pub upload_chunk_lost_every: Option<u64>,
     /// How long the answer of a `slow` lost create is held back (longer than the client's
     /// timeout, so that the client gives up while the batch exists).
     #[serde(with = "humantime_serde")]
@@ -845,6 +848,7 @@ impl Default for SimFaults {
             insufficient_quota: false,
             create_response_lost_every: None,
             create_response_lost_as: LostResponse::ServerError,
+            upload_chunk_lost_every: None,
             slow_create: Duration::from_secs(5),
             response_delay: Duration::ZERO,
             download_dropped_every: None,

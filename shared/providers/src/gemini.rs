@@ -173,6 +173,16 @@ struct OperationList {
     next_page_token: Option<String>,
 }
 
+/// How many chunk answers in a row may be lost without the session getting further before
+/// the upload fails.
+const MAX_UNANSWERED_CHUNKS: u32 = 8;
+
+/// What an upload session holds.
+enum UploadProgress {
+    Received(usize),
+    Final(FileName),
+}
+
 #[derive(Debug, Deserialize)]
 struct UploadedFile {
     file: FileName,
@@ -295,6 +305,35 @@ impl GeminiClient {
         self.api.http.json("list batches", response).await
     }
 
+    /// Asks an upload session how far it got (`X-Goog-Upload-Command: query`): the bytes it
+    /// holds, or the file it made when the last chunk arrived.
+    async fn query_upload(&self, session: &str) -> Result<UploadProgress, ProviderError> {
+        const OPERATION: &str = "query upload";
+        let response = self
+            .api
+            .send(OPERATION, |http| {
+                http.post(session)
+                    .header("X-Goog-Upload-Command", "query")
+                    .header(reqwest::header::CONTENT_LENGTH, "0")
+            })
+            .await?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        if header("x-goog-upload-status").as_deref() == Some("final") {
+            let uploaded: UploadedFile = self.api.http.json(OPERATION, response).await?;
+            return Ok(UploadProgress::Final(uploaded.file));
+        }
+        header("x-goog-upload-size-received")
+            .and_then(|v| v.parse().ok())
+            .map(UploadProgress::Received)
+            .ok_or_else(|| Self::decode_error(OPERATION, "no x-goog-upload-size-received"))
+    }
+
     fn decode_error(operation: &'static str, message: &str) -> ProviderError {
         ProviderError::Decode {
             provider: "gemini".into(),
@@ -318,8 +357,10 @@ impl BatchProvider for GeminiClient {
 
     /// A small shard goes inline (nothing to upload). A larger one takes the resumable
     /// protocol: a start call names the file and its size and answers with the
-    /// session URL; the bytes follow in chunks, the last one finalizing. A chunk is sent again
-    /// on failure (same offset: the protocol makes that safe); an upload that fails for good
+    /// session URL; the bytes follow in chunks, the last one finalizing. A chunk left unanswered
+    /// (a 5xx, a timeout, a dropped connection) may have been stored: the session is asked
+    /// how far it got (`query`) and the upload goes on from there, or ends with the file the
+    /// session made. An upload that fails for good
     /// leaves an unused file that Gemini deletes after 48 h.
     async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
         const OPERATION: &str = "upload file";
@@ -347,25 +388,58 @@ impl BatchProvider for GeminiClient {
             .map(str::to_owned)
             .ok_or_else(|| Self::decode_error(OPERATION, "no x-goog-upload-url in the answer"))?;
         let mut offset = 0;
+        let mut unanswered = 0;
         loop {
             let end = (offset + UPLOAD_CHUNK).min(lines.len());
             let last = end == lines.len();
             let chunk = lines.slice(offset..end);
             let command = if last { "upload, finalize" } else { "upload" };
-            let response = self
+            let sent = self
                 .api
-                .send(OPERATION, |http| {
+                .send_unrepeatable(OPERATION, |http| {
                     http.post(&session)
                         .header("X-Goog-Upload-Command", command)
                         .header("X-Goog-Upload-Offset", offset.to_string())
                         .body(chunk.clone())
                 })
-                .await?;
-            if last {
-                let uploaded: UploadedFile = self.api.http.json(OPERATION, response).await?;
-                return Ok(uploaded.file.name);
+                .await;
+            let answered = match sent {
+                Ok(response) if last => self
+                    .api
+                    .http
+                    .json(OPERATION, response)
+                    .await
+                    .map_err(ProviderError::unconfirmed),
+                Ok(_) => {
+                    offset = end;
+                    continue;
+                }
+                Err(error) => Err(error),
+            };
+            match answered {
+                Ok(UploadedFile { file }) => return Ok(file.name),
+                // The chunk may have been stored: the session says how far it got.
+                Err(error) if error.is_unconfirmed() && unanswered < MAX_UNANSWERED_CHUNKS => {
+                    unanswered += 1;
+                    tracing::warn!(%error, offset, "an upload chunk went unanswered; asking the session how far it got");
+                    match self.query_upload(&session).await? {
+                        UploadProgress::Received(received) if received <= lines.len() => {
+                            if received > offset {
+                                unanswered = 0;
+                            }
+                            offset = received;
+                        }
+                        UploadProgress::Received(received) => {
+                            return Err(Self::decode_error(
+                                OPERATION,
+                                &format!("the session holds {received} bytes of {}", lines.len()),
+                            ));
+                        }
+                        UploadProgress::Final(file) => return Ok(file.name),
+                    }
+                }
+                Err(error) => return Err(error),
             }
-            offset = end;
         }
     }
 

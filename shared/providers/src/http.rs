@@ -261,6 +261,18 @@ impl Endpoint {
             .await
     }
 
+    /// A call whose effect must not happen twice (see [`Http::send_unrepeatable`]).
+    pub async fn send_unrepeatable(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> RequestBuilder,
+    ) -> Result<Response, ProviderError> {
+        self.require_key()?;
+        self.http
+            .send_unrepeatable(operation, || self.authorized(build(&self.http.client)))
+            .await
+    }
+
     /// A call that creates something (see [`Http::create`]).
     pub async fn create<T: DeserializeOwned>(
         &self,

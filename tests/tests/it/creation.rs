@@ -122,6 +122,69 @@ async fn anthropic_create_slower_than_the_client_timeout_makes_no_second_batch()
     every_create_answer_lost("anthropic", LostResponse::Slow).await;
 }
 
+/// A Gemini upload of three chunks while every chunk's answer (the last one's too) is lost
+/// as `how` after the chunk was stored: the client asks the session how far it got and goes on from there, so the file
+/// holds every byte once and no second session is opened.
+async fn upload_chunk_answers_lost(how: LostResponse) {
+    let stack = Stack::start_services(
+        |settings: &mut Settings| {
+            settings.sim.faults.upload_chunk_lost_every = Some(1);
+            settings.sim.faults.create_response_lost_as = how;
+            settings.sim.faults.slow_create = Duration::from_millis(2500);
+            settings.provider.gemini.timeout = Duration::from_millis(1500);
+            settings.provider.gemini.inline_max_bytes = 0;
+        },
+        &[],
+    )
+    .await;
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let gemini = providers.get("gemini").expect("gemini");
+    let chunk = rowsmith_providers::gemini::UPLOAD_CHUNK;
+    let line = format!("{{\"key\":\"r\",\"request\":\"{}\"}}\n", "x".repeat(1000));
+    let lines = Bytes::from(line.repeat((2 * chunk + chunk / 2) / line.len()));
+    let key = ShardKey {
+        job_id: "chunks".into(),
+        attempt: 1,
+        shard: 0,
+    };
+    let file = gemini.upload(&key, lines.clone()).await.expect("uploaded");
+    let stats = stack.sim_stats().await;
+    assert!(
+        stats["upload_chunks_lost"].as_u64() >= Some(3),
+        "every chunk lost its answer: {stats}"
+    );
+    assert_eq!(stats["files_uploaded"], 1, "one file: {stats}");
+    let resource: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{}/v1beta/{file}", stack.sim_address))
+        .header("x-goog-api-key", "k")
+        .send()
+        .await
+        .expect("get file")
+        .json()
+        .await
+        .expect("file");
+    assert_eq!(
+        resource["sizeBytes"],
+        lines.len().to_string(),
+        "every byte once: {resource}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gemini_upload_chunk_answered_503_after_it_was_stored_is_not_sent_twice() {
+    upload_chunk_answers_lost(LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gemini_upload_chunk_whose_connection_drops_is_not_sent_twice() {
+    upload_chunk_answers_lost(LostResponse::Dropped).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gemini_upload_chunk_slower_than_the_client_timeout_is_not_sent_twice() {
+    upload_chunk_answers_lost(LostResponse::Slow).await;
+}
+
 /// A job record and one shard of `lines`, ready to submit, with only NATS and the simulator.
 async fn one_ready_shard(stack: &Stack, job_id: &str, provider: &str) -> (ShardReady, Bytes) {
     let mut job = spec(job_id, "inputs/none.csv", "description");
