@@ -59,7 +59,25 @@ fn rfc3339(unix_seconds: i64) -> String {
         .unwrap_or_default()
 }
 
-fn file_resource(file: &SimFile, host: &str) -> Value {
+/// The uploaded file `id`, unless it is gone: Gemini deletes a file `gemini_file_ttl` (48 h)
+/// after its upload.
+fn live_file<'a>(state: &'a mut SimState, id: &str) -> Option<&'a SimFile> {
+    let ttl = state.settings.gemini_file_ttl.as_secs() as i64;
+    let expired = state
+        .files
+        .get(id)
+        .is_some_and(|file| file.purpose == "batch" && file.created_at + ttl <= unix_now());
+    if expired {
+        tracing::info!(
+            file_id = id,
+            "the uploaded file is older than its TTL: deleted"
+        );
+        state.files.remove(id);
+    }
+    state.files.get(id)
+}
+
+fn file_resource(file: &SimFile, host: &str, ttl_seconds: i64) -> Value {
     let generated = file.purpose == "batch_output";
     let mut resource = json!({
         "name": format!("files/{}", file.id),
@@ -68,7 +86,7 @@ fn file_resource(file: &SimFile, host: &str) -> Value {
         "sizeBytes": file.bytes.len().to_string(),
         "createTime": rfc3339(file.created_at),
         "updateTime": rfc3339(file.created_at),
-        "expirationTime": rfc3339(file.created_at + 48 * 3600),
+        "expirationTime": rfc3339(file.created_at + ttl_seconds),
         "uri": format!("http://{host}/v1beta/files/{}", file.id),
         "state": "ACTIVE",
         "source": if generated { "GENERATED" } else { "UPLOADED" },
@@ -139,7 +157,9 @@ fn query_upload(state: &SimState, upload_id: &str, headers: &HeaderMap) -> Respo
     else {
         return google_error(StatusCode::NOT_FOUND, "no such upload session");
     };
-    let mut response = Json(json!({"file": file_resource(file, &host(headers))})).into_response();
+    let ttl = state.settings.gemini_file_ttl.as_secs() as i64;
+    let mut response =
+        Json(json!({"file": file_resource(file, &host(headers), ttl)})).into_response();
     let headers_out = response.headers_mut();
     headers_out.insert("x-goog-upload-status", HeaderValue::from_static("final"));
     headers_out.insert(
@@ -262,7 +282,8 @@ fn upload_chunk(
         purpose: "batch".into(),
         created_at: unix_now(),
     };
-    let resource = file_resource(&file, &host(headers));
+    let ttl = state.settings.gemini_file_ttl.as_secs() as i64;
+    let resource = file_resource(&file, &host(headers), ttl);
     state
         .gemini
         .finalized
@@ -286,8 +307,10 @@ pub(crate) async fn get_file(
     if id.ends_with(":download") {
         return download(State(state), Path(id), query).await;
     }
-    match lock(&state).files.get(&id) {
-        Some(file) => Json(file_resource(file, &host(&headers))).into_response(),
+    let mut state = lock(&state);
+    let ttl = state.settings.gemini_file_ttl.as_secs() as i64;
+    match live_file(&mut state, &id) {
+        Some(file) => Json(file_resource(file, &host(&headers), ttl)).into_response(),
         None => google_error(StatusCode::NOT_FOUND, &format!("File files/{id} not found")),
     }
 }
@@ -568,7 +591,7 @@ pub(crate) async fn create(
         Ok(file_id) => file_id,
         Err((status, message)) => return google_error(status, &message),
     };
-    let Some(file) = state.files.get(&file_id) else {
+    let Some(file) = live_file(&mut state, &file_id) else {
         return google_error(
             StatusCode::NOT_FOUND,
             &format!("File files/{file_id} not found"),

@@ -232,6 +232,13 @@ async fn claim_and_create(
             tracing::warn!(job_id = %key.job_id, shard = key.shard, %error, ?wait, "batch create unconfirmed; will look for it before creating again");
             return Ok(Step::Unconfirmed { wait, until_ms });
         }
+        Err(error) if error.is_input_gone() => {
+            // Nothing was created, and the file will not come back: upload it again.
+            release_claim(submitter, key, owner).await?;
+            forget_file(submitter, key, &file_id).await?;
+            tracing::warn!(job_id = %key.job_id, shard = key.shard, %error, "the uploaded shard is gone; uploading it again");
+            return Ok(Step::Done(Creation::Later(Duration::ZERO)));
+        }
         Err(error) => {
             // Refused outright (a 4xx): nothing was created.
             release_claim(submitter, key, owner).await?;
@@ -241,6 +248,28 @@ async fn claim_and_create(
     chaos_crash(submitter, key, &created.id);
     let recorded = record_created(submitter, provider, key, &created.id).await?;
     orphan_unless_recorded(submitter, provider, key, created, recorded).await
+}
+
+/// Clears the shard's uploaded file id (when it is still `file_id`), so that the next
+/// delivery uploads the shard again.
+async fn forget_file(
+    submitter: &Submitter,
+    key: &ShardKey,
+    file_id: &str,
+) -> Result<(), StepError> {
+    submitter
+        .bus
+        .modify(
+            &shard_key(key),
+            |shard: &mut ShardRecord| -> Result<Cas<()>, StepError> {
+                if shard.provider_file_id.as_deref() != Some(file_id) {
+                    return Ok(Cas::Keep(()));
+                }
+                shard.provider_file_id = None;
+                Ok(Cas::Write(()))
+            },
+        )
+        .await
 }
 
 /// Calls create while renewing this delivery's claim (and the provider's create mutex, where

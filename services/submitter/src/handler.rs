@@ -146,9 +146,12 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
                         // Another delivery uploaded first; use its file.
                         return Ok(Cas::Keep(shard.clone()));
                     }
-                    shard
-                        .transition(ShardState::Uploading)
-                        .map_err(|e| StepError::Job(e.to_string()))?;
+                    // Uploading already when an earlier file expired before its create.
+                    if shard.state != ShardState::Uploading {
+                        shard
+                            .transition(ShardState::Uploading)
+                            .map_err(|e| StepError::Job(e.to_string()))?;
+                    }
                     shard.provider_file_id = Some(file_id.clone());
                     Ok(Cas::Write(shard.clone()))
                 },

@@ -740,6 +740,10 @@ pub struct SimSettings {
     /// requests done by the cancel are answered, the rest not.
     #[serde(with = "humantime_serde")]
     pub cancelling: Duration,
+    /// How long Gemini keeps an uploaded file (48 h): a create naming an older one is
+    /// answered 404, as Google deletes it.
+    #[serde(with = "humantime_serde")]
+    pub gemini_file_ttl: Duration,
     /// Faults for every job (a job's own, set through `POST /sim/faults/<job_id>`, win).
     pub faults: SimFaults,
 }
@@ -752,6 +756,7 @@ impl Default for SimSettings {
             validating: Duration::from_millis(300),
             finalizing: Duration::from_millis(300),
             cancelling: Duration::from_millis(300),
+            gemini_file_ttl: Duration::from_secs(48 * 3600),
             faults: SimFaults::default(),
         }
     }

@@ -467,11 +467,28 @@ impl BatchProvider for GeminiClient {
         let body = serde_json::json!({
             "batch": {"displayName": display_name(key), "inputConfig": input}
         });
-        let created: Operation = self
+        let created = self
             .api
-            .create("create batch", |http| http.post(&url).json(&body))
-            .await?;
-        Ok(BatchRef { id: created.name })
+            .create::<Operation>("create batch", |http| http.post(&url).json(&body))
+            .await;
+        match created {
+            Ok(created) => Ok(BatchRef { id: created.name }),
+            // A file is deleted 48 h after its upload (a shard held back that long by the
+            // quota, or a job suspended and resumed days later): Google answers that the file
+            // is not found, or not there to be read.
+            Err(ProviderError::Http {
+                status: 403 | 404,
+                message,
+                ..
+            }) if !file_id.starts_with(INLINE) && message.contains(file_id) => {
+                Err(ProviderError::InputGone {
+                    provider: "gemini".into(),
+                    file_id: file_id.to_owned(),
+                    message,
+                })
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Lists batches (newest first, as Google's listings are) until a whole page is older than

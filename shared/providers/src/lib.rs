@@ -181,6 +181,14 @@ pub enum ProviderError {
         rowsmith_contract::providers::api_key_source(provider)
     )]
     NoKey { provider: String },
+    /// The uploaded input a create names is gone (Gemini deletes files 48 h after upload):
+    /// nothing was created; the shard is uploaded again.
+    #[error("{provider} no longer holds the uploaded input {file_id}: {message}")]
+    InputGone {
+        provider: String,
+        file_id: String,
+        message: String,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -228,6 +236,7 @@ impl ProviderError {
             | ProviderError::Unconfirmed { .. }
             | ProviderError::Storage(_) => true,
             ProviderError::Decode { .. }
+            | ProviderError::InputGone { .. }
             | ProviderError::Unknown(_)
             | ProviderError::NoKey { .. } => false,
         }
@@ -266,6 +275,11 @@ impl ProviderError {
             operation,
             source,
         }
+    }
+
+    /// Whether the create failed because its uploaded input is gone (upload again).
+    pub fn is_input_gone(&self) -> bool {
+        matches!(self, ProviderError::InputGone { .. })
     }
 
     /// Whether the failed call may have taken effect.

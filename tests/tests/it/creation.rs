@@ -185,6 +185,54 @@ async fn a_gemini_upload_chunk_slower_than_the_client_timeout_is_not_sent_twice(
     upload_chunk_answers_lost(LostResponse::Slow).await;
 }
 
+/// A Gemini shard held back at create (429 `RESOURCE_EXHAUSTED`) longer than Gemini keeps its
+/// uploaded file: the create that names the deleted file is answered 404, the shard is
+/// uploaded again, and the job completes with one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gemini_shard_whose_uploaded_file_expired_before_its_create_is_uploaded_again() {
+    let stack = Stack::start_with(|settings: &mut Settings| {
+        settings.provider.gemini.inline_max_bytes = 0;
+        settings.sim.gemini_file_ttl = Duration::from_secs(2);
+    })
+    .await;
+    let job_id = "file-expired";
+    let refused = rowsmith_config::SimFaults {
+        insufficient_quota: true,
+        ..Default::default()
+    };
+    stack.set_sim_faults(job_id, &refused).await;
+    let input = stack
+        .upload_input("expired.csv", to_csv(&awkward_rows(100)))
+        .await;
+    let mut job_spec = spec(job_id, &input, "description");
+    job_spec.provider = "gemini".into();
+    stack.submit(&job_spec).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = stack.sim_stats().await;
+        if stats["files_uploaded"] == 1 && stats["http_faults_injected"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refused create: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The file's TTL runs out while its creates are refused.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack
+        .set_sim_faults(job_id, &rowsmith_config::SimFaults::default())
+        .await;
+    let job = stack.wait_for_end(job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
+    let (enriched, failures) = stack.output_tables(&job).await;
+    assert_eq!((enriched.1.len(), failures.1.len()), (100, 0));
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["files_uploaded"], 2, "uploaded again once: {stats}");
+    assert_eq!(stats["batches_created"], 1, "{stats}");
+}
+
 /// A job record and one shard of `lines`, ready to submit, with only NATS and the simulator.
 async fn one_ready_shard(stack: &Stack, job_id: &str, provider: &str) -> (ShardReady, Bytes) {
     let mut job = spec(job_id, "inputs/none.csv", "description");
