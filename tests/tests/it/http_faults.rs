@@ -95,8 +95,20 @@ async fn faults_set_for_one_job_hit_only_that_job() {
 /// the batch found again), while another job running at the same time is answered plainly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn create_and_download_faults_set_for_one_job_meet_only_its_calls() {
+    create_and_download_faults_meet_only_their_job("sim").await;
+}
+
+/// The same on Gemini with every shard uploaded as a file, so its results are a file
+/// download (Google's own path) that the faults cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_create_and_download_faults_set_for_one_job_meet_only_its_calls() {
+    create_and_download_faults_meet_only_their_job("gemini").await;
+}
+
+async fn create_and_download_faults_meet_only_their_job(provider: &str) {
     let stack = Stack::start_with(|settings: &mut rowsmith_config::Settings| {
         settings.creation.unconfirmed_wait = Duration::from_millis(1200);
+        settings.provider.gemini.inline_max_bytes = 0;
     })
     .await;
     let lossy = rowsmith_config::SimFaults {
@@ -110,7 +122,9 @@ async fn create_and_download_faults_set_for_one_job_meet_only_its_calls() {
         let input = stack
             .upload_input(&format!("{job_id}.csv"), to_csv(&awkward_rows(100)))
             .await;
-        stack.submit(&spec(job_id, &input, "description")).await;
+        let mut job_spec = spec(job_id, &input, "description");
+        job_spec.provider = provider.into();
+        stack.submit(&job_spec).await;
     }
     for job_id in ["lossy", "plain"] {
         let job = stack.wait_for_end(job_id, Duration::from_secs(120)).await;
