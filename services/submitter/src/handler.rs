@@ -12,7 +12,7 @@ use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardReady, subjec
 use rowsmith_contract::records::{
     JobRecord, JobState, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
-use rowsmith_providers::BatchProvider;
+use rowsmith_providers::{BatchProvider, Provider};
 
 use crate::Submitter;
 use crate::creation::{Creation, ensure_batch};
@@ -135,28 +135,7 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
     }
 
     if record.provider_file_id.is_none() && record.provider_batch_id.is_none() {
-        // The record's path, never the message's: a message names no file to send.
-        let lines = submitter.store.get_bytes(&record.requests_path).await?;
-        let file_id = provider.upload(key, lines).await?;
-        record = bus
-            .modify(
-                &record_key,
-                |shard: &mut ShardRecord| -> Result<Cas<ShardRecord>, StepError> {
-                    if shard.provider_file_id.is_some() {
-                        // Another delivery uploaded first; use its file.
-                        return Ok(Cas::Keep(shard.clone()));
-                    }
-                    // Uploading already when an earlier file expired before its create.
-                    if shard.state != ShardState::Uploading {
-                        shard
-                            .transition(ShardState::Uploading)
-                            .map_err(|e| StepError::Job(e.to_string()))?;
-                    }
-                    shard.provider_file_id = Some(file_id.clone());
-                    Ok(Cas::Write(shard.clone()))
-                },
-            )
-            .await?;
+        record = upload(submitter, provider, &record).await?;
     }
 
     let batch_id = match &record.provider_batch_id {
@@ -173,6 +152,38 @@ async fn submit(submitter: &Submitter, ready: &ShardReady) -> Result<Submitted, 
         },
     };
     announce_submitted(submitter, ready, &record, &batch_id).await
+}
+
+/// Uploads the shard's request lines and records the file; another delivery's file, when it
+/// recorded one first. Returns the shard record as it now stands.
+async fn upload(
+    submitter: &Submitter,
+    provider: &Provider,
+    record: &ShardRecord,
+) -> Result<ShardRecord, StepError> {
+    // The record's path, never the message's: a message names no file to send.
+    let lines = submitter.store.get_bytes(&record.requests_path).await?;
+    let file_id = provider.upload(&record.key, lines).await?;
+    submitter
+        .bus
+        .modify(
+            &shard_key(&record.key),
+            |shard: &mut ShardRecord| -> Result<Cas<ShardRecord>, StepError> {
+                if shard.provider_file_id.is_some() {
+                    // Another delivery uploaded first; use its file.
+                    return Ok(Cas::Keep(shard.clone()));
+                }
+                // Uploading already when an earlier file expired before its create.
+                if shard.state != ShardState::Uploading {
+                    shard
+                        .transition(ShardState::Uploading)
+                        .map_err(|e| StepError::Job(e.to_string()))?;
+                }
+                shard.provider_file_id = Some(file_id.clone());
+                Ok(Cas::Write(shard.clone()))
+            },
+        )
+        .await
 }
 
 /// A shard cancelled before any batch existed: its rows end as cancelled.

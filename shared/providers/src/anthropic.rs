@@ -260,11 +260,12 @@ impl BatchProvider for AnthropicClient {
             .api
             .send("download results", |http| http.get(results_url))
             .await?;
-        let bytes = self.api.http.bytes("download results", response).await?;
-        let path = into.output.clone();
-        store.put_bytes(&path, bytes).await?;
+        self.api
+            .http
+            .download_to("download results", response, store, &into.output)
+            .await?;
         Ok(ResultFiles {
-            output_path: Some(path),
+            output_path: Some(into.output.clone()),
             errors_path: None,
         })
     }

@@ -583,8 +583,10 @@ impl BatchProvider for GeminiClient {
                 .api
                 .url(&format!("/download/v1beta/{file}:download?alt=media"));
             let response = self.api.send(OPERATION, |http| http.get(&url)).await?;
-            let bytes = self.api.http.bytes(OPERATION, response).await?;
-            store.put_bytes(&into.output, bytes).await?;
+            self.api
+                .http
+                .download_to(OPERATION, response, store, &into.output)
+                .await?;
             files.output_path = Some(into.output.clone());
         }
         Ok(files)

@@ -9,11 +9,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use reqwest::{RequestBuilder, Response};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 
 use super::ProviderError;
+use rowsmith_store::Store;
 
 /// Calls to one provider.
 #[derive(Debug, Clone)]
@@ -159,6 +161,41 @@ impl Http {
                 operation,
                 source: e.without_url().into(),
             })
+    }
+
+    /// Writes a response's body to object `key` as it arrives, so no more than a part of it
+    /// is held in memory; a body cut off leaves `key` as it was (a transport error, to be
+    /// tried again). Returns the bytes written.
+    pub async fn download_to(
+        &self,
+        operation: &'static str,
+        response: Response,
+        store: &Store,
+        key: &str,
+    ) -> Result<u64, ProviderError> {
+        let mut writer = store.writer(key)?;
+        let mut body = response.bytes_stream();
+        let mut written = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    writer.abort().await;
+                    return Err(ProviderError::Transport {
+                        provider: self.name.clone(),
+                        operation,
+                        source: error.without_url().into(),
+                    });
+                }
+            };
+            if let Err(error) = writer.write(&chunk).await {
+                writer.abort().await;
+                return Err(error.into());
+            }
+            written += chunk.len() as u64;
+        }
+        writer.finish().await?;
+        Ok(written)
     }
 
     /// A call that creates something: sent once (see `send_unrepeatable`) and its answer read

@@ -154,13 +154,23 @@ impl OpenAiClient {
         self.api.http.json("retrieve batch", response).await
     }
 
-    pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ProviderError> {
+    /// Streams file `file_id`'s content into object `key`.
+    pub async fn download_file(
+        &self,
+        file_id: &str,
+        store: &Store,
+        key: &str,
+    ) -> Result<(), ProviderError> {
         let url = self.url(&format!("/files/{file_id}/content"));
         let response = self
             .api
             .send("download file", |http| http.get(&url))
             .await?;
-        self.api.http.bytes("download file", response).await
+        self.api
+            .http
+            .download_to("download file", response, store, key)
+            .await?;
+        Ok(())
     }
 }
 
@@ -311,18 +321,12 @@ impl BatchProvider for OpenAiClient {
     ) -> Result<ResultFiles, ProviderError> {
         let mut files = ResultFiles::default();
         if let Some(file_id) = &status.output_file_id {
-            let path = into.output.clone();
-            store
-                .put_bytes(&path, self.file_content(file_id).await?)
-                .await?;
-            files.output_path = Some(path);
+            self.download_file(file_id, store, &into.output).await?;
+            files.output_path = Some(into.output.clone());
         }
         if let Some(file_id) = &status.error_file_id {
-            let path = into.errors.clone();
-            store
-                .put_bytes(&path, self.file_content(file_id).await?)
-                .await?;
-            files.errors_path = Some(path);
+            self.download_file(file_id, store, &into.errors).await?;
+            files.errors_path = Some(into.errors.clone());
         }
         Ok(files)
     }

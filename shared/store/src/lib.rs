@@ -297,6 +297,19 @@ impl Store {
         Ok(())
     }
 
+    /// A writer of object `key` that holds a few parts in memory (multipart upload on
+    /// S3 for large objects): the object appears whole at [`ObjectWriter::finish`], and not
+    /// at all after [`ObjectWriter::abort`].
+    pub fn writer(&self, key: &str) -> Result<ObjectWriter, StorageError> {
+        Ok(ObjectWriter {
+            key: key.to_owned(),
+            // Two parts in flight and one filling: a few parts of memory, however large the
+            // object (the default, 8 in flight, holds 128 MiB).
+            inner: BufWriter::with_capacity(self.inner.clone(), Self::path(key)?, UPLOAD_PART)
+                .with_max_concurrency(2),
+        })
+    }
+
     /// Streams the local file `path` into object `key`, in parts (multipart upload on S3)
     /// for large files.
     pub async fn upload(&self, key: &str, path: &Path) -> Result<(), StorageError> {
@@ -383,6 +396,50 @@ impl rowsmith_contract::step::Retryable for StorageError {
     }
 }
 
+/// See [`Store::writer`].
+pub struct ObjectWriter {
+    key: String,
+    inner: BufWriter,
+}
+
+impl std::fmt::Debug for ObjectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectWriter")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
+        let written = self.inner.write_all(chunk).await;
+        written.map_err(|source| self.error(source))
+    }
+
+    /// Completes the object.
+    pub async fn finish(mut self) -> Result<(), StorageError> {
+        let finished = self.inner.shutdown().await;
+        finished.map_err(|source| self.error(source))
+    }
+
+    /// Drops what was written; the object stays as it was.
+    pub async fn abort(mut self) {
+        if let Err(error) = self.inner.abort().await {
+            tracing::warn!(key = %self.key, %error, "could not abort a partial write");
+        }
+    }
+
+    fn error(&self, source: std::io::Error) -> StorageError {
+        StorageError::Object {
+            key: self.key.clone(),
+            source: object_store::Error::Generic {
+                store: "write",
+                source: Box::new(source),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +465,38 @@ mod tests {
             Err(StorageError::NotFound { .. })
         ));
         assert!(Store::from_url("ftp://x").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_writer_makes_the_object_whole_at_finish_and_not_at_all_after_abort() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::from_url(&format!("file://{}", dir.path().display())).expect("store");
+        // More than two parts.
+        let part: Vec<u8> = (0..UPLOAD_PART).map(|i| (i % 251) as u8).collect();
+        let mut writer = store.writer("results/out.jsonl").expect("writer");
+        for _ in 0..2 {
+            writer.write(&part).await.expect("write");
+        }
+        writer.write(b"tail").await.expect("write");
+        writer.finish().await.expect("finish");
+        let stored = store.get_bytes("results/out.jsonl").await.expect("get");
+        assert_eq!(stored.len(), 2 * UPLOAD_PART + 4);
+        assert_eq!(&stored[UPLOAD_PART..2 * UPLOAD_PART], &part[..]);
+        assert!(stored.ends_with(b"tail"));
+
+        let mut cut = store.writer("results/cut.jsonl").expect("writer");
+        cut.write(&part).await.expect("write");
+        cut.write(&part).await.expect("write");
+        cut.abort().await;
+        assert!(matches!(
+            store.get_bytes("results/cut.jsonl").await,
+            Err(StorageError::NotFound { .. })
+        ));
+        assert_eq!(
+            store.list("results/").await.expect("list"),
+            vec!["results/out.jsonl".to_owned()],
+            "nothing of the aborted write is left"
+        );
     }
 
     #[tokio::test]
