@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         shard: 0,
     };
     let line = Bytes::from_static(b"{\"custom_id\":\"r0\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{}}\n");
-    let file_id = client.upload(&first, line.clone()).await?;
+    let file_id = client.upload(&first, line.clone().into()).await?;
     let created = Instant::now();
     let ids: Vec<(u32, String)> = futures::stream::iter(0..batches)
         .map(|shard| {

@@ -208,8 +208,13 @@ async fn claim_and_create(
     if !still_mine(submitter, key, owner).await? {
         return Ok(Step::Done(Creation::Later(Duration::from_secs(1))));
     }
-    let lines = submitter.store.get_bytes(&record.requests_path).await?;
     let file_id = record.provider_file_id.clone().unwrap_or_default();
+    // Only the APIs that take the requests in the create call read them.
+    let lines = if provider.create_reads_lines(&file_id) {
+        submitter.store.get_bytes(&record.requests_path).await?
+    } else {
+        bytes::Bytes::new()
+    };
     let created = match create_holding_claim(
         submitter,
         provider,

@@ -12,7 +12,7 @@ use rowsmith_contract::messages::{BatchEnded, BatchSubmitted, ShardReady, subjec
 use rowsmith_contract::records::{
     JobRecord, JobState, QuotaRecord, ShardRecord, ShardState, job_key, quota_key, shard_key,
 };
-use rowsmith_providers::{BatchProvider, Provider};
+use rowsmith_providers::{BatchProvider, Provider, ShardLines};
 
 use crate::Submitter;
 use crate::creation::{Creation, ensure_batch};
@@ -161,8 +161,9 @@ async fn upload(
     provider: &Provider,
     record: &ShardRecord,
 ) -> Result<ShardRecord, StepError> {
-    // The record's path, never the message's: a message names no file to send.
-    let lines = submitter.store.get_bytes(&record.requests_path).await?;
+    // The record's path, never the message's: a message names no file to send. Read as it
+    // is sent, never whole.
+    let lines = ShardLines::object(&submitter.store, &record.requests_path).await?;
     let file_id = provider.upload(&record.key, lines).await?;
     submitter
         .bus

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::http::{Endpoint, Http};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
-    ResultFiles,
+    ResultFiles, ShardLines,
 };
 use rowsmith_contract::messages::ShardKey;
 use rowsmith_store::Store;
@@ -162,8 +162,12 @@ impl BatchProvider for AnthropicClient {
     }
 
     /// Anthropic takes the requests inline at creation: nothing to upload.
-    async fn upload(&self, key: &ShardKey, _lines: Bytes) -> Result<String, ProviderError> {
+    async fn upload(&self, key: &ShardKey, _lines: ShardLines) -> Result<String, ProviderError> {
         Ok(format!("inline:{}", key.dotted()))
+    }
+
+    fn create_reads_lines(&self, _file_id: &str) -> bool {
+        true
     }
 
     async fn create(

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::http::{Endpoint, Http};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
-    ResultFiles,
+    ResultFiles, ShardLines,
 };
 use rowsmith_contract::messages::ShardKey;
 use rowsmith_store::Store;
@@ -179,7 +179,7 @@ const MAX_UNANSWERED_CHUNKS: u32 = 8;
 
 /// What an upload session holds.
 enum UploadProgress {
-    Received(usize),
+    Received(u64),
     Final(FileName),
 }
 
@@ -362,9 +362,9 @@ impl BatchProvider for GeminiClient {
     /// how far it got (`query`) and the upload goes on from there, or ends with the file the
     /// session made. An upload that fails for good
     /// leaves an unused file that Gemini deletes after 48 h.
-    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+    async fn upload(&self, key: &ShardKey, lines: ShardLines) -> Result<String, ProviderError> {
         const OPERATION: &str = "upload file";
-        if lines.len() as u64 <= self.inline_max_bytes {
+        if lines.len() <= self.inline_max_bytes {
             return Ok(format!("{INLINE}{}", key.dotted()));
         }
         let start_url = self.api.url("/upload/v1beta/files");
@@ -387,12 +387,14 @@ impl BatchProvider for GeminiClient {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .ok_or_else(|| Self::decode_error(OPERATION, "no x-goog-upload-url in the answer"))?;
-        let mut offset = 0;
+        let total = lines.len();
+        let mut offset: u64 = 0;
         let mut unanswered = 0;
         loop {
-            let end = (offset + UPLOAD_CHUNK).min(lines.len());
-            let last = end == lines.len();
-            let chunk = lines.slice(offset..end);
+            let end = (offset + UPLOAD_CHUNK as u64).min(total);
+            let last = end == total;
+            // One chunk in memory at a time.
+            let chunk = lines.range(offset..end).await?;
             let command = if last { "upload, finalize" } else { "upload" };
             let sent = self
                 .api
@@ -423,7 +425,7 @@ impl BatchProvider for GeminiClient {
                     unanswered += 1;
                     tracing::warn!(%error, offset, "an upload chunk went unanswered; asking the session how far it got");
                     match self.query_upload(&session).await? {
-                        UploadProgress::Received(received) if received <= lines.len() => {
+                        UploadProgress::Received(received) if received <= total => {
                             if received > offset {
                                 unanswered = 0;
                             }
@@ -432,7 +434,7 @@ impl BatchProvider for GeminiClient {
                         UploadProgress::Received(received) => {
                             return Err(Self::decode_error(
                                 OPERATION,
-                                &format!("the session holds {received} bytes of {}", lines.len()),
+                                &format!("the session holds {received} bytes of {total}"),
                             ));
                         }
                         UploadProgress::Final(file) => return Ok(file.name),
@@ -441,6 +443,10 @@ impl BatchProvider for GeminiClient {
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    fn create_reads_lines(&self, file_id: &str) -> bool {
+        file_id.starts_with(INLINE)
     }
 
     async fn create(

@@ -73,6 +73,79 @@ pub fn clock_offset_ms(response: &reqwest::Response, received_ms: i64) -> Option
     Some(provider_ms + 500 - received_ms)
 }
 
+/// A shard's request lines: in memory, or an object of the store that an upload reads as it
+/// sends (a streamed body, or one chunk at a time), so that a shard of hundreds of MB is never
+/// held whole to be uploaded.
+#[derive(Debug, Clone)]
+pub enum ShardLines {
+    Bytes(Bytes),
+    Object {
+        store: Store,
+        key: String,
+        size: u64,
+    },
+}
+
+impl From<Bytes> for ShardLines {
+    fn from(bytes: Bytes) -> Self {
+        ShardLines::Bytes(bytes)
+    }
+}
+
+impl ShardLines {
+    /// The lines of object `key` (its size read from the store; nothing else yet).
+    pub async fn object(store: &Store, key: &str) -> Result<Self, StorageError> {
+        Ok(ShardLines::Object {
+            store: store.clone(),
+            key: key.to_owned(),
+            size: store.size(key).await?,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            ShardLines::Bytes(bytes) => bytes.len() as u64,
+            ShardLines::Object { size, .. } => *size,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All of the lines in memory (for the APIs that take the requests in the create call).
+    pub async fn bytes(&self) -> Result<Bytes, ProviderError> {
+        match self {
+            ShardLines::Bytes(bytes) => Ok(bytes.clone()),
+            ShardLines::Object { store, key, .. } => Ok(store.get_bytes(key).await?),
+        }
+    }
+
+    /// Bytes `range` of the lines.
+    pub async fn range(&self, range: std::ops::Range<u64>) -> Result<Bytes, ProviderError> {
+        match self {
+            ShardLines::Bytes(bytes) => Ok(bytes.slice(range.start as usize..range.end as usize)),
+            ShardLines::Object { store, key, .. } => Ok(store.get_range(key, range).await?),
+        }
+    }
+
+    /// The lines as a request body, read from the store as it is sent (each call reads
+    /// afresh, so a request may be sent again).
+    pub fn body(&self) -> reqwest::Body {
+        use futures::{StreamExt, TryStreamExt};
+        match self {
+            ShardLines::Bytes(bytes) => reqwest::Body::from(bytes.clone()),
+            ShardLines::Object { store, key, .. } => {
+                let (store, key) = (store.clone(), key.clone());
+                let chunks = futures::stream::once(async move { store.stream(&key).await })
+                    .try_flatten()
+                    .boxed();
+                reqwest::Body::wrap_stream(chunks)
+            }
+        }
+    }
+}
+
 /// A provider batch, by id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRef {
@@ -296,8 +369,11 @@ pub trait BatchProvider: Send + Sync {
     fn upload(
         &self,
         key: &ShardKey,
-        lines: Bytes,
+        lines: ShardLines,
     ) -> impl Future<Output = Result<String, ProviderError>> + Send;
+    /// Whether `create` reads the shard's lines for this file (the APIs that take requests
+    /// in the create call); they are passed empty otherwise.
+    fn create_reads_lines(&self, file_id: &str) -> bool;
     /// Creates the batch for an uploaded file (or, where the provider takes requests inline,
     /// for `lines`), tagged with the shard key where the provider keeps metadata; `model` is
     /// the attempt's (providers whose lines name no model take it from here).
@@ -368,8 +444,11 @@ impl BatchProvider for Provider {
     fn limits(&self) -> Limits {
         delegate!(self, client => client.limits())
     }
-    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+    async fn upload(&self, key: &ShardKey, lines: ShardLines) -> Result<String, ProviderError> {
         delegate!(self, client => client.upload(key, lines).await)
+    }
+    fn create_reads_lines(&self, file_id: &str) -> bool {
+        delegate!(self, client => client.create_reads_lines(file_id))
     }
     async fn create(
         &self,

@@ -14,7 +14,7 @@ use super::http::{Endpoint, Http};
 use super::openai::{OpenAiClient, SHARD_METADATA_KEY, tagged_for};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
-    ResultFiles,
+    ResultFiles, ShardLines,
 };
 use rowsmith_contract::messages::ShardKey;
 use rowsmith_store::Store;
@@ -147,8 +147,12 @@ impl BatchProvider for MistralClient {
         rowsmith_contract::providers::MISTRAL
     }
 
-    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+    async fn upload(&self, key: &ShardKey, lines: ShardLines) -> Result<String, ProviderError> {
         self.files.upload(key, lines).await
+    }
+
+    fn create_reads_lines(&self, _file_id: &str) -> bool {
+        false
     }
 
     async fn create(

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::http::{Endpoint, Http};
 use super::{
     BatchProvider, BatchRef, BatchState, BatchStatus, CreateWindow, Limits, ProviderError,
-    ResultFiles,
+    ResultFiles, ShardLines,
 };
 use rowsmith_contract::messages::ShardKey;
 use rowsmith_store::Store;
@@ -229,14 +229,16 @@ impl BatchProvider for OpenAiClient {
         rowsmith_contract::providers::OPENAI
     }
 
-    async fn upload(&self, key: &ShardKey, lines: Bytes) -> Result<String, ProviderError> {
+    /// A multipart upload whose file part is read from the store as it is sent.
+    async fn upload(&self, key: &ShardKey, lines: ShardLines) -> Result<String, ProviderError> {
         let url = self.url("/files");
         let file_name = format!("{}.jsonl", key.dotted());
         let build = |http: &reqwest::Client| {
-            let part = reqwest::multipart::Part::stream(lines.clone())
-                .file_name(file_name.clone())
-                .mime_str("application/jsonl")
-                .unwrap_or_else(|_| reqwest::multipart::Part::stream(lines.clone()));
+            let part = reqwest::multipart::Part::stream_with_length(lines.body(), lines.len())
+                .file_name(file_name.clone());
+            let part = part.mime_str("application/jsonl").unwrap_or_else(|_| {
+                reqwest::multipart::Part::stream_with_length(lines.body(), lines.len())
+            });
             let form = reqwest::multipart::Form::new()
                 .text("purpose", "batch")
                 .part("file", part);
@@ -245,6 +247,10 @@ impl BatchProvider for OpenAiClient {
         let response = self.api.send("upload file", build).await?;
         let file: FileObject = self.api.http.json("upload file", response).await?;
         Ok(file.id)
+    }
+
+    fn create_reads_lines(&self, _file_id: &str) -> bool {
+        false
     }
 
     async fn create(

@@ -222,6 +222,54 @@ impl Store {
         })
     }
 
+    /// The object's size in bytes.
+    pub async fn size(&self, key: &str) -> Result<u64, StorageError> {
+        match self.inner.head(&Self::path(key)?).await {
+            Ok(meta) => Ok(meta.size),
+            Err(source) => Err(Self::read_error(key, source)),
+        }
+    }
+
+    /// Bytes `range` of the object.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, StorageError> {
+        self.inner
+            .get_range(&Self::path(key)?, range)
+            .await
+            .map_err(|source| Self::read_error(key, source))
+    }
+
+    /// The object's bytes as they are read, chunk by chunk.
+    pub async fn stream(
+        &self,
+        key: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, StorageError>>, StorageError>
+    {
+        let result = self
+            .inner
+            .get(&Self::path(key)?)
+            .await
+            .map_err(|source| Self::read_error(key, source))?;
+        let key = key.to_owned();
+        Ok(result
+            .into_stream()
+            .map(move |chunk| chunk.map_err(|source| Self::read_error(&key, source)))
+            .boxed())
+    }
+
+    fn read_error(key: &str, source: object_store::Error) -> StorageError {
+        match source {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
+            source => StorageError::Object {
+                key: key.into(),
+                source,
+            },
+        }
+    }
+
     /// The keys of the objects under `prefix`.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let prefix_path = Self::path(prefix.trim_end_matches('/'))?;

@@ -147,7 +147,10 @@ async fn upload_chunk_answers_lost(how: LostResponse) {
         attempt: 1,
         shard: 0,
     };
-    let file = gemini.upload(&key, lines.clone()).await.expect("uploaded");
+    let file = gemini
+        .upload(&key, lines.clone().into())
+        .await
+        .expect("uploaded");
     let stats = stack.sim_stats().await;
     assert!(
         stats["upload_chunks_lost"].as_u64() >= Some(3),

@@ -91,7 +91,10 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
     // crashed before recording it; its claim has expired since.
     let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
     let sim = providers.get("sim").expect("sim");
-    let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
+    let file_id = sim
+        .upload(&key, lines.clone().into())
+        .await
+        .expect("upload");
     record_first_life(&stack, &key, &file_id, 1_000).await;
     let orphan = sim
         .create(&key, "gpt-4o-mini", &file_id, lines.clone())
@@ -187,7 +190,10 @@ async fn first_life_with_two_batches(
         .expect("requests");
     let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
     let sim = providers.get("sim").expect("sim");
-    let file_id = sim.upload(&key, lines.clone()).await.expect("upload");
+    let file_id = sim
+        .upload(&key, lines.clone().into())
+        .await
+        .expect("upload");
     let first = sim
         .create(&key, "gpt-4o-mini", &file_id, lines.clone())
         .await

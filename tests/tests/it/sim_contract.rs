@@ -56,7 +56,7 @@ async fn run(
     let file_id = match provider.name() {
         "anthropic" => String::new(),
         _ => provider
-            .upload(&key(shard), bytes.clone())
+            .upload(&key(shard), bytes.clone().into())
             .await
             .expect("upload"),
     };
@@ -218,7 +218,10 @@ async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
         .map(|i| openai_line(&format!("r{i}"), chat("m")))
         .collect();
     let bytes = jsonl(&lines);
-    let file_id = sim.upload(&key(0), bytes.clone()).await.expect("upload");
+    let file_id = sim
+        .upload(&key(0), bytes.clone().into())
+        .await
+        .expect("upload");
     let batch = sim
         .create(&key(0), "gpt-4o-mini", &file_id, bytes)
         .await
@@ -312,7 +315,7 @@ async fn mistral_jobs_are_refused_where_the_batch_jobs_api_refuses_them() {
     let mistral = providers.get("mistral").expect("mistral");
     let line = json!({"custom_id": "r0", "body": chat("mistral-small-latest")});
     let file_id = mistral
-        .upload(&key(0), jsonl(std::slice::from_ref(&line)))
+        .upload(&key(0), jsonl(std::slice::from_ref(&line)).into())
         .await
         .expect("upload");
     let create = |body: Value| {

@@ -1,16 +1,21 @@
-//! A provider's result file is written to the store as it arrives: downloading 384 MiB
-//! raises the process's peak memory by a few parts (16 MiB each), not by the file. Before,
-//! every client read the whole body into memory first (and a 1 GB Gemini shard's results
-//! can be larger than its input).
+//! Shards and result files go between the store and a provider as streams: uploading a
+//! 384 MiB shard and downloading a 384 MiB result file each raise the process's peak memory
+//! by a few parts (16 MiB each), not by the file. Before, the submitter read the whole shard
+//! into memory to upload it (and again to create its batch), and every client read a whole
+//! result body before storing it. One test in its own binary: it measures the process's peak.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
+use futures::StreamExt;
+use secrecy::SecretString;
 
+use rowsmith_contract::messages::ShardKey;
 use rowsmith_providers::http::Http;
+use rowsmith_providers::{BatchProvider, OpenAiClient, ShardLines};
 use rowsmith_store::Store;
 
 const CHUNK: usize = 64 * 1024;
@@ -46,18 +51,30 @@ async fn serve() -> String {
         );
         Body::from_stream(chunks)
     };
-    let app = Router::new().route("/results", get(body));
+    // An upload's body is read and dropped as it comes.
+    let sink = |body: Body| async move {
+        let mut chunks = body.into_data_stream();
+        let mut received = 0usize;
+        while let Some(chunk) = chunks.next().await {
+            received += chunk.expect("chunk").len();
+        }
+        axum::Json(serde_json::json!({"id": format!("file-{received}"), "object": "file"}))
+    };
+    let app = Router::new()
+        .route("/results", get(body))
+        .route("/v1/files", post(sink));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
     tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{address}/results")
+    format!("http://{address}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_result_file_is_written_as_it_arrives_not_held_whole() {
-    let url = serve().await;
+async fn shards_and_result_files_are_streamed_not_held_whole() {
+    let base = serve().await;
+    let url = format!("{base}/results");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::from_url(&format!("file://{}", dir.path().display())).expect("store");
     let http = Http::new("test", Duration::from_secs(120), Duration::from_secs(1)).expect("http");
@@ -83,6 +100,46 @@ async fn a_result_file_is_written_as_it_arrives_not_held_whole() {
     assert!(
         grown < 96 << 20,
         "peak memory grew {} MiB for a {} MiB download",
+        grown >> 20,
+        total >> 20
+    );
+
+    // The downloaded file, uploaded as a shard's request lines.
+    let client = OpenAiClient::new(
+        "openai",
+        &format!("{base}/v1"),
+        Some(SecretString::from("sk-test")),
+        Duration::from_secs(120),
+    )
+    .expect("client");
+    let lines = ShardLines::object(&store, "jobs/j/results/out.jsonl")
+        .await
+        .expect("lines");
+    let key = ShardKey {
+        job_id: "j".into(),
+        attempt: 1,
+        shard: 0,
+    };
+    let before = peak_rss();
+    let file_id = client.upload(&key, lines).await.expect("uploaded");
+    let grown = peak_rss().saturating_sub(before);
+    // 0 when the upload stayed under the download's peak.
+    println!(
+        "uploaded {} MiB; peak memory grew {} MiB over the earlier peak",
+        total >> 20,
+        grown >> 20
+    );
+    let received: u64 = file_id
+        .strip_prefix("file-")
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(
+        received > total,
+        "the multipart body holds every byte: {received}"
+    );
+    assert!(
+        grown < 96 << 20,
+        "peak memory grew {} MiB for a {} MiB upload",
         grown >> 20,
         total >> 20
     );
