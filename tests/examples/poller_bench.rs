@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
                     shard,
                 };
                 client
-                    .create(&key, "gpt-4o-mini", &file_id, line)
+                    .create(&key, "gpt-4o-mini", &file_id, line.into())
                     .await
                     .map(|batch| (shard, batch.id))
             }

@@ -35,7 +35,9 @@ use rowsmith_contract::messages::ShardKey;
 use rowsmith_contract::records::{
     CreateClaim, CreateMutex, ShardRecord, ShardState, batch_owner_key, create_mutex_key, shard_key,
 };
-use rowsmith_providers::{BatchProvider, BatchRef, CreateWindow, Provider, ProviderError};
+use rowsmith_providers::{
+    BatchProvider, BatchRef, CreateWindow, Provider, ProviderError, ShardLines,
+};
 
 use crate::Submitter;
 
@@ -209,12 +211,8 @@ async fn claim_and_create(
         return Ok(Step::Done(Creation::Later(Duration::from_secs(1))));
     }
     let file_id = record.provider_file_id.clone().unwrap_or_default();
-    // Only the APIs that take the requests in the create call read them.
-    let lines = if provider.create_reads_lines(&file_id) {
-        submitter.store.get_bytes(&record.requests_path).await?
-    } else {
-        bytes::Bytes::new()
-    };
+    // Read only by the APIs that take the requests in the create call, as they send them.
+    let lines = ShardLines::object(&submitter.store, &record.requests_path).await?;
     let created = match create_holding_claim(
         submitter,
         provider,
@@ -287,7 +285,7 @@ async fn create_holding_claim(
     key: &ShardKey,
     owner: &str,
     (model, file_id): (&str, &str),
-    lines: bytes::Bytes,
+    lines: ShardLines,
 ) -> Result<BatchRef, ProviderError> {
     let lease = submitter.creation.lease;
     let mutex = (!provider.tags_batches()).then(|| create_mutex_key(provider.name()));

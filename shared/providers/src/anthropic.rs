@@ -136,20 +136,51 @@ impl AnthropicClient {
     }
 }
 
-/// The request lines of a shard as the JSON array the create call takes.
-fn requests_array(lines: &Bytes) -> Vec<u8> {
-    let mut body = Vec::with_capacity(lines.len() + 16);
-    body.extend_from_slice(b"{\"requests\":[");
-    let mut first = true;
-    for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        if !first {
-            body.push(b',');
+/// Turns a shard's request lines, chunk by chunk, into the elements of the JSON array the
+/// create call takes: newlines become commas between lines (empty lines dropped), whatever
+/// the chunk boundaries.
+#[derive(Debug, Default)]
+struct ArrayElements {
+    /// A line has been written.
+    started: bool,
+    /// A line ended; a comma goes before the next one.
+    separator: bool,
+}
+
+impl ArrayElements {
+    fn convert(&mut self, chunk: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(chunk.len() + 1);
+        for line in chunk.split_inclusive(|b| *b == b'\n') {
+            let (text, ended) = match line.strip_suffix(b"\n") {
+                Some(text) => (text, true),
+                None => (line, false),
+            };
+            if !text.is_empty() {
+                if self.separator {
+                    out.push(b',');
+                    self.separator = false;
+                }
+                out.extend_from_slice(text);
+                self.started = true;
+            }
+            if ended && self.started {
+                self.separator = true;
+            }
         }
-        first = false;
-        body.extend_from_slice(line);
+        Bytes::from(out)
     }
-    body.extend_from_slice(b"]}");
-    body
+}
+
+/// The create call's body, `{"requests": [...]}`, made from the lines as they are read.
+fn requests_body(lines: &ShardLines) -> reqwest::Body {
+    use futures::{StreamExt, TryStreamExt};
+    let mut elements = ArrayElements::default();
+    let head = futures::stream::once(std::future::ready(Ok(Bytes::from_static(
+        b"{\"requests\":[",
+    ))));
+    let tail = futures::stream::once(std::future::ready(Ok(Bytes::from_static(b"]}"))));
+    let middle = lines.chunks().map_ok(move |chunk| elements.convert(&chunk));
+    reqwest::Body::wrap_stream(head.chain(middle).chain(tail).boxed())
 }
 
 impl BatchProvider for AnthropicClient {
@@ -166,25 +197,21 @@ impl BatchProvider for AnthropicClient {
         Ok(format!("inline:{}", key.dotted()))
     }
 
-    fn create_reads_lines(&self, _file_id: &str) -> bool {
-        true
-    }
-
     async fn create(
         &self,
         _key: &ShardKey,
         _model: &str,
         _file_id: &str,
-        lines: Bytes,
+        lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let url = self.api.url("/v1/messages/batches");
-        let body = Bytes::from(requests_array(&lines));
+        // Streamed from the store: a shard of up to 256 MB is never held whole.
         let batch: MessageBatch = self
             .api
             .create("create batch", |http| {
                 http.post(&url)
                     .header("content-type", "application/json")
-                    .body(body.clone())
+                    .body(requests_body(&lines))
             })
             .await?;
         Ok(BatchRef { id: batch.id })
@@ -333,10 +360,26 @@ mod tests {
     }
 
     #[test]
-    fn shard_lines_become_the_requests_array() {
-        let lines = Bytes::from_static(b"{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r2\"}\n");
-        let body: serde_json::Value =
-            serde_json::from_slice(&requests_array(&lines)).expect("json");
-        assert_eq!(body["requests"][1]["custom_id"], "r2");
+    fn shard_lines_become_the_requests_array_whatever_the_chunk_boundaries() {
+        let lines: &[u8] =
+            b"\n{\"custom_id\":\"r1\"}\n\n{\"custom_id\":\"r2\"}\n{\"custom_id\":\"r3\"}";
+        for chunk_size in [1, 2, 3, 7, lines.len()] {
+            let mut elements = ArrayElements::default();
+            let mut body = b"{\"requests\":[".to_vec();
+            for chunk in lines.chunks(chunk_size) {
+                body.extend_from_slice(&elements.convert(chunk));
+            }
+            body.extend_from_slice(b"]}");
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+                panic!("{chunk_size}: {e}: {}", String::from_utf8_lossy(&body))
+            });
+            let ids: Vec<&str> = body["requests"]
+                .as_array()
+                .expect("array")
+                .iter()
+                .map(|r| r["custom_id"].as_str().expect("id"))
+                .collect();
+            assert_eq!(ids, ["r1", "r2", "r3"], "chunks of {chunk_size}");
+        }
     }
 }

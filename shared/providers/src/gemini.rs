@@ -445,22 +445,20 @@ impl BatchProvider for GeminiClient {
         }
     }
 
-    fn create_reads_lines(&self, file_id: &str) -> bool {
-        file_id.starts_with(INLINE)
-    }
-
     async fn create(
         &self,
         key: &ShardKey,
         model: &str,
         file_id: &str,
-        lines: Bytes,
+        lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let model = model.strip_prefix("models/").unwrap_or(model);
         let url = self
             .api
             .url(&format!("/v1beta/models/{model}:batchGenerateContent"));
         let input = if file_id.starts_with(INLINE) {
+            // At most `inline_max_bytes` (16 MiB): read whole.
+            let lines = lines.bytes().await?;
             let requests = inline_requests(&lines).map_err(|e| ProviderError::Decode {
                 provider: "gemini".into(),
                 operation: "create batch",

@@ -129,19 +129,28 @@ impl ShardLines {
         }
     }
 
-    /// The lines as a request body, read from the store as it is sent (each call reads
-    /// afresh, so a request may be sent again).
-    pub fn body(&self) -> reqwest::Body {
+    /// The lines chunk by chunk, read from the store as they are asked for (each call reads
+    /// afresh, so a request made of them may be sent again).
+    pub fn chunks(&self) -> futures::stream::BoxStream<'static, Result<Bytes, StorageError>> {
         use futures::{StreamExt, TryStreamExt};
         match self {
-            ShardLines::Bytes(bytes) => reqwest::Body::from(bytes.clone()),
+            ShardLines::Bytes(bytes) => {
+                futures::stream::once(std::future::ready(Ok(bytes.clone()))).boxed()
+            }
             ShardLines::Object { store, key, .. } => {
                 let (store, key) = (store.clone(), key.clone());
-                let chunks = futures::stream::once(async move { store.stream(&key).await })
+                futures::stream::once(async move { store.stream(&key).await })
                     .try_flatten()
-                    .boxed();
-                reqwest::Body::wrap_stream(chunks)
+                    .boxed()
             }
+        }
+    }
+
+    /// The lines as a request body, read as it is sent (see [`ShardLines::chunks`]).
+    pub fn body(&self) -> reqwest::Body {
+        match self {
+            ShardLines::Bytes(bytes) => reqwest::Body::from(bytes.clone()),
+            ShardLines::Object { .. } => reqwest::Body::wrap_stream(self.chunks()),
         }
     }
 }
@@ -371,18 +380,15 @@ pub trait BatchProvider: Send + Sync {
         key: &ShardKey,
         lines: ShardLines,
     ) -> impl Future<Output = Result<String, ProviderError>> + Send;
-    /// Whether `create` reads the shard's lines for this file (the APIs that take requests
-    /// in the create call); they are passed empty otherwise.
-    fn create_reads_lines(&self, file_id: &str) -> bool;
     /// Creates the batch for an uploaded file (or, where the provider takes requests inline,
-    /// for `lines`), tagged with the shard key where the provider keeps metadata; `model` is
+    /// for `lines`, read only by those providers), tagged with the shard key where the provider keeps metadata; `model` is
     /// the attempt's (providers whose lines name no model take it from here).
     fn create(
         &self,
         key: &ShardKey,
         model: &str,
         file_id: &str,
-        lines: Bytes,
+        lines: ShardLines,
     ) -> impl Future<Output = Result<BatchRef, ProviderError>> + Send;
     /// The batches that may have been created for this shard attempt within `window`,
     /// oldest first: by the shard key in their metadata where the provider keeps metadata,
@@ -447,15 +453,12 @@ impl BatchProvider for Provider {
     async fn upload(&self, key: &ShardKey, lines: ShardLines) -> Result<String, ProviderError> {
         delegate!(self, client => client.upload(key, lines).await)
     }
-    fn create_reads_lines(&self, file_id: &str) -> bool {
-        delegate!(self, client => client.create_reads_lines(file_id))
-    }
     async fn create(
         &self,
         key: &ShardKey,
         model: &str,
         file_id: &str,
-        lines: Bytes,
+        lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         delegate!(self, client => client.create(key, model, file_id, lines).await)
     }

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
 use reqwest::RequestBuilder;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -151,16 +150,12 @@ impl BatchProvider for MistralClient {
         self.files.upload(key, lines).await
     }
 
-    fn create_reads_lines(&self, _file_id: &str) -> bool {
-        false
-    }
-
     async fn create(
         &self,
         key: &ShardKey,
         model: &str,
         file_id: &str,
-        _lines: Bytes,
+        _lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let url = self.api.url("/batch/jobs");
         let body = serde_json::json!({

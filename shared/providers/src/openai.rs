@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use reqwest::{RequestBuilder, StatusCode};
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -249,16 +248,12 @@ impl BatchProvider for OpenAiClient {
         Ok(file.id)
     }
 
-    fn create_reads_lines(&self, _file_id: &str) -> bool {
-        false
-    }
-
     async fn create(
         &self,
         key: &ShardKey,
         _model: &str,
         file_id: &str,
-        _lines: Bytes,
+        _lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let url = self.url("/batches");
         let body = serde_json::json!({

@@ -427,7 +427,7 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
             &other_key,
             "claude-3-5-haiku-latest",
             "",
-            Bytes::from(other),
+            Bytes::from(other).into(),
         )
         .await
         .expect("unrelated batch");
@@ -453,7 +453,7 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
         .expect("claim");
     let file_id = format!("inline:{}", key.dotted());
     let lost = anthropic
-        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone().into())
         .await
         .expect("create");
     assert_ne!(lost.id, unrelated.id);

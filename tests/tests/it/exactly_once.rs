@@ -97,7 +97,7 @@ async fn a_submitter_that_crashed_after_creating_a_batch_finds_it_instead_of_cre
         .expect("upload");
     record_first_life(&stack, &key, &file_id, 1_000).await;
     let orphan = sim
-        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone().into())
         .await
         .expect("create");
 
@@ -195,11 +195,11 @@ async fn first_life_with_two_batches(
         .await
         .expect("upload");
     let first = sim
-        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone().into())
         .await
         .expect("create");
     let second = sim
-        .create(&key, "gpt-4o-mini", &file_id, lines.clone())
+        .create(&key, "gpt-4o-mini", &file_id, lines.clone().into())
         .await
         .expect("create");
     for batch in [&first, &second].into_iter().filter(|_| until_ended) {

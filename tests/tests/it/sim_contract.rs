@@ -62,7 +62,7 @@ async fn run(
     };
     let model = rowsmith_contract::providers::default_model(provider.name()).unwrap_or("");
     let batch = provider
-        .create(&key(shard), model, &file_id, bytes)
+        .create(&key(shard), model, &file_id, bytes.into())
         .await
         .expect("create");
     let status = ended(provider, &batch).await;
@@ -223,7 +223,7 @@ async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
         .await
         .expect("upload");
     let batch = sim
-        .create(&key(0), "gpt-4o-mini", &file_id, bytes)
+        .create(&key(0), "gpt-4o-mini", &file_id, bytes.into())
         .await
         .expect("create");
     let object = |id: String| {
@@ -280,7 +280,7 @@ async fn batch_objects_keep_the_timestamps_of_their_state_machine() {
     let line = json!({"custom_id": "r0", "params": {"model": "m", "max_tokens": 8,
         "messages": [{"role": "user", "content": "hi"}]}});
     let batch = anthropic
-        .create(&key(1), "m", "", jsonl(&[line]))
+        .create(&key(1), "m", "", jsonl(&[line]).into())
         .await
         .expect("create");
     let object: Value = client
