@@ -317,13 +317,7 @@ impl GeminiClient {
                     .header(reqwest::header::CONTENT_LENGTH, "0")
             })
             .await?;
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+        let header = |name: &str| super::http::header(&response, name);
         if header("x-goog-upload-status").as_deref() == Some("final") {
             let uploaded: UploadedFile = self.api.http.json(OPERATION, response).await?;
             return Ok(UploadProgress::Final(uploaded.file));
@@ -381,11 +375,7 @@ impl BatchProvider for GeminiClient {
                     .json(&body)
             })
             .await?;
-        let session = started
-            .headers()
-            .get("x-goog-upload-url")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
+        let session = super::http::header(&started, "x-goog-upload-url")
             .ok_or_else(|| Self::decode_error(OPERATION, "no x-goog-upload-url in the answer"))?;
         let total = lines.len();
         let mut offset: u64 = 0;

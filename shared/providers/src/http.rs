@@ -100,13 +100,7 @@ impl Http {
                 Ok(response) if response.status().is_success() => return Ok(response),
                 Ok(response) => {
                     let status = response.status().as_u16();
-                    let header = |name: &str| {
-                        response
-                            .headers()
-                            .get(name)
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned)
-                    };
+                    let header = |name: &str| header(&response, name);
                     let should_retry = header("x-should-retry").map(|v| v == "true");
                     let wait = retry_after(
                         header("retry-after-ms").as_deref(),
@@ -331,6 +325,15 @@ enum Repeat {
     /// An effect that must not happen twice: repeat only when the failure proves it did not
     /// happen.
     OnlyIfNotActedOn,
+}
+
+/// A response header's value, when it is there and text.
+pub fn header(response: &Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// The wait a response asks for: `retry-after-ms`, else `retry-after` in seconds.
