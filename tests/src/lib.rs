@@ -304,6 +304,28 @@ impl S3Server {
     }
 }
 
+impl S3Server {
+    /// Points Bedrock at this server, for the client (`provider.bedrock`, with a service role
+    /// and credentials) and for the simulator's control plane, which reads and writes the
+    /// same bucket: inputs and outputs under `s3://bucket/prefix`.
+    pub fn configure_bedrock(&self, settings: &mut Settings, prefix: &str) {
+        let s3 = rowsmith_config::S3Settings {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            path_style: Some(true),
+            allow_http: Some(true),
+            access_key_id: Some("AKIDROWSMITHTEST".into()),
+            secret_access_key: Some("rowsmith-test-secret".to_owned().into()),
+            session_token: None,
+        };
+        let bedrock = &mut settings.provider.bedrock;
+        bedrock.s3_uri = Some(format!("s3://{}/{prefix}", self.bucket));
+        bedrock.role_arn = Some("arn:aws:iam::123456789012:role/rowsmith-batch".into());
+        bedrock.s3 = s3.clone();
+        settings.sim.bedrock_s3 = s3;
+    }
+}
+
 impl Drop for S3Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -376,6 +398,7 @@ impl Stack {
         settings.provider.mistral.base_url = format!("http://{sim_address}/v1");
         settings.provider.gemini.base_url = format!("http://{sim_address}");
         settings.provider.groq.base_url = format!("http://{sim_address}/v1");
+        settings.provider.bedrock.base_url = Some(format!("http://{sim_address}"));
         settings.validate().expect("test settings are valid");
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await

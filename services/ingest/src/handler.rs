@@ -18,8 +18,8 @@ use rowsmith_dataplane::render::RequestTemplate;
 use rowsmith_dataplane::table::{self, RenderStats, TableInfo};
 use rowsmith_jobs::outputs::{OutputWriter, finalize_job};
 use rowsmith_jobs::shards::{
-    CacheUse, announce_shards, create_shard_records, load_cache, prepare_shards, shard_limits,
-    store_duplicates, store_hashes,
+    CacheUse, ShardSize, announce_shards, create_shard_records, load_cache, prepare_shards,
+    shard_limits, store_duplicates, store_hashes,
 };
 use rowsmith_store::{Store, layout};
 
@@ -282,6 +282,21 @@ async fn accept(ingest: &Ingest, spec: &JobSpec) -> Result<Accepted, StepError> 
     })
 }
 
+/// Refuses, before anything is sent, a job whose only shard holds fewer requests than its
+/// provider takes in a batch (Bedrock: 100 records per job); more shards are balanced by the
+/// cutter so that none is short.
+fn check_minimum(spec: &JobSpec, min: u64, sizes: &[ShardSize]) -> Result<(), StepError> {
+    match sizes {
+        [only] if only.requests < min => Err(StepError::Job(format!(
+            "{} takes at least {min} requests per batch job; this job has {} to send (after \
+             empty and repeated rows, and rows the result cache answers); use another \
+             provider for so few rows, e.g. --provider anthropic",
+            spec.provider, only.requests
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `sequence` is the JobSpec message's, for the finalize claim of a job with nothing to send.
 async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<(), StepError> {
     let job_id = spec.id();
@@ -313,6 +328,7 @@ async fn run_ingest(ingest: &Ingest, spec: &JobSpec, sequence: u64) -> Result<()
     )
     .await?;
     let (stats, sizes) = (prepared.stats, prepared.sizes);
+    check_minimum(spec, limits.min_requests, &sizes)?;
     if ingest.cache.enabled {
         store_hashes(
             &ingest.store,

@@ -81,6 +81,7 @@ async fn prepare(input: &Path, dir: &Path, duckdb: DuckdbLimits) -> anyhow::Resu
         max_requests: 50_000,
         max_bytes: 200 * 1024 * 1024,
         max_cell_bytes: 1024 * 1024,
+        min_requests: 1,
     };
     let prepared = prepare_shards(
         &store,

@@ -7,6 +7,7 @@ use rowsmith_bus::{Bus, Cas, Delivery, Outcome, decode};
 use rowsmith_config::{CacheSettings, DuckdbLimits, LimitsSettings, OutputSettings};
 use rowsmith_contract::events::{Counts, Event, EventKind};
 use rowsmith_contract::messages::BatchEnded;
+use rowsmith_contract::providers::batch_limits;
 use rowsmith_contract::records::{
     JobRecord, JobState, ShardRecord, ShardState, job_key, shard_key,
 };
@@ -58,7 +59,7 @@ pub async fn handle(merger: &Merger, delivery: Delivery) -> Outcome {
 }
 
 /// What to do once a shard's rows are counted into the job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Next {
     /// The job is suspended: rewrite its partial outputs with the new rows.
     Partial,
@@ -68,6 +69,9 @@ pub(crate) enum Next {
     Retry,
     /// Every shard ended: write the outputs.
     Finalize,
+    /// Every shard ended, and the rows left to retry are fewer than the next attempt's
+    /// provider takes in a batch: say so, and write the outputs (the rows keep their reasons).
+    FinalizeBelowMinimum { rows: u64, provider: &'static str },
     /// The job already moved to a later attempt: make sure its shards are announced.
     Announce,
 }
@@ -156,7 +160,17 @@ pub(crate) fn after_shard(job: &mut JobRecord) -> Result<(bool, Next), StepError
         (false, _) => Next::Wait,
         (true, _) if job.cancel_requested => Next::Finalize,
         (true, 0) => Next::Finalize,
-        (true, _) if job.attempt < job.spec.options.max_attempts => Next::Retry,
+        (true, rows) if job.attempt < job.spec.options.max_attempts => {
+            let next = job.spec.for_attempt(job.attempt + 1).provider;
+            let min = batch_limits(&next).map_or(1, |limits| limits.min_requests);
+            let name = rowsmith_contract::providers::NAMES
+                .into_iter()
+                .find(|name| *name == next);
+            match (rows < min, name) {
+                (true, Some(provider)) => Next::FinalizeBelowMinimum { rows, provider },
+                _ => Next::Retry,
+            }
+        }
         (true, _) => Next::Finalize,
     };
     Ok((moved, next))
@@ -176,6 +190,20 @@ pub(crate) async fn run_next(
         Next::Wait => Ok(()),
         Next::Partial => write_partial_outputs(bus, merger.writer(), job_id).await,
         Next::Finalize => finalize_job(bus, merger.writer(), job_id, sequence).await,
+        Next::FinalizeBelowMinimum { rows, provider } => {
+            let min = batch_limits(provider).map_or(1, |limits| limits.min_requests);
+            let job = require_job(bus, job_id).await?;
+            let message = format!(
+                "{rows} rows that failed in attempt {attempt} are not retried: {provider} takes \
+                 at least {min} requests per batch job; they are in the failures with their \
+                 reasons (a fallback to another provider, --fallback PROVIDER:MODEL, retries \
+                 such a rest there)"
+            );
+            tracing::warn!(job_id, attempt, rows, %provider, "rows left below the provider's minimum, not retried");
+            bus.emit(&Event::new(job_id, EventKind::Warning, message, job.counts))
+                .await;
+            finalize_job(bus, merger.writer(), job_id, sequence).await
+        }
         Next::Retry => {
             let job = require_job(bus, job_id).await?;
             start_retry(merger, &job.spec, attempt).await

@@ -92,8 +92,8 @@ fn salvage_custom_id(line: &[u8], id_field: &str) -> Option<i64> {
 
 #[derive(Deserialize)]
 struct RequestId<'a> {
-    /// Gemini's lines call it `key`.
-    #[serde(borrow, alias = "key")]
+    /// Gemini's lines call it `key`, Bedrock's `recordId`.
+    #[serde(borrow, alias = "key", alias = "recordId")]
     custom_id: std::borrow::Cow<'a, str>,
 }
 

@@ -186,6 +186,7 @@ pub enum LineFormat {
     OpenAi,
     Anthropic,
     Gemini,
+    Bedrock,
 }
 
 impl LineFormat {
@@ -193,6 +194,7 @@ impl LineFormat {
         match provider {
             "anthropic" => LineFormat::Anthropic,
             "gemini" => LineFormat::Gemini,
+            "bedrock" => LineFormat::Bedrock,
             _ => LineFormat::OpenAi,
         }
     }
@@ -201,6 +203,7 @@ impl LineFormat {
     pub fn id_field(self) -> &'static str {
         match self {
             LineFormat::Gemini => "key",
+            LineFormat::Bedrock => "recordId",
             _ => "custom_id",
         }
     }
@@ -210,8 +213,42 @@ impl LineFormat {
             LineFormat::OpenAi => parse_line(line, fields),
             LineFormat::Anthropic => parse_anthropic_line(line, fields),
             LineFormat::Gemini => parse_gemini_line(line, fields),
+            LineFormat::Bedrock => parse_bedrock_line(line, fields),
         }
     }
+}
+
+/// Parses one line of a Bedrock job's `.jsonl.out` file: the `recordId`, the echoed
+/// `modelInput`, and either `modelOutput` (Claude's Messages response) or an `error`
+/// (`errorCode`, `errorMessage`) in its place. Bedrock does not retry a record itself.
+pub fn parse_bedrock_line(line: &[u8], fields: &[FieldSpec]) -> Option<(i64, LineResult)> {
+    let parsed: Value = serde_json::from_slice(line).ok()?;
+    let row_index = row_index_of(parsed.get("recordId")?.as_str()?)?;
+    let outcome = match (parsed.get("error"), parsed.get("modelOutput")) {
+        (Some(error), _) if error.is_object() => {
+            let code = error.get("errorCode").and_then(Value::as_i64).unwrap_or(0);
+            let message = error
+                .get("errorMessage")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let text = format!("{code}: {message}");
+            // Throttled, timed out or failed inside Bedrock: another attempt may succeed;
+            // a refused body (400, 403, 404, 422) will not.
+            Err(
+                if matches!(code, 408 | 424 | 429 | 500..=599) || code == 0 {
+                    failure("http_error", text)
+                } else {
+                    permanent("invalid_request", text)
+                },
+            )
+        }
+        (_, Some(output)) if output.is_object() => anthropic_message(output, fields),
+        _ => Err(failure(
+            "no_result",
+            "the record has neither a modelOutput nor an error",
+        )),
+    };
+    Some((row_index, outcome))
 }
 
 /// Parses one line of a Gemini batch's responses file: the top-level `key` and either a
@@ -654,6 +691,41 @@ mod tests {
         let invalid: Value =
             serde_json::from_slice(&response_line("r1", "{oops", "stop")).expect("json");
         assert!(retryable(invalid));
+    }
+
+    #[test]
+    fn bedrock_lines_give_the_tool_input_or_the_records_error() {
+        let parse = |value: Value| {
+            parse_bedrock_line(value.to_string().as_bytes(), &fields()).expect("parsed")
+        };
+        let input = json!({"anthropic_version": "bedrock-2023-05-31", "max_tokens": 10});
+        let good = json!({"recordId": "r7", "modelInput": input, "modelOutput": {
+            "type": "message", "role": "assistant", "stop_reason": "tool_use", "content": [
+                {"type": "tool_use", "id": "t", "name": "row", "input":
+                    {"title": "Ball", "category": "toys", "in_stock": true, "tags": [], "price": 2}}]}});
+        let (row, values) = parse(good);
+        assert_eq!(row, 7);
+        assert_eq!(values.expect("answer"), ["Ball", "toys", "true", "[]", "2"]);
+        let refused = parse(json!({"recordId": "r1", "modelInput": input,
+            "error": {"errorCode": 400, "errorMessage": "model: Extra inputs are not permitted"}}));
+        let failure = refused.1.expect_err("error");
+        assert_eq!(failure.reason, "invalid_request");
+        assert!(!failure.retryable);
+        assert!(
+            failure.message.contains("Extra inputs"),
+            "{}",
+            failure.message
+        );
+        let throttled = parse(json!({"recordId": "r2", "modelInput": input,
+            "error": {"errorCode": 429, "errorMessage": "Too many requests"}}));
+        assert!(throttled.1.expect_err("error").retryable);
+        let cut = parse(
+            json!({"recordId": "r3", "modelInput": input, "modelOutput": {
+            "type": "message", "stop_reason": "max_tokens", "content": []}}),
+        );
+        assert_eq!(cut.1.expect_err("cut").reason, "truncated");
+        let neither = parse(json!({"recordId": "r4", "modelInput": input}));
+        assert_eq!(neither.1.expect_err("none").reason, "no_result");
     }
 
     #[test]

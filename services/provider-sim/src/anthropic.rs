@@ -322,6 +322,30 @@ fn answer(batch_id: &str, index: usize, params: &Value, row_fate: Fate) -> (&'st
         }
         _ => {}
     }
+    let message = message(
+        &format!("msg_{index}_{batch_id}"),
+        index,
+        params,
+        &params["model"],
+        row_fate,
+    );
+    (
+        "succeeded",
+        json!({"type": "succeeded", "message": message}),
+    )
+}
+
+/// The fake model's Claude message (`id`, naming `model`) answering the Messages request
+/// `params` (request `index` of its batch), shaped by its fate: a forced `tool_use` whose
+/// input follows the first tool's `input_schema`, or the cut-off, broken or refused answer
+/// the fate asks for. Bedrock's `modelOutput` is the same message.
+pub(crate) fn message(
+    id: &str,
+    index: usize,
+    params: &Value,
+    model: &Value,
+    row_fate: Fate,
+) -> Value {
     let tool = params.pointer("/tools/0").cloned().unwrap_or(Value::Null);
     let schema = tool.get("input_schema").cloned().unwrap_or(json!({}));
     let user = params
@@ -359,20 +383,16 @@ fn answer(batch_id: &str, index: usize, params: &Value, row_fate: Fate) -> (&'st
         ),
         _ => (json!([tool_use(input)]), "tool_use"),
     };
-    let message = json!({
-        "id": format!("msg_{index}_{batch_id}"),
+    json!({
+        "id": id,
         "type": "message",
         "role": "assistant",
-        "model": params["model"],
+        "model": model,
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": null,
         "usage": {"input_tokens": user.len() / 4, "output_tokens": 20},
-    });
-    (
-        "succeeded",
-        json!({"type": "succeeded", "message": message}),
-    )
+    })
 }
 
 pub async fn retrieve(

@@ -5,7 +5,8 @@
 //! 500, a dropped connection, or an answer later than the client waits), a download cut off
 //! half-way, a delay on every answer. Rate-limit headers are set on every answer. Each call
 //! meets the faults of its job where it names one (a batch, its files, an OpenAI create's
-//! metadata), else the default faults.
+//! metadata, a Bedrock create's `rowsmith-shard` tag or the Bedrock job it names), else the
+//! default faults. Each API answers a fault in its own error shape.
 
 use axum::Json;
 use axum::body::Body;
@@ -42,7 +43,10 @@ impl Call {
             Method::POST
                 if matches!(
                     path,
-                    "/v1/batches" | "/v1/messages/batches" | "/v1/batch/jobs"
+                    "/v1/batches"
+                        | "/v1/messages/batches"
+                        | "/v1/batch/jobs"
+                        | "/model-invocation-job"
                 ) =>
             {
                 Call::Create
@@ -74,6 +78,11 @@ impl Call {
     }
 }
 
+/// Whether a path is Bedrock's control plane (`/model-invocation-job[s]`).
+fn is_bedrock(path: &str) -> bool {
+    path.starts_with("/model-invocation-job")
+}
+
 fn is_gemini_create(path: &str) -> bool {
     path.starts_with("/v1beta/models/") && path.ends_with(":batchGenerateContent")
 }
@@ -91,6 +100,7 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
     let call = Call::of(&request);
     let anthropic = request.uri().path().starts_with("/v1/messages");
     let gemini = crate::auth::is_gemini(request.uri().path());
+    let bedrock = is_bedrock(request.uri().path());
     let (request, faults) = faults_of_request(&state, request).await;
     if !faults.response_delay.is_zero() {
         tokio::time::sleep(faults.response_delay).await;
@@ -98,12 +108,20 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
     let mut response = match before_effect(&state, &faults, call) {
         Some(fault) if anthropic => anthropic_fault_response(fault),
         Some(fault) if gemini => gemini_fault_response(fault),
+        Some(fault) if bedrock => bedrock_fault_response(fault),
         Some(fault) => fault_response(fault),
         None => {
             let response = next.run(request).await;
             match call {
                 _ if !response.status().is_success() => response,
-                Call::Create => lose_create_answer(&state, &faults, response).await,
+                Call::Create => {
+                    let lost_as_500 = if bedrock {
+                        bedrock_server_error
+                    } else {
+                        server_error
+                    };
+                    lose_create_answer(&state, &faults, response, lost_as_500).await
+                }
                 Call::Download => cut_download(&state, &faults, response).await,
                 Call::UploadChunk => lose_chunk_answer(&state, &faults, response).await,
                 Call::Other => response,
@@ -115,12 +133,15 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
 }
 
 /// The faults in force for the request's job (`POST /sim/faults/<job_id>`), found from the
-/// batch or file it names or an OpenAI create's metadata; the default faults when it names no
-/// job (Anthropic's API carries none).
+/// batch or file it names, an OpenAI create's metadata, a Bedrock create's shard tag or the
+/// Bedrock job a path names; the default faults when it names no job (Anthropic's API carries
+/// none).
 async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFaults) {
     let path = request.uri().path().to_owned();
-    let reads_body =
-        matches!(path.as_str(), "/v1/batches" | "/v1/batch/jobs") || is_gemini_create(&path);
+    let reads_body = matches!(
+        path.as_str(),
+        "/v1/batches" | "/v1/batch/jobs" | "/model-invocation-job"
+    ) || is_gemini_create(&path);
     if request.method() == Method::POST && reads_body {
         let (parts, body) = request.into_parts();
         // A Gemini create may carry its requests inline (up to 20 MB; more is refused by the
@@ -132,19 +153,24 @@ async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFau
         };
         let bytes = axum::body::to_bytes(body, limit).await.unwrap_or_default();
         let body = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
-        // Gemini names the shard in the batch's display name.
+        // Gemini names the shard in the batch's display name, Bedrock in a tag.
         let metadata = body.and_then(|body| {
             body.get("metadata").cloned().or_else(|| {
                 body.pointer("/batch/displayName")
                     .and_then(serde_json::Value::as_str)
                     .and_then(|name| name.strip_prefix("rowsmith-"))
+                    .map(str::to_owned)
+                    .or_else(|| crate::bedrock::shard_tag(&body))
                     .map(|shard| json!({"rowsmith_shard": shard}))
             })
         });
         let faults = lock(state).faults_of_metadata(&metadata);
         return (Request::from_parts(parts, Body::from(bytes)), faults);
     }
-    let faults = lock(state).faults_of_path(&path);
+    let faults = {
+        let state = lock(state);
+        crate::bedrock::faults_of_path(&state, &path).unwrap_or_else(|| state.faults_of_path(&path))
+    };
     (request, faults)
 }
 
@@ -252,6 +278,32 @@ fn gemini_fault_response(fault: Fault) -> Response {
     }
 }
 
+/// The same faults as Bedrock answers them: `ThrottlingException` (429),
+/// `InternalServerException` (500), `ServiceQuotaExceededException` (400, not 429).
+fn bedrock_fault_response(fault: Fault) -> Response {
+    match fault {
+        Fault::RateLimited => crate::bedrock::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "ThrottlingException",
+            "Too many requests, please wait before trying again.",
+        ),
+        Fault::ServerError => bedrock_server_error(),
+        Fault::InsufficientQuota => crate::bedrock::error(
+            StatusCode::BAD_REQUEST,
+            "ServiceQuotaExceededException",
+            "You have exceeded the quota of batch inference jobs for this account.",
+        ),
+    }
+}
+
+fn bedrock_server_error() -> Response {
+    crate::bedrock::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalServerException",
+        "The server encountered an internal error while processing the request.",
+    )
+}
+
 fn server_error() -> Response {
     let mut response = error_response(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -282,8 +334,14 @@ fn with_rate_limit_headers(response: &mut Response) {
     headers.insert("x-request-id", HeaderValue::from_static("req_sim"));
 }
 
-/// After a create was carried out: every n-th answer is lost as the faults say.
-async fn lose_create_answer(state: &Shared, faults: &SimFaults, response: Response) -> Response {
+/// After a create was carried out: every n-th answer is lost as the faults say (a lost 500
+/// as `lost_as_500` shapes it).
+async fn lose_create_answer(
+    state: &Shared,
+    faults: &SimFaults,
+    response: Response,
+    lost_as_500: fn() -> Response,
+) -> Response {
     let lost = counted_every(state, faults.create_response_lost_every, |state| {
         (&mut state.creates_seen, &mut state.create_responses_lost)
     });
@@ -291,7 +349,13 @@ async fn lose_create_answer(state: &Shared, faults: &SimFaults, response: Respon
         return response;
     }
     tracing::info!(lost_as = ?faults.create_response_lost_as, "simulated fault: the batch was created, its answer is lost");
-    lose(faults, faults.create_response_lost_as, response).await
+    lose(
+        faults,
+        faults.create_response_lost_as,
+        response,
+        lost_as_500,
+    )
+    .await
 }
 
 /// After a chunk was stored: every n-th answer is lost as the faults say.
@@ -303,7 +367,13 @@ async fn lose_chunk_answer(state: &Shared, faults: &SimFaults, response: Respons
         return response;
     }
     tracing::info!(lost_as = ?faults.create_response_lost_as, "simulated fault: an upload chunk was stored, its answer is lost");
-    lose(faults, faults.create_response_lost_as, response).await
+    lose(
+        faults,
+        faults.create_response_lost_as,
+        response,
+        server_error,
+    )
+    .await
 }
 
 /// Counts one more call in the `(seen, hit)` counters `counters` picks; whether it is an n-th
@@ -323,8 +393,13 @@ fn counted_every(
     is_nth
 }
 
-/// A response lost as `lost_as` says.
-async fn lose(faults: &SimFaults, lost_as: LostResponse, response: Response) -> Response {
+/// A response lost as `lost_as` says; a 500 is `server_error`'s.
+async fn lose(
+    faults: &SimFaults,
+    lost_as: LostResponse,
+    response: Response,
+    server_error: fn() -> Response,
+) -> Response {
     match lost_as {
         LostResponse::ServerError => server_error(),
         LostResponse::Dropped => dropped_after(response, 0).await,

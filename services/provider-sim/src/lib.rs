@@ -9,6 +9,8 @@
 mod anthropic;
 mod anthropic_state;
 mod auth;
+mod bedrock;
+mod bedrock_state;
 pub mod faults;
 mod gemini;
 mod gemini_state;
@@ -59,7 +61,7 @@ pub async fn start(
 }
 
 /// The simulator's HTTP API: OpenAI Files + Batches, Anthropic Message Batches, Mistral batch
-/// jobs, Gemini batch mode (Developer API), and its own
+/// jobs, Gemini batch mode (Developer API), Bedrock model invocation jobs, and its own
 /// `/sim/stats` and `/sim/faults`, behind the HTTP fault layers.
 pub fn router(state: Shared) -> Router {
     Router::new()
@@ -100,6 +102,10 @@ pub fn router(state: Shared) -> Router {
             "/v1beta/batches/{action}",
             get(gemini::get).post(gemini::cancel).delete(gemini::delete),
         )
+        .route("/model-invocation-job", post(bedrock::create))
+        .route("/model-invocation-job/{id}", get(bedrock::get))
+        .route("/model-invocation-job/{id}/stop", post(bedrock::stop))
+        .route("/model-invocation-jobs", get(bedrock::list))
         .route("/sim/stats", get(openai::stats))
         .route("/sim/faults", post(openai::set_faults))
         .route("/sim/faults/{job_id}", post(openai::set_job_faults))

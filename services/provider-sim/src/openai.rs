@@ -27,6 +27,7 @@ pub struct SimState {
     pub(crate) settings: SimSettings,
     pub(crate) anthropic: crate::anthropic_state::AnthropicState,
     pub(crate) gemini: crate::gemini_state::GeminiState,
+    pub(crate) bedrock: crate::bedrock_state::BedrockState,
     pub(crate) files: HashMap<String, SimFile>,
     pub(crate) batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
@@ -213,6 +214,7 @@ impl SimState {
             settings,
             anthropic: Default::default(),
             gemini: Default::default(),
+            bedrock: Default::default(),
             files: HashMap::new(),
             batches: HashMap::new(),
             batch_order: Vec::new(),
@@ -1091,7 +1093,8 @@ pub(crate) async fn stats(State(state): State<Shared>) -> Response {
     let state = lock(&state);
     Json(json!({
         "files_uploaded": state.files_uploaded,
-        "batches_created": state.batch_order.len() + state.anthropic.created(),
+        "batches_created": state.batch_order.len() + state.anthropic.created()
+            + state.bedrock.created(),
         "batches_per_shard": state.batches_per_shard,
         "requests_answered": state.requests_answered,
         "token_limit_failures": state.token_limit_failures,
@@ -1101,8 +1104,10 @@ pub(crate) async fn stats(State(state): State<Shared>) -> Response {
         "upload_chunks_lost": state.upload_chunks_lost,
         "downloads_dropped": state.downloads_dropped,
         "batches_cancelled": state.batches.values().filter(|b| b.cancel_requested.is_some()).count()
-            + state.anthropic.cancelled(),
+            + state.anthropic.cancelled() + state.bedrock.stopped(),
         "permanent_failures": state.permanent_failures,
+        "bedrock_jobs_created": state.bedrock.created(),
+        "bedrock_idempotent_replays": state.bedrock.idempotent_replays,
     }))
     .into_response()
 }

@@ -93,6 +93,9 @@ pub fn default_prices() -> std::collections::BTreeMap<String, Price> {
         ("gpt-4o-mini", price(0.15, 0.60, 0.075)),
         ("gpt-4o", price(2.50, 10.00, 1.25)),
         ("claude-3-5-haiku", price(0.80, 4.00, 0.08)),
+        // Bedrock's model ids, and its US cross-region inference profiles.
+        ("anthropic.claude-3-5-haiku", price(0.80, 4.00, 0.08)),
+        ("us.anthropic.claude-3-5-haiku", price(0.80, 4.00, 0.08)),
         ("claude-sonnet-4", price(3.00, 15.00, 0.30)),
     ]
     .into_iter()
@@ -472,6 +475,9 @@ pub struct S3Settings {
     pub access_key_id: Option<String>,
     #[serde(skip_serializing)]
     pub secret_access_key: Option<SecretString>,
+    /// With temporary credentials (`AWS_SESSION_TOKEN`).
+    #[serde(skip_serializing)]
+    pub session_token: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -483,6 +489,7 @@ pub struct ProviderSettings {
     pub gemini: GeminiSettings,
     /// Groq's OpenAI-compatible Batch API (`GROQ_API_KEY`).
     pub groq: OpenAiSettings,
+    pub bedrock: BedrockSettings,
     pub sim: SimProviderSettings,
 }
 
@@ -497,7 +504,49 @@ impl Default for ProviderSettings {
                 base_url: "https://api.groq.com/openai/v1".into(),
                 ..OpenAiSettings::default()
             },
+            bedrock: BedrockSettings::default(),
             sim: SimProviderSettings::default(),
+        }
+    }
+}
+
+/// AWS Bedrock batch inference (model invocation jobs): request files go to `s3_uri`, the job
+/// runs as `role_arn`, calls are signed (SigV4) with the AWS credentials.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BedrockSettings {
+    pub region: String,
+    /// The control plane; unset: `https://bedrock.<region>.amazonaws.com`.
+    pub base_url: Option<String>,
+    /// `s3://bucket/prefix` under which rowsmith puts each shard's input and Bedrock writes its
+    /// output (the service role must read and write there).
+    pub s3_uri: Option<String>,
+    /// The service role Bedrock assumes to read the input and write the output.
+    pub role_arn: Option<String>,
+    /// S3 endpoint, addressing and credentials for `s3_uri`; the credentials also sign the
+    /// Bedrock calls. `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`
+    /// fill what is not set here.
+    pub s3: S3Settings,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// `timeoutDurationInHours` of each job (24 to 168).
+    pub job_timeout_hours: u32,
+    /// The account's "Minimum number of records per batch inference job" quota for the models
+    /// used (100 by default on most accounts).
+    pub min_records: u64,
+}
+
+impl Default for BedrockSettings {
+    fn default() -> Self {
+        Self {
+            region: "us-east-1".into(),
+            base_url: None,
+            s3_uri: None,
+            role_arn: None,
+            s3: S3Settings::default(),
+            timeout: Duration::from_secs(300),
+            job_timeout_hours: 24,
+            min_records: 100,
         }
     }
 }
@@ -744,6 +793,13 @@ pub struct SimSettings {
     /// answered 404, as Google deletes it.
     #[serde(with = "humantime_serde")]
     pub gemini_file_ttl: Duration,
+    /// Where the Bedrock control plane reads job inputs and writes outputs (`s3://` URIs of
+    /// the create calls): an S3-compatible server's endpoint and credentials.
+    pub bedrock_s3: S3Settings,
+    /// Bedrock's per-job minimum record count (a job with fewer fails its validation).
+    pub bedrock_min_records: u64,
+    /// Bedrock's quota of submitted and in-progress jobs per model.
+    pub bedrock_max_jobs: usize,
     /// Faults for every job (a job's own, set through `POST /sim/faults/<job_id>`, win).
     pub faults: SimFaults,
 }
@@ -757,6 +813,9 @@ impl Default for SimSettings {
             finalizing: Duration::from_millis(300),
             cancelling: Duration::from_millis(300),
             gemini_file_ttl: Duration::from_secs(48 * 3600),
+            bedrock_s3: S3Settings::default(),
+            bedrock_min_records: 100,
+            bedrock_max_jobs: 20,
             faults: SimFaults::default(),
         }
     }
@@ -928,6 +987,18 @@ impl ProviderSettings {
                 "GROQ_API_KEY",
             ),
         ];
+        let s3 = &mut self.bedrock.s3;
+        if s3.access_key_id.is_none() && s3.secret_access_key.is_none() {
+            s3.access_key_id = env.get("AWS_ACCESS_KEY_ID").cloned();
+            s3.secret_access_key = env
+                .get("AWS_SECRET_ACCESS_KEY")
+                .map(|value| SecretString::from(value.clone()));
+            if s3.session_token.is_none() {
+                s3.session_token = env
+                    .get("AWS_SESSION_TOKEN")
+                    .map(|value| SecretString::from(value.clone()));
+            }
+        }
         for (key, file, variable) in sources {
             if key.is_some() {
                 continue;

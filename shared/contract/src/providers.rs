@@ -6,24 +6,29 @@
 pub struct Limits {
     pub max_requests: u64,
     pub max_bytes: u64,
+    /// The fewest requests a batch may hold (Bedrock's per-job minimum; 1 elsewhere).
+    pub min_requests: u64,
 }
 
 /// OpenAI's Batch API (and the simulator, which imitates it): 50,000 requests, 200 MB.
 pub const OPENAI: Limits = Limits {
     max_requests: 50_000,
     max_bytes: 200 * 1024 * 1024,
+    min_requests: 1,
 };
 
 /// Anthropic's Message Batches: 100,000 requests, 256 MB.
 pub const ANTHROPIC: Limits = Limits {
     max_requests: 100_000,
     max_bytes: 256 * 1000 * 1000,
+    min_requests: 1,
 };
 
 /// Mistral's batch jobs: 1,000,000 requests per job, files up to 512 MB.
 pub const MISTRAL: Limits = Limits {
     max_requests: 1_000_000,
     max_bytes: 512 * 1024 * 1024,
+    min_requests: 1,
 };
 
 /// Gemini batch mode (Developer API): no published request cap (an enqueued-token quota
@@ -32,12 +37,47 @@ pub const MISTRAL: Limits = Limits {
 pub const GEMINI: Limits = Limits {
     max_requests: 100_000,
     max_bytes: 1024 * 1024 * 1024,
+    min_requests: 1,
 };
+
+/// AWS Bedrock batch inference: 50,000 records and 1 GB per input file (the usual account
+/// quotas; rowsmith sends one file per job), and at least 100 records per job.
+pub const BEDROCK: Limits = Limits {
+    max_requests: 50_000,
+    max_bytes: 1024 * 1024 * 1024,
+    min_requests: BEDROCK_MIN_RECORDS,
+};
+
+/// Bedrock's default "Minimum number of records per batch inference job" quota.
+pub const BEDROCK_MIN_RECORDS: u64 = 100;
+
+/// The `anthropic_version` of a Claude request body on Bedrock.
+pub const BEDROCK_ANTHROPIC_VERSION: &str = "bedrock-2023-05-31";
+
+/// Whether a Bedrock model id names a Claude model (a foundation model such as
+/// `anthropic.claude-3-5-haiku-20241022-v1:0`, or a cross-region inference profile such as
+/// `us.anthropic.claude-…`, or an ARN of either): the only request body rowsmith renders for
+/// Bedrock is Claude's.
+pub fn is_bedrock_claude(model: &str) -> bool {
+    let id = model.rsplit('/').next().unwrap_or(model);
+    id.starts_with("anthropic.claude")
+        || id
+            .split_once('.')
+            .is_some_and(|(_, rest)| rest.starts_with("anthropic.claude"))
+}
 
 /// The providers a job may name.
 /// `groq` is Groq's OpenAI-compatible Batch API, spoken by the OpenAI client (same lines,
 /// files, batches and statuses) at Groq's base URL.
-pub const NAMES: [&str; 6] = ["openai", "anthropic", "mistral", "gemini", "groq", "sim"];
+pub const NAMES: [&str; 7] = [
+    "openai",
+    "anthropic",
+    "mistral",
+    "gemini",
+    "groq",
+    "bedrock",
+    "sim",
+];
 
 /// Where provider `name`'s API key comes from, as a user sets it.
 pub fn api_key_source(name: &str) -> &'static str {
@@ -46,6 +86,10 @@ pub fn api_key_source(name: &str) -> &'static str {
         "mistral" => "MISTRAL_API_KEY (or provider.mistral.api_key_file)",
         "gemini" => "GEMINI_API_KEY (or provider.gemini.api_key_file)",
         "groq" => "GROQ_API_KEY (or provider.groq.api_key_file)",
+        "bedrock" => {
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or provider.bedrock.s3.access_key_id and \
+             secret_access_key), with provider.bedrock.role_arn and provider.bedrock.s3_uri"
+        }
         _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
     }
 }
@@ -59,6 +103,8 @@ pub fn default_model(name: &str) -> Option<&'static str> {
         "gemini" => Some("gemini-2.5-flash"),
         // One of the models Groq serves with json_schema structured outputs.
         "groq" => Some("openai/gpt-oss-20b"),
+        // A Claude model Bedrock runs batch inference for (in us-east-1 and us-west-2).
+        "bedrock" => Some("anthropic.claude-3-5-haiku-20241022-v1:0"),
         _ => None,
     }
 }
@@ -69,6 +115,8 @@ pub fn default_model(name: &str) -> Option<&'static str> {
 pub fn temperature_range(name: &str) -> Option<std::ops::RangeInclusive<f64>> {
     match name {
         "anthropic" => None,
+        // Claude's InvokeModel body on Bedrock takes a temperature from 0 to 1.
+        "bedrock" => Some(0.0..=1.0),
         _ => Some(0.0..=2.0),
     }
 }
@@ -97,6 +145,7 @@ pub fn batch_limits(name: &str) -> Option<Limits> {
         "anthropic" => Some(ANTHROPIC),
         "mistral" => Some(MISTRAL),
         "gemini" => Some(GEMINI),
+        "bedrock" => Some(BEDROCK),
         _ => None,
     }
 }

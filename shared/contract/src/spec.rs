@@ -127,7 +127,7 @@ impl Default for JobOptions {
 #[error("{0}")]
 pub struct SpecError(pub String);
 
-const PROVIDERS: [&str; 6] = crate::providers::NAMES;
+const PROVIDERS: [&str; 7] = crate::providers::NAMES;
 const OUTPUT_FORMATS: [&str; 3] = ["csv", "parquet", "jsonl"];
 
 /// Whether `id` is a valid job id: `[A-Za-z0-9_-]{1,64}`.
@@ -137,6 +137,18 @@ pub fn is_valid_job_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A Bedrock job names a Claude model: the only request body rowsmith renders for Bedrock.
+fn validate_bedrock_model(provider: &str, model: &str) -> Result<(), SpecError> {
+    if provider != "bedrock" || crate::providers::is_bedrock_claude(model) {
+        return Ok(());
+    }
+    Err(SpecError(format!(
+        "model {model:?} is not a Claude model on Bedrock: rowsmith sends Bedrock Claude's \
+         request body only; name a model id such as anthropic.claude-3-5-haiku-20241022-v1:0 \
+         or an inference profile such as us.anthropic.claude-3-5-haiku-20241022-v1:0"
+    )))
 }
 
 fn is_valid_field_name(name: &str) -> bool {
@@ -254,7 +266,7 @@ impl JobSpec {
     pub fn output_tokens_for_attempt(&self, attempt: u32, cap: u32) -> Option<u32> {
         let base = match (self.options.max_output_tokens, self.provider.as_str()) {
             (Some(tokens), _) => tokens,
-            (None, "anthropic") => ANTHROPIC_MAX_TOKENS,
+            (None, "anthropic" | "bedrock") => ANTHROPIC_MAX_TOKENS,
             (None, _) => return None,
         };
         let doubled = u64::from(base) << attempt.saturating_sub(1).min(16);
@@ -349,8 +361,10 @@ impl JobSpec {
             return fail("model is empty".into());
         }
         self.validate_temperature(&self.provider, &self.model)?;
+        validate_bedrock_model(&self.provider, &self.model)?;
         if let Some(fallback) = &self.fallback {
             self.validate_temperature(&fallback.provider, &fallback.model)?;
+            validate_bedrock_model(&fallback.provider, &fallback.model)?;
         }
         self.validate_structured_output_limits()?;
         if let Some(fallback) = &self.fallback {
@@ -390,7 +404,9 @@ impl JobSpec {
                 range.end()
             )));
         }
-        if provider != "anthropic" && crate::providers::is_reasoning_model(model) {
+        if !matches!(provider, "anthropic" | "bedrock")
+            && crate::providers::is_reasoning_model(model)
+        {
             return Err(SpecError(format!(
                 "options.temperature is set, but {model} is a reasoning model and takes none; \
                  leave it unset"
@@ -451,6 +467,19 @@ impl JobSpec {
         }
         if options.max_requests_per_batch == 0 {
             return fail("options.max_requests_per_batch must be at least 1".into());
+        }
+        let bedrock = std::iter::once(self.provider.as_str())
+            .chain(self.fallback.as_ref().map(|f| f.provider.as_str()))
+            .any(|provider| provider == "bedrock");
+        let least = 2 * crate::providers::BEDROCK_MIN_RECORDS;
+        if bedrock && options.max_requests_per_batch < least {
+            return fail(format!(
+                "options.max_requests_per_batch is {}; with Bedrock it must be at least {least} \
+                 (twice its minimum of {} records per job, so that a short last shard can be \
+                 made up from the one before)",
+                options.max_requests_per_batch,
+                crate::providers::BEDROCK_MIN_RECORDS
+            ));
         }
         if options.max_batch_bytes < 10_000 {
             return fail("options.max_batch_bytes must be at least 10000".into());

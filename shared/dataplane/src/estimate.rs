@@ -90,10 +90,13 @@ fn request_tokens(line: &[u8], anthropic: bool, bpe: &tiktoken_rs::CoreBPE) -> R
     let Ok(request) = serde_json::from_slice::<Value>(line) else {
         return RequestTokens::default();
     };
-    let body = if anthropic {
-        &request["params"]
-    } else {
-        &request["body"]
+    // Anthropic's request under `params`, Bedrock's under `modelInput`, OpenAI's under `body`.
+    let body = match ["params", "modelInput"]
+        .iter()
+        .find(|k| !request[**k].is_null())
+    {
+        Some(key) if anthropic => &request[*key],
+        _ => &request["body"],
     };
     let mut total = 3; // the reply's priming
     let mut prefix = 0;
@@ -191,7 +194,7 @@ impl Estimate {
         sample: &Sampler,
         price: Option<&Price>,
     ) -> Self {
-        let anthropic = spec.provider == "anthropic";
+        let anthropic = matches!(spec.provider.as_str(), "anthropic" | "bedrock");
         let bpe = tokenizer(if anthropic { "gpt-4o" } else { &spec.model });
         let counted: Vec<RequestTokens> = sample
             .lines()

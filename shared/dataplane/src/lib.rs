@@ -5,3 +5,4 @@
 pub mod estimate;
 pub mod render;
 pub mod table;
+pub mod tail;

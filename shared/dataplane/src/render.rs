@@ -181,6 +181,37 @@ pub use rowsmith_contract::spec::ANTHROPIC_MAX_TOKENS;
 fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
     let mut params = Map::new();
     params.insert("model".into(), Value::String(spec.model.clone()));
+    claude_params(spec, &mut params);
+    let params_fields = serde_json::to_string(&Value::Object(params)).unwrap_or_default();
+    let params_open = &params_fields[..params_fields.len() - 1];
+    format!(
+        "\",\"params\":{params_open},\"messages\":[{{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+/// Everything of a Bedrock batch record (`{recordId, modelInput}`, Claude's InvokeModel body,
+/// which names no model: the job does) between the record id and the user message's text:
+/// the same forced tool as Anthropic's, under Bedrock's `anthropic_version`.
+fn bedrock_middle(spec: &JobSpec, static_open: &str) -> String {
+    let mut input = Map::new();
+    input.insert(
+        "anthropic_version".into(),
+        json!(rowsmith_contract::providers::BEDROCK_ANTHROPIC_VERSION),
+    );
+    claude_params(spec, &mut input);
+    if let Some(temperature) = spec.options.temperature {
+        input.insert("temperature".into(), json!(temperature));
+    }
+    let input_fields = serde_json::to_string(&Value::Object(input)).unwrap_or_default();
+    let input_open = &input_fields[..input_fields.len() - 1];
+    format!(
+        "\",\"modelInput\":{input_open},\"messages\":[{{\"role\":\"user\",\"content\":{static_open}"
+    )
+}
+
+/// The parameters of a Claude Messages request other than the model and the messages:
+/// `max_tokens`, the system prompt and the forced tool.
+fn claude_params(spec: &JobSpec, params: &mut Map<String, Value>) {
     let max_tokens = spec
         .options
         .max_output_tokens
@@ -201,11 +232,6 @@ fn anthropic_middle(spec: &JobSpec, static_open: &str) -> String {
         "tool_choice".into(),
         json!({"type": "tool", "name": SCHEMA_NAME}),
     );
-    let params_fields = serde_json::to_string(&Value::Object(params)).unwrap_or_default();
-    let params_open = &params_fields[..params_fields.len() - 1];
-    format!(
-        "\",\"params\":{params_open},\"messages\":[{{\"role\":\"user\",\"content\":{static_open}"
-    )
 }
 
 /// How most providers' lines open: the custom id, whose row index follows.
@@ -261,6 +287,11 @@ impl RequestTemplate {
                 b"}]}}\n",
             ),
             "mistral" => (CUSTOM_ID_HEAD, mistral_middle(spec, static_open), b"}]}}\n"),
+            "bedrock" => (
+                b"{\"recordId\":\"r",
+                bedrock_middle(spec, static_open),
+                b"}]}}\n",
+            ),
             // The text part, the parts, the content, the contents, the request, the line.
             "gemini" => (
                 b"{\"key\":\"r",
@@ -496,6 +527,40 @@ mod tests {
         assert!(line["body"].get("max_completion_tokens").is_none());
         assert_eq!(line["body"]["response_format"]["type"], "json_schema");
         assert_eq!(line["body"]["messages"][1]["role"], "user");
+    }
+
+    #[test]
+    fn a_bedrock_line_is_record_id_and_claudes_invoke_model_body_without_the_model() {
+        let mut bedrock =
+            spec().with_provider("bedrock", "anthropic.claude-3-5-haiku-20241022-v1:0");
+        let line = rendered(&bedrock);
+        let keys: Vec<&String> = line.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["recordId", "modelInput"]);
+        assert_eq!(line["recordId"], "r0");
+        let input = &line["modelInput"];
+        assert_eq!(input["anthropic_version"], "bedrock-2023-05-31");
+        assert!(input.get("model").is_none(), "the job names the model");
+        assert!(input.get("temperature").is_none(), "unset, none is sent");
+        assert_eq!(input["max_tokens"], json!(ANTHROPIC_MAX_TOKENS));
+        assert_eq!(input["tool_choice"]["type"], "tool");
+        assert_eq!(input["tools"][0]["name"], input["tool_choice"]["name"]);
+        let properties = input["tools"][0]["input_schema"]["properties"]
+            .as_object()
+            .expect("schema");
+        assert_eq!(
+            properties.keys().collect::<Vec<_>>(),
+            ["title", "category", "tags"]
+        );
+        assert_eq!(input["messages"][0]["role"], "user");
+        assert!(
+            input["messages"][0]["content"]
+                .as_str()
+                .expect("text")
+                .contains("a ball")
+        );
+        // A temperature the user sets is sent (Bedrock's Claude body takes 0 to 1).
+        bedrock.options.temperature = Some(0.3);
+        assert_eq!(rendered(&bedrock)["modelInput"]["temperature"], json!(0.3));
     }
 
     #[test]

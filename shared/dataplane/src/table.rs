@@ -741,6 +741,10 @@ pub struct ShardLimits {
     pub max_bytes: u64,
     /// Bytes of one cell that goes into a request.
     pub max_cell_bytes: u64,
+    /// The fewest requests a shard may hold (Bedrock's per-job minimum; 1 elsewhere): a
+    /// short last shard is made up from the one before (the `BalancedTail` of `tail`, which
+    /// the shard preparation puts before the sink).
+    pub min_requests: u64,
 }
 
 /// Where rendered request lines go: one shard at a time, in order.

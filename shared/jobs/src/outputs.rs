@@ -245,8 +245,8 @@ async fn write_unanswered(
 ) -> Result<std::path::PathBuf, StepError> {
     #[derive(serde::Deserialize)]
     struct RequestId {
-        /// Gemini's lines call it `key`.
-        #[serde(alias = "key")]
+        /// Gemini's lines call it `key`, Bedrock's `recordId`.
+        #[serde(alias = "key", alias = "recordId")]
         custom_id: String,
     }
     let mut rows = Vec::new();

@@ -13,6 +13,7 @@ use rowsmith_contract::spec::JobSpec;
 use rowsmith_dataplane::estimate::Sampler;
 use rowsmith_dataplane::render::RequestTemplate;
 use rowsmith_dataplane::table::{self, RenderStats, ShardLimits};
+use rowsmith_dataplane::tail::BalancedTail;
 use rowsmith_store::{Store, layout};
 
 /// Requests and bytes of one rendered shard.
@@ -33,7 +34,36 @@ pub fn shard_limits(spec: &JobSpec, limits: &LimitsSettings) -> Result<ShardLimi
             .min(provider.max_requests),
         max_bytes: spec.options.max_batch_bytes.min(provider.max_bytes),
         max_cell_bytes: limits.max_cell_bytes,
+        min_requests: provider.min_requests,
     })
+}
+
+/// `table::render_shards`, with a provider's minimum per batch kept: no short last shard
+/// (see `rowsmith_dataplane::tail`).
+fn render(
+    indexed: &Path,
+    template: &RequestTemplate,
+    limits: ShardLimits,
+    retry_of: Option<&[PathBuf]>,
+    keys: Option<&table::CacheKeys>,
+    sink: &mut impl table::ShardSink,
+    duckdb: &DuckdbLimits,
+) -> Result<table::Rendered, table::TableError> {
+    if limits.min_requests <= 1 {
+        return table::render_shards(indexed, template, limits, retry_of, keys, sink, duckdb);
+    }
+    let mut balanced = BalancedTail::new(sink, limits);
+    let rendered = table::render_shards(
+        indexed,
+        template,
+        limits,
+        retry_of,
+        keys,
+        &mut balanced,
+        duckdb,
+    )?;
+    balanced.close()?;
+    Ok(rendered)
 }
 
 /// Renders one attempt's request shards into the store at `shard_path(key)`; returns the
@@ -91,7 +121,7 @@ pub async fn prepare_shards(
             sample: Sampler::default(),
             hits,
         };
-        let rendered = table::render_shards(
+        let rendered = render(
             &indexed,
             &template,
             limits,

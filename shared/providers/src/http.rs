@@ -106,7 +106,13 @@ impl Http {
                         header("retry-after-ms").as_deref(),
                         header("retry-after").as_deref(),
                     );
-                    let message = error_message(&response.text().await.unwrap_or_default());
+                    // AWS names the error's type in a header (`ValidationException`…).
+                    let aws_type = header("x-amzn-errortype");
+                    let mut message = error_message(&response.text().await.unwrap_or_default());
+                    if let Some(kind) = aws_type {
+                        let kind = kind.split(':').next().unwrap_or_default();
+                        message = format!("{message} ({kind})");
+                    }
                     let error = ProviderError::Http {
                         provider: self.name.clone(),
                         operation,
@@ -167,29 +173,15 @@ impl Http {
         store: &Store,
         key: &str,
     ) -> Result<u64, ProviderError> {
-        let mut writer = store.writer(key)?;
-        let mut body = response.bytes_stream();
-        let mut written = 0;
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(error) => {
-                    writer.abort().await;
-                    return Err(ProviderError::Transport {
-                        provider: self.name.clone(),
-                        operation,
-                        source: error.without_url().into(),
-                    });
-                }
-            };
-            if let Err(error) = writer.write(&chunk).await {
-                writer.abort().await;
-                return Err(error.into());
+        let name = self.name.clone();
+        write_stream(store, key, response.bytes_stream(), |error| {
+            ProviderError::Transport {
+                provider: name.clone(),
+                operation,
+                source: error.without_url().into(),
             }
-            written += chunk.len() as u64;
-        }
-        writer.finish().await?;
-        Ok(written)
+        })
+        .await
     }
 
     /// A call that creates something: sent once (see `send_unrepeatable`) and its answer read
@@ -317,6 +309,35 @@ impl Endpoint {
     }
 }
 
+/// Writes `chunks` to object `key` as they come; a failed chunk (`failed` says how to report
+/// it) or write leaves `key` as it was. Returns the bytes written.
+pub async fn write_stream<E>(
+    store: &Store,
+    key: &str,
+    chunks: impl futures::Stream<Item = Result<Bytes, E>>,
+    failed: impl Fn(E) -> ProviderError,
+) -> Result<u64, ProviderError> {
+    let mut writer = store.writer(key)?;
+    let mut chunks = std::pin::pin!(chunks);
+    let mut written = 0;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                writer.abort().await;
+                return Err(failed(error));
+            }
+        };
+        if let Err(error) = writer.write(&chunk).await {
+            writer.abort().await;
+            return Err(error.into());
+        }
+        written += chunk.len() as u64;
+    }
+    writer.finish().await?;
+    Ok(written)
+}
+
 /// Whether a call may be sent again after a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Repeat {
@@ -357,7 +378,10 @@ pub fn error_message(body: &str) -> String {
             .and_then(|m| m.as_str())
             .map(str::to_owned)
     };
-    let message = field("/error/message").unwrap_or_else(|| body.to_owned());
+    let message = field("/error/message")
+        .or_else(|| field("/message"))
+        .or_else(|| field("/Message"))
+        .unwrap_or_else(|| body.to_owned());
     let code = field("/error/code")
         .or_else(|| field("/error/type"))
         .or_else(|| field("/error/status"))

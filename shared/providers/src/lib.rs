@@ -2,6 +2,7 @@
 //! for a job's `provider`.
 
 pub mod anthropic;
+pub mod bedrock;
 pub mod gemini;
 pub mod http;
 pub mod mistral;
@@ -19,6 +20,7 @@ use rowsmith_store::layout::ResultPaths;
 use rowsmith_store::{StorageError, Store};
 
 pub use anthropic::AnthropicClient;
+pub use bedrock::BedrockClient;
 pub use gemini::GeminiClient;
 pub use mistral::MistralClient;
 pub use openai::OpenAiClient;
@@ -423,6 +425,7 @@ pub enum Provider {
     Anthropic(AnthropicClient),
     Mistral(MistralClient),
     Gemini(GeminiClient),
+    Bedrock(BedrockClient),
 }
 
 macro_rules! delegate {
@@ -432,6 +435,7 @@ macro_rules! delegate {
             Provider::Anthropic($client) => $call,
             Provider::Mistral($client) => $call,
             Provider::Gemini($client) => $call,
+            Provider::Bedrock($client) => $call,
         }
     };
 }
@@ -496,6 +500,7 @@ pub struct Providers {
     mistral: Provider,
     gemini: Provider,
     groq: Provider,
+    bedrock: Provider,
     sim: Provider,
 }
 
@@ -543,7 +548,9 @@ impl Providers {
             groq_settings.api_key.clone(),
             groq_settings.timeout,
         )?;
+        let bedrock = BedrockClient::new(&settings.bedrock)?;
         Ok(Self {
+            bedrock: Provider::Bedrock(bedrock),
             gemini: Provider::Gemini(gemini),
             groq: Provider::OpenAi(groq),
             openai: Provider::OpenAi(openai),
@@ -571,6 +578,9 @@ impl Providers {
         if self.groq.has_key() {
             names.push("groq");
         }
+        if self.bedrock.has_key() {
+            names.push("bedrock");
+        }
         names
     }
 
@@ -581,6 +591,7 @@ impl Providers {
             "mistral" => Ok(&self.mistral),
             "gemini" => Ok(&self.gemini),
             "groq" => Ok(&self.groq),
+            "bedrock" => Ok(&self.bedrock),
             "sim" => Ok(&self.sim),
             other => Err(ProviderError::Unknown(other.to_owned())),
         }
@@ -626,7 +637,14 @@ mod tests {
         let providers = Providers::from_settings(&settings).expect("providers");
         assert_eq!(providers.with_keys(), ["sim"]);
         let batch = BatchRef { id: "b".into() };
-        for name in ["openai", "anthropic", "mistral", "gemini", "groq"] {
+        for name in [
+            "openai",
+            "anthropic",
+            "mistral",
+            "gemini",
+            "groq",
+            "bedrock",
+        ] {
             let error = providers
                 .get(name)
                 .expect("provider")

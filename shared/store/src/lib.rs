@@ -84,9 +84,26 @@ impl Store {
         Self::from_url(&settings.url)
     }
 
+    /// `s3://bucket[/prefix]` as [`Store::open`] opens it, with the credential provider of its
+    /// client: what signs other AWS calls (Bedrock's) made with the same credentials.
+    pub fn s3_with_credentials(
+        url: &str,
+        s3: &S3Settings,
+    ) -> Result<(Self, object_store::aws::AwsCredentialProvider), StorageError> {
+        let (store, credentials) = Self::s3_parts(url, s3)?;
+        Ok((store, credentials))
+    }
+
     /// `s3://bucket[/prefix]`; the endpoint, region, addressing style and credentials from
     /// `s3` over the `AWS_*` environment.
     fn s3(url: &str, s3: &S3Settings) -> Result<Self, StorageError> {
+        Ok(Self::s3_parts(url, s3)?.0)
+    }
+
+    fn s3_parts(
+        url: &str,
+        s3: &S3Settings,
+    ) -> Result<(Self, object_store::aws::AwsCredentialProvider), StorageError> {
         let rest = url.trim_start_matches("s3://");
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -110,22 +127,27 @@ impl Store {
             builder = builder
                 .with_access_key_id(id)
                 .with_secret_access_key(secret.expose_secret());
+            if let Some(token) = &s3.session_token {
+                builder = builder.with_token(token.expose_secret());
+            }
         }
         let s3_store = builder.build().map_err(|source| StorageError::Open {
             url: url.into(),
             source,
         })?;
+        let credentials = s3_store.credentials().clone();
         let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
             Arc::new(s3_store)
         } else {
             Arc::new(PrefixStore::new(s3_store, Self::path(prefix)?))
         };
-        Ok(Self {
+        let store = Self {
             inner,
             local_root: None,
             url: url.into(),
-        })
+        };
+        Ok((store, credentials))
     }
 
     /// Opens `file:///abs/dir`, a plain directory path (made absolute) or `memory://`.

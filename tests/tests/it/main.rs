@@ -1,6 +1,8 @@
 //! End-to-end tests: real nats-server per test, all four services and the simulator.
 
 mod bad_input;
+mod bedrock;
+mod bedrock_sim;
 mod cache;
 mod cancel;
 mod creation;

@@ -222,3 +222,71 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
         );
     }
 }
+
+/// Bedrock records as rowsmith renders them and the create its client sends, checked against
+/// the `anthropic` SDK's request types and botocore's service model, then boto3 driving a job
+/// through the simulator's control plane over S3 (`sdk/check_bedrock.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_records_and_creates_fit_the_aws_model_and_boto3_drives_the_simulator() {
+    use rowsmith_contract::messages::ShardKey;
+    use rowsmith_providers::BedrockClient;
+
+    const MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
+    let s3 = rowsmith_tests::S3Server::start("bedrock-sdk").await;
+    let mut settings = rowsmith_config::Settings::default();
+    s3.configure_bedrock(&mut settings, "batch");
+    let client = BedrockClient::new(&settings.provider.bedrock).expect("client");
+    let key = ShardKey {
+        job_id: "news_2026".into(),
+        attempt: 1,
+        shard: 3,
+    };
+    let file = format!(
+        "s3://{}/batch/news_2026/1.3.1765152000000/input.jsonl",
+        s3.bucket
+    );
+    let create = client
+        .create_request(&key, MODEL, &file)
+        .expect("create request");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (lines, request) = (
+        dir.path().join("lines.jsonl"),
+        dir.path().join("create.json"),
+    );
+    std::fs::write(&lines, rendered_lines("bedrock", MODEL, 120)).expect("write");
+    std::fs::write(&request, create.to_string()).expect("write");
+    let sim = SimSettings {
+        listen: "127.0.0.1:0".into(),
+        rows_per_second: 1000.0,
+        validating: Duration::from_millis(50),
+        finalizing: Duration::from_millis(50),
+        bedrock_s3: settings.sim.bedrock_s3.clone(),
+        ..SimSettings::default()
+    };
+    let shutdown = CancellationToken::new();
+    let (address, _) = rowsmith_provider_sim::start(sim, shutdown.clone())
+        .await
+        .expect("sim");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_bedrock.py");
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python())
+            .arg(&script)
+            .arg(&lines)
+            .arg(&request)
+            .arg(format!("http://{address}"))
+            .arg(s3.endpoint())
+            .arg(&s3.bucket)
+            .output(),
+    )
+    .await
+    .expect("the check finished in time")
+    .expect("run python");
+    shutdown.cancel();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("checked 120 records"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
