@@ -179,7 +179,17 @@ impl BedrockClient {
         let rest = uri.strip_prefix("s3://").unwrap_or_default();
         let (name, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let mut s3 = settings.s3.clone();
-        s3.region.get_or_insert_with(|| settings.region.clone());
+        let region = s3
+            .region
+            .get_or_insert_with(|| settings.region.clone())
+            .clone();
+        if s3.endpoint.is_none() {
+            // AWS itself, whatever `AWS_ENDPOINT_URL` says: that variable points the store at
+            // its own server (MinIO in compose), not at the bucket Bedrock reads.
+            s3.endpoint = Some(format!("https://{name}.s3.{region}.amazonaws.com"));
+            s3.path_style = Some(false);
+            s3.allow_http = Some(false);
+        }
         let (store, credentials) = Store::s3_with_credentials(&format!("s3://{name}"), &s3)?;
         Ok(Bucket {
             store,
