@@ -1,7 +1,7 @@
 """Bedrock batch records and job creation as rowsmith renders them, checked against code and
 data we did not write (pinned in scripts/tools-requirements.txt), then driven through the
 simulator by the official AWS SDK:
-  check_bedrock.py LINES CREATE_REQUEST SIM_URL S3_ENDPOINT BUCKET
+  check_bedrock.py LINES CREATE_REQUEST SIM_URL S3_ENDPOINT BUCKET KEYS_JSON
 - each line is {recordId, modelInput}; recordId is alphanumeric; modelInput is Claude's
   InvokeModel body: AWS's `anthropic_version` "bedrock-2023-05-31", and the rest with the
   job's model put back is the `anthropic` SDK's `MessageCreateParamsNonStreaming`, unknown
@@ -11,12 +11,16 @@ simulator by the official AWS SDK:
   plus every `pattern` of the model, matched in full;
 - boto3, pointed at the simulator, creates that job again from the lines put into S3
   (moto), reads it back until it ends, finds it in the listing by name, stops a second job,
-  and reads the output file, whose every line parses and joins a recordId.
+  and reads the output file, whose every line parses and joins a recordId;
+- every control-plane request the simulator received (rowsmith's client's and boto3's) has
+  its SigV4 signature recomputed by botocore's `SigV4Auth` from what arrived (KEYS_JSON maps
+  access key ids to their secrets) and must match: a signature AWS would refuse fails here.
 Exits 1 with the first misfit."""
 import json
 import re
 import sys
 import time
+import urllib.request
 
 import anthropic
 import boto3
@@ -29,6 +33,9 @@ from pydantic import TypeAdapter, ValidationError
 from check_contract import forbid_extras
 
 BEDROCK_VERSION = "bedrock-2023-05-31"
+# boto3's own credentials against the simulator: its signatures must verify too, which checks
+# the check.
+SDK_KEY, SDK_SECRET = "AKIDSDKCHECK", "sdk-check-secret"
 
 
 def check_lines(path: str, model: str) -> list:
@@ -87,8 +94,8 @@ def check_create(path: str) -> dict:
 
 
 def drive(request: dict, lines_path: str, sim: str, s3_endpoint: str, bucket: str, count: int) -> None:
-    session = dict(region_name="us-east-1", aws_access_key_id="AKIDSDKCHECK",
-                   aws_secret_access_key="sdk-check-secret")
+    session = dict(region_name="us-east-1", aws_access_key_id=SDK_KEY,
+                   aws_secret_access_key=SDK_SECRET)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, **session)
     bedrock = boto3.client("bedrock", endpoint_url=sim, config=Config(retries={"max_attempts": 1}),
                            **session)
@@ -140,14 +147,56 @@ def drive(request: dict, lines_path: str, sim: str, s3_endpoint: str, bucket: st
         sys.exit(f"a stopped job is {status}")
 
 
+AUTHORIZATION = re.compile(
+    r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, ?"
+    r"SignedHeaders=([^,]+), ?Signature=([0-9a-f]{64})")
+
+
+def verify_signatures(sim: str, secrets: dict) -> dict:
+    """Recomputes with botocore the signature of every request the simulator kept."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    with urllib.request.urlopen(f"{sim}/sim/bedrock/requests") as answer:
+        seen = json.load(answer)
+    checked = {}
+    for number, request in enumerate(seen):
+        headers = request["headers"]
+        match = AUTHORIZATION.fullmatch(headers.get("authorization", ""))
+        where = f"request {number} ({request['method']} {request['path']})"
+        if not match:
+            sys.exit(f"{where}: not a SigV4 Authorization: {headers.get('authorization')!r}")
+        key, day, region, service, signed, signature = match.groups()
+        if key not in secrets:
+            sys.exit(f"{where}: signed with an unknown key {key}")
+        url = sim + request["path"] + (f"?{request['query']}" if request["query"] else "")
+        aws = AWSRequest(method=request["method"], url=url, data=request["body"].encode(),
+                         headers={name: headers[name] for name in signed.split(";")})
+        aws.context["timestamp"] = headers["x-amz-date"]
+        signer = SigV4Auth(Credentials(key, secrets[key], headers.get("x-amz-security-token")),
+                           service, region)
+        canonical = signer.canonical_request(aws)
+        expected = signer.signature(signer.string_to_sign(aws, canonical), aws)
+        if expected != signature or day != headers["x-amz-date"][:8]:
+            sys.exit(f"{where}: signature {signature} is not botocore's {expected} for\n{canonical}")
+        checked[key] = checked.get(key, 0) + 1
+    return checked
+
+
 def main() -> None:
-    lines, create, sim, s3_endpoint, bucket = sys.argv[1:6]
+    lines, create, sim, s3_endpoint, bucket, keys = sys.argv[1:7]
+    secrets = json.loads(keys)
+    secrets[SDK_KEY] = SDK_SECRET
     request = check_create(create)
     records = check_lines(lines, request["modelId"])
     drive(request, lines, sim, s3_endpoint, bucket, len(records))
+    signed = verify_signatures(sim, secrets)
+    if set(signed) != set(secrets):
+        sys.exit(f"requests signed per key: {signed}; expected some from each of {sorted(secrets)}")
     print(f"checked {len(records)} records against anthropic {anthropic.__version__} and a "
           f"create against botocore {botocore.__version__}'s bedrock model; boto3 drove a job "
-          f"through the simulator")
+          f"through the simulator; botocore recomputed the SigV4 signatures of {signed}")
 
 
 if __name__ == "__main__":

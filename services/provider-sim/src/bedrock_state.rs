@@ -21,6 +21,8 @@ pub struct BedrockState {
     /// Jobs created as the first attempt of their shard: the ordinal of the next one, for
     /// `expire_shards`.
     pub(crate) first_attempt_jobs: u32,
+    /// The control-plane requests as they arrived, for a signature check outside.
+    pub(crate) requests: Vec<serde_json::Value>,
 }
 
 impl BedrockState {

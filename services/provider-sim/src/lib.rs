@@ -10,6 +10,7 @@ mod anthropic;
 mod anthropic_state;
 mod auth;
 mod bedrock;
+mod bedrock_signed;
 mod bedrock_state;
 pub mod faults;
 mod gemini;
@@ -107,8 +108,13 @@ pub fn router(state: Shared) -> Router {
         .route("/model-invocation-job/{id}/stop", post(bedrock::stop))
         .route("/model-invocation-jobs", get(bedrock::list))
         .route("/sim/stats", get(openai::stats))
+        .route("/sim/bedrock/requests", get(bedrock_signed::requests))
         .route("/sim/faults", post(openai::set_faults))
         .route("/sim/faults/{job_id}", post(openai::set_job_faults))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            bedrock_signed::record,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             http_faults::inject,

@@ -228,13 +228,27 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
 /// through the simulator's control plane over S3 (`sdk/check_bedrock.py`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bedrock_records_and_creates_fit_the_aws_model_and_boto3_drives_the_simulator() {
+    use bytes::Bytes;
     use rowsmith_contract::messages::ShardKey;
-    use rowsmith_providers::BedrockClient;
+    use rowsmith_providers::{BatchProvider, BedrockClient};
 
     const MODEL: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
     let s3 = rowsmith_tests::S3Server::start("bedrock-sdk").await;
     let mut settings = rowsmith_config::Settings::default();
     s3.configure_bedrock(&mut settings, "batch");
+    let sim = SimSettings {
+        listen: "127.0.0.1:0".into(),
+        rows_per_second: 1000.0,
+        validating: Duration::from_millis(50),
+        finalizing: Duration::from_millis(50),
+        bedrock_s3: settings.sim.bedrock_s3.clone(),
+        ..SimSettings::default()
+    };
+    let shutdown = CancellationToken::new();
+    let (address, _) = rowsmith_provider_sim::start(sim, shutdown.clone())
+        .await
+        .expect("sim");
+    settings.provider.bedrock.base_url = Some(format!("http://{address}"));
     let client = BedrockClient::new(&settings.provider.bedrock).expect("client");
     let key = ShardKey {
         job_id: "news_2026".into(),
@@ -248,25 +262,34 @@ async fn bedrock_records_and_creates_fit_the_aws_model_and_boto3_drives_the_simu
     let create = client
         .create_request(&key, MODEL, &file)
         .expect("create request");
+    let rendered = rendered_lines("bedrock", MODEL, 120);
+    // rowsmith's own client signs a create, a read, a listing and a stop: the check
+    // recomputes those signatures.
+    let uploaded = client
+        .upload(&key, Bytes::from(rendered.clone()).into())
+        .await
+        .expect("upload");
+    let batch = client
+        .create(&key, MODEL, &uploaded, Bytes::new().into())
+        .await
+        .expect("create");
+    client.status(&batch).await.expect("status");
+    let window = rowsmith_providers::CreateWindow {
+        since_ms: 0,
+        until_ms: i64::MAX / 2,
+        request_count: 120,
+    };
+    let found = client.find(&key, &window).await.expect("find");
+    assert_eq!(found, std::slice::from_ref(&batch), "found by name");
+    client.cancel(&batch).await.expect("stop");
     let dir = tempfile::tempdir().expect("tempdir");
     let (lines, request) = (
         dir.path().join("lines.jsonl"),
         dir.path().join("create.json"),
     );
-    std::fs::write(&lines, rendered_lines("bedrock", MODEL, 120)).expect("write");
+    std::fs::write(&lines, &rendered).expect("write");
     std::fs::write(&request, create.to_string()).expect("write");
-    let sim = SimSettings {
-        listen: "127.0.0.1:0".into(),
-        rows_per_second: 1000.0,
-        validating: Duration::from_millis(50),
-        finalizing: Duration::from_millis(50),
-        bedrock_s3: settings.sim.bedrock_s3.clone(),
-        ..SimSettings::default()
-    };
-    let shutdown = CancellationToken::new();
-    let (address, _) = rowsmith_provider_sim::start(sim, shutdown.clone())
-        .await
-        .expect("sim");
+    let keys = serde_json::json!({"AKIDROWSMITHTEST": "rowsmith-test-secret"});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_bedrock.py");
     let output = tokio::time::timeout(
         Duration::from_secs(120),
@@ -277,6 +300,7 @@ async fn bedrock_records_and_creates_fit_the_aws_model_and_boto3_drives_the_simu
             .arg(format!("http://{address}"))
             .arg(s3.endpoint())
             .arg(&s3.bucket)
+            .arg(keys.to_string())
             .output(),
     )
     .await
