@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("ingest", "submitter", "poller", "merger")
 OPS_PORT = 9090
 # Environment outside ROWSMITH_* that the binaries read.
-EXTRA_ENV = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MISTRAL_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY", "RUST_LOG", "RUST_BACKTRACE", "TMPDIR"}
+EXTRA_ENV = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MISTRAL_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY", "TOGETHER_API_KEY", "RUST_LOG", "RUST_BACKTRACE", "TMPDIR"}
 EXTRA_ENV_PREFIXES = ("AWS_",)
 # NATS security (deploy/nats): the server's users and permissions, and the chart values.
 AUTH_CONF = "deploy/nats/rowsmith-auth.conf"

@@ -22,13 +22,14 @@ pub struct JobArgs {
     /// enum(a|b|c).
     #[arg(long = "field")]
     pub fields: Vec<String>,
-    /// openai, anthropic, mistral, gemini, groq, bedrock or sim.
+    /// openai, anthropic, mistral, gemini, groq, bedrock, together or sim.
     #[arg(long)]
     pub provider: Option<String>,
     /// The model (default: the provider's, gpt-4o-mini for openai and sim,
     /// claude-3-5-haiku-latest for anthropic, mistral-small-latest for mistral,
     /// gemini-2.5-flash for gemini, openai/gpt-oss-20b for groq,
-    /// anthropic.claude-3-5-haiku-20241022-v1:0 for bedrock).
+    /// anthropic.claude-3-5-haiku-20241022-v1:0 for bedrock,
+    /// meta-llama/Llama-3.3-70B-Instruct-Turbo for together).
     #[arg(long)]
     pub model: Option<String>,
     /// Sampling temperature, openai 0 to 2 (anthropic's API takes none). Unset: 0 on OpenAI

@@ -385,6 +385,7 @@ impl Stack {
         settings.provider.mistral.api_key = Some("sk-mistral-test".to_owned().into());
         settings.provider.gemini.api_key = Some("gemini-test-key".to_owned().into());
         settings.provider.groq.api_key = Some("gsk-test".to_owned().into());
+        settings.provider.together.api_key = Some("tgp-test".to_owned().into());
         configure(&mut settings);
         let shutdown = CancellationToken::new();
         let (sim_address, _sim) =
@@ -399,6 +400,9 @@ impl Stack {
         settings.provider.gemini.base_url = format!("http://{sim_address}");
         settings.provider.groq.base_url = format!("http://{sim_address}/v1");
         settings.provider.bedrock.base_url = Some(format!("http://{sim_address}"));
+        // Together's files and batches live at OpenAI's paths: the simulator serves them
+        // under their own prefix.
+        settings.provider.together.base_url = format!("http://{sim_address}/together/v1");
         settings.validate().expect("test settings are valid");
         let bus = Bus::connect(&settings.nats, "rowsmith-tests")
             .await

@@ -3,7 +3,9 @@
 //! 0.7x sends the key as `Authorization: Bearer`, also accepted) and `anthropic-version`. Any non-empty key is accepted; a call without one gets the provider's
 //! own refusal; Gemini wants `x-goog-api-key` (or `?key=`); Bedrock a SigV4 `Authorization`
 //! scoped to service `bedrock` with its `X-Amz-Date` (the signature is not checked), or a
-//! Bedrock API key as `Bearer`. The simulator's own `/sim/…` endpoints need none.
+//! Bedrock API key as `Bearer`; Together (`/together/v1/…`) `Authorization: Bearer`, but not
+//! its presigned upload target (`/together/upload/…`, whose signature is the credential).
+//! The simulator's own `/sim/…` endpoints need none.
 
 use axum::Json;
 use axum::extract::Request;
@@ -18,6 +20,13 @@ pub async fn require_credentials(request: Request, next: Next) -> Response {
         return match bedrock_refusal(request.headers()) {
             Some(response) => response,
             None => next.run(request).await,
+        };
+    }
+    if path.starts_with("/together/") {
+        let free = path.starts_with("/together/upload/") || bearer(request.headers()).is_some();
+        return match free {
+            true => next.run(request).await,
+            false => crate::together::unauthorized(path),
         };
     }
     if is_gemini(path) {

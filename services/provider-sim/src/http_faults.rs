@@ -5,8 +5,10 @@
 //! 500, a dropped connection, or an answer later than the client waits), a download cut off
 //! half-way, a delay on every answer. Rate-limit headers are set on every answer. Each call
 //! meets the faults of its job where it names one (a batch, its files, an OpenAI create's
-//! metadata, a Bedrock create's `rowsmith-shard` tag or the Bedrock job it names), else the
-//! default faults. Each API answers a fault in its own error shape.
+//! metadata, a Bedrock create's `rowsmith-shard` tag or the Bedrock job it names, a Together
+//! create's input file or announced file name), else the default faults. Each API answers a
+//! fault in its own error shape. Together's presigned upload target is storage, not its API:
+//! no API faults there.
 
 use axum::Json;
 use axum::body::Body;
@@ -47,6 +49,7 @@ impl Call {
                         | "/v1/messages/batches"
                         | "/v1/batch/jobs"
                         | "/model-invocation-job"
+                        | "/together/v1/batches"
                 ) =>
             {
                 Call::Create
@@ -94,13 +97,15 @@ const CREATE_BODY_LIMIT: usize = 1 << 20;
 const GEMINI_CREATE_BODY_LIMIT: usize = 64 << 20;
 
 pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    if request.uri().path().starts_with("/sim/") {
+    let path = request.uri().path().to_owned();
+    if path.starts_with("/sim/") || path.starts_with("/together/upload/") {
         return next.run(request).await;
     }
     let call = Call::of(&request);
-    let anthropic = request.uri().path().starts_with("/v1/messages");
-    let gemini = crate::auth::is_gemini(request.uri().path());
-    let bedrock = is_bedrock(request.uri().path());
+    let anthropic = path.starts_with("/v1/messages");
+    let gemini = crate::auth::is_gemini(&path);
+    let bedrock = is_bedrock(&path);
+    let together = path.starts_with("/together/");
     let (request, faults) = faults_of_request(&state, request).await;
     if !faults.response_delay.is_zero() {
         tokio::time::sleep(faults.response_delay).await;
@@ -109,16 +114,17 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
         Some(fault) if anthropic => anthropic_fault_response(fault),
         Some(fault) if gemini => gemini_fault_response(fault),
         Some(fault) if bedrock => bedrock_fault_response(fault),
+        Some(fault) if together => together_fault_response(fault, &path),
         Some(fault) => fault_response(fault),
         None => {
             let response = next.run(request).await;
             match call {
                 _ if !response.status().is_success() => response,
                 Call::Create => {
-                    let lost_as_500 = if bedrock {
-                        bedrock_server_error
-                    } else {
-                        server_error
+                    let lost_as_500 = match (bedrock, together) {
+                        (true, _) => bedrock_server_error,
+                        (_, true) => together_server_error,
+                        _ => server_error,
                     };
                     lose_create_answer(&state, &faults, response, lost_as_500).await
                 }
@@ -134,13 +140,17 @@ pub async fn inject(State(state): State<Shared>, request: Request, next: Next) -
 
 /// The faults in force for the request's job (`POST /sim/faults/<job_id>`), found from the
 /// batch or file it names, an OpenAI create's metadata, a Bedrock create's shard tag or the
-/// Bedrock job a path names; the default faults when it names no job (Anthropic's API carries
-/// none).
+/// Bedrock job a path names, a Together create's input file or announced file name; the
+/// default faults when it names no job (Anthropic's API carries none).
 async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFaults) {
     let path = request.uri().path().to_owned();
     let reads_body = matches!(
         path.as_str(),
-        "/v1/batches" | "/v1/batch/jobs" | "/model-invocation-job"
+        "/v1/batches"
+            | "/v1/batch/jobs"
+            | "/model-invocation-job"
+            | "/together/v1/batches"
+            | "/together/v1/files"
     ) || is_gemini_create(&path);
     if request.method() == Method::POST && reads_body {
         let (parts, body) = request.into_parts();
@@ -152,6 +162,14 @@ async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFau
             CREATE_BODY_LIMIT
         };
         let bytes = axum::body::to_bytes(body, limit).await.unwrap_or_default();
+        if path.starts_with("/together/") {
+            let faults = {
+                let state = lock(state);
+                let metadata = crate::together::metadata_of_body(&state, &path, &bytes);
+                state.faults_of_metadata(&metadata)
+            };
+            return (Request::from_parts(parts, Body::from(bytes)), faults);
+        }
         let body = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
         // Gemini names the shard in the batch's display name, Bedrock in a tag.
         let metadata = body.and_then(|body| {
@@ -169,7 +187,9 @@ async fn faults_of_request(state: &Shared, request: Request) -> (Request, SimFau
     }
     let faults = {
         let state = lock(state);
-        crate::bedrock::faults_of_path(&state, &path).unwrap_or_else(|| state.faults_of_path(&path))
+        crate::bedrock::faults_of_path(&state, &path)
+            .or_else(|| crate::together::faults_of_path(&state, &path))
+            .unwrap_or_else(|| state.faults_of_path(&path))
     };
     (request, faults)
 }
@@ -294,6 +314,44 @@ fn bedrock_fault_response(fault: Fault) -> Response {
             "You have exceeded the quota of batch inference jobs for this account.",
         ),
     }
+}
+
+/// The same faults as Together answers them (its error codes page): 429, 500, and 402
+/// Payment Required when the credits are spent; in each endpoint's error shape.
+fn together_fault_response(fault: Fault, path: &str) -> Response {
+    let error = |status, kind, message| crate::together::error_for(path, status, kind, message);
+    match fault {
+        Fault::RateLimited => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit",
+                "Rate limit exceeded: too many requests in a short period of time.",
+            );
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            response
+        }
+        Fault::ServerError => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "Internal server error. Please try again.",
+        ),
+        Fault::InsufficientQuota => error(
+            StatusCode::PAYMENT_REQUIRED,
+            "credit_limit",
+            "Credit limit exceeded: the account has run out of credits. Add credits to \
+             resume service.",
+        ),
+    }
+}
+
+/// A lost Together create answered 500 (its batch endpoints' shape).
+fn together_server_error() -> Response {
+    crate::together::batch_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal server error. Please try again.",
+    )
 }
 
 fn bedrock_server_error() -> Response {
@@ -450,15 +508,19 @@ async fn dropped_after(response: Response, divisor: usize) -> Response {
 }
 
 /// `status_unauthorized`: a status check of a batch of such a job is answered 401 with
-/// OpenAI's `invalid_api_key` error, as after the key was rotated. Other calls pass.
+/// OpenAI's `invalid_api_key` error (Together's own refusal on its path), as after the key
+/// was rotated. Other calls pass.
 pub async fn refuse_status_checks(
     State(state): State<Shared>,
     request: Request,
     next: Next,
 ) -> Response {
+    let path = request.uri().path();
+    let together = path.starts_with("/together/");
     let batch_id = match (
         request.method(),
-        request.uri().path().strip_prefix("/v1/batches/"),
+        path.strip_prefix("/v1/batches/")
+            .or_else(|| path.strip_prefix("/together/v1/batches/")),
     ) {
         (&Method::GET, Some(id)) if !id.contains('/') => id.to_owned(),
         _ => return next.run(request).await,
@@ -468,6 +530,9 @@ pub async fn refuse_status_checks(
         .is_some_and(|faults| faults.status_unauthorized);
     if !refused {
         return next.run(request).await;
+    }
+    if together {
+        return crate::together::unauthorized("/together/v1/batches");
     }
     let body = json!({"error": {
         "message": "Incorrect API key provided: sk-sim-****. You can find your API key at https://platform.openai.com/account/api-keys.",

@@ -20,13 +20,15 @@ mod http_faults;
 mod mistral;
 mod model;
 mod openai;
+mod together;
+mod together_state;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 
 use rowsmith_config::SimSettings;
 use tokio::net::TcpListener;
@@ -62,8 +64,9 @@ pub async fn start(
 }
 
 /// The simulator's HTTP API: OpenAI Files + Batches, Anthropic Message Batches, Mistral batch
-/// jobs, Gemini batch mode (Developer API), Bedrock model invocation jobs, and its own
-/// `/sim/stats` and `/sim/faults`, behind the HTTP fault layers.
+/// jobs, Gemini batch mode (Developer API), Bedrock model invocation jobs, Together's Files +
+/// Batches (under `/together`, with its presigned upload target), and its own `/sim/stats`
+/// and `/sim/faults`, behind the HTTP fault layers.
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route(
@@ -107,6 +110,32 @@ pub fn router(state: Shared) -> Router {
         .route("/model-invocation-job/{id}", get(bedrock::get))
         .route("/model-invocation-job/{id}/stop", post(bedrock::stop))
         .route("/model-invocation-jobs", get(bedrock::list))
+        .route(
+            "/together/v1/files",
+            post(together::announce).get(together::list_files),
+        )
+        .route(
+            "/together/v1/files/{id}",
+            get(together::get_file).delete(together::delete_file),
+        )
+        .route(
+            "/together/v1/files/{id}/content",
+            get(together::file_content),
+        )
+        .route(
+            "/together/v1/files/{id}/preprocess",
+            post(together::preprocess),
+        )
+        .route("/together/upload/{id}", put(together::put_upload))
+        .route(
+            "/together/v1/batches",
+            post(together::create_batch).get(together::list_batches),
+        )
+        .route("/together/v1/batches/{id}", get(together::get_batch))
+        .route(
+            "/together/v1/batches/{id}/cancel",
+            post(together::cancel_batch),
+        )
         .route("/sim/stats", get(openai::stats))
         .route("/sim/bedrock/requests", get(bedrock_signed::requests))
         .route("/sim/faults", post(openai::set_faults))

@@ -28,6 +28,7 @@ pub struct SimState {
     pub(crate) anthropic: crate::anthropic_state::AnthropicState,
     pub(crate) gemini: crate::gemini_state::GeminiState,
     pub(crate) bedrock: crate::bedrock_state::BedrockState,
+    pub(crate) together: crate::together_state::TogetherState,
     pub(crate) files: HashMap<String, SimFile>,
     pub(crate) batches: HashMap<String, SimBatch>,
     /// Batch ids in creation order.
@@ -69,6 +70,7 @@ pub(crate) enum Api {
     OpenAi,
     Mistral,
     Gemini,
+    Together,
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +92,8 @@ pub(crate) struct SimBatch {
     /// Whether it passed validation, the quota check included.
     pub(crate) admitted: bool,
     /// Whose API made it (each lists only its own; Mistral lines carry no method or url,
-    /// Gemini lines are `{key, request}`), and the model the job names.
+    /// Gemini lines are `{key, request}`, Together's take its own chat parameters), and the
+    /// model the job names.
     pub(crate) api: Api,
     pub(crate) model: Option<String>,
     /// Unix seconds of the state changes seen so far.
@@ -134,6 +137,11 @@ impl SimBatch {
     pub(crate) fn unix_at(&self, at: Instant) -> i64 {
         self.created_at + at.saturating_duration_since(self.created).as_secs() as i64
     }
+
+    /// How many of its requests ran (answered or failed), once it ended.
+    pub(crate) fn ran(&self) -> Option<u64> {
+        self.ended.as_ref().map(|ended| ended.ran)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +150,8 @@ pub(crate) struct Ended {
     at: i64,
     completed: u64,
     failed: u64,
+    /// Requests that ran before it ended (the rest are failed as not done).
+    ran: u64,
     output_file_id: Option<String>,
     error_file_id: Option<String>,
 }
@@ -215,6 +225,7 @@ impl SimState {
             anthropic: Default::default(),
             gemini: Default::default(),
             bedrock: Default::default(),
+            together: Default::default(),
             files: HashMap::new(),
             batches: HashMap::new(),
             batch_order: Vec::new(),
@@ -427,6 +438,10 @@ impl SimState {
             .unwrap_or_default();
         let (mut output, mut errors) = (Vec::new(), Vec::new());
         let gemini = batch.api == Api::Gemini;
+        let parameters = match batch.api {
+            Api::Together => crate::together_state::CHAT_PARAMETERS,
+            _ => CHAT_PARAMETERS,
+        };
         // An expired Gemini batch keeps no results at all.
         let done = if gemini && status == "expired" {
             0
@@ -485,19 +500,13 @@ impl SimState {
                     }
                     continue;
                 }
-                match answer_line(&batch.id, index, &request, fate) {
+                match answer_line(&batch.id, index, &request, fate, parameters) {
                     Line::Output(text) => output.push(text),
                     Line::Error(text) => errors.push(text),
                 }
             }
         }
-        let seed = batch
-            .id
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        output.shuffle(&mut rng);
-        errors.shuffle(&mut rng);
+        shuffle_lines(&batch.id, &mut output, &mut errors);
         let (completed, failed) = (
             output.len() as u64 - inline_failures,
             errors.len() as u64 + inline_failures,
@@ -509,6 +518,8 @@ impl SimState {
             at: unix_now(),
             completed,
             failed,
+            // A failed batch ends with `done` 0.
+            ran: done.min(batch.total),
             output_file_id,
             error_file_id,
         }
@@ -531,6 +542,16 @@ impl SimState {
         self.files.insert(id.clone(), file);
         Some(id)
     }
+}
+
+/// Result lines in an order of their own, as the services write them (fixed per batch).
+fn shuffle_lines(batch_id: &str, output: &mut [String], errors: &mut [String]) {
+    let seed = batch_id
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    output.shuffle(&mut rng);
+    errors.shuffle(&mut rng);
 }
 
 fn nuid_like(n: u64) -> u64 {
@@ -594,12 +615,12 @@ const CHAT_PARAMETERS: &[&str] = &[
     "function_call",
 ];
 
-/// The first body parameter the chat completions API does not declare.
-fn unrecognized_parameter(body: &Value) -> Option<&str> {
+/// The first body parameter the chat completions API does not declare (`parameters`).
+fn unrecognized_parameter<'a>(body: &'a Value, parameters: &[&str]) -> Option<&'a str> {
     body.as_object()?
         .keys()
         .map(String::as_str)
-        .find(|key| !CHAT_PARAMETERS.contains(key))
+        .find(|key| !parameters.contains(key))
 }
 
 /// A result line of request `index` that failed with HTTP `status`.
@@ -619,14 +640,20 @@ fn http_error_line(
 }
 
 /// The error line of a request the service refuses before the model sees it: a parameter
-/// the API does not declare, or the fate's HTTP error.
-fn refused_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Option<Line> {
+/// the API does not declare (it declares `parameters`), or the fate's HTTP error.
+fn refused_line(
+    batch_id: &str,
+    index: usize,
+    request: &Value,
+    fate: Fate,
+    parameters: &[&str],
+) -> Option<Line> {
     let http_error = |status: u16, kind: &str, message: &str| {
         Some(Line::Error(http_error_line(
             batch_id, index, request, status, kind, message,
         )))
     };
-    if let Some(parameter) = unrecognized_parameter(&request["body"]) {
+    if let Some(parameter) = unrecognized_parameter(&request["body"], parameters) {
         let message = format!("Unrecognized request argument supplied: {parameter}");
         return http_error(400, "invalid_request_error", &message);
     }
@@ -645,10 +672,16 @@ fn refused_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Op
     }
 }
 
-fn answer_line(batch_id: &str, index: usize, request: &Value, fate: Fate) -> Line {
+fn answer_line(
+    batch_id: &str,
+    index: usize,
+    request: &Value,
+    fate: Fate,
+    parameters: &[&str],
+) -> Line {
     let body = &request["body"];
     let id = format!("batch_req_{index}_{batch_id}");
-    if let Some(refused) = refused_line(batch_id, index, request, fate) {
+    if let Some(refused) = refused_line(batch_id, index, request, fate, parameters) {
         return refused;
     }
     let schema = body
@@ -846,7 +879,6 @@ pub(crate) struct CreateBatch {
     metadata: Option<Value>,
 }
 
-/// Checks the input lines as the real service does after creation; errors fail the batch.
 /// Checks a batch file's lines as the service does after creation; `mistral` lines carry no
 /// method or url (the job names the endpoint).
 pub(crate) fn validate_lines(
@@ -854,9 +886,35 @@ pub(crate) fn validate_lines(
     endpoint: &str,
     mistral: bool,
 ) -> (u64, Option<Vec<Value>>) {
+    let dialect = if mistral {
+        Dialect::Mistral
+    } else {
+        Dialect::OpenAi
+    };
+    validate_lines_as(bytes, endpoint, dialect)
+}
+
+/// Whose batch lines a file holds: OpenAI's name their method and url; Mistral's carry
+/// neither and may leave the model to the job; Together's may carry both (then they must
+/// match) and must name the model and the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    OpenAi,
+    Mistral,
+    Together,
+}
+
+/// Checks a batch file's lines of `dialect` as the service does after creation; an error
+/// fails the batch.
+pub(crate) fn validate_lines_as(
+    bytes: &[u8],
+    endpoint: &str,
+    dialect: Dialect,
+) -> (u64, Option<Vec<Value>>) {
+    let mistral = dialect == Dialect::Mistral;
     let mut check = LineCheck {
         endpoint,
-        mistral,
+        dialect,
         model: None,
         seen: std::collections::HashSet::new(),
     };
@@ -895,8 +953,7 @@ pub(crate) fn validate_lines(
 /// The checks of one batch file's lines, with what earlier lines set (ids, the model).
 struct LineCheck<'a> {
     endpoint: &'a str,
-    /// Mistral lines carry no method or url and may leave the model to the job.
-    mistral: bool,
+    dialect: Dialect,
     model: Option<String>,
     seen: std::collections::HashSet<String>,
 }
@@ -919,13 +976,19 @@ impl LineCheck<'_> {
                 "The custom_id for this request is a duplicate of another request.",
             ));
         }
-        if !self.mistral && request["url"].as_str() != Some(self.endpoint) {
+        // Together's lines may leave out the method and url; OpenAI's must name them.
+        let names = |key: &str| match self.dialect {
+            Dialect::OpenAi => true,
+            Dialect::Mistral => false,
+            Dialect::Together => request.get(key).is_some(),
+        };
+        if names("url") && request["url"].as_str() != Some(self.endpoint) {
             return Err((
                 "url_mismatch",
                 "The provided URL for this request does not match the batch endpoint.",
             ));
         }
-        if !self.mistral && request["method"].as_str() != Some("POST") {
+        if names("method") && request["method"].as_str() != Some("POST") {
             return Err((
                 "invalid_method",
                 "The method for this request must be POST.",
@@ -933,11 +996,14 @@ impl LineCheck<'_> {
         }
         let line_model = match request["body"]["model"].as_str() {
             Some(line_model) => line_model,
-            None if self.mistral => "",
+            None if self.dialect == Dialect::Mistral => "",
             None => {
                 return Err(("missing_required_parameter", "body.model is required."));
             }
         };
+        if self.dialect == Dialect::Together && !request["body"]["messages"].is_array() {
+            return Err(("missing_required_parameter", "body.messages is required."));
+        }
         match &self.model {
             None => self.model = Some(line_model.to_owned()),
             Some(first) if first != line_model => {
@@ -1108,6 +1174,8 @@ pub(crate) async fn stats(State(state): State<Shared>) -> Response {
         "permanent_failures": state.permanent_failures,
         "bedrock_jobs_created": state.bedrock.created(),
         "bedrock_idempotent_replays": state.bedrock.idempotent_replays,
+        "together_batches_created": state.together.created(),
+        "together_uploads_deduplicated": state.together.uploads_deduplicated,
     }))
     .into_response()
 }

@@ -365,13 +365,14 @@ async fn claim(
                             since_ms: claim.since_ms,
                             until_ms: claim.until_ms.min(now),
                             request_count,
+                            file_id: shard.provider_file_id.clone(),
                         })
                     }
                     None => None,
                 };
                 // While reconciling, the earlier claim's start is kept: if this delivery dies
                 // too, the next one searches from there.
-                let since_ms = earlier.map_or(now, |window| window.since_ms);
+                let since_ms = earlier.as_ref().map_or(now, |window| window.since_ms);
                 shard.creating = Some(CreateClaim {
                     owner: owner.to_owned(),
                     since_ms,

@@ -93,9 +93,6 @@ pub fn default_prices() -> std::collections::BTreeMap<String, Price> {
         ("gpt-4o-mini", price(0.15, 0.60, 0.075)),
         ("gpt-4o", price(2.50, 10.00, 1.25)),
         ("claude-3-5-haiku", price(0.80, 4.00, 0.08)),
-        // Bedrock's model ids, and its US cross-region inference profiles.
-        ("anthropic.claude-3-5-haiku", price(0.80, 4.00, 0.08)),
-        ("us.anthropic.claude-3-5-haiku", price(0.80, 4.00, 0.08)),
         ("claude-sonnet-4", price(3.00, 15.00, 0.30)),
     ]
     .into_iter()
@@ -136,16 +133,26 @@ impl Settings {
 }
 
 /// The price of `model` in `prices`: its own entry, else the longest entry it starts with.
+/// A Bedrock model id (`anthropic.claude-…`, an inference profile `us.anthropic.claude-…`,
+/// or an ARN of either) is also looked up by the model's own name (`claude-…`): price keys
+/// hold no dots, which the configuration reads as nesting.
 pub fn find_price<'a>(
     prices: &'a std::collections::BTreeMap<String, Price>,
     model: &str,
 ) -> Option<&'a Price> {
-    prices.get(model).or_else(|| {
-        prices
-            .iter()
-            .filter(|(name, _)| model.starts_with(name.as_str()))
-            .max_by_key(|(name, _)| name.len())
-            .map(|(_, price)| price)
+    let lookup = |model: &str| {
+        prices.get(model).or_else(|| {
+            prices
+                .iter()
+                .filter(|(name, _)| model.starts_with(name.as_str()))
+                .max_by_key(|(name, _)| name.len())
+                .map(|(_, price)| price)
+        })
+    };
+    lookup(model).or_else(|| {
+        let id = model.rsplit('/').next().unwrap_or(model);
+        let (_, name) = id.split_once("anthropic.")?;
+        lookup(name)
     })
 }
 
@@ -490,6 +497,8 @@ pub struct ProviderSettings {
     /// Groq's OpenAI-compatible Batch API (`GROQ_API_KEY`).
     pub groq: OpenAiSettings,
     pub bedrock: BedrockSettings,
+    /// Together's Batch API (`TOGETHER_API_KEY`): OpenAI's lines, its own files and batches.
+    pub together: OpenAiSettings,
     pub sim: SimProviderSettings,
 }
 
@@ -505,6 +514,10 @@ impl Default for ProviderSettings {
                 ..OpenAiSettings::default()
             },
             bedrock: BedrockSettings::default(),
+            together: OpenAiSettings {
+                base_url: "https://api.together.xyz/v1".into(),
+                ..OpenAiSettings::default()
+            },
             sim: SimProviderSettings::default(),
         }
     }
@@ -986,6 +999,11 @@ impl ProviderSettings {
                 &self.groq.api_key_file,
                 "GROQ_API_KEY",
             ),
+            (
+                &mut self.together.api_key,
+                &self.together.api_key_file,
+                "TOGETHER_API_KEY",
+            ),
         ];
         let s3 = &mut self.bedrock.s3;
         if s3.access_key_id.is_none() && s3.secret_access_key.is_none() {
@@ -1138,6 +1156,21 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_defaults_load_and_bedrock_model_ids_find_their_price() {
+        let settings = Settings::load(None, &env(&[])).expect("the defaults load");
+        for model in [
+            "claude-3-5-haiku-latest",
+            "anthropic.claude-3-5-haiku-20241022-v1:0",
+            "us.anthropic.claude-3-5-haiku-20241022-v1:0",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-haiku-20241022-v1:0",
+        ] {
+            let price = settings.price(model).expect(model);
+            assert_eq!(price.input_per_mtok, 0.80, "{model}");
+        }
+        assert!(settings.price("amazon.nova-lite-v1:0").is_none());
     }
 
     #[test]

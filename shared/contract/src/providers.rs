@@ -40,6 +40,13 @@ pub const GEMINI: Limits = Limits {
     min_requests: 1,
 };
 
+/// Together's Batch API: 50,000 requests and 100 MB per input file.
+pub const TOGETHER: Limits = Limits {
+    max_requests: 50_000,
+    max_bytes: 100 * 1000 * 1000,
+    min_requests: 1,
+};
+
 /// AWS Bedrock batch inference: 50,000 records and 1 GB per input file (the usual account
 /// quotas; rowsmith sends one file per job), and at least 100 records per job.
 pub const BEDROCK: Limits = Limits {
@@ -69,13 +76,14 @@ pub fn is_bedrock_claude(model: &str) -> bool {
 /// The providers a job may name.
 /// `groq` is Groq's OpenAI-compatible Batch API, spoken by the OpenAI client (same lines,
 /// files, batches and statuses) at Groq's base URL.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 8] = [
     "openai",
     "anthropic",
     "mistral",
     "gemini",
     "groq",
     "bedrock",
+    "together",
     "sim",
 ];
 
@@ -86,6 +94,7 @@ pub fn api_key_source(name: &str) -> &'static str {
         "mistral" => "MISTRAL_API_KEY (or provider.mistral.api_key_file)",
         "gemini" => "GEMINI_API_KEY (or provider.gemini.api_key_file)",
         "groq" => "GROQ_API_KEY (or provider.groq.api_key_file)",
+        "together" => "TOGETHER_API_KEY (or provider.together.api_key_file)",
         "bedrock" => {
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or provider.bedrock.s3.access_key_id and \
              secret_access_key), with provider.bedrock.role_arn and provider.bedrock.s3_uri"
@@ -103,6 +112,8 @@ pub fn default_model(name: &str) -> Option<&'static str> {
         "gemini" => Some("gemini-2.5-flash"),
         // One of the models Groq serves with json_schema structured outputs.
         "groq" => Some("openai/gpt-oss-20b"),
+        // A model Together serves with json_schema structured outputs.
+        "together" => Some("meta-llama/Llama-3.3-70B-Instruct-Turbo"),
         // A Claude model Bedrock runs batch inference for (in us-east-1 and us-west-2).
         "bedrock" => Some("anthropic.claude-3-5-haiku-20241022-v1:0"),
         _ => None,
@@ -146,6 +157,7 @@ pub fn batch_limits(name: &str) -> Option<Limits> {
         "mistral" => Some(MISTRAL),
         "gemini" => Some(GEMINI),
         "bedrock" => Some(BEDROCK),
+        "together" => Some(TOGETHER),
         _ => None,
     }
 }

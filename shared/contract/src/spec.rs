@@ -127,7 +127,7 @@ impl Default for JobOptions {
 #[error("{0}")]
 pub struct SpecError(pub String);
 
-const PROVIDERS: [&str; 7] = crate::providers::NAMES;
+const PROVIDERS: [&str; 8] = crate::providers::NAMES;
 const OUTPUT_FORMATS: [&str; 3] = ["csv", "parquet", "jsonl"];
 
 /// Whether `id` is a valid job id: `[A-Za-z0-9_-]{1,64}`.

@@ -67,7 +67,13 @@ fn field_descriptions(fields: &[FieldSpec]) -> String {
 
 /// Everything of an OpenAI batch line between the custom id and the user message's text.
 fn openai_middle(spec: &JobSpec, static_open: &str) -> String {
-    let body_open = chat_body_open(spec, "max_completion_tokens");
+    // Together's chat completions take the allowance as `max_tokens` (its SDK declares no
+    // `max_completion_tokens`).
+    let tokens_key = match spec.provider.as_str() {
+        "together" => "max_tokens",
+        _ => "max_completion_tokens",
+    };
+    let body_open = chat_body_open(spec, tokens_key);
     let system = serde_json::to_string(SYSTEM_MESSAGE).unwrap_or_default();
     format!(
         "\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body_open},\
@@ -513,6 +519,18 @@ mod tests {
         let line = rendered(&anthropic);
         assert!(line["params"].get("temperature").is_none(), "{line}");
         assert_eq!(line["params"]["max_tokens"], json!(ANTHROPIC_MAX_TOKENS));
+    }
+
+    #[test]
+    fn a_together_line_is_openais_with_the_allowance_as_max_tokens() {
+        let mut together =
+            spec().with_provider("together", "meta-llama/Llama-3.3-70B-Instruct-Turbo");
+        together.options.max_output_tokens = Some(256);
+        let line = rendered(&together);
+        assert_eq!(line["url"], "/v1/chat/completions");
+        assert_eq!(line["body"]["max_tokens"], 256);
+        assert!(line["body"].get("max_completion_tokens").is_none());
+        assert_eq!(line["body"]["response_format"]["type"], "json_schema");
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Http {
     pub max_retry_after: Duration,
     /// First backoff step; doubles per try, capped at 8 s.
     pub base_backoff: Duration,
+    /// Redirects are not followed but answered to the caller (an upload that hands out a
+    /// presigned URL in `Location`).
+    pub pass_redirects: bool,
 }
 
 impl Http {
@@ -51,7 +54,25 @@ impl Http {
             max_tries: 5,
             max_retry_after,
             base_backoff: Duration::from_millis(500),
+            pass_redirects: false,
         })
+    }
+
+    /// The same policy with a client that does not follow redirects: a 3xx comes back to the
+    /// caller as an answer.
+    pub fn passing_redirects(mut self, timeout: Duration) -> Result<Self, ProviderError> {
+        self.client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ProviderError::Transport {
+                provider: self.name.clone(),
+                operation: "client set-up",
+                source: e.into(),
+            })?;
+        self.pass_redirects = true;
+        Ok(self)
     }
 
     /// Sends the request `build` makes, retrying as the policy says.
@@ -98,6 +119,9 @@ impl Http {
                 .increment(1);
             let (error, should_retry, wait, not_acted_on) = match sent {
                 Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) if self.pass_redirects && response.status().is_redirection() => {
+                    return Ok(response);
+                }
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let header = |name: &str| header(&response, name);
@@ -379,6 +403,7 @@ pub fn error_message(body: &str) -> String {
             .map(str::to_owned)
     };
     let message = field("/error/message")
+        .or_else(|| field("/error"))
         .or_else(|| field("/message"))
         .or_else(|| field("/Message"))
         .unwrap_or_else(|| body.to_owned());
@@ -425,5 +450,14 @@ mod tests {
         let anthropic =
             r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
         assert_eq!(error_message(anthropic), "Overloaded (overloaded_error)");
+        // Together's batch endpoints: a plain string; AWS: a bare `message`.
+        assert_eq!(
+            error_message(r#"{"error":"batch not found"}"#),
+            "batch not found"
+        );
+        assert_eq!(
+            error_message(r#"{"message":"Invalid jobName"}"#),
+            "Invalid jobName"
+        );
     }
 }

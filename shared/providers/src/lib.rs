@@ -7,6 +7,7 @@ pub mod gemini;
 pub mod http;
 pub mod mistral;
 pub mod openai;
+pub mod together;
 
 use std::future::Future;
 
@@ -24,6 +25,7 @@ pub use bedrock::BedrockClient;
 pub use gemini::GeminiClient;
 pub use mistral::MistralClient;
 pub use openai::OpenAiClient;
+pub use together::TogetherClient;
 
 pub use rowsmith_contract::providers::Limits;
 
@@ -32,11 +34,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The span in which a batch for one shard attempt may have been created (a creation claim's,
 /// in Unix ms on this side's clock), and what it holds: what reconciliation looks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateWindow {
     pub since_ms: i64,
     pub until_ms: i64,
     pub request_count: u64,
+    /// The provider file the shard attempt was uploaded as, when it was: a provider that
+    /// hands back a file it already holds (Together, by checksum) finds batches by it.
+    pub file_id: Option<String>,
 }
 
 impl CreateWindow {
@@ -426,6 +431,7 @@ pub enum Provider {
     Mistral(MistralClient),
     Gemini(GeminiClient),
     Bedrock(BedrockClient),
+    Together(TogetherClient),
 }
 
 macro_rules! delegate {
@@ -436,6 +442,7 @@ macro_rules! delegate {
             Provider::Mistral($client) => $call,
             Provider::Gemini($client) => $call,
             Provider::Bedrock($client) => $call,
+            Provider::Together($client) => $call,
         }
     };
 }
@@ -501,6 +508,7 @@ pub struct Providers {
     gemini: Provider,
     groq: Provider,
     bedrock: Provider,
+    together: Provider,
     sim: Provider,
 }
 
@@ -549,7 +557,14 @@ impl Providers {
             groq_settings.timeout,
         )?;
         let bedrock = BedrockClient::new(&settings.bedrock)?;
+        let together_settings = &settings.together;
+        let together = TogetherClient::new(
+            &together_settings.base_url,
+            together_settings.api_key.clone(),
+            together_settings.timeout,
+        )?;
         Ok(Self {
+            together: Provider::Together(together),
             bedrock: Provider::Bedrock(bedrock),
             gemini: Provider::Gemini(gemini),
             groq: Provider::OpenAi(groq),
@@ -581,6 +596,9 @@ impl Providers {
         if self.bedrock.has_key() {
             names.push("bedrock");
         }
+        if self.together.has_key() {
+            names.push("together");
+        }
         names
     }
 
@@ -592,6 +610,7 @@ impl Providers {
             "gemini" => Ok(&self.gemini),
             "groq" => Ok(&self.groq),
             "bedrock" => Ok(&self.bedrock),
+            "together" => Ok(&self.together),
             "sim" => Ok(&self.sim),
             other => Err(ProviderError::Unknown(other.to_owned())),
         }
@@ -632,6 +651,10 @@ mod tests {
                 base_url: "http://127.0.0.1:9/v1".into(),
                 ..Default::default()
             },
+            together: rowsmith_config::OpenAiSettings {
+                base_url: "http://127.0.0.1:9/v1".into(),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let providers = Providers::from_settings(&settings).expect("providers");
@@ -644,6 +667,7 @@ mod tests {
             "gemini",
             "groq",
             "bedrock",
+            "together",
         ] {
             let error = providers
                 .get(name)

@@ -34,6 +34,7 @@ async fn every_create_answer_lost(provider: &str, how: LostResponse) {
         settings.provider.anthropic.timeout = Duration::from_millis(700);
         settings.provider.gemini.timeout = Duration::from_millis(700);
         settings.provider.mistral.timeout = Duration::from_millis(700);
+        settings.provider.together.timeout = Duration::from_millis(700);
         settings.creation.unconfirmed_wait = Duration::from_millis(1200);
     })
     .await;
@@ -95,6 +96,16 @@ async fn openai_create_slower_than_the_client_timeout_makes_no_second_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mistral_create_answered_500_after_the_job_exists_makes_no_second_job() {
     every_create_answer_lost("mistral", LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn together_create_answered_500_after_the_batch_exists_makes_no_second_batch() {
+    every_create_answer_lost("together", LostResponse::ServerError).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn together_create_whose_connection_drops_makes_no_second_batch() {
+    every_create_answer_lost("together", LostResponse::Dropped).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

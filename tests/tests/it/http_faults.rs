@@ -168,7 +168,7 @@ async fn a_job_for_a_provider_no_submitter_has_a_key_for_is_refused_before_anyth
     let announced: Vec<&str> = capability.providers.iter().map(String::as_str).collect();
     assert_eq!(
         announced,
-        ["anthropic", "gemini", "groq", "mistral", "sim"],
+        ["anthropic", "gemini", "groq", "mistral", "sim", "together"],
         "never a key, only provider names"
     );
     let input = stack

@@ -19,3 +19,4 @@ mod retries;
 mod sdk;
 mod settings;
 mod sim_contract;
+mod together;

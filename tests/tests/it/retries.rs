@@ -44,6 +44,22 @@ async fn gemini_shards_uploaded_as_files_are_retried_the_same() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bedrock_failed_and_partially_completed_rows_are_retried_and_only_permanent_failures_remain()
+ {
+    // The expiring shard ends `PartiallyCompleted`, with the records it did in its output.
+    let s3 = rowsmith_tests::S3Server::start("bedrock-retries").await;
+    retried_until_only_permanent_failures_remain_with("bedrock", "faulty", |settings| {
+        s3.configure_bedrock(settings, "batch");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn together_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
+    retried_until_only_permanent_failures_remain("together", "faulty").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn groq_failed_and_expired_rows_are_retried_and_only_permanent_failures_remain() {
     retried_until_only_permanent_failures_remain("groq", "faulty").await;
 }
@@ -58,7 +74,7 @@ async fn retried_until_only_permanent_failures_remain(provider: &str, stats_key:
 async fn retried_until_only_permanent_failures_remain_with(
     provider: &str,
     stats_key: &str,
-    configure: fn(&mut rowsmith_config::Settings),
+    configure: impl FnOnce(&mut rowsmith_config::Settings),
 ) {
     let stack = Stack::start_with(|settings| {
         configure(settings);
@@ -211,10 +227,35 @@ async fn gemini_falls_back_to_mistral() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bedrock_falls_back_to_together() {
+    // About 90 rows fail on Bedrock: too few for another Bedrock job, not for Together.
+    let s3 = rowsmith_tests::S3Server::start("bedrock-fallback").await;
+    falls_back_with(
+        "fallback-to-together",
+        "bedrock",
+        "together",
+        "together-fallback",
+        |settings| s3.configure_bedrock(settings, "batch"),
+    )
+    .await;
+}
+
 /// A 1,000-row job on `from` with 10% server errors and two attempts: the second goes to
 /// `to` with `model`, in `to`'s own format, and every row ends once.
 async fn falls_back(job_id: &str, from: &str, to: &str, model: &str) {
+    falls_back_with(job_id, from, to, model, |_| {}).await;
+}
+
+async fn falls_back_with(
+    job_id: &str,
+    from: &str,
+    to: &str,
+    model: &str,
+    configure: impl FnOnce(&mut rowsmith_config::Settings),
+) {
     let stack = Stack::start_with(|settings| {
+        configure(settings);
         settings.sim.faults = SimFaults {
             server_error_rate: 0.1,
             ..SimFaults::default()

@@ -278,6 +278,7 @@ async fn bedrock_records_and_creates_fit_the_aws_model_and_boto3_drives_the_simu
         since_ms: 0,
         until_ms: i64::MAX / 2,
         request_count: 120,
+        file_id: Some(uploaded.clone()),
     };
     let found = client.find(&key, &window).await.expect("find");
     assert_eq!(found, std::slice::from_ref(&batch), "found by name");
@@ -312,5 +313,56 @@ async fn bedrock_records_and_creates_fit_the_aws_model_and_boto3_drives_the_simu
         output.status.success() && stdout.contains("checked 120 records"),
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Together lines as rendered, checked against the `together` SDK's request types and its own
+/// `check_file`, then that SDK uploading them through the simulator's 3-step flow (the second
+/// upload of the same bytes deduplicated), driving a batch to COMPLETED and another to
+/// CANCELLED (`sdk/check_together.py`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn together_lines_fit_the_together_sdk_and_it_drives_batches_through_the_simulator() {
+    let rendered = rendered_lines("together", "meta-llama/Llama-3.3-70B-Instruct-Turbo", 20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("together.jsonl");
+    std::fs::write(&path, rendered).expect("write");
+    let (address, shutdown) = start_sim().await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_together.py");
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(python())
+            .arg(&script)
+            .arg(format!("http://{address}/together/v1"))
+            .arg(&path)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the SDK check finished in time")
+    .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("checked 20 lines"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats: serde_json::Value = reqwest::get(format!("http://{address}/sim/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("stats json");
+    shutdown.cancel();
+    assert_eq!(stats["together_batches_created"], 2, "{stats}");
+    assert_eq!(stats["batches_created"], 2, "{stats}");
+    assert_eq!(stats["files_uploaded"], 2, "{stats}");
+    assert_eq!(
+        stats["batches_per_shard"],
+        serde_json::json!({"sdk.1.0": 1, "sdk.1.1": 1}),
+        "the shard is read from the uploaded file's name: {stats}"
+    );
+    assert!(
+        stats["together_uploads_deduplicated"].as_u64() >= Some(1),
+        "{stats}"
     );
 }
