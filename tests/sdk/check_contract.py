@@ -1,11 +1,14 @@
 """Rendered request lines checked against the official SDKs' own request types (pinned in
 scripts/tools-requirements.txt), with unknown keys refused at every level:
-  check_contract.py OPENAI_LINES ANTHROPIC_LINES MISTRAL_LINES
+  check_contract.py OPENAI_LINES ANTHROPIC_LINES MISTRAL_LINES [CREATES]
 - an OpenAI batch line is {custom_id, method: POST, url: /v1/chat/completions, body} and its
   body a `CompletionCreateParamsNonStreaming` of the `openai` SDK;
 - an Anthropic line is a `batch_create_params.Request` of the `anthropic` SDK;
 - a Mistral line is a `BatchRequest` of the `mistralai` SDK and its body a
   `ChatCompletionRequest` with no key the model does not declare.
+- CREATES (JSON: the bodies rowsmith's clients send to create a batch) holds an OpenAI
+  `BatchCreateParams` of the `openai` SDK, a Mistral `CreateBatchJobRequest` with no key the
+  model does not declare, and a Together `BatchCreateParams` of the `together` SDK.
 Exits 1 naming the first line and key that do not fit."""
 import importlib
 import json
@@ -44,6 +47,28 @@ def check(path: str, validate) -> int:
     return count
 
 
+def check_creates(path: str) -> None:
+    """The create bodies, each against its SDK's own parameters, unknown keys refused."""
+    forbid_extras("together.types")
+    from openai.types.batch_create_params import BatchCreateParams as OpenAiCreate
+    from together.types.batch_create_params import BatchCreateParams as TogetherCreate
+
+    with open(path, encoding="utf-8") as file:
+        creates = json.load(file)
+    try:
+        TypeAdapter(OpenAiCreate).validate_python(creates["openai"])
+        TypeAdapter(TogetherCreate).validate_python(creates["together"])
+        mistral = creates["mistral"]
+        model = mistral_models.CreateBatchJobRequest
+        declared = {f.alias or name for name, f in model.model_fields.items()}
+        unknown = set(mistral) - declared
+        if unknown:
+            raise ValueError(f"Mistral create keys the SDK does not declare: {sorted(unknown)}")
+        model.model_validate(mistral)
+    except (ValidationError, ValueError) as error:
+        sys.exit(f"{path}: {error}")
+
+
 def main() -> None:
     forbid_extras("openai.types")
     forbid_extras("anthropic.types")
@@ -73,6 +98,9 @@ def main() -> None:
     checked = check(sys.argv[1], openai_line)
     checked += check(sys.argv[2], request.validate_python)
     checked += check(sys.argv[3], mistral_line)
+    if len(sys.argv) > 4:
+        check_creates(sys.argv[4])
+        checked += 3
     from importlib.metadata import version
     print(f"checked {checked} lines against openai {openai.__version__}, anthropic "
           f"{anthropic.__version__} and mistralai {version('mistralai')}")

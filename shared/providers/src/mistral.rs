@@ -68,6 +68,18 @@ struct JobList {
 const PAGE_SIZE: usize = 100;
 
 impl MistralClient {
+    /// The body of `POST /batch/jobs` for shard attempt `key`'s uploaded file, with the
+    /// attempt's model, tagged with the shard.
+    pub fn create_request(key: &ShardKey, model: &str, file_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "input_files": [file_id],
+            "endpoint": "/v1/chat/completions",
+            "model": model,
+            "metadata": {SHARD_METADATA_KEY: key.dotted(), "rowsmith_job": key.job_id},
+            "timeout_hours": 24,
+        })
+    }
+
     pub fn new(
         base_url: &str,
         api_key: Option<SecretString>,
@@ -158,13 +170,7 @@ impl BatchProvider for MistralClient {
         _lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let url = self.api.url("/batch/jobs");
-        let body = serde_json::json!({
-            "input_files": [file_id],
-            "endpoint": "/v1/chat/completions",
-            "model": model,
-            "metadata": {SHARD_METADATA_KEY: key.dotted(), "rowsmith_job": key.job_id},
-            "timeout_hours": 24,
-        });
+        let body = Self::create_request(key, model, file_id);
         let job: Job = self
             .api
             .create("create batch job", |http| http.post(&url).json(&body))

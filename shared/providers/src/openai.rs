@@ -134,6 +134,20 @@ impl OpenAiClient {
         self.api.has_key()
     }
 
+    /// The body of `POST /batches` for shard attempt `key`'s uploaded file: tagged with the
+    /// shard, which reconciliation looks for.
+    pub fn create_request(key: &ShardKey, file_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {
+                SHARD_METADATA_KEY: key.dotted(),
+                JOB_METADATA_KEY: key.job_id,
+            },
+        })
+    }
+
     /// One page of batches, newest first, after `after`.
     async fn list_page(&self, after: Option<&str>) -> Result<BatchList, ProviderError> {
         let mut url = self.url("/batches?limit=100");
@@ -256,15 +270,7 @@ impl BatchProvider for OpenAiClient {
         _lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let url = self.url("/batches");
-        let body = serde_json::json!({
-            "input_file_id": file_id,
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-            "metadata": {
-                SHARD_METADATA_KEY: key.dotted(),
-                JOB_METADATA_KEY: key.job_id,
-            },
-        });
+        let body = Self::create_request(key, file_id);
         let batch: Batch = self
             .api
             .create("create batch", |http| http.post(&url).json(&body))

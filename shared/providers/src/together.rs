@@ -141,6 +141,16 @@ impl TogetherClient {
         self.api.has_key()
     }
 
+    /// The body of `POST /batches` for an uploaded file, with the attempt's model.
+    pub fn create_request(model: &str, file_id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "model_id": model,
+        })
+    }
+
     /// The SHA-256 of the lines, read once from the store.
     async fn checksum(lines: &ShardLines) -> Result<String, ProviderError> {
         use futures::StreamExt;
@@ -280,12 +290,7 @@ impl BatchProvider for TogetherClient {
         _lines: ShardLines,
     ) -> Result<BatchRef, ProviderError> {
         let url = self.api.url("/batches");
-        let body = serde_json::json!({
-            "endpoint": "/v1/chat/completions",
-            "input_file_id": file_id,
-            "completion_window": "24h",
-            "model_id": model,
-        });
+        let body = Self::create_request(model, file_id);
         let created: Created = self
             .api
             .create("create batch", |http| http.post(&url).json(&body))

@@ -203,6 +203,22 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
             .expect("rendered")
     };
     let (anthropic, mistral) = (of("anthropic"), of("mistral"));
+    // The bodies that create a batch, as the clients send them.
+    let key = rowsmith_contract::messages::ShardKey {
+        job_id: "contract_job".into(),
+        attempt: 2,
+        shard: 7,
+    };
+    let creates = serde_json::json!({
+        "openai": rowsmith_providers::OpenAiClient::create_request(&key, "file-abc"),
+        "mistral": rowsmith_providers::MistralClient::create_request(&key, "mistral-small-latest", "f-1"),
+        "together": rowsmith_providers::TogetherClient::create_request(
+            "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            "file-1",
+        ),
+    });
+    let creates_path = dir.path().join("creates.json");
+    std::fs::write(&creates_path, creates.to_string()).expect("write");
     for (provider, path) in paths.iter().filter(|(p, _)| *p == "openai") {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sdk/check_contract.py");
         let output = tokio::process::Command::new(python())
@@ -210,6 +226,7 @@ async fn rendered_requests_fit_the_official_sdks_request_types() {
             .arg(path)
             .arg(&anthropic)
             .arg(&mistral)
+            .arg(&creates_path)
             .output()
             .await
             .expect("run python");
