@@ -547,6 +547,11 @@ pub struct BedrockSettings {
     /// The account's "Minimum number of records per batch inference job" quota for the models
     /// used (100 by default on most accounts).
     pub min_records: u64,
+    /// Without static keys, take the credentials the AWS environment gives the process: a
+    /// web identity (EKS IRSA), container or Pod Identity credentials, or the instance role.
+    /// Set on its own when `AWS_WEB_IDENTITY_TOKEN_FILE` or `AWS_CONTAINER_CREDENTIALS_*`
+    /// is in the environment; set it for an EC2 instance role.
+    pub ambient_credentials: bool,
 }
 
 impl Default for BedrockSettings {
@@ -560,6 +565,7 @@ impl Default for BedrockSettings {
             timeout: Duration::from_secs(300),
             job_timeout_hours: 24,
             min_records: 100,
+            ambient_credentials: false,
         }
     }
 }
@@ -1005,6 +1011,14 @@ impl ProviderSettings {
                 "TOGETHER_API_KEY",
             ),
         ];
+        let ambient = [
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        ];
+        if ambient.iter().any(|name| env.contains_key(*name)) {
+            self.bedrock.ambient_credentials = true;
+        }
         let s3 = &mut self.bedrock.s3;
         if s3.access_key_id.is_none() && s3.secret_access_key.is_none() {
             s3.access_key_id = env.get("AWS_ACCESS_KEY_ID").cloned();
@@ -1204,6 +1218,37 @@ mod tests {
             "sk-openai-from-file"
         );
         assert_eq!(key(&settings.provider.anthropic.api_key), "sk-ant-from-env");
+    }
+
+    #[test]
+    fn bedrock_takes_the_aws_keys_or_the_role_the_environment_gives() {
+        let mut keys = ProviderSettings::default();
+        keys.load_keys(&env(&[
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "0123secret"),
+            ("AWS_SESSION_TOKEN", "token"),
+        ]))
+        .expect("keys");
+        let s3 = &keys.bedrock.s3;
+        assert_eq!(s3.access_key_id.as_deref(), Some("AKIDEXAMPLE"));
+        let secret = s3.secret_access_key.as_ref().expect("secret");
+        assert_eq!(secret.expose_secret(), "0123secret");
+        assert!(s3.session_token.is_some() && !keys.bedrock.ambient_credentials);
+        // Keys set for Bedrock itself are kept over the environment's (the store's, say).
+        let mut own = ProviderSettings::default();
+        own.bedrock.s3.access_key_id = Some("AKIDBEDROCK".into());
+        own.bedrock.s3.secret_access_key = Some("own".to_owned().into());
+        own.load_keys(&env(&[("AWS_ACCESS_KEY_ID", "AKIDSTORE")]))
+            .expect("keys");
+        assert_eq!(own.bedrock.s3.access_key_id.as_deref(), Some("AKIDBEDROCK"));
+        let mut irsa = ProviderSettings::default();
+        irsa.load_keys(&env(&[(
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+        )]))
+        .expect("keys");
+        assert!(irsa.bedrock.ambient_credentials);
+        assert!(irsa.bedrock.s3.access_key_id.is_none());
     }
 
     #[test]

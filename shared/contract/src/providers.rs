@@ -97,7 +97,8 @@ pub fn api_key_source(name: &str) -> &'static str {
         "together" => "TOGETHER_API_KEY (or provider.together.api_key_file)",
         "bedrock" => {
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or provider.bedrock.s3.access_key_id and \
-             secret_access_key), with provider.bedrock.role_arn and provider.bedrock.s3_uri"
+             secret_access_key, or provider.bedrock.ambient_credentials for a role the \
+             environment gives), with provider.bedrock.role_arn and provider.bedrock.s3_uri"
         }
         _ => "OPENAI_API_KEY (or provider.openai.api_key_file)",
     }

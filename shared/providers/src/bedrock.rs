@@ -168,8 +168,8 @@ impl BedrockClient {
             region: settings.region.clone(),
             role_arn: settings.role_arn.clone(),
             bucket,
-            has_credentials: settings.s3.access_key_id.is_some()
-                && settings.s3.secret_access_key.is_some(),
+            has_credentials: settings.ambient_credentials
+                || (settings.s3.access_key_id.is_some() && settings.s3.secret_access_key.is_some()),
             job_timeout_hours: settings.job_timeout_hours.clamp(24, 168),
             min_records: settings.min_records,
         })
