@@ -23,7 +23,8 @@ pub struct JobSpec {
     pub context_columns: Option<Vec<String>>,
     /// The new columns to produce.
     pub fields: Vec<FieldSpec>,
-    /// `openai`, `anthropic` or `sim`.
+    /// `openai`, `anthropic`, `mistral`, `gemini`, `groq`, `bedrock`, `together` or `sim`
+    /// (`providers::NAMES`).
     #[serde(default = "default_provider")]
     pub provider: String,
     #[serde(default = "default_model")]
