@@ -45,6 +45,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", estimate.table());
     }
+    // A provider with a minimum per batch (Bedrock: 100 records) refuses a job whose only
+    // shard is below it; ingest would too, before anything is sent.
+    let min = rowsmith_contract::providers::batch_limits(&spec.provider)
+        .map_or(1, |limits| limits.min_requests);
+    if let [only] = prepared.sizes.as_slice()
+        && only.requests < min
+    {
+        eprintln!(
+            "too few requests: {} takes at least {min} per batch job and this one has {}; the \
+             job would be refused: use another provider for so few rows",
+            spec.provider, only.requests
+        );
+        return Ok(ExitCode::from(1));
+    }
     if let Some(budget) = spec.options.budget_usd {
         match estimate.cost_batch_usd {
             Some(cost) if cost > budget => {

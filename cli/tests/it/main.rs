@@ -258,6 +258,18 @@ async fn estimate_counts_tokens_and_prices_and_budget_refuses_before_any_batch()
         "{batch} {sync}"
     );
 
+    // Bedrock takes no job of 40 requests: the estimate says so and exits 1.
+    let mut bedrock = vec!["estimate", table.as_str()];
+    bedrock.extend_from_slice(&job[..6]);
+    bedrock.extend_from_slice(&["--provider", "bedrock"]);
+    let output = rowsmith(&stack, &bedrock);
+    assert_eq!(output.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("bedrock takes at least 100") && said.contains("has 40"),
+        "{said}"
+    );
+
     // The table form, and a budget it is over: exit 1 and say so.
     let mut over = vec!["estimate", table.as_str(), "--budget-usd", "0.000001"];
     over.extend_from_slice(&job);
