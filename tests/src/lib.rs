@@ -438,17 +438,26 @@ impl Stack {
     ) -> JobRecord {
         let deadline = Instant::now() + timeout;
         let mut last = None;
+        let mut read_errors = Vec::new();
         while Instant::now() < deadline {
-            let record = self.bus.read::<JobRecord>(&job_key(job_id)).await;
-            if let Some((job, _)) = record.expect("read job") {
-                if done(&job) {
-                    return job;
+            match self.bus.read::<JobRecord>(&job_key(job_id)).await {
+                Ok(Some((job, _))) => {
+                    if done(&job) {
+                        return job;
+                    }
+                    last = Some(job);
                 }
-                last = Some(job);
+                Ok(None) => {}
+                // A read that times out on a loaded machine is asked again until the
+                // deadline; the errors are shown if the condition is never met.
+                Err(error) => read_errors.push(error.to_string()),
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("job {job_id}: condition not met within {timeout:?}; last record: {last:#?}");
+        panic!(
+            "job {job_id}: condition not met within {timeout:?}; last record: {last:#?}; \
+             read errors: {read_errors:?}"
+        );
     }
 
     /// Sets the simulator's faults for one job (`POST /sim/faults/<job_id>`).
