@@ -460,6 +460,26 @@ impl Stack {
         );
     }
 
+    /// The record of shard `shard` of `job_id`'s attempt `attempt`, which must exist.
+    pub async fn shard_record(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        shard: u32,
+    ) -> rowsmith_contract::records::ShardRecord {
+        let key = rowsmith_contract::messages::ShardKey {
+            job_id: job_id.into(),
+            attempt,
+            shard,
+        };
+        self.bus
+            .read(&rowsmith_contract::records::shard_key(&key))
+            .await
+            .expect("read the shard record")
+            .map(|(record, _)| record)
+            .unwrap_or_else(|| panic!("no record of shard {}", key.dotted()))
+    }
+
     /// Sets the simulator's faults for one job (`POST /sim/faults/<job_id>`).
     pub async fn set_sim_faults(&self, job_id: &str, faults: &rowsmith_config::SimFaults) {
         let answer = reqwest::Client::new()

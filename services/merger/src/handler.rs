@@ -71,7 +71,11 @@ pub(crate) enum Next {
     Finalize,
     /// Every shard ended, and the rows left to retry are fewer than the next attempt's
     /// provider takes in a batch: say so, and write the outputs (the rows keep their reasons).
-    FinalizeBelowMinimum { rows: u64, provider: &'static str },
+    FinalizeBelowMinimum {
+        rows: u64,
+        provider: String,
+        min: u64,
+    },
     /// The job already moved to a later attempt: make sure its shards are announced.
     Announce,
 }
@@ -161,14 +165,15 @@ pub(crate) fn after_shard(job: &mut JobRecord) -> Result<(bool, Next), StepError
         (true, _) if job.cancel_requested => Next::Finalize,
         (true, 0) => Next::Finalize,
         (true, rows) if job.attempt < job.spec.options.max_attempts => {
-            let next = job.spec.for_attempt(job.attempt + 1).provider;
-            let min = batch_limits(&next).map_or(1, |limits| limits.min_requests);
-            let name = rowsmith_contract::providers::NAMES
-                .into_iter()
-                .find(|name| *name == next);
-            match (rows < min, name) {
-                (true, Some(provider)) => Next::FinalizeBelowMinimum { rows, provider },
-                _ => Next::Retry,
+            let provider = job.spec.for_attempt(job.attempt + 1).provider;
+            let min = batch_limits(&provider).map_or(1, |limits| limits.min_requests);
+            match rows < min {
+                true => Next::FinalizeBelowMinimum {
+                    rows,
+                    provider,
+                    min,
+                },
+                false => Next::Retry,
             }
         }
         (true, _) => Next::Finalize,
@@ -190,8 +195,11 @@ pub(crate) async fn run_next(
         Next::Wait => Ok(()),
         Next::Partial => write_partial_outputs(bus, merger.writer(), job_id).await,
         Next::Finalize => finalize_job(bus, merger.writer(), job_id, sequence).await,
-        Next::FinalizeBelowMinimum { rows, provider } => {
-            let min = batch_limits(provider).map_or(1, |limits| limits.min_requests);
+        Next::FinalizeBelowMinimum {
+            rows,
+            provider,
+            min,
+        } => {
             let job = require_job(bus, job_id).await?;
             let message = format!(
                 "{rows} rows that failed in attempt {attempt} are not retried: {provider} takes \

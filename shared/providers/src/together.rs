@@ -29,6 +29,9 @@ const PROVIDER: &str = "together";
 #[derive(Debug, Clone)]
 pub struct TogetherClient {
     api: Endpoint,
+    /// The same API with redirects answered, not followed: the file announce's 302 carries
+    /// the presigned upload URL.
+    announce: Endpoint,
     /// The same API as an OpenAI client: result files are read and batches cancelled the
     /// OpenAI way.
     files: OpenAiClient,
@@ -128,11 +131,12 @@ impl TogetherClient {
         api_key: Option<SecretString>,
         timeout: Duration,
     ) -> Result<Self, ProviderError> {
-        let http =
-            Http::new(PROVIDER, timeout, Duration::from_secs(120))?.passing_redirects(timeout)?;
+        let http = Http::new(PROVIDER, timeout, Duration::from_secs(120))?;
+        let announce = http.clone().passing_redirects(timeout)?;
         let bearer = |request: RequestBuilder, key: &str| request.bearer_auth(key);
         Ok(Self {
             api: Endpoint::new(http, base_url, api_key.clone(), bearer),
+            announce: Endpoint::new(announce, base_url, api_key.clone(), bearer),
             files: OpenAiClient::new(PROVIDER, base_url, api_key, timeout)?,
         })
     }
@@ -182,7 +186,7 @@ impl TogetherClient {
                 .text("checksum", checksum.to_owned())
         };
         let sent = self
-            .api
+            .announce
             .send_unrepeatable("upload file", |http| http.post(&url).multipart(form()))
             .await;
         let response = match sent {

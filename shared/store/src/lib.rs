@@ -84,23 +84,15 @@ impl Store {
         Self::from_url(&settings.url)
     }
 
-    /// `s3://bucket[/prefix]` as [`Store::open`] opens it, with the credential provider of its
-    /// client: what signs other AWS calls (Bedrock's) made with the same credentials.
-    pub fn s3_with_credentials(
-        url: &str,
-        s3: &S3Settings,
-    ) -> Result<(Self, object_store::aws::AwsCredentialProvider), StorageError> {
-        let (store, credentials) = Self::s3_parts(url, s3)?;
-        Ok((store, credentials))
-    }
-
     /// `s3://bucket[/prefix]`; the endpoint, region, addressing style and credentials from
     /// `s3` over the `AWS_*` environment.
     fn s3(url: &str, s3: &S3Settings) -> Result<Self, StorageError> {
-        Ok(Self::s3_parts(url, s3)?.0)
+        Ok(Self::s3_with_credentials(url, s3)?.0)
     }
 
-    fn s3_parts(
+    /// `s3://bucket[/prefix]` as [`Store::open`] opens it, with the credential provider of its
+    /// client: what signs other AWS calls (Bedrock's) made with the same credentials.
+    pub fn s3_with_credentials(
         url: &str,
         s3: &S3Settings,
     ) -> Result<(Self, object_store::aws::AwsCredentialProvider), StorageError> {

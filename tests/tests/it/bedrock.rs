@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use rowsmith_config::{LostResponse, Settings, SimFaults};
 use rowsmith_contract::events::EventKind;
-use rowsmith_contract::messages::ShardKey;
-use rowsmith_contract::records::{JobState, ShardRecord, shard_key};
+use rowsmith_contract::records::JobState;
 use rowsmith_contract::spec::{Fallback, JobSpec};
 use rowsmith_tests::{S3Server, Stack};
 
@@ -41,18 +40,12 @@ async fn bedrock_job(stack: &Stack, job_id: &str) -> JobSpec {
 async fn shard_requests(stack: &Stack, job_id: &str, attempt: u32, shards: u32) -> Vec<u64> {
     let mut sizes = Vec::new();
     for shard in 0..shards {
-        let key = ShardKey {
-            job_id: job_id.into(),
-            attempt,
-            shard,
-        };
-        let (record, _) = stack
-            .bus
-            .read::<ShardRecord>(&shard_key(&key))
-            .await
-            .expect("read")
-            .expect("shard record");
-        sizes.push(record.request_count);
+        sizes.push(
+            stack
+                .shard_record(job_id, attempt, shard)
+                .await
+                .request_count,
+        );
     }
     sizes
 }

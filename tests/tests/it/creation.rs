@@ -62,17 +62,7 @@ async fn every_create_answer_lost(provider: &str, how: LostResponse) {
         "no orphan to cancel: {stats}"
     );
     for shard in 0..3 {
-        let key = ShardKey {
-            job_id: job_id.clone(),
-            attempt: 1,
-            shard,
-        };
-        let (record, _) = stack
-            .bus
-            .read::<ShardRecord>(&shard_key(&key))
-            .await
-            .expect("read")
-            .expect("shard");
+        let record = stack.shard_record(&job_id, 1, shard).await;
         assert!(record.orphan_batches.is_empty(), "{record:?}");
         assert_eq!(record.creating, None, "the claim ends with the record");
     }

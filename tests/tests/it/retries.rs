@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rowsmith_config::SimFaults;
 use rowsmith_contract::messages::ShardKey;
-use rowsmith_contract::records::{JobState, ShardRecord, shard_key};
+use rowsmith_contract::records::{JobState, ShardRecord};
 use rowsmith_tests::Stack;
 
 use crate::pipeline::{awkward_rows, read_csv, spec, to_csv};
@@ -278,19 +278,7 @@ async fn falls_back_with(
     let job = stack.wait_for_end(job_id, Duration::from_secs(120)).await;
     assert_eq!(job.state, JobState::Completed, "{:?}", job.error);
     assert_eq!(job.shards_per_attempt.len(), 2);
-    let key = rowsmith_contract::messages::ShardKey {
-        job_id: job_id.into(),
-        attempt: 2,
-        shard: 0,
-    };
-    let (shard, _) = stack
-        .bus
-        .read::<rowsmith_contract::records::ShardRecord>(&rowsmith_contract::records::shard_key(
-            &key,
-        ))
-        .await
-        .expect("read")
-        .expect("attempt 2 shard");
+    let shard = stack.shard_record(job_id, 2, 0).await;
     assert_eq!(shard.provider, to);
     let requests = stack.read_text(&shard.requests_path).await;
     let first: serde_json::Value =
@@ -455,18 +443,7 @@ async fn an_overdue_batch_keeps_the_rows_it_finished_and_only_the_rest_are_resen
 }
 
 async fn shard(stack: &Stack, job_id: &str, attempt: u32) -> ShardRecord {
-    let key = ShardKey {
-        job_id: job_id.into(),
-        attempt,
-        shard: 0,
-    };
-    stack
-        .bus
-        .read::<ShardRecord>(&shard_key(&key))
-        .await
-        .expect("read")
-        .expect("shard")
-        .0
+    stack.shard_record(job_id, attempt, 0).await
 }
 
 /// Answers cut off at `max_tokens` are retried with twice the room, up to the deployment's
