@@ -241,6 +241,9 @@ async fn a_gemini_shard_whose_uploaded_file_expired_before_its_create_is_uploade
 async fn one_ready_shard(stack: &Stack, job_id: &str, provider: &str) -> (ShardReady, Bytes) {
     let mut job = spec(job_id, "inputs/none.csv", "description");
     job.provider = provider.into();
+    if let Some(model) = rowsmith_contract::providers::default_model(provider) {
+        job.model = model.into();
+    }
     let mut record = JobRecord::new(job.clone());
     record.state = JobState::Running;
     stack
@@ -256,6 +259,9 @@ async fn one_ready_shard(stack: &Stack, job_id: &str, provider: &str) -> (ShardR
     let line = match provider {
         "anthropic" => {
             r#"{"custom_id":"r0","params":{"model":"m","max_tokens":64,"messages":[{"role":"user","content":"Row data to enhance:\ndescription: x\n\nRow context: "}]}}"#
+        }
+        "bedrock" => {
+            r#"{"recordId":"r0","modelInput":{"anthropic_version":"bedrock-2023-05-31","max_tokens":64,"messages":[{"role":"user","content":"Row data to enhance:\ndescription: x\n\nRow context: "}]}}"#
         }
         _ => {
             r#"{"custom_id":"r0","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"Row data to enhance:\ndescription: x\n\nRow context: "}]}}"#
@@ -319,11 +325,13 @@ async fn shard_record(stack: &Stack, key: &ShardKey) -> ShardRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_deliveries_of_one_shard_at_once_create_one_batch() {
-    for provider in ["sim", "anthropic"] {
+    let s3 = rowsmith_tests::S3Server::start("twice").await;
+    for provider in ["sim", "anthropic", "together", "bedrock"] {
         // Every answer takes a while, so both deliveries are inside the create at once.
         let stack = Stack::start_services(
             |settings: &mut Settings| {
-                settings.sim.faults.response_delay = Duration::from_millis(300)
+                settings.sim.faults.response_delay = Duration::from_millis(300);
+                s3.configure_bedrock(settings, provider);
             },
             &[],
         )
@@ -355,6 +363,10 @@ async fn two_deliveries_of_one_shard_at_once_create_one_batch() {
         }
         let stats = stack.sim_stats().await;
         assert_eq!(stats["batches_created"], 1, "{provider}: {stats}");
+        if provider == "bedrock" {
+            // The claim kept the second create from being sent at all, token or not.
+            assert_eq!(stats["bedrock_idempotent_replays"], 0, "{stats}");
+        }
         let record = shard_record(&stack, &ready.key).await;
         assert_eq!(record.state, ShardState::Submitted);
         assert!(record.orphan_batches.is_empty(), "{record:?}");
@@ -475,6 +487,73 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
     assert_eq!(
         stats["batches_created"], 2,
         "no batch beyond the two: {stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bedrock_submitter_that_crashed_after_creating_finds_the_job_by_its_name() {
+    let s3 = rowsmith_tests::S3Server::start("crashed-b").await;
+    // One record: the simulator's minimum is lowered so that the job does not fail (a failed
+    // job is not one reconciliation keeps).
+    let stack = Stack::start_services(
+        |settings| {
+            s3.configure_bedrock(settings, "b");
+            settings.sim.bedrock_min_records = 1;
+        },
+        &[],
+    )
+    .await;
+    let (ready, lines) = one_ready_shard(&stack, "crashed-b", "bedrock").await;
+    let key = ready.key.clone();
+    let providers = Providers::from_settings(&stack.settings.provider).expect("providers");
+    let bedrock = providers.get("bedrock").expect("bedrock");
+    // First life: uploaded, recorded the file, claimed the creation, created the job and died
+    // before recording it; its claim expires 2 s later.
+    let file_id = bedrock
+        .upload(&key, lines.clone().into())
+        .await
+        .expect("upload");
+    let claimed_at = rowsmith_contract::now_unix_ms();
+    stack
+        .bus
+        .modify(
+            &shard_key(&key),
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
+                shard.state = ShardState::Uploading;
+                shard.provider_file_id = Some(file_id.clone());
+                shard.creating = Some(CreateClaim {
+                    owner: "first-life".into(),
+                    since_ms: claimed_at,
+                    until_ms: claimed_at + 2_000,
+                });
+                Ok(Cas::Write(()))
+            },
+        )
+        .await
+        .expect("claim");
+    let model = rowsmith_contract::providers::default_model("bedrock").expect("model");
+    let lost = bedrock
+        .create(&key, model, &file_id, lines.into())
+        .await
+        .expect("create");
+    // Second life, once the claim has expired: it lists jobs by the shard's name.
+    let submitter = submitter(&stack);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        let outcome = rowsmith_submitter::handle(&submitter, delivery(&ready)).await;
+        if outcome == Outcome::Done || tokio::time::Instant::now() > deadline {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(outcome, Outcome::Done);
+    let record = shard_record(&stack, &key).await;
+    assert_eq!(record.provider_batch_id.as_deref(), Some(lost.id.as_str()));
+    let stats = stack.sim_stats().await;
+    assert_eq!(stats["bedrock_jobs_created"], 1, "{stats}");
+    assert_eq!(
+        stats["bedrock_idempotent_replays"], 0,
+        "found by its name, not saved by the token: {stats}"
     );
 }
 
