@@ -421,6 +421,43 @@ async fn a_create_slower_than_the_claim_lease_keeps_its_claim_and_makes_one_batc
     }
 }
 
+/// The first life of a shard's submitter: it recorded the file, claimed the creation (a claim
+/// that expires 2 s later), and, the test goes on, created the batch and died.
+async fn first_life_claim(stack: &Stack, key: &ShardKey, file_id: &str) {
+    let claimed_at = rowsmith_contract::now_unix_ms();
+    stack
+        .bus
+        .modify(
+            &shard_key(key),
+            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
+                shard.state = ShardState::Uploading;
+                shard.provider_file_id = Some(file_id.to_owned());
+                shard.creating = Some(CreateClaim {
+                    owner: "first-life".into(),
+                    since_ms: claimed_at,
+                    until_ms: claimed_at + 2_000,
+                });
+                Ok(Cas::Write(()))
+            },
+        )
+        .await
+        .expect("claim");
+}
+
+/// The second life: the shard delivered again until it is done (once the first life's claim
+/// has expired), within 10 s.
+async fn second_life(stack: &Stack, ready: &ShardReady) -> Outcome {
+    let submitter = submitter(stack);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let outcome = rowsmith_submitter::handle(&submitter, delivery(ready)).await;
+        if outcome == Outcome::Done || tokio::time::Instant::now() > deadline {
+            return outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_its_window() {
     let stack = Stack::start_services(|_| {}, &[]).await;
@@ -446,41 +483,15 @@ async fn an_anthropic_submitter_that_crashed_after_creating_finds_the_batch_by_i
         .expect("unrelated batch");
     // First life: claimed the creation, created the batch, died before recording it; its
     // claim has expired since.
-    let claimed_at = rowsmith_contract::now_unix_ms();
-    stack
-        .bus
-        .modify(
-            &shard_key(&key),
-            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
-                shard.state = ShardState::Uploading;
-                shard.provider_file_id = Some(format!("inline:{}", key.dotted()));
-                shard.creating = Some(CreateClaim {
-                    owner: "first-life".into(),
-                    since_ms: claimed_at,
-                    until_ms: claimed_at + 2_000,
-                });
-                Ok(Cas::Write(()))
-            },
-        )
-        .await
-        .expect("claim");
     let file_id = format!("inline:{}", key.dotted());
+    first_life_claim(&stack, &key, &file_id).await;
     let lost = anthropic
         .create(&key, "gpt-4o-mini", &file_id, lines.clone().into())
         .await
         .expect("create");
     assert_ne!(lost.id, unrelated.id);
     // Second life, once the claim has expired.
-    let submitter = submitter(&stack);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let outcome = loop {
-        let outcome = rowsmith_submitter::handle(&submitter, delivery(&ready)).await;
-        if outcome == Outcome::Done || tokio::time::Instant::now() > deadline {
-            break outcome;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(outcome, Outcome::Done);
+    assert_eq!(second_life(&stack, &ready).await, Outcome::Done);
     let record = shard_record(&stack, &key).await;
     assert_eq!(record.provider_batch_id.as_deref(), Some(lost.id.as_str()));
     let stats = stack.sim_stats().await;
@@ -513,40 +524,14 @@ async fn a_bedrock_submitter_that_crashed_after_creating_finds_the_job_by_its_na
         .upload(&key, lines.clone().into())
         .await
         .expect("upload");
-    let claimed_at = rowsmith_contract::now_unix_ms();
-    stack
-        .bus
-        .modify(
-            &shard_key(&key),
-            |shard: &mut ShardRecord| -> Result<_, rowsmith_bus::BusError> {
-                shard.state = ShardState::Uploading;
-                shard.provider_file_id = Some(file_id.clone());
-                shard.creating = Some(CreateClaim {
-                    owner: "first-life".into(),
-                    since_ms: claimed_at,
-                    until_ms: claimed_at + 2_000,
-                });
-                Ok(Cas::Write(()))
-            },
-        )
-        .await
-        .expect("claim");
+    first_life_claim(&stack, &key, &file_id).await;
     let model = rowsmith_contract::providers::default_model("bedrock").expect("model");
     let lost = bedrock
         .create(&key, model, &file_id, lines.into())
         .await
         .expect("create");
     // Second life, once the claim has expired: it lists jobs by the shard's name.
-    let submitter = submitter(&stack);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let outcome = loop {
-        let outcome = rowsmith_submitter::handle(&submitter, delivery(&ready)).await;
-        if outcome == Outcome::Done || tokio::time::Instant::now() > deadline {
-            break outcome;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(outcome, Outcome::Done);
+    assert_eq!(second_life(&stack, &ready).await, Outcome::Done);
     let record = shard_record(&stack, &key).await;
     assert_eq!(record.provider_batch_id.as_deref(), Some(lost.id.as_str()));
     let stats = stack.sim_stats().await;
